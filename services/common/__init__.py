@@ -1,0 +1,1 @@
+"""Pieces every tokenmill service shares: config, logging, gRPC bootstrap, metrics, model loading."""

@@ -1,0 +1,136 @@
+"""Typed service settings: one dataclass per service, one place for every default.
+
+Each field becomes a CLI flag (`--max-batch-size`) and an environment variable
+(`TOKENMILL_GATEWAY_MAX_BATCH_SIZE`); a flag beats the variable, the variable
+beats the default. `tokenmill config` prints the table the README carries, and
+the Kubernetes ConfigMap is checked against these same defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import typer
+
+T = TypeVar("T")
+
+
+def setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(slots=True)
+class WorkerConfig:
+    host: str = setting("127.0.0.1", "Address to bind the gRPC server to.")
+    port: int = setting(50061, "gRPC port.")
+    metrics_port: int = setting(0, "Prometheus /metrics HTTP port; 0 = off.")
+    worker_id: str = setting("", "Name reported to the gateway; default host:port.")
+    model: str = setting("smollm2-135m", "smollm2-135m (embedded), a local folder, or a hub id.")
+    quantization: str = setting("none", "none | nf4 (bitsandbytes).")
+    device: str = setting("auto", "auto | cpu | cuda.")
+    dtype: str = setting("auto", "auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16.")
+    engine: str = setting("hf-static", "paged (continuous batching, paged KV) | hf-static (model.generate).")
+    threads: int = setting(0, "torch intra-op threads; 0 = torch's default.")
+    max_batch_size: int = setting(32, "hf-static: most requests in one generate() call.")
+    block_size: int = setting(16, "paged: tokens per KV block.")
+    kv_cache_memory: str = setting("0.25", "paged: KV pool size, bytes (e.g. 2GiB) or a fraction of free memory.")
+    max_num_batched_tokens: int = setting(512, "paged: token budget of one engine step.")
+    max_num_seqs: int = setting(64, "paged: most sequences running at once.")
+    max_model_len: int = setting(0, "Context length cap; 0 = the model's own.")
+    prefix_cache: bool = setting(True, "paged: reuse KV blocks of shared prompt prefixes.")
+    step_delay_ms: float = setting(0.0, "Sleep this long per engine step (tests: a slow worker).")
+    grace_period_s: float = setting(30.0, "On SIGTERM, time to finish in-flight requests.")
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    host: str = setting("127.0.0.1", "Address to bind the gRPC and HTTP servers to.")
+    port: int = setting(50051, "gRPC port of the public Inference API.")
+    http_port: int = setting(0, "OpenAI-compatible HTTP port (/v1/*, /health, /metrics); 0 = off.")
+    metrics_port: int = setting(0, "Separate Prometheus /metrics port; 0 = off.")
+    workers: str = setting("127.0.0.1:50061", "Worker addresses, comma separated host:port.")
+    workers_dns: str = setting("", "DNS name whose A records are workers (headless Service), host:port.")
+    max_batch_size: int = setting(32, "Most requests in one batch sent to a worker.")
+    max_batch_tokens: int = setting(8192, "Most prompt tokens in one batch.")
+    max_wait_ms: float = setting(20.0, "Longest a batch waits to fill before it is sent.")
+    max_queued_requests: int = setting(1024, "Queue bound; beyond it requests get RESOURCE_EXHAUSTED.")
+    default_max_tokens: int = setting(256, "max_tokens when a request does not set it.")
+    api_key: str = setting("", "If set, clients must send 'authorization: Bearer <key>'.")
+    grace_period_s: float = setting(30.0, "On SIGTERM, time to finish in-flight requests.")
+
+
+@dataclass(slots=True)
+class JudgeConfig:
+    host: str = setting("127.0.0.1", "Address to bind the gRPC server to.")
+    port: int = setting(50071, "gRPC port.")
+    metrics_port: int = setting(0, "Prometheus /metrics HTTP port; 0 = off.")
+    judge_backend: str = setting("local", "local (a causal LM in-process) | openai (an OpenAI-compatible API).")
+    model: str = setting("smollm2-135m", "local backend: the judge model.")
+    quantization: str = setting("none", "local backend: none | nf4.")
+    device: str = setting("auto", "local backend: auto | cpu | cuda.")
+    judge_url: str = setting("", "openai backend: base URL, e.g. http://127.0.0.1:8000/v1.")
+    judge_model: str = setting("", "openai backend: model name.")
+    grace_period_s: float = setting(10.0, "On SIGTERM, time to finish in-flight requests.")
+
+
+SERVICE_CONFIGS: dict[str, type] = {"worker": WorkerConfig, "gateway": GatewayConfig, "judge": JudgeConfig}
+
+
+def env_name(service: str, name: str) -> str:
+    return f"TOKENMILL_{service.upper()}_{name.upper()}"
+
+
+def _parse(kind: type, raw: str) -> Any:
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return kind(raw)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+
+
+def from_env(cls: type[T], service: str, env: dict[str, str] | None = None, **overrides: Any) -> T:
+    """Build a config from defaults, then environment variables, then explicit overrides."""
+    env = os.environ if env is None else env
+    values = {}
+    for f in dataclasses.fields(cls):
+        raw = env.get(env_name(service, f.name))
+        if raw is not None:
+            values[f.name] = _parse(_field_type(f), raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def typer_command(cls: type[T], service: str, run: Callable[[T], None]) -> Callable[..., None]:
+    """A typer command whose options are the config's fields (with envvar fallbacks)."""
+    params = []
+    for f in dataclasses.fields(cls):
+        kind = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        option = typer.Option(f.default, *decls, envvar=env_name(service, f.name), help=f.metadata["help"])
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+
+    def command(**kwargs: Any) -> None:
+        run(cls(**kwargs))
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = f"Run the {service} service."
+    return command
+
+
+def markdown_table() -> str:
+    rows = ["| service | flag | environment variable | default | meaning |", "|---|---|---|---|---|"]
+    for service, cls in SERVICE_CONFIGS.items():
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default if f.default != "" else '""'
+            rows.append(f"| {service} | `{flag}` | `{env_name(service, f.name)}` | `{default}` | {f.metadata['help']} |")
+    return "\n".join(rows)

@@ -1,0 +1,95 @@
+"""gRPC server bootstrap shared by every service.
+
+The server starts answering at once with health NOT_SERVING, loads what it
+needs (the model) in `prepare`, then turns SERVING. On SIGTERM/SIGINT it turns
+NOT_SERVING, stops accepting new RPCs and gives in-flight ones `grace_period_s`
+to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+log = logging.getLogger("tokenmill.server")
+
+
+async def serve(
+    *,
+    name: str,
+    host: str,
+    port: int,
+    service_names: Sequence[str],
+    register: Callable[[grpc.aio.Server], None],
+    prepare: Callable[[], Awaitable[None]],
+    grace_period_s: float,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> None:
+    """Run a gRPC server until a signal; `register` adds the servicers, `prepare` loads the model."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    register(server)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise SystemExit(f"{name}: cannot bind {host}:{port} (port in use?)")
+
+    async def set_status(status: int) -> None:
+        for svc in ("", *service_names):
+            await health_servicer.set(svc, status)
+
+    await set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    log.info("%s listening on %s:%d (NOT_SERVING until ready)", name, host, bound)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    prepare_task = asyncio.create_task(prepare())
+    stop_task = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({prepare_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if prepare_task in done:
+        prepare_task.result()  # raise a load failure: the process must exit non-zero
+        await set_status(health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s SERVING on %s:%d", name, host, bound)
+        await stop_task
+    else:
+        prepare_task.cancel()
+
+    log.info("%s draining (grace %.0fs)", name, grace_period_s)
+    await set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace_period_s)
+    if on_shutdown is not None:
+        await on_shutdown()
+    log.info("%s stopped", name)
+
+
+def start_metrics_server(port: int) -> None:
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port)
+        log.info("metrics on :%d/metrics", port)

@@ -1,0 +1,178 @@
+"""Drive a synchronous engine from one thread and fan its events out to asyncio callers.
+
+Adds and cancels are queued and applied between steps, so a cancel frees the
+request's KV blocks within one engine step. A step that raises fails the
+requests it held with INTERNAL and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from services.common.sampling import InvalidRequest
+from services.worker.engine import metrics
+from services.worker.engine.types import FINISH_CANCELLED, FINISH_ERROR, Engine, Event, Request, Stats
+
+log = logging.getLogger("tokenmill.engine")
+
+
+@dataclass(slots=True)
+class _Tracked:
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrival: float
+    prompt_tokens: int
+    first_token: float = 0.0
+    tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Inbox:
+    adds: list[Request] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, step_delay_s: float = 0.0) -> None:
+        self.engine = engine
+        self.step_delay_s = step_delay_s
+        self._tracked: dict[str, _Tracked] = {}
+        self._inbox = _Inbox()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    # ---- asyncio side -------------------------------------------------
+    async def generate(self, requests: list[Request]) -> AsyncIterator[Event]:
+        """Admit all requests at once; yield their events until every one has finished.
+
+        Closing the iterator early (the client went away) cancels what is left.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        pending: set[str] = set()
+        accepted: list[Request] = []
+        for req in requests:
+            if req.request_id in self._tracked or req.request_id in pending:
+                queue.put_nowait(_error(req, "ALREADY_EXISTS", f"request_id {req.request_id!r} is already running"))
+                continue
+            pending.add(req.request_id)
+            self._tracked[req.request_id] = _Tracked(queue, loop, time.monotonic(), len(req.prompt_token_ids))
+            accepted.append(req)
+        with self._wake:
+            self._inbox.adds.extend(accepted)
+            self._wake.notify()
+        remaining = len(requests)
+        try:
+            while remaining:
+                event = await queue.get()
+                if event.finish_reason is not None:
+                    remaining -= 1
+                    pending.discard(event.request_id)
+                yield event
+        finally:
+            if pending:
+                self.cancel(list(pending))
+
+    def cancel(self, request_ids: list[str]) -> int:
+        known = [rid for rid in request_ids if rid in self._tracked]
+        with self._wake:
+            self._inbox.aborts.extend(known)
+            self._wake.notify()
+        return len(known)
+
+    def stats(self) -> Stats:
+        return self._stats
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # ---- engine thread ----------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._inbox.adds or self._inbox.aborts or self.engine.has_work()):
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                inbox, self._inbox = self._inbox, _Inbox()
+            for req in inbox.adds:
+                self._admit(req)
+            for rid in inbox.aborts:
+                if rid in self._tracked and self.engine.abort_request(rid):
+                    self._deliver(Event(rid, [], "", finish_reason=FINISH_CANCELLED))
+            if self.engine.has_work():
+                self._step()
+            self._publish_stats()
+
+    def _admit(self, req: Request) -> None:
+        if req.request_id not in self._tracked:
+            return  # cancelled before it reached the engine
+        try:
+            self.engine.add_request(req)
+        except InvalidRequest as exc:
+            self._deliver(_error(req, "INVALID_ARGUMENT", str(exc)))
+        except Exception as exc:  # a bad request must not take the engine down
+            log.exception("add_request failed for %s", req.request_id)
+            self._deliver(_error(req, "INTERNAL", f"engine rejected the request: {exc}"))
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed; failing its requests")
+            for rid in list(self._tracked):
+                self.engine.abort_request(rid)
+                self._deliver(Event(rid, [], "", finish_reason=FINISH_ERROR, error_code="INTERNAL",
+                                    error_message=f"engine step failed: {exc}"))
+            return
+        for event in events:
+            self._deliver(event)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+
+    def _deliver(self, event: Event) -> None:
+        tracked = self._tracked.get(event.request_id)
+        if tracked is None:
+            return
+        now = time.monotonic()
+        if event.token_ids:
+            if not tracked.tokens:
+                tracked.first_token = now
+                metrics.ttft.observe(now - tracked.arrival)
+            tracked.tokens += len(event.token_ids)
+            metrics.generation_tokens.inc(len(event.token_ids))
+        if event.finish_reason is not None:
+            del self._tracked[event.request_id]
+            metrics.finished.labels(event.finish_reason).inc()
+            metrics.e2e.observe(now - tracked.arrival)
+            metrics.prompt_tokens.inc(tracked.prompt_tokens)
+            if tracked.tokens > 1:
+                metrics.tpot.observe((now - tracked.first_token) / (tracked.tokens - 1))
+        tracked.loop.call_soon_threadsafe(tracked.queue.put_nowait, event)
+
+    def _publish_stats(self) -> None:
+        old, new = self._stats, self.engine.stats()
+        self._stats = new
+        metrics.running.set(new.running)
+        metrics.waiting.set(new.waiting)
+        if new.total_kv_blocks:
+            metrics.kv_usage.set(1 - new.free_kv_blocks / new.total_kv_blocks)
+        metrics.prefix_queries.inc(max(0, new.prefix_cache_queries - old.prefix_cache_queries))
+        metrics.prefix_hits.inc(max(0, new.prefix_cache_hits - old.prefix_cache_hits))
+        metrics.preemptions.inc(max(0, new.num_preemptions - old.num_preemptions))
+
+
+def _error(req: Request, code: str, message: str) -> Event:
+    return Event(req.request_id, [], "", finish_reason=FINISH_ERROR, prompt_tokens=len(req.prompt_token_ids),
+                 error_code=code, error_message=message)

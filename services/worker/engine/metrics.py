@@ -1,0 +1,21 @@
+"""Engine metrics under vLLM's names, so existing dashboards and endpoint pickers work."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+running = Gauge("vllm:num_requests_running", "Requests in the running queue")
+waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to run")
+kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks in use (0..1)")
+prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache")
+preemptions = Counter("vllm:num_preemptions", "Sequences preempted for lack of KV blocks")
+ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS)
+tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token after the first", buckets=TPOT_BUCKETS)
+e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in the engine", buckets=LATENCY_BUCKETS)
+prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed")
+generation_tokens = Counter("vllm:generation_tokens", "Tokens generated")
+finished = Counter("tokenmill:worker_requests_finished", "Requests finished, by reason", ["finish_reason"])

@@ -1,0 +1,132 @@
+"""The worker's gRPC servicer: a thin layer over the engine (TGI style)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import grpc
+
+from services.common.config import WorkerConfig
+from services.common.grpc_util import FINISH_REASONS, code_number
+from services.common.pb import inference_pb2, worker_pb2, worker_pb2_grpc
+from services.common.sampling import InvalidRequest, SamplingParams
+
+log = logging.getLogger("tokenmill.worker")
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.worker_id or f"{config.host}:{config.port}"
+        self.engine: Any = None  # AsyncEngine, set once the model is loaded
+        self.loaded: Any = None
+
+    async def load(self) -> None:
+        """Load the model and build the engine (in a thread: the event loop keeps answering health)."""
+        self.engine = await asyncio.to_thread(build_engine, self.config, self)
+
+    async def _require_engine(self, context: grpc.aio.ServicerContext) -> Any:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is still loading its model; retry shortly")
+        return self.engine
+
+    async def Submit(self, request: worker_pb2.SubmitRequest, context: grpc.aio.ServicerContext):
+        from services.worker.engine.types import Request
+
+        engine = await self._require_engine(context)
+        reqs, rejected = [], []
+        for r in request.requests:
+            try:
+                if not r.request_id:
+                    raise InvalidRequest("request_id is required")
+                params = SamplingParams.from_proto(r.sampling)
+                reqs.append(Request(r.request_id, list(r.prompt_token_ids), params, r.priority))
+            except InvalidRequest as exc:
+                rejected.append(worker_pb2.WorkerEvent(
+                    request_id=r.request_id, finish_reason=inference_pb2.FINISH_REASON_ERROR,
+                    error_code=code_number("INVALID_ARGUMENT"), error_message=str(exc)))
+        for event in rejected:
+            yield event
+        async for ev in engine.generate(reqs):
+            yield worker_pb2.WorkerEvent(
+                request_id=ev.request_id,
+                token_ids=ev.token_ids,
+                text=ev.text,
+                finish_reason=FINISH_REASONS[ev.finish_reason],
+                usage=inference_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                                          cached_tokens=ev.cached_tokens),
+                batch_size=ev.batch_size,
+                error_code=code_number(ev.error_code) if ev.error_code else 0,
+                error_message=ev.error_message,
+            )
+
+    async def Cancel(self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext):
+        engine = await self._require_engine(context)
+        return worker_pb2.CancelResponse(cancelled=engine.cancel(list(request.request_ids)))
+
+    async def Load(self, request: worker_pb2.LoadRequest, context: grpc.aio.ServicerContext):
+        engine = await self._require_engine(context)
+        s = engine.stats()
+        return worker_pb2.LoadResponse(
+            running=s.running, waiting=s.waiting, free_kv_blocks=s.free_kv_blocks, total_kv_blocks=s.total_kv_blocks,
+            capacity=s.capacity, prefix_cache_hit_rate=s.prefix_cache_hit_rate, outstanding_tokens=s.outstanding_tokens,
+        )
+
+    async def Info(self, request: worker_pb2.InfoRequest, context: grpc.aio.ServicerContext):
+        engine = await self._require_engine(context)
+        m = self.loaded
+        return worker_pb2.InfoResponse(
+            model=self.config.model, tokenizer=m.path, context_length=engine.engine.max_model_len,
+            block_size=engine.engine.block_size, quantization=m.quantization, engine=engine.engine.name,
+            device=m.device, dtype=str(m.dtype).removeprefix("torch."), worker_id=self.worker_id,
+            eos_token_id=m.tokenizer.eos_token_id if m.tokenizer.eos_token_id is not None else -1,
+        )
+
+
+def build_engine(config: WorkerConfig, servicer: WorkerServicer | None = None) -> Any:
+    import torch
+
+    from services.common.model_loader import load_model
+    from services.worker.engine.async_engine import AsyncEngine
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if config.engine == "hf-static":
+        from services.worker.engine.hf_static import HFStaticEngine
+
+        loaded = load_model(config.model, config.quantization, config.device, config.dtype)
+        engine = HFStaticEngine(loaded.model, loaded.tokenizer, config.max_batch_size, config.max_model_len)
+    elif config.engine == "paged":
+        from services.worker.engine.engine import build_paged_engine
+
+        loaded, engine = build_paged_engine(config)
+    else:
+        raise SystemExit(f"unknown --engine {config.engine!r}: use paged or hf-static")
+    if servicer is not None:
+        servicer.loaded = loaded
+    log.info("engine %s ready: model=%s device=%s dtype=%s quantization=%s (pid %d)", engine.name, config.model,
+             loaded.device, loaded.dtype, loaded.quantization, os.getpid())
+    return AsyncEngine(engine, step_delay_s=config.step_delay_ms / 1000)
+
+
+def run(config: WorkerConfig) -> None:
+    from services.common.log import setup_logging
+    from services.common.server import serve, start_metrics_server
+
+    setup_logging("worker")
+    start_metrics_server(config.metrics_port)
+    servicer = WorkerServicer(config)
+
+    async def shutdown() -> None:
+        if servicer.engine is not None:
+            servicer.engine.shutdown()
+
+    asyncio.run(serve(
+        name="worker", host=config.host, port=config.port,
+        service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
+        register=lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server),
+        prepare=servicer.load, grace_period_s=config.grace_period_s, on_shutdown=shutdown,
+    ))
