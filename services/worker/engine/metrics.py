@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
-TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+from services.common.metrics import LATENCY_BUCKETS, TPOT_BUCKETS
 
 running = Gauge("vllm:num_requests_running", "Requests in the running queue")
 waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to run")
