@@ -132,5 +132,6 @@ def markdown_table() -> str:
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default != "" else '""'
-            rows.append(f"| {service} | `{flag}` | `{env_name(service, f.name)}` | `{default}` | {f.metadata['help']} |")
+            env = env_name(service, f.name)
+            rows.append(f"| {service} | `{flag}` | `{env}` | `{default}` | {f.metadata['help']} |")
     return "\n".join(rows)

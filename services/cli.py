@@ -1,0 +1,55 @@
+"""The `tokenmill` command line. Each service module owns its own command; this file only wires them."""
+
+from __future__ import annotations
+
+import typer
+
+from services.common.config import GatewayConfig, JudgeConfig, WorkerConfig, markdown_table, typer_command
+
+app = typer.Typer(help="tokenmill: an LLM serving suite over gRPC.", no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]}, pretty_exceptions_enable=False)
+
+
+def _run_worker(config: WorkerConfig) -> None:
+    from services.worker.server import run
+
+    run(config)
+
+
+def _run_gateway(config: GatewayConfig) -> None:
+    from services.gateway.server import run
+
+    run(config)
+
+
+def _run_judge(config: JudgeConfig) -> None:
+    from services.judge.server import run
+
+    run(config)
+
+
+app.command("worker", help="Run one worker (engine + model) as a gRPC server.")(
+    typer_command(WorkerConfig, "worker", _run_worker))
+app.command("gateway", help="Run the gateway: public gRPC API, queue, batching, routing.")(
+    typer_command(GatewayConfig, "gateway", _run_gateway))
+app.command("judge", help="Run the judge: rubric scores for (prompt, response) pairs.")(
+    typer_command(JudgeConfig, "judge", _run_judge))
+
+
+@app.command("config")
+def config_table() -> None:
+    """Print every setting: flag, environment variable, default (the README's table)."""
+    typer.echo(markdown_table())
+
+
+def _register_local_commands() -> None:
+    from services.local import generate, up
+
+    app.command("up")(up)
+    app.command("generate")(generate)
+
+
+_register_local_commands()
+
+if __name__ == "__main__":
+    app()

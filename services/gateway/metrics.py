@@ -1,0 +1,18 @@
+"""Gateway metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.metrics import LATENCY_BUCKETS
+
+queue_depth = Gauge("tokenmill:gateway_queue_depth", "Requests waiting in the gateway queue")
+batch_size = Histogram("tokenmill:gateway_batch_size", "Requests per batch sent to a worker",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+requests = Counter("tokenmill:gateway_requests", "Requests by final status", ["status"])
+ttft = Histogram("tokenmill:gateway_time_to_first_token_seconds", "TTFT seen at the gateway", buckets=LATENCY_BUCKETS)
+e2e = Histogram("tokenmill:gateway_e2e_request_latency_seconds", "End-to-end latency at the gateway",
+                buckets=LATENCY_BUCKETS)
+outstanding = Gauge("tokenmill:gateway_worker_outstanding_requests", "Requests in flight per worker", ["worker"])
+workers_live = Gauge("tokenmill:gateway_workers_live", "Workers currently healthy")
+retries = Counter("tokenmill:gateway_retries", "Requests re-dispatched after a worker failure")

@@ -1,0 +1,154 @@
+"""The worker pool: channels, health, load, and the choice of where a batch goes.
+
+Workers come from a static list and/or a DNS name (a Kubernetes headless
+Service: every A record is a worker), re-resolved periodically. Each worker is
+polled for health and `Load`; one that stops answering is taken out, one that
+comes (back) is taken in, without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.pb import worker_pb2, worker_pb2_grpc
+from services.common.server import CHANNEL_OPTIONS
+from services.gateway import metrics
+
+log = logging.getLogger("tokenmill.router")
+
+POLL_INTERVAL_S = 0.5
+PROBE_TIMEOUT_S = 2.0
+FAILURES_BEFORE_DOWN = 2
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    address: str
+    channel: grpc.aio.Channel
+    stub: worker_pb2_grpc.WorkerStub
+    health: health_pb2_grpc.HealthStub
+    live: bool = False
+    info: worker_pb2.InfoResponse | None = None
+    load: worker_pb2.LoadResponse = field(default_factory=worker_pb2.LoadResponse)
+    failures: int = 0
+    inflight: dict[str, int] = field(default_factory=dict)  # request id -> tokens still to generate
+    served: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return max(1, self.load.capacity or 1)
+
+    @property
+    def room(self) -> int:
+        """Requests this worker can take now without queueing inside its engine."""
+        return self.capacity - len(self.inflight)
+
+    @property
+    def outstanding_tokens(self) -> int:
+        return sum(self.inflight.values())
+
+    def score(self) -> tuple:
+        """Lower is better: fewest outstanding tokens per unit of capacity, then most free KV blocks."""
+        free_kv = self.load.free_kv_blocks / self.load.total_kv_blocks if self.load.total_kv_blocks else 1.0
+        return (self.outstanding_tokens / self.capacity, -free_kv, random.random())
+
+
+class WorkerPool:
+    def __init__(self, static: list[str], dns: str = "") -> None:
+        self.static = [a.strip() for a in static if a.strip()]
+        self.dns = dns
+        self.workers: dict[str, WorkerHandle] = {}
+        self.changed = asyncio.Event()  # set when a worker comes up or frees room
+        self.first_info = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._poll_loop()))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for w in self.workers.values():
+            await w.channel.close()
+
+    def live(self) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if w.live]
+
+    def info(self) -> worker_pb2.InfoResponse | None:
+        return next((w.info for w in self.live() if w.info), None) or next(
+            (w.info for w in self.workers.values() if w.info), None)
+
+    def pick(self, exclude: set[str] = frozenset()) -> WorkerHandle | None:
+        """The live worker with room and the lowest load score, or None."""
+        candidates = [w for w in self.live() if w.room > 0 and w.address not in exclude]
+        return min(candidates, key=WorkerHandle.score) if candidates else None
+
+    def notify(self) -> None:
+        self.changed.set()
+
+    # ---- discovery and health --------------------------------------------
+    async def _addresses(self) -> set[str]:
+        found = set(self.static)
+        if self.dns:
+            host, _, port = self.dns.rpartition(":")
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+                found |= {f"{info[4][0]}:{port}" for info in infos if info[0] == socket.AF_INET}
+            except OSError as exc:
+                log.warning("cannot resolve %s: %s", self.dns, exc)
+                found |= {a for a, w in self.workers.items() if w.live and a not in self.static}
+        return found
+
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                addresses = await self._addresses()
+                for addr in addresses - self.workers.keys():
+                    channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+                    self.workers[addr] = WorkerHandle(addr, channel, worker_pb2_grpc.WorkerStub(channel),
+                                                      health_pb2_grpc.HealthStub(channel))
+                for addr in list(self.workers.keys() - addresses):
+                    w = self.workers[addr]
+                    if not w.inflight:
+                        await w.channel.close()
+                        del self.workers[addr]
+                await asyncio.gather(*(self._probe(w) for w in list(self.workers.values())))
+                metrics.workers_live.set(len(self.live()))
+            except Exception:
+                log.exception("worker poll failed")
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    async def _probe(self, w: WorkerHandle) -> None:
+        try:
+            check = await w.health.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+            if check.status != health_pb2.HealthCheckResponse.SERVING:
+                raise ConnectionError("NOT_SERVING")
+            if w.info is None:
+                w.info = await w.stub.Info(worker_pb2.InfoRequest(), timeout=PROBE_TIMEOUT_S)
+                self.first_info.set()
+            w.load = await w.stub.Load(worker_pb2.LoadRequest(), timeout=PROBE_TIMEOUT_S)
+            w.failures = 0
+            if not w.live:
+                log.info("worker %s is up (%s, engine %s)", w.address, w.info.model, w.info.engine)
+                w.live = True
+            self.notify()
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            w.failures += 1
+            if w.live and w.failures >= FAILURES_BEFORE_DOWN:
+                reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                log.warning("worker %s is down: %s", w.address, reason)
+                self.mark_down(w)
+
+    def mark_down(self, w: WorkerHandle) -> None:
+        w.live = False
+        w.info = None  # re-read on recovery: it may come back with another model or engine
+        metrics.workers_live.set(len(self.live()))
+
+

@@ -1,0 +1,206 @@
+"""Local runs: `tokenmill up` (the whole suite as processes on 127.0.0.1) and `tokenmill generate` (a client)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+DEMO_PROMPT = ("Write a single paragraph moral story for children about a curious fox who learns the value "
+               "of honesty in a quiet forest.")
+
+
+@dataclass
+class Service:
+    name: str
+    address: str
+    proc: subprocess.Popen
+    log: Path
+
+
+def _spawn(name: str, args: list[str], log_dir: Path) -> subprocess.Popen:
+    log = (log_dir / f"{name}.log").open("w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "services.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+
+
+def wait_serving(services: list[Service], timeout_s: float) -> None:
+    """Block until every service's grpc.health.v1 says SERVING; raise with its log tail if one dies."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    pending = list(services)
+    while pending:
+        for svc in list(pending):
+            if svc.proc.poll() is not None:
+                tail = svc.log.read_text()[-3000:]
+                raise RuntimeError(f"{svc.name} exited with {svc.proc.returncode}; its log ({svc.log}):\n{tail}")
+            with grpc.insecure_channel(svc.address) as channel:
+                try:
+                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        pending.remove(svc)
+                except grpc.RpcError:
+                    pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not SERVING after {timeout_s:.0f}s: {', '.join(s.name for s in pending)}")
+        time.sleep(0.3)
+
+
+def stop_all(services: list[Service], grace_s: float = 15.0) -> None:
+    for svc in services:
+        if svc.proc.poll() is None:
+            svc.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for svc in services:
+        try:
+            svc.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            svc.proc.kill()
+            svc.proc.wait()
+
+
+def start_suite(*, workers: int = 1, engine: str | None = None, model: str | None = None,
+                gateway_port: int = 50051, worker_port: int = 50061, judge_port: int = 50071, http_port: int = 0,
+                judge: bool = True, log_dir: Path | None = None, extra_worker_args: list[str] | None = None,
+                timeout_s: float = 300.0) -> list[Service]:
+    """Start workers, gateway (and judge) as processes; return once all are SERVING."""
+    from services.common.model_loader import cache_dir
+
+    log_dir = log_dir or cache_dir() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    services: list[Service] = []
+    try:
+        addrs = []
+        for i in range(workers):
+            port = worker_port + i
+            args = ["worker", "--port", str(port), "--worker-id", f"worker-{i}", *(extra_worker_args or [])]
+            if engine:
+                args += ["--engine", engine]
+            if model:
+                args += ["--model", model]
+            addrs.append(f"127.0.0.1:{port}")
+            services.append(Service(f"worker-{i}", addrs[-1], _spawn(f"worker-{i}", args, log_dir),
+                                    log_dir / f"worker-{i}.log"))
+        gw_args = ["gateway", "--port", str(gateway_port), "--workers", ",".join(addrs), "--workers-dns", ""]
+        if http_port:
+            gw_args += ["--http-port", str(http_port)]
+        services.append(Service("gateway", f"127.0.0.1:{gateway_port}", _spawn("gateway", gw_args, log_dir),
+                                log_dir / "gateway.log"))
+        if judge:
+            j_args = ["judge", "--port", str(judge_port)] + (["--model", model] if model else [])
+            services.append(Service("judge", f"127.0.0.1:{judge_port}", _spawn("judge", j_args, log_dir),
+                                    log_dir / "judge.log"))
+        wait_serving(services, timeout_s)
+        return services
+    except BaseException:
+        stop_all(services)
+        raise
+
+
+def up(
+    workers: int = typer.Option(1, help="Worker processes to start."),
+    engine: str = typer.Option(None, help="Worker engine (default: the worker's own default)."),
+    model: str = typer.Option(None, help="Model for workers and judge (default: the embedded smollm2-135m)."),
+    gateway_port: int = typer.Option(50051, help="Gateway gRPC port."),
+    http_port: int = typer.Option(8000, help="Gateway OpenAI-compatible HTTP port; 0 = off."),
+    worker_port: int = typer.Option(50061, help="First worker's port; worker i uses this + i."),
+    judge_port: int = typer.Option(50071, help="Judge gRPC port."),
+    judge: bool = typer.Option(True, help="Start the judge too."),
+    demo: bool = typer.Option(False, help="Send one story request through the suite, judge it, print both, exit."),
+) -> None:
+    """Start worker(s), gateway and judge on 127.0.0.1; stop them all on Ctrl-C."""
+    typer.echo(f"starting {workers} worker(s), gateway{' and judge' if judge else ''} ...")
+    t0 = time.monotonic()
+    services = start_suite(workers=workers, engine=engine, model=model, gateway_port=gateway_port,
+                           worker_port=worker_port, judge_port=judge_port, http_port=http_port, judge=judge)
+    try:
+        typer.echo(f"all SERVING after {time.monotonic() - t0:.1f}s")
+        for svc in services:
+            typer.echo(f"  {svc.name:10s} grpc://{svc.address}   log: {svc.log}")
+        if http_port:
+            typer.echo(f"  {'http':10s} http://127.0.0.1:{http_port}/v1 (OpenAI-compatible)")
+        if demo:
+            run_demo(f"127.0.0.1:{gateway_port}", f"127.0.0.1:{judge_port}" if judge else None)
+            return
+        typer.echo("Ctrl-C stops them all.")
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        typer.echo("stopping ...")
+        stop_all(services)
+
+
+def run_demo(gateway: str, judge: str | None) -> None:
+    import grpc
+
+    from services.common.pb import inference_pb2, inference_pb2_grpc
+
+    typer.echo(f"\nprompt: {DEMO_PROMPT}\n")
+    with grpc.insecure_channel(gateway) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        request = inference_pb2.GenerateRequest(
+            messages=[inference_pb2.ChatMessage(role="user", content=DEMO_PROMPT)],
+            sampling=inference_pb2.SamplingParams(max_tokens=200, temperature=0.0))
+        text = []
+        for chunk in stub.GenerateStream(request, timeout=300):
+            text.append(chunk.text)
+            typer.echo(chunk.text, nl=False)
+            if chunk.finish_reason:
+                last = chunk
+    t, u = last.timing, last.usage
+    typer.echo(f"\n\n[{u.completion_tokens} tokens, finish={inference_pb2.FinishReason.Name(last.finish_reason)}, "
+               f"ttft {t.ttft_ms:.0f} ms, total {t.total_ms:.0f} ms, worker {t.worker}, batch {t.batch_size}]")
+    if judge:
+        from services.judge.client import score_text
+
+        typer.echo("\njudge (children-story rubric):")
+        typer.echo(score_text(judge, DEMO_PROMPT, "".join(text)))
+
+
+def generate(
+    prompt: str = typer.Argument(..., help="Prompt text (or the user message with --chat)."),
+    chat: bool = typer.Option(False, help="Send as a chat message (the chat template is applied)."),
+    stream: bool = typer.Option(False, help="Print tokens as they arrive."),
+    max_tokens: int = typer.Option(128, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    seed: int = typer.Option(None, help="Sampling seed."),
+    gateway: str = typer.Option("127.0.0.1:50051", envvar="TOKENMILL_GATEWAY", help="Gateway address."),
+    api_key: str = typer.Option("", envvar="TOKENMILL_API_KEY", help="API key, if the gateway needs one."),
+) -> None:
+    """Send one request to the gateway and print the completion."""
+    import grpc
+
+    from services.common.pb import inference_pb2, inference_pb2_grpc
+
+    sampling = inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    if seed is not None:
+        sampling.seed = seed
+    request = inference_pb2.GenerateRequest(sampling=sampling)
+    if chat:
+        request.messages.append(inference_pb2.ChatMessage(role="user", content=prompt))
+    else:
+        request.prompt = prompt
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
+    with grpc.insecure_channel(gateway) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        try:
+            if stream:
+                for chunk in stub.GenerateStream(request, metadata=metadata, timeout=600):
+                    typer.echo(chunk.text, nl=False)
+                typer.echo()
+            else:
+                typer.echo(stub.Generate(request, metadata=metadata, timeout=600).text)
+        except grpc.RpcError as exc:
+            typer.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+            raise typer.Exit(1) from None
