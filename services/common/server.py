@@ -33,6 +33,50 @@ CHANNEL_OPTIONS = [
 log = logging.getLogger("tokenmill.server")
 
 
+class _Undecodable:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
+    """A request that does not parse (e.g. invalid UTF-8 in a string field) gets INVALID_ARGUMENT, not UNKNOWN."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+
+        def safe(data: bytes):
+            try:
+                return deserialize(data)
+            except Exception as exc:
+                return _Undecodable(exc)
+
+        async def reject(request, context) -> None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request could not be parsed ({request.error}); strings must be valid UTF-8")
+
+        if handler.response_streaming:
+            inner_stream = handler.unary_stream
+
+            async def stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await reject(request, context)
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(stream, safe, handler.response_serializer)
+        inner = handler.unary_unary
+
+        async def unary(request, context):
+            if isinstance(request, _Undecodable):
+                await reject(request, context)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, safe, handler.response_serializer)
+
+
 async def serve(
     *,
     name: str,
@@ -46,7 +90,7 @@ async def serve(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Run a gRPC server until a signal; `register` adds the servicers, `prepare` loads the model."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[DecodeErrorInterceptor(), *interceptors])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     register(server)

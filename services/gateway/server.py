@@ -40,6 +40,7 @@ class Gateway:
         self.pool = WorkerPool(workers, config.workers_dns)
         self.batcher = Batcher(self.pool, config)
         self.validator: Validator | None = None
+        self._http = None
 
     async def start(self) -> None:
         """Find a worker, load its tokenizer, start dispatching (the gateway's `prepare`)."""
@@ -47,6 +48,11 @@ class Gateway:
 
         self.pool.start()
         self.batcher.start()
+        if self.config.http_port:
+            from services.gateway.http import start_http
+
+            self._http = await start_http(self, self.config.host, self.config.http_port)
+            log.info("OpenAI-compatible HTTP on %s:%d", self.config.host, self.config.http_port)
         await self.pool.first_info.wait()
         info = self.pool.info()
         tokenizer = await asyncio.to_thread(load_tokenizer, info.tokenizer)
@@ -55,6 +61,8 @@ class Gateway:
                  len(self.pool.live()))
 
     async def close(self) -> None:
+        if self._http is not None:
+            await self._http.cleanup()
         await self.batcher.close()
         await self.pool.close()
 
