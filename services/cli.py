@@ -47,6 +47,8 @@ def _register_local_commands() -> None:
 
     app.command("up")(up)
     app.command("generate")(generate)
+    from services.k8s.cli import app as k8s_app
+    app.add_typer(k8s_app, name="k8s")
 
 
 _register_local_commands()
