@@ -25,6 +25,7 @@ GATEWAY_QUEUE = "tokenmill:gateway_queue_depth"
 WORKER_WAITING = "vllm:num_requests_waiting"
 WORKER_RUNNING = "vllm:num_requests_running"
 # Waiting reasons after which a pod will not start without a change from the user.
+POLL_S = 2.0  # how often the Job and its pods are looked at
 STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                  "CreateContainerError"}
 
@@ -35,10 +36,13 @@ class LaunchError(RuntimeError):
 
 def api_client(context: str | None = None) -> Any:
     """A client from ~/.kube/config ($KUBECONFIG), or the in-cluster service account."""
+    import os
+
     from kubernetes import client, config
 
     try:
-        config.load_kube_config(context=context)
+        # $KUBECONFIG is read now, not when the kubernetes package was imported (it caches it then).
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, context=context)
     except config.ConfigException:
         try:
             config.load_incluster_config()
@@ -57,7 +61,8 @@ class RunResult:
 
 
 class Launcher:
-    def __init__(self, api: Any, namespace: str, echo: Callable[[str], None] = print, poll_s: float = 2.0) -> None:
+    def __init__(self, api: Any, namespace: str, echo: Callable[[str], None] = print,
+                 poll_s: float | None = None) -> None:
         from kubernetes import client
 
         self.namespace = namespace
@@ -66,7 +71,7 @@ class Launcher:
         self.apps = client.AppsV1Api(api)
         self.autoscaling = client.AutoscalingV2Api(api)
         self.echo = echo
-        self.poll_s = poll_s
+        self.poll_s = POLL_S if poll_s is None else poll_s
 
     # ---- run-job -------------------------------------------------------------------------------
     def ensure_claims(self, job: dict[str, Any], pvcs: list[dict[str, Any]]) -> None:
@@ -89,6 +94,7 @@ class Launcher:
 
     def run(self, job: dict[str, Any], pvcs: list[dict[str, Any]], out_dir: Path,
             timeout_s: float = 6 * 3600) -> RunResult:
+        job, pvcs = as_api_body(job), [as_api_body(p) for p in pvcs]
         name = job["metadata"]["name"]
         self.ensure_claims(job, pvcs)
         self.batch.create_namespaced_job(self.namespace, job)
@@ -238,6 +244,20 @@ class Launcher:
                 if not sample.labels:
                     values[sample.name] = sample.value
         return values
+
+
+def as_api_body(obj: Any) -> Any:
+    """A manifest as the API server would send it back: resource quantities as strings.
+
+    YAML lets `nvidia.com/gpu: 1` be an integer; the API accepts it, but the `kubernetes` client checks a
+    request body against its models, where a quantity is a string.
+    """
+    if isinstance(obj, list):
+        return [as_api_body(x) for x in obj]
+    if not isinstance(obj, dict):
+        return obj
+    return {k: ({q: str(v) for q, v in value.items()} if k in ("requests", "limits") and isinstance(value, dict)
+                else as_api_body(value)) for k, value in obj.items()}
 
 
 def format_status(s: dict[str, Any]) -> str:
