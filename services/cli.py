@@ -49,6 +49,8 @@ def _register_local_commands() -> None:
     app.command("generate")(generate)
     from services.k8s.cli import app as k8s_app
     app.add_typer(k8s_app, name="k8s")
+    from services.judge.eval import eval_command
+    app.command("eval")(eval_command)
 
 
 _register_local_commands()

@@ -74,7 +74,15 @@ class JudgeConfig:
     quantization: str = setting("none", "local backend: none | nf4.")
     device: str = setting("auto", "local backend: auto | cpu | cuda.")
     judge_url: str = setting("", "openai backend: base URL, e.g. http://127.0.0.1:8000/v1.")
-    judge_model: str = setting("", "openai backend: model name.")
+    judge_model: str = setting("", "openai backend: model name; empty = the first one the endpoint's /models lists.")
+    judge_timeout_s: float = setting(120.0, "openai backend: timeout of one HTTP call, seconds.")
+    judge_max_retries: int = setting(3, "openai backend: retries on 429/5xx/connection errors (exponential backoff).")
+    judge_concurrency: int = setting(8, "openai backend: most calls in flight at once.")
+    rubrics: str = setting("", "Extra folder of rubric files (YAML/JSON); adds to or overrides the built-in ones.")
+    max_text_chars: int = setting(32768, "Longest prompt or response accepted, in characters.")
+    max_batch_items: int = setting(64, "local backend: most queued items scored together in one batch.")
+    max_batch_tokens: int = setting(4096, "local backend: most padded tokens in one forward pass.")
+    threads: int = setting(0, "local backend: torch intra-op threads; 0 = torch's default.")
     grace_period_s: float = setting(10.0, "On SIGTERM, time to finish in-flight requests.")
 
 

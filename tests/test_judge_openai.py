@@ -1,0 +1,219 @@
+"""Judge service, OpenAI-compatible backend: a real judge server pointed at an OpenAI-shaped HTTP API.
+
+`FakeOpenAI` below stands in for an EXTERNAL chat-completions API (OpenAI, or any vLLM/TGI server); it is
+not a tokenmill component. Its reply is chosen by a marker such as `[[mode:fenced]]` in the response text
+being judged, so one judge server exercises every case: raw JSON, a fenced block, prose with `name: 4/5`,
+a reply with no scores at all (clear FAILED_PRECONDITION, no crash), transient 503/429 that are retried,
+a 503 that never ends (UNAVAILABLE) and a 401 (FAILED_PRECONDITION naming the key variable).
+The test against tokenmill's own gateway HTTP endpoint is tests/test_gateway*.py's business once it lands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import grpc
+import pytest
+
+from services.common.pb import judge_pb2, judge_pb2_grpc
+from services.judge.backends.openai_compat import parse_scores
+from services.judge.rubrics import RubricRegistry
+from services.judge.types import BackendError
+
+PROMPT = "Write a single paragraph moral story for children about a shy turtle who learns the value of courage."
+STORY = "A shy turtle named Toby was afraid of the pond, until he helped a duckling and found his courage."
+KEY = "sk-test-judge-key"
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    """Stands in for an external OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models)."""
+
+    calls: ClassVar[Counter] = Counter()
+    auth: ClassVar[list[str]] = []
+    lock = threading.Lock()
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def _send(self, status: int, body: dict | str, headers: dict | None = None) -> None:
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": "fake-judge", "object": "model"}]})
+        else:
+            self._send(404, {"error": {"message": "not found"}})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        if self.path != "/v1/chat/completions":
+            return self._send(404, {"error": {"message": "not found"}})
+        user = body["messages"][-1]["content"]
+        mode = (re.search(r"\[\[mode:(\w+)\]\]", user) or [None, "json"])[1]
+        with self.lock:
+            self.calls[mode] += 1
+            n = self.calls[mode]
+            self.auth.append(self.headers.get("authorization", ""))
+        scores = {"moral_clarity": 4, "age_appropriateness": 5, "narrative_coherence": 3, "relevance": 5}
+        content = {
+            "json": json.dumps({"scores": scores, "rationale": "Clear moral, gentle tone."}),
+            "fenced": "Sure! Here is my rating:\n```json\n" + json.dumps({"scores": scores}) + "\n```\nHope it helps.",
+            "list": json.dumps({"scores": [{"name": k, "score": v, "rationale": f"{k} ok"}
+                                           for k, v in scores.items()]}),
+            "prose": ("**Moral clarity**: 4/5 - clear.\nAge appropriateness: 5\nNarrative coherence = 3\n"
+                      "Relevance: 5/5"),
+            "fraction": json.dumps({"moral_clarity": 0.85, "age_appropriateness": 0.97, "narrative_coherence": 0.72,
+                                    "relevance": 0.94}),
+            "nojson": "I am sorry, but I cannot rate stories.",
+            "partial": json.dumps({"scores": {"moral_clarity": 4}}),
+        }
+        if mode == "flaky503" and n == 1:
+            return self._send(503, {"error": {"message": "overloaded"}})
+        if mode == "ratelimit" and n == 1:
+            return self._send(429, {"error": {"message": "slow down"}}, {"retry-after": "0"})
+        if mode == "down":
+            return self._send(503, {"error": {"message": "still overloaded"}})
+        if mode == "unauthorized":
+            return self._send(401, {"error": {"message": "invalid api key"}})
+        if mode == "notchat":
+            return self._send(200, {"unexpected": True})
+        text = content.get(mode, content["json"])
+        self._send(200, {"id": "cmpl-1", "object": "chat.completion", "model": body["model"],
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": "stop"}]})
+
+
+@pytest.fixture(scope="module")
+def fake_api():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def judge(cluster, fake_api):
+    old = os.environ.get("TOKENMILL_JUDGE_API_KEY")
+    os.environ["TOKENMILL_JUDGE_API_KEY"] = KEY  # the judge process inherits it
+    try:
+        # no --judge-model: the backend takes the first model of GET /models
+        svc = cluster.start("judge", "--judge-backend", "openai", "--judge-url", fake_api,
+                            "--judge-max-retries", "2", name="judge-openai")
+    finally:
+        if old is None:
+            os.environ.pop("TOKENMILL_JUDGE_API_KEY")
+        else:
+            os.environ["TOKENMILL_JUDGE_API_KEY"] = old
+    channel = grpc.insecure_channel(svc.address)
+    yield judge_pb2_grpc.JudgeStub(channel)
+    channel.close()
+
+
+def score(judge, mode: str, **kw) -> judge_pb2.ScoreResponse:
+    return judge.Score(judge_pb2.ScoreRequest(id=mode, prompt=PROMPT, response=f"{STORY} [[mode:{mode}]]", **kw),
+                       timeout=60)
+
+
+EXPECTED = {"moral_clarity": 0.75, "age_appropriateness": 1.0, "narrative_coherence": 0.5, "relevance": 1.0}
+
+
+@pytest.mark.parametrize("mode", ["json", "fenced", "list", "prose"])
+def test_parses_scores(judge, mode):
+    res = score(judge, mode)
+    assert res.backend == "openai" and res.rubric == "children-story" and res.id == mode
+    assert {s.name: s.score for s in res.scores} == EXPECTED
+    assert res.overall == pytest.approx(0.8125)
+    assert not res.HasField("fluency")  # an API cannot give the likelihood of a given text
+    if mode == "json":
+        assert res.rationale == "Clear moral, gentle tone."
+    if mode == "list":
+        assert res.scores[0].rationale == "moral_clarity ok"
+
+
+def test_fractions_are_taken_as_normalised(judge):
+    res = score(judge, "fraction")  # the seed asked gpt-5-mini for 0.0-1.0 directly
+    assert [s.score for s in res.scores] == [0.85, 0.97, 0.72, 0.94]
+
+
+def test_sends_key_and_model(judge):
+    score(judge, "json")
+    assert FakeOpenAI.auth and FakeOpenAI.auth[-1] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize(("mode", "code", "needles"), [
+    ("nojson", grpc.StatusCode.FAILED_PRECONDITION, ["no usable score for moral_clarity", "I am sorry"]),
+    ("partial", grpc.StatusCode.FAILED_PRECONDITION, ["no usable score for age_appropriateness"]),
+    ("notchat", grpc.StatusCode.FAILED_PRECONDITION, ["not a chat completion"]),
+    ("unauthorized", grpc.StatusCode.FAILED_PRECONDITION, ["401", "TOKENMILL_JUDGE_API_KEY"]),
+    ("down", grpc.StatusCode.UNAVAILABLE, ["failed 3 times", "503"]),
+])
+def test_unusable_replies_are_clear_errors(judge, mode, code, needles):
+    with pytest.raises(grpc.RpcError) as info:
+        score(judge, mode)
+    assert info.value.code() == code, info.value.details()
+    for needle in needles:
+        assert needle in info.value.details(), info.value.details()
+    assert score(judge, "json").scores  # and the judge keeps serving
+
+
+@pytest.mark.parametrize("mode", ["flaky503", "ratelimit"])
+def test_transient_errors_are_retried(judge, mode):
+    res = score(judge, mode)
+    assert {s.name: s.score for s in res.scores} == EXPECTED
+    assert FakeOpenAI.calls[mode] == 2  # one failure, one retry
+
+
+def test_batch_and_stream(judge):
+    items = [judge_pb2.ScoreRequest(id=f"b{i}", prompt=PROMPT, response=f"{STORY} [[mode:{m}]]")
+             for i, m in enumerate(["json", "fenced", "prose"])]
+    batch = judge.ScoreBatch(judge_pb2.ScoreBatchRequest(items=items), timeout=60).results
+    assert [r.id for r in batch] == ["b0", "b1", "b2"]
+    assert all({s.name: s.score for s in r.scores} == EXPECTED for r in batch)
+    assert sorted(r.id for r in judge.ScoreStream(iter(items), timeout=60)) == ["b0", "b1", "b2"]
+
+
+def test_inline_scale_and_validation(judge):
+    res = score(judge, "json", dimensions=[judge_pb2.Dimension(name="relevance", description="on topic",
+                                                               scale_min=1, scale_max=10)])
+    assert [(s.name, s.score) for s in res.scores] == [("relevance", pytest.approx(4 / 9))]
+    with pytest.raises(grpc.RpcError) as info:
+        judge.Score(judge_pb2.ScoreRequest(prompt=PROMPT, response=""), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---------------------------------------------------------------- the parser on its own
+RUBRIC = RubricRegistry().get("children-story")
+
+
+@pytest.mark.parametrize("text", [
+    '{"moral_clarity": 4, "age_appropriateness": "5", "narrative_coherence": 3.0, "relevance": "5/5"}',
+    '<think>hmm {"x": 1}</think>{"scores": {"Moral Clarity": 4, "age-appropriateness": 5, '
+    '"narrative coherence": 3, "relevance": {"score": 5}}}',
+    'Scores follow. {"ratings": {"moral_clarity": 4, "age_appropriateness": 5, "narrative_coherence": 3, '
+    '"relevance": 5}} Done.',
+    "moral_clarity: 4\nage_appropriateness: 5\nnarrative_coherence: 3\nrelevance: 5",
+])
+def test_parse_scores_variants(text):
+    scores, _ = parse_scores(text, RUBRIC)
+    assert {s.name: s.score for s in scores} == EXPECTED
+
+
+@pytest.mark.parametrize("text", ["", "no numbers here", '{"scores": {}}', "moral_clarity: high"])
+def test_parse_scores_unusable(text):
+    with pytest.raises(BackendError) as info:
+        parse_scores(text, RUBRIC)
+    assert info.value.code == "FAILED_PRECONDITION"
