@@ -126,8 +126,9 @@ class FakeKube:
     """A stand-in for the Kubernetes API server: the endpoints the launcher calls, nothing more."""
 
     def __init__(self, *, exit_code=0, log_lines=("loading model", "phase kv-cache: 812 tok/s", "done"),
-                 results=None, existing_claims=(), status_objects=None):
+                 results=None, existing_claims=(), status_objects=None, stuck_reason=None):
         self.exit_code = exit_code
+        self.stuck_reason = stuck_reason
         self.log_lines = log_lines
         self.results = results or {"summary.json": b'{"tokens_per_s": 812}'}
         self.claims: dict[str, dict] = {name: {"metadata": {"name": name}} for name in existing_claims}
@@ -242,7 +243,10 @@ class FakeKube:
         """Pending on the first look, the `run` container running from the second on."""
         self.polls[job] = self.polls.get(job, 0) + 1
         pod = self.pods.get(job)
-        if pod and self.polls[job] == 2:
+        if pod and self.stuck_reason:
+            pod["status"]["initContainerStatuses"][0]["state"] = {
+                "waiting": {"reason": self.stuck_reason, "message": 'Back-off pulling image "tokenmill:cpu"'}}
+        elif pod and self.polls[job] == 2:
             pod["status"]["phase"] = "Pending"
             pod["status"]["initContainerStatuses"][0]["state"] = {"running": {"startedAt": TS}}
 
@@ -347,6 +351,15 @@ def test_run_job_on_the_gpu_cluster(kubeconfig, tmp_path):
     run = jobs.container(job, "run")
     assert run["args"][:4] == ["bench", "all", "--device", "cuda"]
     assert run["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_run_job_stops_on_a_pod_that_cannot_start(kubeconfig, tmp_path):
+    with FakeKube(stuck_reason="ImagePullBackOff") as kube:
+        kubeconfig(kube.url)
+        result = CliRunner().invoke(app, ["run-job", "loadtest", "--overlay", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "cannot start" in result.output and "ImagePullBackOff" in result.output
+    assert "Back-off pulling image" in result.output and "kubectl -n tokenmill delete job" in result.output
 
 
 def test_run_job_needs_the_overlay_claims(kubeconfig, tmp_path):

@@ -26,8 +26,7 @@ WORKER_WAITING = "vllm:num_requests_waiting"
 WORKER_RUNNING = "vllm:num_requests_running"
 # Waiting reasons after which a pod will not start without a change from the user.
 POLL_S = 2.0  # how often the Job and its pods are looked at
-STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
-                 "CreateContainerError"}
+STUCK_REASONS = {"ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError"}
 
 
 class LaunchError(RuntimeError):
@@ -112,7 +111,8 @@ class Launcher:
                     last_note[pod_name] = note
                     self.echo(f"[{pod_name}] {note}")
                     if any(reason in note for reason in STUCK_REASONS):
-                        raise LaunchError(f"pod {pod_name} cannot start: {note}")
+                        raise LaunchError(f"pod {pod_name} cannot start: {note} (the Job is left in place: "
+                                          f"kubectl -n {self.namespace} delete job {name})")
                 state = _container_state(pod, RUN_CONTAINER)
                 if pod_name not in followed and state in ("running", "terminated"):
                     followed.add(pod_name)
@@ -166,6 +166,9 @@ class Launcher:
             raise LaunchError(f"Job {job_name} has no succeeded pod to copy results from")
         pod = pods[-1].metadata.name
         text = self.core.read_namespaced_pod_log(pod, self.namespace, container=RESULTS_CONTAINER)
+        if not text.strip():
+            self.echo(f"results: none (the command wrote nothing under /results/{job_name}/)")
+            return out_dir / job_name, []
         try:
             archive = base64.b64decode("".join(text.split()), validate=True)
             out_dir.mkdir(parents=True, exist_ok=True)
