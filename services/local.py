@@ -24,11 +24,15 @@ class Service:
     log: Path
 
 
-def _spawn(name: str, args: list[str], log_dir: Path) -> subprocess.Popen:
-    log = (log_dir / f"{name}.log").open("w")
+def launch(name: str, args: list[str], address: str, log_dir: Path) -> Service:
+    """Start `tokenmill <args>` as a process logging to log_dir/<name>.log (not yet waited for)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{name}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "services.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    with path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    return Service(name, address, proc, path)
 
 
 def wait_serving(services: list[Service], timeout_s: float) -> None:
@@ -76,7 +80,6 @@ def start_suite(*, workers: int = 1, engine: str | None = None, model: str | Non
     from services.common.model_loader import cache_dir
 
     log_dir = log_dir or cache_dir() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
     services: list[Service] = []
     try:
         addrs = []
@@ -88,17 +91,14 @@ def start_suite(*, workers: int = 1, engine: str | None = None, model: str | Non
             if model:
                 args += ["--model", model]
             addrs.append(f"127.0.0.1:{port}")
-            services.append(Service(f"worker-{i}", addrs[-1], _spawn(f"worker-{i}", args, log_dir),
-                                    log_dir / f"worker-{i}.log"))
+            services.append(launch(f"worker-{i}", args, addrs[-1], log_dir))
         gw_args = ["gateway", "--port", str(gateway_port), "--workers", ",".join(addrs), "--workers-dns", ""]
         if http_port:
             gw_args += ["--http-port", str(http_port)]
-        services.append(Service("gateway", f"127.0.0.1:{gateway_port}", _spawn("gateway", gw_args, log_dir),
-                                log_dir / "gateway.log"))
+        services.append(launch("gateway", gw_args, f"127.0.0.1:{gateway_port}", log_dir))
         if judge:
             j_args = ["judge", "--port", str(judge_port)] + (["--model", model] if model else [])
-            services.append(Service("judge", f"127.0.0.1:{judge_port}", _spawn("judge", j_args, log_dir),
-                                    log_dir / "judge.log"))
+            services.append(launch("judge", j_args, f"127.0.0.1:{judge_port}", log_dir))
         wait_serving(services, timeout_s)
         return services
     except BaseException:

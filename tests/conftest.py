@@ -44,3 +44,38 @@ def inference(suite):
     channel = grpc.insecure_channel(suite["gateway"])
     yield inference_pb2_grpc.InferenceStub(channel)
     channel.close()
+
+
+class Cluster:
+    """Start tokenmill services as real processes on 127.0.0.1; stops them all at teardown."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.services: list = []
+
+    def start(self, kind: str, *args: str, name: str | None = None, wait: bool = True):
+        from services.local import launch, wait_serving
+
+        port = free_port()
+        name = name or f"{kind}-{port}"
+        svc = launch(name, [kind, "--port", str(port), *args], f"127.0.0.1:{port}", self.log_dir)
+        self.services.append(svc)
+        if wait:
+            wait_serving([svc], 240)
+        return svc
+
+    def gateway(self, workers: list, *args: str, wait: bool = True):
+        addrs = ",".join(w.address if hasattr(w, "address") else w for w in workers)
+        return self.start("gateway", "--workers", addrs, "--max-wait-ms", "5", *args, wait=wait)
+
+    def stop(self) -> None:
+        from services.local import stop_all
+
+        stop_all(self.services)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    yield c
+    c.stop()

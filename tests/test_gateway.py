@@ -1,0 +1,262 @@
+"""Gateway over real workers on 127.0.0.1: OpenAI HTTP, bad input, backpressure, auth, routing, failover."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+
+import grpc
+import httpx
+import openai
+import pytest
+from conftest import free_port
+
+from services.common.pb import inference_pb2, inference_pb2_grpc
+
+STORY = "Write a single paragraph moral story for children about a clever crow who learns the value of sharing."
+
+
+def chat(content: str = STORY, **sampling) -> inference_pb2.GenerateRequest:
+    sampling.setdefault("max_tokens", 12)
+    sampling.setdefault("temperature", 0.0)
+    return inference_pb2.GenerateRequest(messages=[inference_pb2.ChatMessage(role="user", content=content)],
+                                         sampling=inference_pb2.SamplingParams(**sampling))
+
+
+@pytest.fixture(scope="module")
+def workers(cluster):
+    """Two workers with room for 8 sequences each (so a burst really queues at the gateway)."""
+    return [cluster.start("worker", "--max-num-seqs", "8", "--max-batch-size", "8") for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster, workers):
+    http_port = free_port()
+    gw = cluster.gateway(workers, "--http-port", str(http_port))
+    return {"grpc": gw.address, "http": f"http://127.0.0.1:{http_port}"}
+
+
+@pytest.fixture(scope="module")
+def stub(gateway):
+    with grpc.insecure_channel(gateway["grpc"]) as channel:
+        yield inference_pb2_grpc.InferenceStub(channel)
+
+
+def test_openai_client_chat_stream_and_completions(gateway):
+    client = openai.OpenAI(base_url=gateway["http"] + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": STORY}]
+    reply = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=16, temperature=0)
+    assert reply.choices[0].message.content and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 20
+
+    stream = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == reply.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == reply.usage.completion_tokens
+
+    completion = client.completions.create(model="smollm2-135m", prompt="Once upon a time", max_tokens=8,
+                                           temperature=0)
+    assert completion.choices[0].text and completion.usage.completion_tokens > 0
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
+    assert httpx.get(gateway["http"] + "/health").json()["workers"] == 2
+    assert "tokenmill:gateway_queue_depth" in httpx.get(gateway["http"] + "/metrics").text
+
+
+BAD_HTTP = [
+    ({"messages": []}, "non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "role is 'robot'"),
+    ({"messages": [{"role": "user", "content": "word " * 9000}]}, "context"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens must be at least 1"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature must be >= 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p must be in (0, 1]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p must be in (0, 1]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x"] * 100}, "stop strings"),
+    ({"messages": [{"role": "user", "content": "x" * 10_000_000}]}, "shorten it"),
+]
+
+
+@pytest.mark.parametrize("body, fragment", BAD_HTTP)
+def test_bad_input_http(gateway, body, fragment):
+    r = httpx.post(gateway["http"] + "/v1/chat/completions", content=json.dumps(body), timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_invalid_utf8_http_and_grpc(gateway):
+    raw = b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}'
+    r = httpx.post(gateway["http"] + "/v1/chat/completions", content=raw, timeout=30)
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"]["message"]
+    bad = inference_pb2.GenerateRequest(prompt="AB").SerializeToString().replace(b"AB", b"\xff\xfe")
+    with grpc.insecure_channel(gateway["grpc"]) as channel:
+        call = channel.unary_unary("/tokenmill.v1.Inference/Generate", request_serializer=lambda b: b,
+                                   response_deserializer=inference_pb2.GenerateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            call(bad, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in err.value.details()
+
+
+@pytest.mark.parametrize("request_, fragment", [
+    (inference_pb2.GenerateRequest(), "prompt is empty"),
+    (inference_pb2.GenerateRequest(messages=[inference_pb2.ChatMessage(role="robot", content="x")]), "role"),
+    (chat("word " * 9000), "context"),
+    (chat(max_tokens=0), "max_tokens"),
+    (chat(temperature=-1.0), "temperature"),
+    (chat(top_p=1.5), "top_p"),
+    (inference_pb2.GenerateRequest(prompt="hi", sampling=inference_pb2.SamplingParams(stop=["x"] * 100)), "stop"),
+    (inference_pb2.GenerateRequest(prompt="x" * 10_000_000), "shorten it"),
+])
+def test_bad_input_grpc(stub, request_, fragment):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(request_, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
+    assert stub.Generate(chat(max_tokens=2), timeout=60).usage.completion_tokens >= 1  # still serving
+
+
+async def _burst(address: str, n: int, max_tokens: int, timeout: float = 300) -> collections.Counter:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        async def one(i: int) -> str:
+            try:
+                r = await stub.Generate(chat(f"{STORY} ({i})", max_tokens=max_tokens), timeout=timeout)
+                return "OK" if r.usage.completion_tokens > 0 else "EMPTY"
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+
+        return collections.Counter(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def test_queue_bound_answers_every_request(cluster, workers):
+    gw = cluster.gateway(workers, "--max-queued-requests", "50")
+    counts = asyncio.run(_burst(gw.address, 200, max_tokens=8))
+    print(f"200 concurrent requests, queue bound 50: {dict(counts)}")
+    assert sum(counts.values()) == 200
+    assert set(counts) <= {"OK", "RESOURCE_EXHAUSTED"}, counts
+    assert counts["OK"] >= 50 and counts["RESOURCE_EXHAUSTED"] > 0
+
+
+def test_deadline_while_queued(cluster, workers):
+    gw = cluster.gateway(workers, "--max-queued-requests", "500")
+
+    async def run() -> str:
+        background = asyncio.create_task(_burst(gw.address, 60, max_tokens=24))
+        await asyncio.sleep(1.0)
+        async with grpc.aio.insecure_channel(gw.address) as channel:
+            try:
+                await inference_pb2_grpc.InferenceStub(channel).Generate(chat(max_tokens=4), timeout=0.5)
+                code = "OK"
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
+        counts = await background
+        assert counts["OK"] == 60, counts
+        return code
+
+    assert asyncio.run(run()) == "DEADLINE_EXCEEDED"
+
+
+def test_api_key(cluster, workers):
+    http_port = free_port()
+    gw = cluster.gateway(workers, "--api-key", "s3cret", "--http-port", str(http_port))
+    with grpc.insecure_channel(gw.address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(chat(max_tokens=2), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.GenerateStream(chat(max_tokens=2), metadata=[("authorization", "Bearer wrong")], timeout=30))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ok = stub.Generate(chat(max_tokens=2), metadata=[("authorization", "Bearer s3cret")], timeout=60)
+        assert ok.usage.completion_tokens >= 1
+    url = f"http://127.0.0.1:{http_port}/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(url, json=body, timeout=30).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60).status_code == 200
+
+
+def test_no_live_worker_is_503_in_openai_shape(cluster):
+    http_port = free_port()
+    gw = cluster.gateway([f"127.0.0.1:{free_port()}"], "--http-port", str(http_port), wait=False)
+    url = f"http://127.0.0.1:{http_port}"
+    for _ in range(200):
+        try:
+            health = httpx.get(url + "/health", timeout=2)
+            break
+        except httpx.TransportError:
+            assert gw.proc.poll() is None, gw.log.read_text()
+            asyncio.run(asyncio.sleep(0.1))
+    assert health.status_code == 503
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    assert r.status_code == 503
+    assert r.json()["error"]["type"] == "service_unavailable" and "worker" in r.json()["error"]["message"]
+
+
+def test_slow_worker_gets_fewer_requests(cluster, workers):
+    slow = cluster.start("worker", "--max-num-seqs", "8", "--max-batch-size", "8", "--step-delay-ms", "500")
+    gw = cluster.gateway([*workers, slow])
+
+    async def run() -> collections.Counter:
+        served: collections.Counter = collections.Counter()
+        async with grpc.aio.insecure_channel(gw.address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            queue = list(range(48))
+
+            async def client() -> None:
+                while queue:
+                    i = queue.pop()
+                    r = await stub.Generate(chat(f"{STORY} ({i})", max_tokens=12), timeout=300)
+                    served[r.timing.worker] += 1
+
+            await asyncio.gather(*(client() for _ in range(9)))
+        return served
+
+    served = asyncio.run(run())
+    print(f"requests per worker (slow = {slow.address}): {dict(served)}")
+    fast = [served[w.address] for w in workers]
+    assert sum(served.values()) == 48
+    assert served[slow.address] * 2 <= min(fast), served
+
+
+def test_failover_when_a_worker_is_killed(cluster):
+    a = cluster.start("worker", "--max-num-seqs", "16")
+    b = cluster.start("worker", "--max-num-seqs", "16")
+    gw = cluster.gateway([a, b])
+
+    async def run() -> collections.Counter:
+        outcomes: collections.Counter = collections.Counter()
+        async with grpc.aio.insecure_channel(gw.address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            first_tokens = asyncio.Event()
+
+            async def one(i: int) -> None:
+                streamed = 0
+                try:
+                    async for chunk in stub.GenerateStream(chat(f"{STORY} ({i})", max_tokens=24), timeout=300):
+                        streamed += len(chunk.token_ids)
+                        if streamed:
+                            first_tokens.set()
+                    outcomes["completed"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    ok = exc.code() == grpc.StatusCode.UNAVAILABLE and streamed > 0
+                    outcomes["unavailable after tokens" if ok else f"BAD {exc.code().name} after {streamed}"] += 1
+
+            tasks = [asyncio.create_task(one(i)) for i in range(100)]
+            await asyncio.wait_for(first_tokens.wait(), 120)
+            os.kill(b.proc.pid, signal.SIGKILL)
+            await asyncio.gather(*tasks)
+        return outcomes
+
+    outcomes = asyncio.run(run())
+    print(f"100 streams, one of two workers SIGKILLed mid-run: {dict(outcomes)}")
+    assert sum(outcomes.values()) == 100
+    assert set(outcomes) <= {"completed", "unavailable after tokens"}, outcomes
+    assert outcomes["completed"] > 0
