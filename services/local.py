@@ -150,7 +150,7 @@ def run_demo(gateway: str, judge: str | None) -> None:
         stub = inference_pb2_grpc.InferenceStub(channel)
         request = inference_pb2.GenerateRequest(
             messages=[inference_pb2.ChatMessage(role="user", content=DEMO_PROMPT)],
-            sampling=inference_pb2.SamplingParams(max_tokens=200, temperature=0.0))
+            sampling=inference_pb2.SamplingParams(max_tokens=160, temperature=0.7, top_p=0.9, seed=7))
         text = []
         for chunk in stub.GenerateStream(request, timeout=300):
             text.append(chunk.text)
