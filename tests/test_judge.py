@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from judge_support import JudgeProcess
 
 from services.common.pb import judge_pb2, judge_pb2_grpc
 
@@ -30,11 +31,12 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def judge(cluster):
-    svc = cluster.start("judge", name="judge-local")
-    channel = grpc.insecure_channel(svc.address)
+def judge(tmp_path_factory):
+    server = JudgeProcess(tmp_path_factory.mktemp("judge-local"))
+    channel = grpc.insecure_channel(server.address)
     yield judge_pb2_grpc.JudgeStub(channel)
     channel.close()
+    server.stop()
 
 
 def req(i: int, response: str | None = None, **kw) -> judge_pb2.ScoreRequest:

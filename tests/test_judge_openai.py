@@ -11,7 +11,6 @@ The test against tokenmill's own gateway HTTP endpoint is tests/test_gateway*.py
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 from collections import Counter
@@ -20,6 +19,7 @@ from typing import ClassVar
 
 import grpc
 import pytest
+from judge_support import JudgeProcess
 
 from services.common.pb import judge_pb2, judge_pb2_grpc
 from services.judge.backends.openai_compat import parse_scores
@@ -106,21 +106,15 @@ def fake_api():
 
 
 @pytest.fixture(scope="module")
-def judge(cluster, fake_api):
-    old = os.environ.get("TOKENMILL_JUDGE_API_KEY")
-    os.environ["TOKENMILL_JUDGE_API_KEY"] = KEY  # the judge process inherits it
-    try:
-        # no --judge-model: the backend takes the first model of GET /models
-        svc = cluster.start("judge", "--judge-backend", "openai", "--judge-url", fake_api,
-                            "--judge-max-retries", "2", name="judge-openai")
-    finally:
-        if old is None:
-            os.environ.pop("TOKENMILL_JUDGE_API_KEY")
-        else:
-            os.environ["TOKENMILL_JUDGE_API_KEY"] = old
-    channel = grpc.insecure_channel(svc.address)
+def judge(tmp_path_factory, fake_api):
+    # no --judge-model: the backend takes the first model of GET /models
+    server = JudgeProcess(tmp_path_factory.mktemp("judge-openai"), "--judge-backend", "openai",
+                          "--judge-url", fake_api, "--judge-max-retries", "2",
+                          env={"TOKENMILL_JUDGE_API_KEY": KEY})
+    channel = grpc.insecure_channel(server.address)
     yield judge_pb2_grpc.JudgeStub(channel)
     channel.close()
+    server.stop()
 
 
 def score(judge, mode: str, **kw) -> judge_pb2.ScoreResponse:

@@ -90,7 +90,8 @@ def _score_dict(res: Any) -> dict[str, Any]:
 
 
 async def _run(rows: list[dict[str, Any]], gateway: str, judge: str, max_tokens: int, rubric: str,
-               concurrency: int, api_key: str, references: bool, timeout: float) -> list[dict[str, Any]]:
+               concurrency: int, api_key: str, references: bool, timeout: float,
+               connect_timeout: float) -> list[dict[str, Any]]:
     import grpc
 
     from services.common.pb import inference_pb2, inference_pb2_grpc, judge_pb2, judge_pb2_grpc
@@ -101,6 +102,12 @@ async def _run(rows: list[dict[str, Any]], gateway: str, judge: str, max_tokens:
     done = 0
     t_start = time.perf_counter()
     async with grpc.aio.insecure_channel(gateway) as gch, grpc.aio.insecure_channel(judge) as jch:
+        for name, address, channel in (("gateway", gateway, gch), ("judge", judge, jch)):
+            try:
+                await asyncio.wait_for(channel.channel_ready(), connect_timeout)
+            except TimeoutError:
+                raise ConnectionError(f"cannot reach the {name} at {address} within {connect_timeout:.0f}s "
+                                      f"(is it running? see --{name})") from None
         gen = inference_pb2_grpc.InferenceStub(gch)
         jud = judge_pb2_grpc.JudgeStub(jch)
 
@@ -116,7 +123,7 @@ async def _run(rows: list[dict[str, Any]], gateway: str, judge: str, max_tokens:
                         request_id=f"eval-{row['id']}",
                         messages=[inference_pb2.ChatMessage(role="user", content=row["prompt"])],
                         sampling=inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0))
-                    resp = await gen.Generate(req, timeout=timeout, metadata=metadata, wait_for_ready=True)
+                    resp = await gen.Generate(req, timeout=timeout, metadata=metadata)
                     item.update(response=resp.text, finish_reason=inference_pb2.FinishReason.Name(
                         resp.finish_reason).removeprefix("FINISH_REASON_").lower(),
                         completion_tokens=resp.usage.completion_tokens, generate_ms=round(resp.timing.total_ms, 1))
@@ -125,13 +132,13 @@ async def _run(rows: list[dict[str, Any]], gateway: str, judge: str, max_tokens:
                     t1 = time.perf_counter()
                     res = await jud.Score(judge_pb2.ScoreRequest(id=row["id"], prompt=row["prompt"],
                                                                  response=resp.text, rubric=rubric),
-                                          timeout=timeout, wait_for_ready=True)
+                                          timeout=timeout)
                     item.update(_score_dict(res), judge_ms=round((time.perf_counter() - t1) * 1000, 1),
                                 judge_backend=res.backend, rubric=res.rubric)
                     if references and row.get("reference"):
                         ref = await jud.Score(judge_pb2.ScoreRequest(id=row["id"] + "-ref", prompt=row["prompt"],
                                                                      response=row["reference"], rubric=rubric),
-                                              timeout=timeout, wait_for_ready=True)
+                                              timeout=timeout)
                         item["reference_judge"] = _score_dict(ref)
                 except grpc.aio.AioRpcError as exc:
                     item["error"] = f"{exc.code().name}: {exc.details()}"
@@ -165,6 +172,7 @@ def eval_command(
     references: bool = typer.Option(False, help="Also judge each reference story (a baseline for the judge)."),
     api_key: str = typer.Option("", envvar="TOKENMILL_API_KEY", help="Gateway API key, if it needs one."),
     timeout: float = typer.Option(900.0, help="Deadline of each Generate / Score call, seconds."),
+    connect_timeout: float = typer.Option(120.0, help="How long to wait for the gateway and judge to be reachable."),
 ) -> None:
     """Generate a story for every held-out prompt through the gateway, judge each, write eval_results.json."""
     if max_tokens < 1:
@@ -175,7 +183,12 @@ def eval_command(
     typer.echo(f"eval: {len(rows)} prompts from {data.name} -> gateway {gateway}, judge {judge} "
                f"(rubric {rubric}, max_tokens {max_tokens})", err=True)
     t0 = time.perf_counter()
-    items = asyncio.run(_run(rows, gateway, judge, max_tokens, rubric, concurrency, api_key, references, timeout))
+    try:
+        items = asyncio.run(_run(rows, gateway, judge, max_tokens, rubric, concurrency, api_key, references,
+                                 timeout, connect_timeout))
+    except ConnectionError as exc:
+        typer.echo(f"eval: {exc}", err=True)
+        sys.exit(2)
     summary = summarise(items)
     report = {"gateway": gateway, "judge": judge, "rubric": rubric, "max_tokens": max_tokens, "data": str(data),
               "elapsed_s": round(time.perf_counter() - t0, 1), "summary": summary, "items": items}

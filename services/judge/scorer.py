@@ -4,7 +4,7 @@ For each (prompt, response) the judge model reads a conversation in its own chat
 
     user:       <prompt>
     assistant:  <response>                      <- shared prefix, one forward pass per item
-    user:       Rate your answer above for <dimension>: <description> ... Reply with the number only.
+    user:       Score your answer above from 1 to 5 for <dimension>: <description> Reply with just the number.
     assistant:  ▌                               <- per dimension: next-token distribution here
 
 The score of a dimension is the expected value of the scale under the next-token distribution
@@ -33,10 +33,7 @@ from services.judge.types import DimScore, ItemScore, ScoreItem
 
 log = logging.getLogger("tokenmill.judge.scorer")
 
-QUESTION = (
-    "Rate your answer above for {title}: {description} "
-    "Use a scale from {lo} to {hi}, where {lo} is very poor and {hi} is excellent. Reply with the number only."
-)
+QUESTION = "Score your answer above from {lo} to {hi} for {title}: {description} Reply with just the number."
 ANSWER_PREFIX = ""
 PLAIN_PREFIX = "Instruction: {prompt}\n\nResponse: "
 PLAIN_SUFFIX = "\n\nQuestion: {question}\nAnswer: "
