@@ -2,6 +2,7 @@
 
 Two held-out prompts go through the gateway's public gRPC API, the judge scores both, eval_results.json
 and the summary table come out; an unreachable gateway is a clear message and exit code 2, not a hang.
+The OpenAI-compatible judge backend is also pointed at the same gateway's HTTP endpoint (/v1/chat/completions).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import json
 import subprocess
 import sys
 
+import grpc
 import pytest
 from judge_support import ROOT, JudgeProcess, free_port
 
+from services.common.pb import judge_pb2, judge_pb2_grpc
 from services.judge.eval import DEFAULT_DATA, load_eval_set
 
 DIMS = ["moral_clarity", "age_appropriateness", "narrative_coherence", "relevance"]
@@ -70,3 +73,32 @@ def test_eval_unreachable_gateway_fails_fast(judge_address, tmp_path):
                     "--limit", "1", "--connect-timeout", "2", timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "cannot reach the gateway" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def gateway_judge(suite, tmp_path_factory):
+    """A judge whose OpenAI-compatible backend is tokenmill's own gateway HTTP endpoint (model from /v1/models)."""
+    server = JudgeProcess(tmp_path_factory.mktemp("judge-gw"), "--judge-backend", "openai",
+                          "--judge-url", suite["http"] + "/v1", "--judge-max-tokens", "48")
+    channel = grpc.insecure_channel(server.address)
+    yield judge_pb2_grpc.JudgeStub(channel)
+    channel.close()
+    server.stop()
+
+
+def test_openai_backend_against_the_gateway_http_endpoint(gateway_judge):
+    """The embedded 135M model behind the gateway answers one number for one question (parsed), but cannot
+    write the four-score JSON of the full rubric: that is a clear FAILED_PRECONDITION quoting its reply."""
+    row = load_eval_set(limit=1)[0]
+    one = judge_pb2.ScoreRequest(id="gw", prompt=row["prompt"], response=row["reference"], dimensions=[
+        judge_pb2.Dimension(name="quality", description="Overall quality of the story.", scale_min=1, scale_max=5)])
+    res = gateway_judge.Score(one, timeout=300)
+    print(f"\ngateway-judged quality: {res.scores[0].score} ({res.backend})")
+    assert res.backend == "openai" and [s.name for s in res.scores] == ["quality"]
+    assert 0.0 <= res.scores[0].score <= 1.0 and not res.HasField("fluency")
+
+    with pytest.raises(grpc.RpcError) as info:
+        gateway_judge.Score(judge_pb2.ScoreRequest(prompt=row["prompt"], response=row["reference"]), timeout=300)
+    print(f"full rubric: {info.value.code().name}: {info.value.details()}")
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no usable score" in info.value.details() and "reply began" in info.value.details()

@@ -4,7 +4,8 @@
 not a tokenmill component. Its reply is chosen by a marker such as `[[mode:fenced]]` in the response text
 being judged, so one judge server exercises every case: raw JSON, a fenced block, prose with `name: 4/5`,
 a reply with no scores at all (clear FAILED_PRECONDITION, no crash), transient 503/429 that are retried,
-a 503 that never ends (UNAVAILABLE) and a 401 (FAILED_PRECONDITION naming the key variable).
+a 503 that never ends (UNAVAILABLE), a reply slower than the timeout (DEADLINE_EXCEEDED, not
+retried) and a 401 (FAILED_PRECONDITION naming the key variable).
 The test against tokenmill's own gateway HTTP endpoint is tests/test_gateway*.py's business once it lands.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
@@ -88,6 +90,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             return self._send(503, {"error": {"message": "still overloaded"}})
         if mode == "unauthorized":
             return self._send(401, {"error": {"message": "invalid api key"}})
+        if mode == "slow":
+            time.sleep(1.5)  # longer than the judge's --judge-timeout-s
         if mode == "notchat":
             return self._send(200, {"unexpected": True})
         text = content.get(mode, content["json"])
@@ -109,7 +113,7 @@ def fake_api():
 def judge(tmp_path_factory, fake_api):
     # no --judge-model: the backend takes the first model of GET /models
     server = JudgeProcess(tmp_path_factory.mktemp("judge-openai"), "--judge-backend", "openai",
-                          "--judge-url", fake_api, "--judge-max-retries", "2",
+                          "--judge-url", fake_api, "--judge-max-retries", "2", "--judge-timeout-s", "1",
                           env={"TOKENMILL_JUDGE_API_KEY": KEY})
     channel = grpc.insecure_channel(server.address)
     yield judge_pb2_grpc.JudgeStub(channel)
@@ -154,6 +158,7 @@ def test_sends_key_and_model(judge):
     ("notchat", grpc.StatusCode.FAILED_PRECONDITION, ["not a chat completion"]),
     ("unauthorized", grpc.StatusCode.FAILED_PRECONDITION, ["401", "TOKENMILL_JUDGE_API_KEY"]),
     ("down", grpc.StatusCode.UNAVAILABLE, ["failed 3 times", "503"]),
+    ("slow", grpc.StatusCode.DEADLINE_EXCEEDED, ["did not answer within 1s"]),
 ])
 def test_unusable_replies_are_clear_errors(judge, mode, code, needles):
     with pytest.raises(grpc.RpcError) as info:
@@ -161,6 +166,7 @@ def test_unusable_replies_are_clear_errors(judge, mode, code, needles):
     assert info.value.code() == code, info.value.details()
     for needle in needles:
         assert needle in info.value.details(), info.value.details()
+    assert FakeOpenAI.calls[mode] == (3 if mode == "down" else 1)  # only transient errors are retried
     assert score(judge, "json").scores  # and the judge keeps serving
 
 

@@ -78,6 +78,7 @@ class JudgeConfig:
     judge_timeout_s: float = setting(120.0, "openai backend: timeout of one HTTP call, seconds.")
     judge_max_retries: int = setting(3, "openai backend: retries on 429/5xx/connection errors (exponential backoff).")
     judge_concurrency: int = setting(8, "openai backend: most calls in flight at once.")
+    judge_max_tokens: int = setting(512, "openai backend: max_tokens of the judge model's reply.")
     rubrics: str = setting("", "Extra folder of rubric files (YAML/JSON); adds to or overrides the built-in ones.")
     max_text_chars: int = setting(32768, "Longest prompt or response accepted, in characters.")
     max_batch_items: int = setting(64, "local backend: most queued items scored together in one batch.")

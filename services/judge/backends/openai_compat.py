@@ -4,8 +4,9 @@ Works against OpenAI itself, vLLM/TGI/llama.cpp servers, and tokenmill's own gat
 so a tokenmill deployment of a larger model can judge a smaller one. The key comes from
 TOKENMILL_JUDGE_API_KEY or OPENAI_API_KEY (none is fine for a local server).
 
-- Transient failures (connection errors, timeouts, 408/409/425/429/5xx) are retried with exponential backoff
-  and jitter, honouring Retry-After; when retries run out the status is UNAVAILABLE.
+- Transient failures (connection errors, connect timeouts, 408/409/425/429/5xx) are retried with exponential
+  backoff and jitter, honouring Retry-After; when retries run out the status is UNAVAILABLE. A read timeout
+  (the server took the request but is slow) is not retried: DEADLINE_EXCEEDED.
 - Any other HTTP error (401, 404, 400 ...) is FAILED_PRECONDITION with the upstream message: fix the setup.
 - The reply is parsed as raw JSON, else a fenced ```json block, else the first {...} object in the text,
   else `name: 4` patterns; a reply with no usable score for some dimension is FAILED_PRECONDITION,
@@ -34,7 +35,6 @@ log = logging.getLogger("tokenmill.judge.openai")
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_S = 30.0
 BACKOFF_S = 0.5  # first retry after ~0.5 s, then ~1, ~2, ... (x0.75-1.25 jitter)
-REPLY_MAX_TOKENS = 512
 SYSTEM = ("You are a careful, strict evaluator. You rate a response to a prompt on the dimensions of a rubric "
           "and reply with a single JSON object and nothing else.")
 
@@ -153,6 +153,13 @@ def parse_scores(text: str, rubric: Rubric) -> tuple[list[DimScore], str]:
     if len(best) < len(dims):
         for name, value in _scores_from_text(body, dims).items():
             best.setdefault(name, value)
+    if not best and len(dims) == 1:  # one question, one number on the scale: "The response is 4." / "4/5"
+        d = dims[0]
+        out_of = {float(a) for a, b in re.findall(_NUMBER + r"\s*/\s*(\d+)", body) if int(b) == d.scale_max}
+        numbers = out_of or {float(n) for n in re.findall(r"(?<![\w.])" + _NUMBER + r"(?![\w.]*\d)", body)}
+        numbers = {n for n in numbers if min(0.0, d.scale_min) <= n <= d.scale_max}
+        if len(numbers) == 1:
+            best[d.name] = (numbers.pop(), "")
     missing = [d.name for d in dims if d.name not in best]
     if missing:
         excerpt = " ".join(body.split())[:200] or "(empty)"
@@ -231,7 +238,12 @@ class OpenAIBackend:
             delay = self.backoff_s * (2 ** attempt) * (0.75 + 0.5 * random.random())
             try:
                 resp = await self.client.request(method, self.url + path, json=payload)
-            except httpx.HTTPError as exc:  # connect/read errors and timeouts
+            except httpx.ReadTimeout:
+                # the server took the request and is still working on it: a retry would only add load
+                raise BackendError("DEADLINE_EXCEEDED",
+                                   f"the judge API at {self.url}{path} did not answer within {self.timeout_s:.0f}s "
+                                   "(--judge-timeout-s; or lower --judge-max-tokens)") from None
+            except httpx.HTTPError as exc:  # connection refused/reset, connect timeouts, broken responses
                 last = f"{type(exc).__name__}: {exc}"
             else:
                 if resp.status_code == 200:
@@ -263,7 +275,7 @@ class OpenAIBackend:
         async with self.sem:
             model = await self._resolve_model()
             payload = {"model": model, "messages": build_messages(item), "temperature": 0,
-                       "max_tokens": REPLY_MAX_TOKENS}
+                       "max_tokens": self.config.judge_max_tokens}
             _, body = await self._request("POST", "/chat/completions", payload)
         try:
             content = body["choices"][0]["message"]["content"]
