@@ -1,0 +1,176 @@
+"""Phase 4 — attention kernels: naive vs PyTorch SDPA backends vs tokenmill's paged attention.
+
+Shapes are the embedded model's (9 query heads, 3 KV heads, head_dim 64). Two workloads over sequence length:
+- prefill: one causal sequence of L tokens attending to itself;
+- decode: a batch of sequences, one new token each, attending to L cached tokens.
+Implementations: naive (QKᵀ, mask, softmax, ·V, fp32: materialises the L×L scores), SDPA forced to each backend
+(math, memory-efficient, flash, cuDNN) and unrestricted, and `services.worker.engine.attention.paged_attention`
+(the engine's function: writes K/V into paged slots, gathers a sequence's blocks, masked SDPA). The profiler
+names the aten kernel that actually ran, so a silent fallback (the seed's T4 lesson) shows in the table.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.phases.common import Options, ops_that_ran, tensor_peak_bytes, timeit, write_results
+
+PHASE, TITLE = "attention", "Phase 4 — attention kernels"
+HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
+BACKENDS = {"sdpa-math": SDPBackend.MATH, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    q, k, v = q.float(), k.float(), v.float()
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        ql, kl = q.shape[-2], k.shape[-2]
+        scores = scores.masked_fill(torch.ones(ql, kl, dtype=torch.bool, device=q.device).triu(kl - ql + 1), -1e30)
+    return scores.softmax(-1) @ v
+
+
+def _paged_setup(q, k, v, batch: int, ctx: int, decode: bool):
+    """A KVCache holding `batch` sequences of ctx tokens, and the engine's StepContext for one step."""
+    from services.worker.engine.attention import PrefillChunk, StepContext
+    from services.worker.engine.kv_cache import KVCache
+
+    dev, per = q.device, -(-ctx // BLOCK)
+    kv = KVCache(1, KV_HEADS, DIM, batch * per + 1, BLOCK, q.dtype, dev)
+    tables = [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(batch)]
+    if not decode:
+        pos = torch.arange(ctx, device=dev)
+        slots = torch.tensor(tables[0], device=dev)[pos // BLOCK] * BLOCK + pos % BLOCK
+        return StepContext(kv, slots, prefills=[PrefillChunk(0, ctx, 0, None, pos)])
+    for i, t in enumerate(tables):  # the cached context: ctx - 1 tokens per sequence
+        for j, b in enumerate(t):
+            n = min(BLOCK, ctx - j * BLOCK)
+            kv.k[0][:, b * BLOCK:b * BLOCK + n] = k[i, :, j * BLOCK:j * BLOCK + n]
+            kv.v[0][:, b * BLOCK:b * BLOCK + n] = v[i, :, j * BLOCK:j * BLOCK + n]
+    p = ctx - 1
+    slots = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK for t in tables], device=dev)
+    return StepContext(kv, slots, num_decodes=batch,
+                       decode_block_ids=torch.tensor([b for t in tables for b in t], device=dev),
+                       decode_context_lens=torch.full((batch,), ctx, device=dev), decode_len=per * BLOCK)
+
+
+def _cases(device: str, dtype: torch.dtype, ctx: int, batch: int, decode: bool) -> dict:
+    from services.worker.engine import attention as paged
+
+    g = torch.Generator(device=device).manual_seed(0)
+    qlen, b = (1, batch) if decode else (ctx, 1)
+    q = torch.randn(b, HEADS, qlen, DIM, device=device, dtype=dtype, generator=g)
+    k = torch.randn(b, KV_HEADS, ctx, DIM, device=device, dtype=dtype, generator=g)
+    v = torch.randn(b, KV_HEADS, ctx, DIM, device=device, dtype=dtype, generator=g)
+    causal = not decode
+    cases = {"naive-fp32": lambda: naive(q, k, v, causal)}
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    for name, backend in BACKENDS.items():
+        def forced(backend=backend):
+            with sdpa_kernel(backend):
+                return sdpa()
+        cases[name] = forced
+    cases["sdpa-default"] = sdpa
+    ctx_obj = _paged_setup(q, k, v, batch, ctx, decode)
+    module = types.SimpleNamespace(layer_idx=0, sliding_window=None)
+    if decode:  # the packed row: one new token per sequence
+        pq, pk, pv = (t[:, :, -1].transpose(0, 1)[None] for t in (q, k, v))
+    else:
+        pq, pk, pv = q, k, v
+
+    def paged_fn():
+        paged.current = ctx_obj
+        try:
+            return paged.paged_attention(module, pq, pk, pv, None, scaling=DIM**-0.5)[0]
+        finally:
+            paged.current = None
+    cases["tokenmill-paged"] = paged_fn
+    return cases
+
+
+def _kernel(names: list[str]) -> str:
+    inner = [n for n in names if n.startswith("aten::_scaled_dot_product") or n.startswith("aten::_efficient")
+             or n.startswith("aten::_flash")]
+    return ", ".join(n.replace("aten::", "") for n in inner) or ("math (no fused kernel)" if names else "none")
+
+
+def run(opts: Options) -> dict:
+    dev = opts.device
+    lengths = opts.pick([128, 256, 512, 1024], [512, 1024, 2048, 4096, 8192, 16384] if opts.cuda
+                        else [256, 512, 1024, 2048, 4096], "lengths")
+    batch = opts.pick(8, 32, "decode_batch")
+    dtype = torch.float16 if opts.cuda else torch.float32
+    repeat = opts.pick(3, 10, "repeat")
+    rows = []
+    for workload in ("prefill", "decode"):
+        missing: set[str] = set()
+        for ctx in lengths:
+            for impl, fn in _cases(dev, dtype, ctx, batch, workload == "decode").items():
+                if impl in missing:
+                    continue  # no kernel at the first length: reported once
+                row = {"workload": workload, "seq_len": ctx, "impl": impl,
+                       "dtype": "float32" if impl == "naive-fp32" else str(dtype).replace("torch.", "")}
+                try:
+                    row["ms"] = 1e3 * timeit(fn, dev, repeat=repeat)
+                    row["peak_MiB"] = tensor_peak_bytes(fn, dev) / 2**20
+                    row["kernel_ran"] = _kernel(ops_that_ran(fn)) if impl.startswith("sdpa") else (
+                        "matmul+softmax" if impl == "naive-fp32" else _kernel(ops_that_ran(fn)))
+                except RuntimeError as exc:  # the forced backend has no kernel for this device / shape / dtype
+                    row.update(ms=float("nan"), peak_MiB=float("nan"),
+                               kernel_ran="unavailable: " + str(exc).splitlines()[0][:60])
+                    missing.add(impl)
+                rows.append(row)
+    ok = [r for r in rows if r["ms"] == r["ms"]]
+    longest = max(lengths)
+    pre = {r["impl"]: r for r in ok if r["workload"] == "prefill" and r["seq_len"] == longest}
+    default_kernel = pre.get("sdpa-default", {}).get("kernel_ran", "?")
+    summary = {
+        f"prefill {longest}: naive vs sdpa-default (ms)": f"{pre['naive-fp32']['ms']:.2f} vs "
+                                                         f"{pre['sdpa-default']['ms']:.2f}",
+        f"prefill {longest}: naive vs sdpa-default peak (MiB)": f"{pre['naive-fp32']['peak_MiB']:.1f} vs "
+                                                               f"{pre['sdpa-default']['peak_MiB']:.1f}",
+        "sdpa-default ran": default_kernel,
+        "unavailable backends": ", ".join(sorted({r["impl"] for r in rows if r["ms"] != r["ms"]})) or "none",
+    }
+
+    def plot(fig):
+        axes = fig.subplots(1, 3)
+        for ax, (workload, key, label) in zip(axes, [("prefill", "ms", "prefill time (ms)"),
+                                                     ("prefill", "peak_MiB", "prefill peak memory (MiB)"),
+                                                     ("decode", "ms", f"decode time, batch {batch} (ms)")],
+                                              strict=True):
+            for impl in dict.fromkeys(r["impl"] for r in ok):
+                sel = [r for r in ok if r["impl"] == impl and r["workload"] == workload]
+                if sel:
+                    ax.plot([r["seq_len"] for r in sel], [max(r[key], 1e-3) for r in sel], "o-", label=impl)
+            ax.set(xscale="log", yscale="log", xlabel="sequence length", title=label)
+        axes[0].legend(fontsize=7)
+
+    impls = list(dict.fromkeys(r["impl"] for r in ok))
+    pivot = []
+    for workload in ("prefill", "decode"):
+        for ctx in lengths:
+            cell = {r["impl"]: r for r in ok if r["workload"] == workload and r["seq_len"] == ctx}
+            pivot.append({"workload": workload, "seq_len": ctx, **{
+                i: f"{cell[i]['ms']:.3g} ms / {cell[i]['peak_MiB']:.3g} MiB" for i in impls if i in cell}})
+    last = {r["impl"]: r for r in rows}  # at the longest length each impl ran
+    ran = [{k: r[k] for k in ("impl", "dtype", "kernel_ran")} for r in last.values()]
+
+    config = {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "block_size": BLOCK, "lengths": lengths,
+              "decode_batch": batch, "dtype": str(dtype), "repeat": repeat}
+    notes = ["kernel_ran is read from the profiler (the aten op that executed), not from the backend requested.",
+             "peak_MiB: CUDA allocator peak on a GPU; on CPU the profiler's replay of tensor allocations.",
+             "tokenmill-paged includes writing the new K/V into the paged pool (and, for decode, gathering each "
+             "sequence's blocks), as in the engine."]
+    return write_results(PHASE, TITLE, opts, config=config, rows=rows, summary=summary, plot=plot, notes=notes,
+                         columns=["workload", "seq_len", *impls], table_rows=pivot,
+                         tables={"which kernel actually ran": (ran, ["impl", "dtype", "kernel_ran"])})

@@ -1,0 +1,285 @@
+"""Shared helpers of the phase benchmarks: options, model loading, timing, peak memory, result files.
+
+Every phase is `run(opts) -> dict` and ends in `write_results`, which writes <out>/<phase>.json (config,
+environment, rows, summary), <out>/<phase>.png and <out>/<phase>.md (the table the results page shows).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA = 1
+
+
+@dataclass
+class Options:
+    device: str = "cpu"  # cpu | cuda (auto resolved by the CLI)
+    quick: bool = False  # CPU-sized: every phase in well under a minute on a laptop
+    out: Path = Path("results")
+    model: str = "smollm2-135m"
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    command: str = ""  # how the run was started, for the results page
+    extra: dict[str, Any] = field(default_factory=dict)  # per-phase overrides (tests use tiny sizes)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def pick(self, quick: Any, full: Any, key: str | None = None) -> Any:
+        """A size: the test's override if given, else the quick or the full value."""
+        if key is not None and key in self.extra:
+            return self.extra[key]
+        return quick if self.quick else full
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device {device!r}: use cpu, cuda or auto")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch sees no CUDA device (CPU-only torch wheel or no GPU)")
+    return device
+
+
+# ---- timing and memory -------------------------------------------------------------------------
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], Any], device: str, repeat: int = 3, warmup: int = 1) -> float:
+    """Median wall seconds of fn() over `repeat` runs after `warmup` runs (device synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class PeakMemory:
+    """Peak memory while the block runs: the CUDA allocator's peak on a GPU; on CPU the process RSS sampled
+    every millisecond by a thread. `peak` is absolute, `delta` is peak minus the value at entry."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak, self.delta, self.base = device, 0, 0, 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, rss_bytes())
+        self.delta = self.peak - self.base
+
+
+def tensor_peak_bytes(fn: Callable[[], Any], device: str) -> int:
+    """Peak bytes of tensors fn() allocates beyond what exists at entry. CUDA: the allocator's peak.
+    CPU: replays the allocations and frees recorded by torch.profiler (profile_memory) in time order."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = []
+    for ev in prof.events():
+        if ev.name == "[memory]":
+            deltas.append((ev.time_range.start, ev.cpu_memory_usage))
+        elif ev.self_cpu_memory_usage > 0:
+            deltas.append((ev.time_range.start, ev.self_cpu_memory_usage))
+    cur = peak = 0
+    for _, b in sorted(deltas, key=lambda d: d[0]):
+        cur += b
+        peak = max(peak, cur)
+    return peak
+
+
+def ops_that_ran(fn: Callable[[], Any], needle: str = "scaled_dot_product") -> list[str]:
+    """The aten ops whose names contain `needle` when fn() runs: tells which SDPA kernel actually ran."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        fn()
+    names = []
+    for ev in prof.events():
+        if needle in ev.name and ev.name not in names:
+            names.append(ev.name)
+    return names
+
+
+# ---- the model ----------------------------------------------------------------------------------
+_MODELS: dict[tuple, Any] = {}
+
+
+def load(opts: Options, quantization: str = "none", dtype: str = "auto") -> Any:
+    """The benchmark model through tokenmill's own loader (cached per process), in eager/SDPA attention."""
+    from services.common.model_loader import load_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    key = (opts.model, quantization, opts.device, dtype)
+    if key not in _MODELS:
+        _MODELS[key] = load_model(opts.model, quantization, opts.device, dtype)
+    lm = _MODELS[key]
+    sdpa(lm.model)
+    return lm
+
+
+def sdpa(model: Any) -> None:
+    """Undo the paged engine's attention hook (PagedEngine installs it on the model it is given)."""
+    if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
+        model.set_attn_implementation("sdpa")
+
+
+def drop_models() -> None:
+    _MODELS.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def param_bytes(model: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+
+
+def heldout_text() -> str:
+    return (Path(__file__).resolve().parents[1] / "data" / "heldout.txt").read_text()
+
+
+# ---- result files --------------------------------------------------------------------------------
+def env_info(opts: Options) -> dict[str, Any]:
+    import transformers
+
+    if opts.cuda:
+        dev_name = torch.cuda.get_device_name()
+    else:
+        dev_name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    dev_name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "device": opts.device,
+        "device_name": dev_name, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
+        "load_avg_1m": round(load1, 2) if load1 is not None else None,
+        "shared_machine": bool(load1 is not None and load1 > 0.5 * (os.cpu_count() or 1) + 1.0),
+        "quick": opts.quick, "model": opts.model,
+    }
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "n/a"
+        if value == 0 or 0.01 <= abs(value) < 1e5:
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(phase: str, title: str, opts: Options, *, config: dict[str, Any], rows: list[dict[str, Any]],
+                  columns: Sequence[str], summary: dict[str, Any], plot: Callable[[Any], None],
+                  notes: Sequence[str] = (), tables: dict[str, tuple[list[dict], Sequence[str]]] | None = None,
+                  table_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write <out>/<phase>.json, .png and .md; return the JSON document. The Markdown's main table shows
+    `table_rows` (a pivot, say) when given, else `rows`; `tables` are extra (name -> rows, columns) tables."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    opts_doc = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
+    doc = {"schema": SCHEMA, "phase": phase, "title": title, "options": opts_doc, "env": env_info(opts),
+           "config": config, "rows": rows, "summary": summary, "notes": list(notes)}
+    if tables:
+        doc["tables"] = {name: r for name, (r, _) in tables.items()}
+    (out / f"{phase}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+    fig = plt.figure(figsize=(11, 4.2))
+    plot(fig)
+    fig.suptitle(f"{title} — {doc['env']['device_name']}{' (quick)' if opts.quick else ''}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / f"{phase}.png", dpi=90)
+    plt.close(fig)
+
+    env = doc["env"]
+    md = [f"### {title}", "",
+          f"`{opts.command or f'tokenmill bench {phase}'}` — {env['date']}, {env['device_name']}, "
+          f"torch {env['torch']}, {env['torch_threads']} threads"
+          + (f", load average {env['load_avg_1m']} (shared machine: timings are noisy)"
+             if env["shared_machine"] else ""), "",
+          markdown_table(table_rows if table_rows is not None else rows, columns), ""]
+    for name, (trows, tcols) in (tables or {}).items():
+        md += [f"**{name}**", "", markdown_table(trows, tcols), ""]
+    md += [f"- **{k}**: {fmt(v)}" for k, v in summary.items()]
+    md += [f"- {n}" for n in notes]
+    md += ["", f"![{phase}]({phase}.png)", ""]
+    (out / f"{phase}.md").write_text("\n".join(md))
+    return doc
