@@ -127,7 +127,8 @@ def run(opts: Options) -> dict:
         ax2.set(xlabel="draft length K", ylabel="accepted / proposed", title="acceptance rate", ylim=(0, 1.05))
         ax1.legend(fontsize=8)
 
-    config = {"new_tokens": new_tokens, "ks": ks, "draft_ks": draft_ks, "draft_layers": draft_layers, "prompt_tokens": prompt_len,
+    config = {"new_tokens": new_tokens, "ks": ks, "draft_ks": draft_ks, "draft_layers": draft_layers,
+              "prompt_tokens": prompt_len,
               "target_layers": model.config.num_hidden_layers, "dtype": str(model.dtype), "batch": 1,
               "implementation": "transformers generate: prompt_lookup_num_tokens / assistant_model"}
     notes = ["Speculative decoding with greedy verification is lossless: same_output checks it token for token.",
