@@ -27,9 +27,21 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.ids.extend(token_ids)
+        self._advance(final=False)
+        end = len(self.text) if self.stopped else len(self.text) - self.holdback
+        return self._emit(end)
+
+    def flush(self) -> str:
+        """At finish: decode what waited for more bytes (an unfinished character becomes U+FFFD, as in a full
+        decode) and release the text held back for a possible stop string."""
+        if not self.stopped and self.read_offset < len(self.ids):
+            self._advance(final=True)
+        return self._emit(len(self.text))
+
+    def _advance(self, final: bool) -> None:
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
             searched_from = max(0, len(self.text) - self.holdback)
             self.text += full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -37,12 +49,6 @@ class IncrementalDetokenizer:
             if hits:
                 self.text = self.text[: min(hits)]
                 self.stopped = True
-        end = len(self.text) if self.stopped else len(self.text) - self.holdback
-        return self._emit(end)
-
-    def flush(self) -> str:
-        """At finish: release the text held back for a possible stop string."""
-        return self._emit(len(self.text))
 
     def _emit(self, end: int) -> str:
         if end <= self.emitted:

@@ -1,0 +1,152 @@
+"""The paged engine: step() = schedule -> forward -> sample -> update -> emit events."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from services.common.sampling import InvalidRequest, SamplingParams
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.detokenizer import IncrementalDetokenizer
+from services.worker.engine.model_runner import ModelRunner
+from services.worker.engine.sampler import Sampler
+from services.worker.engine.scheduler import Scheduler
+from services.worker.engine.sequence import Sequence
+from services.worker.engine.types import FINISH_LENGTH, FINISH_STOP, Event, Request, Stats
+
+log = logging.getLogger("tokenmill.engine")
+
+
+class PagedEngine:
+    name = "paged"
+
+    def __init__(self, model: Any, tokenizer: Any, *, block_size: int = 16, kv_cache_memory: str | int = "0.25",
+                 num_blocks: int = 0, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_model_len: int = 0, enable_prefix_caching: bool = True, seed: int | None = None) -> None:
+        if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.runner = ModelRunner(model, block_size, kv_cache_memory, num_blocks)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.sampler = Sampler(seed)
+        own = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        self.max_model_len = min(max_model_len, own) if max_model_len else own
+        self.vocab_size = model.config.vocab_size
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.seqs: dict[str, Sequence] = {}
+        self._seq_no = 0
+
+    # ---- Engine protocol -----------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        prompt, p = request.prompt_token_ids, request.params
+        p.check_fits(len(prompt), self.max_model_len)
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise InvalidRequest("prompt has token ids outside the model's vocabulary")
+        if request.request_id in self.seqs:
+            raise InvalidRequest(f"request_id {request.request_id!r} is already in the engine")
+        bm = self.block_manager
+        pool = bm.num_blocks * self.block_size
+        if bm.blocks_needed(len(prompt)) > bm.num_blocks:
+            raise InvalidRequest(f"prompt has {len(prompt)} tokens; this worker's whole KV cache holds {pool}: "
+                                 "shorten the prompt or give the worker more --kv-cache-memory")
+        if bm.blocks_needed(len(prompt) + p.max_tokens - 1) > bm.num_blocks:
+            raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds this worker's "
+                                 f"whole KV cache of {pool} tokens: lower max_tokens to at most "
+                                 f"{bm.num_blocks * self.block_size - len(prompt) + 1}")
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator().manual_seed(p.seed)
+        stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
+        self._seq_no += 1
+        seq = Sequence(request.request_id, list(prompt), len(prompt), p, request.priority, self._seq_no,
+                       request.arrival_time, IncrementalDetokenizer(self.tokenizer, prompt, p.stop), generator,
+                       stop_ids)
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> Stats:
+        bm, sch = self.block_manager, self.scheduler
+        return Stats(
+            running=len(sch.running), waiting=len(sch.waiting), free_kv_blocks=bm.num_free_blocks,
+            total_kv_blocks=bm.num_blocks, capacity=self.max_num_seqs,
+            outstanding_tokens=sum(s.params.max_tokens - s.num_output_tokens for s in self.seqs.values()),
+            prefix_cache_queries=bm.queries, prefix_cache_hits=bm.hits, num_preemptions=sch.num_preemptions,
+        )
+
+    def step(self) -> list[Event]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        if self.block_manager.fresh:
+            self.runner.kv.zero_blocks(self.block_manager.fresh)
+            self.block_manager.fresh.clear()
+        samplers, logits = self.runner.run(batch)
+        for seq in batch.seqs:
+            seq.num_computed_tokens += seq.num_new_tokens
+            seq.num_new_tokens = 0
+            self.block_manager.register_full_blocks(seq)
+        if logits is None:
+            return []
+        tokens = self.sampler(logits, samplers)
+        return [self._append(seq, tok, len(batch.seqs)) for seq, tok in zip(samplers, tokens, strict=True)]
+
+    # ---- helpers ---------------------------------------------------------------------
+    def _append(self, seq: Sequence, token: int, batch_size: int) -> Event:
+        seq.token_ids.append(token)
+        reason = None
+        text = ""
+        if token in seq.stop_ids:
+            reason = FINISH_STOP
+        else:
+            text = seq.detok.add([token])
+            if seq.detok.stopped:
+                reason = FINISH_STOP
+            elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = FINISH_LENGTH
+        if reason is not None:
+            text += seq.detok.flush()
+            del self.seqs[seq.request_id]
+            self.scheduler.remove(seq)
+        return Event(seq.request_id, [token], text, finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
+                     completion_tokens=seq.num_output_tokens, cached_tokens=seq.num_cached_tokens,
+                     batch_size=batch_size)
+
+    def warmup(self) -> None:
+        """One short request through every path, so the first real request does not pay for lazy init."""
+        bm = self.block_manager
+        queries, hits = bm.queries, bm.hits
+        self.add_request(Request("__warmup__", [min(self.eos_ids, default=0)] * 3,
+                                 SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)))
+        while self.has_work():
+            self.step()
+        bm.queries, bm.hits = queries, hits
+
+
+def build_paged_engine(config: Any) -> tuple[Any, PagedEngine]:
+    """The worker's `--engine paged`: load the model, size the KV pool from --kv-cache-memory, warm up."""
+    from services.common.model_loader import load_model
+
+    loaded = load_model(config.model, config.quantization, config.device, config.dtype)
+    engine = PagedEngine(
+        loaded.model, loaded.tokenizer, block_size=config.block_size, kv_cache_memory=config.kv_cache_memory,
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        max_model_len=config.max_model_len, enable_prefix_caching=config.prefix_cache,
+    )
+    engine.warmup()
+    return loaded, engine

@@ -1,0 +1,85 @@
+"""The paged K/V pool: per layer, K and V as [kv_heads, num_blocks * block_size, head_dim].
+
+Head-major so that gathering a sequence's blocks yields [kv_heads, seqs, len, head_dim]
+directly, the layout batched attention wants, with no transpose copy. Also holds the
+reusable gather buffers (fresh multi-MB tensors per layer cost page faults on CPU).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def parse_kv_memory(spec: str, device: torch.device) -> int:
+    """'0.25' = a quarter of free memory; '2GiB', '512MB', '1000000' = bytes."""
+    text = str(spec).strip().lower()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", text)
+    if m is None or m.group(2) not in _UNITS:
+        raise ValueError(f"--kv-cache-memory {spec!r}: use a fraction like 0.25 or a size like 2GiB")
+    value = float(m.group(1))
+    if not m.group(2) and value <= 1.0:
+        return int(value * free_memory_bytes(device))
+    return int(value * _UNITS[m.group(2)])
+
+
+def kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a transformers text config."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        shape = (num_kv_heads, num_blocks * block_size, head_dim)
+        # torch.empty: pages are only touched (and counted in RSS) once a block is written
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.zero_blocks([0])  # block 0 pads decode batches
+
+    def zero_blocks(self, block_ids: list[int]) -> None:
+        """Clear never-used blocks once: masked attention still multiplies their values by 0, and NaN * 0 = NaN."""
+        if not block_ids:
+            return
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for t in (*self.k, *self.v):
+            t.view(self.num_kv_heads, self.num_blocks, -1).index_fill_(1, idx, 0.0)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * block_size * torch.finfo(dtype).bits // 8
+
+    def gather(self, layer: int, block_ids: torch.Tensor, which: str) -> torch.Tensor:
+        """K or V of the listed blocks, [kv_heads, len(block_ids) * block_size, head_dim], in a reused buffer."""
+        src = (self.k if which == "k" else self.v)[layer]
+        src = src.view(self.num_kv_heads, self.num_blocks, self.block_size * self.head_dim)
+        n = block_ids.numel() * self.block_size * self.head_dim
+        buf = self._buffers.get(which)
+        if buf is None or buf.numel() < self.num_kv_heads * n:
+            buf = torch.empty(self.num_kv_heads * n * 2, dtype=self.dtype, device=self.device)
+            self._buffers[which] = buf
+        out = buf[: self.num_kv_heads * n].view(self.num_kv_heads, block_ids.numel(), -1)
+        torch.index_select(src, 1, block_ids, out=out)
+        return out.view(self.num_kv_heads, -1, self.head_dim)

@@ -1,0 +1,116 @@
+"""Owns the model and its KV pool: packs a scheduled step into one row, runs the forward, returns logits."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from services.worker.engine import attention
+from services.worker.engine.attention import PrefillChunk, StepContext
+from services.worker.engine.kv_cache import KVCache, kv_shape, parse_kv_memory
+from services.worker.engine.scheduler import SchedulerOutput
+from services.worker.engine.sequence import Sequence
+
+log = logging.getLogger("tokenmill.engine")
+
+
+class ModelRunner:
+    def __init__(self, model: Any, block_size: int, kv_cache_memory: str | int, num_blocks: int = 0) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = next(model.parameters()).device
+        self.dtype = _compute_dtype(model)
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_shape(model.config)
+        per_block = KVCache.bytes_per_block(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
+        if not num_blocks:
+            budget = kv_cache_memory if isinstance(kv_cache_memory, int) else parse_kv_memory(kv_cache_memory,
+                                                                                                 self.device)
+            num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"--kv-cache-memory {kv_cache_memory!r} holds no {per_block}-byte KV block")
+        self.kv = KVCache(self.num_layers, self.num_kv_heads, self.head_dim, num_blocks, block_size, self.dtype,
+                          self.device)
+        self.kv_bytes = num_blocks * per_block
+        log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %s)", num_blocks, block_size, self.kv_bytes / 2**20,
+                 self.dtype)
+        attention.register()
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.lm_head = model.get_output_embeddings()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    def prepare(self, batch: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
+        """Packed input ids and positions, the shared attention metadata, and the rows whose logits we need."""
+        bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        decodes = batch.seqs[: batch.num_decodes]
+        ctx_lens = [s.num_computed_tokens + 1 for s in decodes]
+        max_blocks = -(-max(ctx_lens) // bs) if decodes else 0
+        dec_blocks: list[int] = []
+        for seq, n in zip(decodes, ctx_lens, strict=True):
+            p = n - 1
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            bt = seq.block_table
+            slots.append(bt[p // bs] * bs + p % bs)
+            used = -(-n // bs)
+            dec_blocks.extend(bt[:used])
+            dec_blocks.extend([0] * (max_blocks - used))
+        sample_rows.extend(i for i, s in enumerate(decodes) if s.samples_this_step)
+        prefills: list[PrefillChunk] = []
+        for seq in batch.seqs[batch.num_decodes :]:
+            c, n = seq.num_computed_tokens, seq.num_new_tokens
+            start = len(ids)
+            ids.extend(seq.token_ids[c : c + n])
+            positions = torch.arange(c, c + n)
+            table = torch.tensor(seq.block_table[: -(-(c + n) // bs)], dtype=torch.long)
+            slots.extend((table[positions // bs] * bs + positions % bs).tolist())
+            pos.extend(range(c, c + n))
+            prefills.append(PrefillChunk(start, start + n, c, table.to(dev) if c else None, positions.to(dev)))
+            if seq.samples_this_step:
+                sample_rows.append(start + n - 1)
+        ctx = StepContext(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), num_decodes=len(decodes),
+                          prefills=prefills)
+        if decodes:
+            ctx.decode_block_ids = torch.tensor(dec_blocks, dtype=torch.long, device=dev)
+            ctx.decode_context_lens = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
+            ctx.decode_len = max_blocks * bs
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)[None]
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)[None]
+        return input_ids, positions, ctx, sample_rows
+
+    @torch.inference_mode()
+    def run(self, batch: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Forward one step; returns the sequences that sample now and their last-token logits (float32)."""
+        input_ids, positions, ctx, rows = self.prepare(batch)
+        if self.model.config._attn_implementation != attention.ATTN_NAME:  # someone else may share the model
+            self.model.set_attn_implementation(attention.ATTN_NAME)
+        attention.current = ctx
+        try:
+            hidden = self.decoder(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
+        finally:
+            attention.current = None
+        samplers = [s for s in batch.seqs if s.samples_this_step]
+        if not rows:
+            return samplers, None
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        logits = self.lm_head(hidden[0].index_select(0, index))
+        return samplers, logits.float()
+
+
+def _compute_dtype(model: Any) -> torch.dtype:
+    """The activations' dtype: NF4 models keep packed uint8 weights, so ask the config / the norms."""
+    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

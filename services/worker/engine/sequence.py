@@ -1,0 +1,59 @@
+"""Per-request state inside the paged engine: tokens, progress through the KV cache, block table."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]  # prompt then output; grows by one per decode step
+    num_prompt_tokens: int
+    params: SamplingParams
+    priority: int
+    seq_no: int  # admission order: FCFS tie-break, and "newest" for preemption
+    arrival_time: float
+    detok: Any = None  # IncrementalDetokenizer
+    generator: Any = None  # torch.Generator when the request set a seed
+    stop_ids: frozenset[int] = frozenset()
+    status: SeqStatus = SeqStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks, in order
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    num_new_tokens: int = 0  # tokens scheduled in the current step
+    num_preemptions: int = 0
+    first_scheduled: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Lower runs first: priority, then arrival (FCFS)."""
+        return (self.priority, self.seq_no)
+
+    @property
+    def samples_this_step(self) -> bool:
+        """True when the scheduled chunk reaches the end of the known tokens, so its last logits pick a token."""
+        return self.num_computed_tokens + self.num_new_tokens == self.num_tokens

@@ -1,0 +1,88 @@
+"""Helpers for the engine tests: reference greedy runs, driving an engine, the near-tie parity rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from services.common.sampling import SamplingParams
+from services.worker.engine.types import Event, Request
+
+TIE_GAP = 1e-3  # fp32: a divergence counts as parity only where the reference's top two logits are this close
+
+
+@dataclass
+class Reference:
+    tokens: list[int]
+    top2_gaps: list[float]  # per generated step: reference logit gap between its best and second-best token
+
+
+@torch.inference_mode()
+def reference_greedy(model, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[Reference]:
+    """model.generate(do_sample=False) for each prompt alone; keeps each step's top-2 logit gap."""
+    refs = []
+    for prompt in prompts:
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **kwargs)
+        tokens = out.sequences[0, len(prompt):].tolist()
+        gaps = []
+        for step_logits in out.logits:
+            top = step_logits[0].float().topk(2).values
+            gaps.append(float(top[0] - top[1]))
+        refs.append(Reference(tokens[: len(gaps)], gaps))
+    return refs
+
+
+def params(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def drive(engine, arrivals: dict[int, list[Request]], max_steps: int = 100_000,
+          on_step: Callable[[int, list[Event]], None] | None = None) -> dict[str, list[Event]]:
+    """Step the engine until idle, adding arrivals[k] before step k; returns each request's events."""
+    events: dict[str, list[Event]] = {}
+    step = 0
+    while step < max_steps:
+        for req in arrivals.get(step, []):
+            engine.add_request(req)
+            events.setdefault(req.request_id, [])
+        if not engine.has_work() and step > max(arrivals, default=0):
+            break
+        out = engine.step()
+        for ev in out:
+            events.setdefault(ev.request_id, []).append(ev)
+        if on_step is not None:
+            on_step(step, out)
+        step += 1
+    assert not engine.has_work(), "engine did not drain"
+    return events
+
+
+def tokens_of(events: list[Event]) -> list[int]:
+    return [t for ev in events for t in ev.token_ids]
+
+
+def check_parity(name: str, got: dict[str, list[int]], refs: dict[str, Reference]) -> int:
+    """Assert token-for-token equality except at near ties; returns the number of near-tie divergences."""
+    ties = 0
+    for rid, ref in refs.items():
+        out = got[rid]
+        if out == ref.tokens:
+            continue
+        k = next((i for i, (a, b) in enumerate(zip(out, ref.tokens, strict=False)) if a != b), None)
+        assert k is not None, f"{name}/{rid}: lengths differ without a differing token: {out} vs {ref.tokens}"
+        assert ref.top2_gaps[k] <= TIE_GAP, (
+            f"{name}/{rid}: diverged at step {k} ({out[k]} vs reference {ref.tokens[k]}) where the reference's "
+            f"top-2 logit gap is {ref.top2_gaps[k]:.4g} (> {TIE_GAP}): not a near tie\n got {out}\n ref {ref.tokens}")
+        ties += 1
+    return ties
+
+
+def assert_no_leaks(engine) -> None:
+    s = engine.stats()
+    assert s.running == 0 and s.waiting == 0
+    assert s.free_kv_blocks == s.total_kv_blocks, f"leaked {s.total_kv_blocks - s.free_kv_blocks} KV blocks"
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
