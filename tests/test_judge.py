@@ -22,8 +22,8 @@ from judge_support import JudgeProcess
 
 from services.common.pb import judge_pb2, judge_pb2_grpc
 
-EVAL_SET = Path(__file__).resolve().parents[1] / "services" / "judge" / "data" / "eval_set.jsonl"
-ROWS = [json.loads(line) for line in EVAL_SET.read_text().splitlines() if line.strip()]
+EVAL_SET = Path(__file__).resolve().parents[1] / "services" / "judge" / "data" / "eval_set.json"
+ROWS = json.loads(EVAL_SET.read_text())
 DIMS = ["moral_clarity", "age_appropriateness", "narrative_coherence", "relevance"]
 # Scores of the same item in different batch compositions: padded shapes change the float summation order
 # of the matrix products, so batched and one-by-one agree to this tolerance, not bit for bit.
@@ -32,7 +32,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
-    server = JudgeProcess(tmp_path_factory.mktemp("judge-local"))
+    server = JudgeProcess(tmp_path_factory.mktemp("judge-local"), "--threads", "1")  # 1 beats 2 on a shared box
     channel = grpc.insecure_channel(server.address)
     yield judge_pb2_grpc.JudgeStub(channel)
     channel.close()
@@ -81,10 +81,15 @@ def test_score_shape_range_and_determinism(judge):
     assert as_tuple(again) == as_tuple(first)  # same input, same server: bit-identical
 
 
+def short(i: int, words: int = 40) -> str:
+    return " ".join(ROWS[i]["reference"].split()[:words])
+
+
 def test_batch_stream_and_concurrent_equal_one_by_one(judge):
-    requests = [req(1), req(2, response=shuffled(ROWS[2]["reference"], 2), id="shuffled-2"),
-                req(3, rubric="helpfulness", id="helpfulness-3"),
-                req(4, id="inline-4", dimensions=[
+    # shortened stories of different lengths: the batch pads them, which is what could change numbers
+    requests = [req(1, short(1, 50)), req(2, response=shuffled(short(2, 30), 2), id="shuffled-2"),
+                req(3, short(3, 20), rubric="helpfulness", id="helpfulness-3"),
+                req(4, short(4, 40), id="inline-4", dimensions=[
                     judge_pb2.Dimension(name="kindness", description="The story shows kindness.", scale_min=0,
                                         scale_max=9),
                     judge_pb2.Dimension(name="humour")])]  # no scale: 1..5, no description: its name

@@ -23,7 +23,7 @@ DIMS = ["moral_clarity", "age_appropriateness", "narrative_coherence", "relevanc
 
 @pytest.fixture(scope="module")
 def judge_address(tmp_path_factory):
-    server = JudgeProcess(tmp_path_factory.mktemp("judge-eval"))
+    server = JudgeProcess(tmp_path_factory.mktemp("judge-eval"), "--threads", "1")
     yield server.address
     server.stop()
 
@@ -33,7 +33,7 @@ def run_eval(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def test_eval_set_shape():
+def test_eval_set_shape(tmp_path):
     rows = load_eval_set()
     assert len(rows) == 30 and len({r["id"] for r in rows}) == 30
     template = ("Write a single paragraph moral story for children about a {character} who learns the value of "
@@ -43,6 +43,9 @@ def test_eval_set_shape():
         assert "\n" not in r["reference"] and 80 <= len(r["reference"].split()) <= 130
     assert len({r["character"] for r in rows}) == 30 and len({r["moral"] for r in rows}) == 30
     assert load_eval_set(DEFAULT_DATA, limit=3) == rows[:3]
+    lines = tmp_path / "mine.jsonl"  # --data may also be JSON Lines
+    lines.write_text("\n".join(json.dumps({"prompt": r["prompt"]}) for r in rows[:2]) + "\n")
+    assert [r["id"] for r in load_eval_set(lines)] == ["item-01", "item-02"]
 
 
 def test_eval_end_to_end(suite, judge_address, tmp_path):

@@ -1,6 +1,6 @@
 """`tokenmill eval`: generate a story for each held-out prompt through the gateway, judge it, report.
 
-The held-out set (services/judge/data/eval_set.jsonl) holds 30 prompts built from the story template
+The held-out set (services/judge/data/eval_set.json) holds 30 prompts built from the story template
 "Write a single paragraph moral story for children about a {character} who learns the value of {moral}
 in a {setting}." with a hand-written reference story each. Each prompt goes through the gateway's public
 `tokenmill.v1.Inference/Generate` (greedy), the response is scored by the Judge service, and
@@ -23,22 +23,29 @@ from typing import Any
 
 import typer
 
-DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "eval_set.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "eval_set.json"
 RESULTS_FILE = "eval_results.json"
 
 
 def load_eval_set(path: Path = DEFAULT_DATA, limit: int = 0) -> list[dict[str, Any]]:
-    """Rows of the JSONL prompt set: id, prompt, reference (character, moral, setting when known)."""
+    """Rows of a prompt set: id, prompt, reference (character, moral, setting when known).
+
+    A `.json` file holds a list of objects (the built-in set: a .json file ships in the wheel);
+    any other file is JSON Lines, one object per line.
+    """
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        raw = json.loads(text)
+        if not isinstance(raw, list):
+            raise ValueError(f"{path}: expected a JSON list of objects with 'prompt'")
+    else:
+        raw = [json.loads(line) for line in text.splitlines() if line.strip()]
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not row.get("prompt"):
-                raise ValueError(f"{path}:{n}: every row needs a non-empty 'prompt'")
-            row.setdefault("id", f"item-{n:02d}")
-            rows.append(row)
+    for n, row in enumerate(raw, 1):
+        if not isinstance(row, dict) or not row.get("prompt"):
+            raise ValueError(f"{path}: item {n} needs a non-empty 'prompt'")
+        row.setdefault("id", f"item-{n:02d}")
+        rows.append(row)
     return rows[:limit] if limit > 0 else rows
 
 
@@ -167,7 +174,8 @@ def eval_command(
     limit: int = typer.Option(0, help="Only the first N prompts; 0 = all of them."),
     max_tokens: int = typer.Option(256, help="max_tokens of each generated story."),
     rubric: str = typer.Option("children-story", help="Judge rubric."),
-    data: Path = typer.Option(DEFAULT_DATA, help="Prompt set: JSONL rows with id, prompt, reference."),
+    data: Path = typer.Option(DEFAULT_DATA, help="Prompts: a JSON list (.json) or JSON Lines of "
+                              "{id, prompt, reference}."),
     concurrency: int = typer.Option(8, help="Prompts in flight at once (the gateway batches them)."),
     references: bool = typer.Option(False, help="Also judge each reference story (a baseline for the judge)."),
     api_key: str = typer.Option("", envvar="TOKENMILL_API_KEY", help="Gateway API key, if it needs one."),

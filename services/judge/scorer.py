@@ -136,7 +136,14 @@ class LocalScorer:
                 f"{self.context_length} with the rubric question: shorten the response (or the prompt)")
         if not resp:
             raise InvalidRequest("response is empty after tokenisation: send the text to judge")
-        return _Encoded(prefix, len(head), len(head) + len(resp), suffixes)
+        # The questions start alike ("<user> Score your answer above from 1 to 5 for"): run that once, in the prefix.
+        common = 0
+        if len(suffixes) > 1:
+            shortest = min(len(s) for s in suffixes)
+            while common < shortest - 1 and all(s[common] == suffixes[0][common] for s in suffixes):
+                common += 1
+        return _Encoded(prefix + suffixes[0][:common], len(head), len(head) + len(resp),
+                        [s[common:] for s in suffixes])
 
     def check(self, item: ScoreItem) -> None:
         """Raise InvalidRequest if this item cannot be scored (too long, a scale the tokenizer cannot read)."""
