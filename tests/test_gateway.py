@@ -7,6 +7,7 @@ import collections
 import json
 import os
 import signal
+import time
 
 import grpc
 import httpx
@@ -29,7 +30,7 @@ def chat(content: str = STORY, **sampling) -> inference_pb2.GenerateRequest:
 @pytest.fixture(scope="module")
 def workers(cluster):
     """Two workers with room for 8 sequences each (so a burst really queues at the gateway)."""
-    return [cluster.start("worker", "--max-num-seqs", "8", "--max-batch-size", "8") for _ in range(2)]
+    return [cluster.start("worker", "--engine", "paged", "--max-num-seqs", "8") for _ in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,7 @@ def test_no_live_worker_is_503_in_openai_shape(cluster):
 
 
 def test_slow_worker_gets_fewer_requests(cluster, workers):
-    slow = cluster.start("worker", "--max-num-seqs", "8", "--max-batch-size", "8", "--step-delay-ms", "500")
+    slow = cluster.start("worker", "--engine", "paged", "--max-num-seqs", "8", "--step-delay-ms", "500")
     gw = cluster.gateway([*workers, slow])
 
     async def run() -> collections.Counter:
@@ -227,8 +228,8 @@ def test_slow_worker_gets_fewer_requests(cluster, workers):
 
 
 def test_failover_when_a_worker_is_killed(cluster):
-    a = cluster.start("worker", "--max-num-seqs", "16")
-    b = cluster.start("worker", "--max-num-seqs", "16")
+    a = cluster.start("worker", "--engine", "paged", "--max-num-seqs", "16")
+    b = cluster.start("worker", "--engine", "paged", "--max-num-seqs", "16")
     gw = cluster.gateway([a, b])
 
     async def run() -> collections.Counter:
@@ -260,3 +261,30 @@ def test_failover_when_a_worker_is_killed(cluster):
     assert sum(outcomes.values()) == 100
     assert set(outcomes) <= {"completed", "unavailable after tokens"}, outcomes
     assert outcomes["completed"] > 0
+
+
+def test_cancelled_stream_frees_worker_kv_blocks(cluster):
+    from services.common.pb import worker_pb2, worker_pb2_grpc
+
+    worker = cluster.start("worker", "--engine", "paged")
+    gw = cluster.gateway([worker])
+    with grpc.insecure_channel(worker.address) as wch, grpc.insecure_channel(gw.address) as gch:
+        load = worker_pb2_grpc.WorkerStub(wch).Load
+        total = load(worker_pb2.LoadRequest(), timeout=10).total_kv_blocks
+        stream = inference_pb2_grpc.InferenceStub(gch).GenerateStream(
+            chat(max_tokens=2000, ignore_eos=True), timeout=300)
+        received = 0
+        for chunk in stream:
+            received += len(chunk.token_ids)
+            if received >= 4:
+                break
+        held = load(worker_pb2.LoadRequest(), timeout=10)
+        assert held.running == 1 and held.free_kv_blocks < total
+        stream.cancel()
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            after = load(worker_pb2.LoadRequest(), timeout=10)
+            if after.running == 0 and after.free_kv_blocks == total:
+                break
+            time.sleep(0.02)
+        assert (after.running, after.free_kv_blocks) == (0, total), after

@@ -55,9 +55,11 @@ class WorkerHandle:
         return sum(self.inflight.values())
 
     def score(self) -> tuple:
-        """Lower is better: fewest outstanding tokens per unit of capacity, then most free KV blocks."""
+        """Lower is better: fewest requests in flight per unit of capacity (a slow worker keeps its requests
+        longer, so it gets fewer new ones), then fewest outstanding tokens, then most free KV blocks."""
         free_kv = self.load.free_kv_blocks / self.load.total_kv_blocks if self.load.total_kv_blocks else 1.0
-        return (self.outstanding_tokens / self.capacity, -free_kv, random.random())
+        return (len(self.inflight) / self.capacity, self.outstanding_tokens / self.capacity, -free_kv,
+                random.random())
 
 
 class WorkerPool:
