@@ -86,6 +86,7 @@ class PagedEngine:
             running=len(sch.running), waiting=len(sch.waiting), free_kv_blocks=bm.num_free_blocks,
             total_kv_blocks=bm.num_blocks, capacity=self.max_num_seqs,
             outstanding_tokens=sum(s.params.max_tokens - s.num_output_tokens for s in self.seqs.values()),
+            kv_tokens=sum(s.num_computed_tokens for s in sch.running),
             prefix_cache_queries=bm.queries, prefix_cache_hits=bm.hits, num_preemptions=sch.num_preemptions,
         )
 

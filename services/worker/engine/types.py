@@ -47,6 +47,7 @@ class Stats:
     total_kv_blocks: int = 0
     capacity: int = 0
     outstanding_tokens: int = 0
+    kv_tokens: int = 0  # tokens whose K/V the running sequences hold (paged engine)
     # cumulative counters
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0

@@ -1,0 +1,1 @@
+"""tokenmill benchmarks: `tokenmill bench <name>` (see bench/cli.py)."""

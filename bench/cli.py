@@ -1,0 +1,52 @@
+"""`tokenmill bench ...`: benchmark commands (registered under the main CLI as `bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Benchmarks that write JSON under results/.", no_args_is_help=True)
+
+
+@app.callback()
+def bench() -> None:
+    """Benchmarks that write JSON under results/ and print a table."""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+@app.command("engine")
+def engine(
+    quick: bool = typer.Option(False, "--quick", help="Small version: 8 requests, concurrency 1,4, 8..32 tokens."),
+    requests: int = typer.Option(128, help="Requests per run (story prompt set, chat template)."),
+    concurrency: str = typer.Option("1,8,32", help="Closed-loop client counts, comma separated."),
+    engines: str = typer.Option("hf-static,paged", help="Engines to compare."),
+    modes: str = typer.Option("direct,grpc", help="direct (AsyncEngine in-process) and/or grpc (gateway+worker)."),
+    min_tokens: int = typer.Option(32, help="Smallest max_tokens drawn per request."),
+    max_tokens: int = typer.Option(256, help="Largest max_tokens drawn per request."),
+    seed: int = typer.Option(0, help="Seed of the prompt sample and the max_tokens draws."),
+    model: str = typer.Option("smollm2-135m", help="Model to serve."),
+    kv_cache_memory: str = typer.Option("", help="Paged KV pool (bytes or fraction); empty = worker default."),
+    threads: int = typer.Option(0, help="torch threads; 0 = default."),
+    out: Path = typer.Option(Path("results/engine.json"), help="JSON result file."),
+) -> None:
+    """hf-static vs paged engine throughput and latency, directly and through gateway + worker over gRPC."""
+    from bench.engine import Options, main
+
+    opts = Options(requests=requests, concurrency=_ints(concurrency), engines=_names(engines), modes=_names(modes),
+                   min_tokens=min_tokens, max_tokens=max_tokens, seed=seed, model=model,
+                   kv_cache_memory=kv_cache_memory, threads=threads, out=out)
+    if quick:
+        opts.requests, opts.concurrency, opts.min_tokens, opts.max_tokens = 8, (1, 4), 8, 32
+    main(opts)
+
+
+if __name__ == "__main__":
+    app()
