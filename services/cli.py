@@ -51,6 +51,8 @@ def _register_local_commands() -> None:
     app.add_typer(k8s_app, name="k8s")
     from services.judge.eval import eval_command
     app.command("eval")(eval_command)
+    from loadtest.cli import loadtest
+    app.command("loadtest")(loadtest)
 
 
 _register_local_commands()

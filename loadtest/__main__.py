@@ -1,0 +1,5 @@
+"""`python -m loadtest ...` is `tokenmill loadtest ...`."""
+
+from loadtest.cli import main
+
+main()
