@@ -32,7 +32,8 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
-    server = JudgeProcess(tmp_path_factory.mktemp("judge-local"), "--threads", "1")  # 1 beats 2 on a shared box
+    # CPU fp32, the embedded path these numbers are about; one torch thread beats two on a shared 2-core box
+    server = JudgeProcess(tmp_path_factory.mktemp("judge-local"), "--threads", "1", "--device", "cpu")
     channel = grpc.insecure_channel(server.address)
     yield judge_pb2_grpc.JudgeStub(channel)
     channel.close()

@@ -23,7 +23,7 @@ DIMS = ["moral_clarity", "age_appropriateness", "narrative_coherence", "relevanc
 
 @pytest.fixture(scope="module")
 def judge_address(tmp_path_factory):
-    server = JudgeProcess(tmp_path_factory.mktemp("judge-eval"), "--threads", "1")
+    server = JudgeProcess(tmp_path_factory.mktemp("judge-eval"), "--threads", "1", "--device", "cpu")
     yield server.address
     server.stop()
 
@@ -51,7 +51,7 @@ def test_eval_set_shape(tmp_path):
 def test_eval_end_to_end(suite, judge_address, tmp_path):
     out = tmp_path / "eval"
     proc = run_eval("--gateway", suite["gateway"], "--judge", judge_address, "--out", str(out), "--limit", "2",
-                    "--max-tokens", "32", "--references")
+                    "--max-tokens", "16", "--references")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[1/2]" in proc.stderr and "[2/2]" in proc.stderr  # progress while it runs
     for word in [*DIMS, "overall", "fluency", "2/2 items scored, 0 errors"]:
@@ -60,7 +60,7 @@ def test_eval_end_to_end(suite, judge_address, tmp_path):
     rows = load_eval_set(limit=2)
     assert [it["prompt"] for it in report["items"]] == [r["prompt"] for r in rows]
     for item in report["items"]:
-        assert item["response"].strip() and 0 < item["completion_tokens"] <= 32
+        assert item["response"].strip() and 0 < item["completion_tokens"] <= 16
         assert list(item["scores"]) == DIMS and all(0 <= v <= 1 for v in item["scores"].values())
         assert item["overall"] == pytest.approx(sum(item["scores"].values()) / 4, abs=1e-3)
         assert item["fluency"] < 0 and item["judge_backend"] == "local"
@@ -82,7 +82,7 @@ def test_eval_unreachable_gateway_fails_fast(judge_address, tmp_path):
 def gateway_judge(suite, tmp_path_factory):
     """A judge whose OpenAI-compatible backend is tokenmill's own gateway HTTP endpoint (model from /v1/models)."""
     server = JudgeProcess(tmp_path_factory.mktemp("judge-gw"), "--judge-backend", "openai",
-                          "--judge-url", suite["http"] + "/v1", "--judge-max-tokens", "48")
+                          "--judge-url", suite["http"] + "/v1", "--judge-max-tokens", "24")
     channel = grpc.insecure_channel(server.address)
     yield judge_pb2_grpc.JudgeStub(channel)
     channel.close()

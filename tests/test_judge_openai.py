@@ -11,6 +11,7 @@ The test against tokenmill's own gateway HTTP endpoint is tests/test_gateway*.py
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
@@ -51,7 +52,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(data)
+        with contextlib.suppress(BrokenPipeError):  # the judge gave up waiting ("slow")
+            self.wfile.write(data)
 
     def do_GET(self) -> None:
         if self.path == "/v1/models":
@@ -81,6 +83,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
                                     "relevance": 0.94}),
             "nojson": "I am sorry, but I cannot rate stories.",
             "partial": json.dumps({"scores": {"moral_clarity": 4}}),
+            "brevity": '{"brevity": 3}',
         }
         if mode == "flaky503" and n == 1:
             return self._send(503, {"error": {"message": "overloaded"}})
@@ -112,9 +115,13 @@ def fake_api():
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory, fake_api):
     # no --judge-model: the backend takes the first model of GET /models
+    rubrics = tmp_path_factory.mktemp("rubrics")  # --rubrics: an extra folder of rubric files
+    (rubrics / "brevity.yaml").write_text(
+        "name: brevity\ndimensions:\n  - name: brevity\n    description: Short and to the point.\n"
+        "    scale: [0, 4]\n")
     server = JudgeProcess(tmp_path_factory.mktemp("judge-openai"), "--judge-backend", "openai",
                           "--judge-url", fake_api, "--judge-max-retries", "2", "--judge-timeout-s", "1",
-                          env={"TOKENMILL_JUDGE_API_KEY": KEY})
+                          "--rubrics", str(rubrics), env={"TOKENMILL_JUDGE_API_KEY": KEY})
     channel = grpc.insecure_channel(server.address)
     yield judge_pb2_grpc.JudgeStub(channel)
     channel.close()
@@ -193,6 +200,22 @@ def test_inline_scale_and_validation(judge):
     with pytest.raises(grpc.RpcError) as info:
         judge.Score(judge_pb2.ScoreRequest(prompt=PROMPT, response=""), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_extra_rubric_folder(judge):
+    names = [r.name for r in judge.ListRubrics(judge_pb2.ListRubricsRequest()).rubrics]
+    assert {"brevity", "children-story", "helpfulness"} <= set(names)
+    res = judge.Score(judge_pb2.ScoreRequest(prompt=PROMPT, response=STORY + " [[mode:brevity]]", rubric="brevity"),
+                      timeout=60)
+    assert res.rubric == "brevity" and [(s.name, s.score) for s in res.scores] == [("brevity", 0.75)]
+
+
+def test_broken_rubric_file_stops_the_judge_with_a_message(tmp_path, fake_api):
+    (tmp_path / "bad.yaml").write_text("name: bad\ndimensions:\n  - name: x\n    scale: [5, 1]\n")
+    with pytest.raises(RuntimeError) as info:
+        JudgeProcess(tmp_path, "--judge-backend", "openai", "--judge-url", fake_api, "--rubrics", str(tmp_path),
+                     timeout_s=60)
+    assert "scale_min must be below scale_max" in str(info.value) and "bad.yaml" in str(info.value)
 
 
 # ---------------------------------------------------------------- the parser on its own
