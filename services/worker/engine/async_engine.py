@@ -108,12 +108,15 @@ class AsyncEngine:
                 inbox, self._inbox = self._inbox, _Inbox()
             for req in inbox.adds:
                 self._admit(req)
-            for rid in inbox.aborts:
-                if rid in self._tracked and self.engine.abort_request(rid):
-                    self._deliver(Event(rid, [], "", finish_reason=FINISH_CANCELLED))
+            cancelled = [rid for rid in inbox.aborts if rid in self._tracked and self.engine.abort_request(rid)]
+            if cancelled:
+                self._publish_stats()  # before the events: a caller that sees "cancelled" then asks Load sees it
+            for rid in cancelled:
+                self._deliver(Event(rid, [], "", finish_reason=FINISH_CANCELLED))
             if self.engine.has_work():
                 self._step()
-            self._publish_stats()
+            else:
+                self._publish_stats()
 
     def _admit(self, req: Request) -> None:
         if req.request_id not in self._tracked:
@@ -135,7 +138,9 @@ class AsyncEngine:
                 self.engine.abort_request(rid)
                 self._deliver(Event(rid, [], "", finish_reason=FINISH_ERROR, error_code="INTERNAL",
                                     error_message=f"engine step failed: {exc}"))
+            self._publish_stats()
             return
+        self._publish_stats()  # before the events, so Load never lags the requests a caller saw finish
         for event in events:
             self._deliver(event)
         if self.step_delay_s:
