@@ -77,6 +77,25 @@ def run_locust(cmd: list[str], out: Path, api_key: str = "") -> int:
             proc.wait()
 
 
+def _invocation(params: dict) -> str:
+    """This run's command line as `tokenmill loadtest ...`: the options that differ from their defaults."""
+    import inspect
+
+    args = []
+    for name, param in inspect.signature(loadtest).parameters.items():
+        value, default = params.get(name), getattr(param.default, "default", param.default)
+        if name == "api_key" or value == default or value in (None, [], ()):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            for v in value if isinstance(value, list | tuple) else [value]:
+                v = f"{v:g}" if isinstance(v, float) else str(v)
+                args += [f"{flag}={v}"] if v.startswith("-") else [flag, v]
+    return shlex.join(["tokenmill", "loadtest", *args])
+
+
 def loadtest(
     host: str = typer.Option("127.0.0.1:50051", envvar="TOKENMILL_GATEWAY",
                              help="Gateway gRPC address host:port (with --http: the HTTP base URL)."),
@@ -105,9 +124,11 @@ def loadtest(
     stop_timeout: float = typer.Option(0.0, help="At the end, let in-flight requests finish for up to this long, s "
                                                  "(0: stop at once; unfinished requests are not counted)."),
     verbose: bool = typer.Option(False, help="Print Locust's stats table every few seconds."),
+    progress_interval: float = typer.Option(60.0, help="Print one progress line this often, s (0 = never)."),
     locust_arg: list[str] = typer.Option(None, help="Extra Locust argument, repeatable."),
 ) -> None:
     """Run a Locust load test (gRPC or OpenAI HTTP) and write a report: Markdown, HTML, JSON, CSVs, PNG plots."""
+    invocation = _invocation(dict(locals()))
     out = (out or Path("results") / "loadtest" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     services = []
@@ -130,8 +151,9 @@ def loadtest(
                              temperature=temperature, ignore_eos=ignore_eos, stream_ratio=stream_ratio,
                              wait_min=wait_min, wait_max=wait_max, request_timeout=request_timeout,
                              prompt_seed=prompt_seed, model_name=model_name, stop_timeout=stop_timeout,
-                             verbose=verbose, extra=list(locust_arg or []))
-        (out / "command.txt").write_text(f"{shlex.join(sys.argv)}\n{shlex.join(cmd)}\n")
+                             verbose=verbose, extra=["--progress-interval", f"{progress_interval:g}",
+                                                     *(locust_arg or [])])
+        (out / "command.txt").write_text(f"{invocation}\n{shlex.join(cmd)}\n")
         typer.echo(f"locust: {users} users, {spawn_rate:g}/s, {run_time}, against {host}; results in {out}")
         rc = run_locust(cmd, out, api_key)
     finally:
@@ -151,8 +173,8 @@ def loadtest(
     typer.echo(f"report: {out / 'report.md'}, {out / 'report.html'} (plots and CSVs alongside)")
     if rc != 0:
         raise typer.Exit(rc)
-    if summary["requests"] == 0:
-        typer.echo("error: no request finished during the test", err=True)
+    if summary["ok"] == 0:
+        typer.echo(f"error: no request succeeded ({summary['requests']} finished)", err=True)
         raise typer.Exit(1)
 
 

@@ -74,6 +74,8 @@ def _options(parser) -> None:
     parser.add_argument("--api-key", default="", is_secret=True, env_var="TOKENMILL_API_KEY",
                         help="Sent as 'authorization: Bearer <key>'.")
     parser.add_argument("--requests-csv", default="", help="Per-request CSV (default <--csv prefix>_requests.csv).")
+    parser.add_argument("--progress-interval", type=float, default=60.0,
+                        help="Log one progress line this often, s (0 = never).")
 
 
 # ---- the per-request record ----------------------------------------------------------------------------------
@@ -116,6 +118,8 @@ class Recorder:
         self.path: Path | None = None
         self.rows = 0
         self.inflight: dict[int, Outcome] = {}  # sent, not yet recorded; left over at the end = abandoned
+        self.statuses: dict[str, int] = {}
+        self.completion_tokens = 0
 
     def open(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +139,8 @@ class Recorder:
         if o.completion_tokens and o.latency_ms > 0:
             o.tokens_per_s = round(o.completion_tokens / (o.latency_ms / 1000), 3)
         ok = o.status == "OK"
+        self.statuses[o.status] = self.statuses.get(o.status, 0) + 1
+        self.completion_tokens += (o.completion_tokens or 0) if ok else 0
         fire = environment.events.request.fire
         if o.client_ttft_ms is not None:
             fire(request_type=o.protocol, name=o.kind + TTFT_SUFFIX, response_time=o.client_ttft_ms,
@@ -150,6 +156,7 @@ class Recorder:
 
 RECORDER = Recorder()
 RUN: dict = {}
+_PROGRESS: gevent.Greenlet | None = None
 STOPPING = False  # set when the test starts to stop: no new request after that (see _stopping)
 _PROMPTS: itertools.cycle | None = None
 
@@ -194,8 +201,10 @@ def _test_start(environment, **_kw) -> None:
         path = Path(f"{opts.csv_prefix}_requests.csv")
     if path is not None and RECORDER.file is None:
         RECORDER.open(path)
-    global STOPPING
+    global STOPPING, _PROGRESS
     STOPPING = False
+    if opts is not None and opts.progress_interval > 0 and _PROGRESS is None:
+        _PROGRESS = gevent.spawn(_progress, opts.progress_interval)
     RUN.clear()
     RUN.update(start_epoch_s=time.time(), host=environment.host,
                user_classes=[c.__name__ for c in environment.user_classes])
@@ -205,13 +214,29 @@ def _test_start(environment, **_kw) -> None:
             RUN[key] = getattr(opts, key, None)
 
 
+def _progress(interval: float) -> None:
+    """One line every `interval` seconds (a one-hour headless run is otherwise silent with --only-summary)."""
+    t0 = time.time()
+    while True:
+        gevent.sleep(interval)
+        elapsed = time.time() - t0
+        st = dict(sorted(RECORDER.statuses.items(), key=lambda kv: -kv[1]))
+        ok = st.get("OK", 0)
+        log.info("progress %.0f s: %d requests %s, %.0f OK/hour, %.1f output tokens/s, %d in flight",
+                 elapsed, sum(st.values()), json.dumps(st), ok / elapsed * 3600, RECORDER.completion_tokens / elapsed,
+                 len(RECORDER.inflight))
+
+
 @events.test_stopping.add_listener
 def _stopping(environment, **_kw) -> None:
     # Locust kills a user that waits between tasks; when the wait ends at that very moment, the user may start a
     # request the kill then abandons (the server answers it, nobody records it). So no new request from here on;
     # the ones in flight finish within --stop-timeout (or are abandoned and counted as such when it is 0).
-    global STOPPING
+    global STOPPING, _PROGRESS
     STOPPING = True
+    if _PROGRESS is not None:
+        _PROGRESS.kill(block=False)
+        _PROGRESS = None
 
 
 @events.test_stop.add_listener

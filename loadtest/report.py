@@ -330,6 +330,8 @@ def _setup_line(s: dict) -> str:
 def render_markdown(s: dict, title: str) -> str:
     t = tables(s)
     lines = [f"# {title}", "", _setup_line(s), ""]
+    if s.get("command"):
+        lines += ["```", s["command"], "```", ""]
     lines += [*_rows_md(*t["headline"]), "", "## Latency (successful requests)", ""]
     lines += _rows_md(*t["latency"])
     lines += ["", "TTFT: measured by the client for streams; for unary calls, the gateway's `timing.ttft_ms`.", ""]
@@ -372,6 +374,7 @@ def render_html(s: dict, title: str, plots: dict[str, Path]) -> str:
              "img{max-width:100%;border:1px solid #ddd}figure{margin:1em 0}code{background:#f3f3f3;padding:0 .2em}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{_md_inline(_setup_line(s))}</p>"
+            + (f"<pre><code>{html.escape(s['command'])}</code></pre>" if s.get("command") else "") +
             f"{_table_html(*t['headline'])}<h2>Latency (successful requests)</h2>{_table_html(*t['latency'])}"
             "<p>TTFT: measured by the client for streams; for unary calls, the gateway's <code>timing.ttft_ms</code>."
             f"</p><h2>Status of every request</h2>{_table_html(*t['statuses'])}"
@@ -390,6 +393,8 @@ def write_report(out: Path, title: str = "tokenmill load test") -> dict:
                   read_locust_failures(out / f"{PREFIX}_failures.csv"))
     plots = plot(rows, s, out, out / f"{PREFIX}_stats_history.csv")
     s["plots"] = {name: p.name for name, p in plots.items()}
+    command = out / "command.txt"
+    s["command"] = command.read_text().splitlines()[0] if command.exists() else None
     (out / "report.md").write_text(render_markdown(s, title))
     (out / "report.html").write_text(render_html(s, title, plots))
     (out / "summary.json").write_text(json.dumps(s, indent=2, default=str) + "\n")
