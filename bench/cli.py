@@ -48,5 +48,7 @@ def engine(
     main(opts)
 
 
+from bench.phases import register; register(app)  # noqa: E402, E702, I001  phases 1-8 (bench/phases)
+
 if __name__ == "__main__":
     app()
