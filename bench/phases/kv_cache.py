@@ -33,9 +33,9 @@ def _decode(model, prompt: torch.Tensor, steps: int, cached: bool, device: str) 
         if not cached:
             logits = model(input_ids=ids, use_cache=False).logits[:, -1]
         elif nxt is None:
-            logits = model(input_ids=ids, past_key_values=past, use_cache=True).logits[:, -1]
+            logits = model(input_ids=ids, cache=past, use_cache=True).logits[:, -1]
         else:
-            logits = model(input_ids=nxt, past_key_values=past, use_cache=True).logits[:, -1]
+            logits = model(input_ids=nxt, cache=past, use_cache=True).logits[:, -1]
         nxt = logits.argmax(-1, keepdim=True)
         sync(device)
         times.append(time.perf_counter() - t0)

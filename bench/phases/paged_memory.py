@@ -132,10 +132,10 @@ def run(opts: Options) -> dict:
     def plot(fig):
         ax1, ax2, ax3 = fig.subplots(1, 3)
         a = rows[:4]
-        ax1.barh([x["strategy"].split(":")[0] + ("\n" + x["strategy"].split(":")[1][:28]) for x in a],
-                 [x["kv_MiB"] for x in a], color=["tab:red", "tab:orange", "tab:green", "tab:gray"])
+        ax1.barh(["reserve max_model_len", "pad to longest", "paged (engine)", "ideal"], [x["kv_MiB"] for x in a],
+                 color=["tab:red", "tab:orange", "tab:green", "tab:gray"])
         ax1.set(xscale="log", xlabel="KV MiB", title="variable-length batch")
-        ax1.tick_params(axis="y", labelsize=6)
+        ax1.tick_params(axis="y", labelsize=8)
         ax2.plot([s["block_size"] for s in sweep], [s["kv_MiB"] for s in sweep], "o-")
         ax2.set(xscale="log", xlabel="block size (tokens)", ylabel="KV MiB", title="fragmentation vs block size")
         ax3.bar(["cache off", "cache on"], [off["kv_MiB"], on["kv_MiB"]], color=["tab:orange", "tab:green"])
