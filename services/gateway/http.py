@@ -209,7 +209,8 @@ def _usage(u: inference_pb2.Usage) -> dict:
 
 
 async def start_http(gateway: Gateway, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(OpenAIFront(gateway).app(), access_log=None)
+    # handler_cancellation: a client that disconnects cancels its request (and frees the worker's KV blocks)
+    runner = web.AppRunner(OpenAIFront(gateway).app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
