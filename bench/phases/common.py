@@ -6,6 +6,7 @@ environment, rows, summary), <out>/<phase>.png and <out>/<phase>.md (the table t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -116,6 +117,20 @@ class PeakMemory:
         self.delta = self.peak - self.base
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence fd 2 (the profiler's C++ start/stop lines) for the duration; Python errors still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def tensor_peak_bytes(fn: Callable[[], Any], device: str) -> int:
     """Peak bytes of tensors fn() allocates beyond what exists at entry. CUDA: the allocator's peak.
     CPU: replays the allocations and frees recorded by torch.profiler (profile_memory) in time order."""
@@ -128,7 +143,7 @@ def tensor_peak_bytes(fn: Callable[[], Any], device: str) -> int:
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     deltas = []
     for ev in prof.events():
@@ -148,7 +163,7 @@ def ops_that_ran(fn: Callable[[], Any], needle: str = "scaled_dot_product") -> l
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts) as prof:
+    with quiet_stderr(), profile(activities=acts) as prof:
         fn()
     names = []
     for ev in prof.events():

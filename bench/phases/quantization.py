@@ -36,12 +36,32 @@ def _trim() -> None:
         pass
 
 
+def _status(field: str) -> int | None:
+    """A memory line of /proc/self/status in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _hwm_bytes() -> int:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork + exec from the parent."""
+    hwm = _status("VmHWM")
+    if hwm is None:
+        import resource
+
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return hwm
+
+
 def measure(variant: str, opts: dict) -> dict:
     """One variant, in a fresh process: load, perplexity, engine speed, peak memory."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import gc
-    import resource
 
     import torch
 
@@ -71,7 +91,8 @@ def measure(variant: str, opts: dict) -> dict:
     weights = model.get_memory_footprint()
     gc.collect()
     _trim()
-    loaded_rss = rss_bytes()
+    loaded_rss, loaded_file = rss_bytes(), _status("RssFile") or 0
+    cuda_load_peak = torch.cuda.max_memory_allocated() if cuda else 0
     mem = PeakMemory(device).__enter__()  # serving peak: perplexity forward + engine run, after the load
 
     ids = torch.tensor([tok(heldout_text())["input_ids"][: opts["ppl_tokens"]]], device=device)
@@ -101,9 +122,10 @@ def measure(variant: str, opts: dict) -> dict:
     total = time.perf_counter() - t_all
     decode = sum(steps[1:])
     mem.__exit__(None, None, None)
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # includes the load's transient copies
+    load_peak = _hwm_bytes()  # includes the load's transient copies
     return {"variant": variant, "weights_MiB": weights / 2**20, "serve_peak_MiB": mem.peak / 2**20,
-            "rss_loaded_MiB": loaded_rss / 2**20, "process_peak_MiB": mem.peak / 2**20 if cuda else load_peak / 2**20,
+            "rss_loaded_MiB": loaded_rss / 2**20, "rss_file_MiB": loaded_file / 2**20,
+            "process_peak_MiB": max(cuda_load_peak, mem.peak) / 2**20 if cuda else load_peak / 2**20,
             "process_base_MiB": 0.0 if cuda else base_rss / 2**20, "perplexity": math.exp(loss),
             "ppl_forward_s": ppl_s, "ttft_s": first, "decode_tok_s": b * (n - 1) / decode if decode else float("nan"),
             "batch_latency_s": total, "load_s": load_s, "compute_dtype": str(engine.runner.dtype)}
@@ -157,12 +179,14 @@ def run(opts: Options) -> dict:
     notes = ["On CPU: process_base is the RSS before loading (Python, torch, transformers), rss_loaded after it, "
              "serve_peak the RSS peak while computing perplexity and serving, process_peak the max RSS including "
              "the load (the loader reads the fp32 checkpoint first, so it is not smaller for smaller variants). "
-             "On a GPU these are CUDA allocator values.",
+             "On a GPU serve_peak and process_peak are CUDA allocator peaks (rss_* stay host RSS). "
+             "rss_file is the file-backed part of rss_loaded: the "
+             "memory-mapped fp32 checkpoint, which stays mapped after a quantised load (reclaimable page cache).",
              "int8 is LLM.int8 via transformers' BitsAndBytesConfig(load_in_8bit=True): tokenmill's loader offers "
              "only none and nf4."]
     return write_results(PHASE, TITLE, opts, config=child, rows=rows, summary=summary, plot=plot, notes=notes,
                          columns=["variant", "compute_dtype", "weights_MiB", "weights_x_smaller", "process_base_MiB",
-                                  "rss_loaded_MiB", "serve_peak_MiB", "process_peak_MiB", "perplexity",
+                                  "rss_loaded_MiB", "rss_file_MiB", "serve_peak_MiB", "process_peak_MiB", "perplexity",
                                   "ppl_change_pct", "ttft_s", "decode_tok_s", "batch_latency_s", "load_s", "error"])
 
 
