@@ -71,15 +71,17 @@ def _cases(device: str, dtype: torch.dtype, ctx: int, batch: int, decode: bool) 
     causal = not decode
     cases = {"naive-fp32": lambda: naive(q, k, v, causal)}
 
-    def sdpa():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    kf, vf = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (k, v))  # MHA-shaped, outside the timing
 
     for name, backend in BACKENDS.items():
-        def forced(backend=backend):
+        def forced(backend=backend):  # every backend takes MHA shapes; not all take enable_gqa
             with sdpa_kernel(backend):
-                return sdpa()
+                return F.scaled_dot_product_attention(q, kf, vf, is_causal=causal)
         cases[name] = forced
-    cases["sdpa-default"] = sdpa
+
+    def sdpa_gqa():  # as the engine calls it: grouped K/V, torch picks the kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    cases["sdpa-default"] = sdpa_gqa
     ctx_obj = _paged_setup(q, k, v, batch, ctx, decode)
     module = types.SimpleNamespace(layer_idx=0, sliding_window=None)
     if decode:  # the packed row: one new token per sequence
@@ -168,6 +170,8 @@ def run(opts: Options) -> dict:
     config = {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "block_size": BLOCK, "lengths": lengths,
               "decode_batch": batch, "dtype": str(dtype), "repeat": repeat}
     notes = ["kernel_ran is read from the profiler (the aten op that executed), not from the backend requested.",
+             "Forced sdpa-* backends get K/V expanded to all 9 heads (some kernels refuse enable_gqa); "
+             "sdpa-default gets the 3 grouped KV heads with enable_gqa=True, as the engine calls it.",
              "peak_MiB: CUDA allocator peak on a GPU; on CPU the profiler's replay of tensor allocations.",
              "tokenmill-paged includes writing the new K/V into the paged pool (and, for decode, gathering each "
              "sequence's blocks), as in the engine."]
