@@ -154,7 +154,8 @@ def run(opts: Options) -> dict:
                 sel = [r for r in ok if r["impl"] == impl and r["workload"] == workload]
                 if sel:
                     ax.plot([r["seq_len"] for r in sel], [max(r[key], 1e-3) for r in sel], "o-", label=impl)
-            ax.set(xscale="log", yscale="log", xlabel="sequence length", title=label)
+            ax.set_xscale("log", base=2)
+            ax.set(yscale="log", xlabel="sequence length", title=label)
         axes[0].legend(fontsize=7)
 
     impls = list(dict.fromkeys(r["impl"] for r in ok))

@@ -122,7 +122,8 @@ def run(opts: Options) -> dict:
         ax1, ax2 = fig.subplots(1, 2)
         xs = [r["batch"] for r in rows]
         ax1.plot(xs, [r["decode_tok_s"] for r in rows], "o-", label="decode tokens/s")
-        ax1.set(xscale="log", xlabel="batch size", ylabel="decode tokens/s", title="throughput and KV in use")
+        ax1.set_xscale("log", base=2)
+        ax1.set(xlabel="batch size", ylabel="decode tokens/s", title="throughput and KV in use")
         ax1b = ax1.twinx()
         ax1b.plot(xs, [r["kv_used_MiB"] for r in rows], "s--", color="tab:red", label="KV in use (MiB)")
         ax1b.set_ylabel("KV in use (MiB)", color="tab:red")

@@ -137,7 +137,8 @@ def run(opts: Options) -> dict:
         ax1.set(xscale="log", xlabel="KV MiB", title="variable-length batch")
         ax1.tick_params(axis="y", labelsize=8)
         ax2.plot([s["block_size"] for s in sweep], [s["kv_MiB"] for s in sweep], "o-")
-        ax2.set(xscale="log", xlabel="block size (tokens)", ylabel="KV MiB", title="fragmentation vs block size")
+        ax2.set_xscale("log", base=2)
+        ax2.set(xlabel="block size (tokens)", ylabel="KV MiB", title="fragmentation vs block size")
         ax3.bar(["cache off", "cache on"], [off["kv_MiB"], on["kv_MiB"]], color=["tab:orange", "tab:green"])
         ax3.set(ylabel="peak KV MiB", title=f"{n_chat} chat prompts, shared template")
 

@@ -117,13 +117,13 @@ def run(opts: Options) -> dict:
 
     def plot(fig):
         ax1, ax2 = fig.subplots(1, 2)
-        for w in ["full", *windows]:
+        for i, w in enumerate(["full", *windows]):
             sel = [r for r in rows if r["window"] == w]
             if sel:
-                xs = [r["seq_len"] for r in sel]
-                ax1.plot(xs, [r["window_kv_needed_MiB"] for r in sel], "o-", label=f"w={w}")
-                ax2.plot(xs, [r["engine_ms_per_token"] for r in sel], "o-", label=f"engine w={w}")
-                ax2.plot(xs, [r["ring_attention_ms"] for r in sel], "x:", label=f"attn only w={w}")
+                xs, c = [r["seq_len"] for r in sel], f"C{i}"
+                ax1.plot(xs, [r["window_kv_needed_MiB"] for r in sel], "o-", color=c, label=f"w={w}")
+                ax2.plot(xs, [r["engine_ms_per_token"] for r in sel], "o-", color=c, label=f"engine w={w}")
+                ax2.plot(xs, [r["ring_attention_ms"] for r in sel], "x:", color=c, label=f"attn only w={w}")
         full_rows = [r for r in rows if r["window"] == "full"]
         ax1.plot([r["seq_len"] for r in full_rows], [r["engine_kv_held_MiB"] for r in full_rows], "k--",
                  label="engine holds (any w)")
