@@ -196,12 +196,6 @@ def sdpa(model: Any) -> None:
         model.set_attn_implementation("sdpa")
 
 
-def drop_models() -> None:
-    _MODELS.clear()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def param_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers())
@@ -238,17 +232,13 @@ def env_info(opts: Options) -> dict[str, Any]:
 
 
 def fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value)
-    if isinstance(value, float):
-        if value != value:  # NaN
-            return "n/a"
-        if value == 0 or 0.01 <= abs(value) < 1e5:
-            return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
-        return f"{value:.3g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+    if value is None:
+        return ""
+    if isinstance(value, float) and not isinstance(value, bool):
+        if value != value:
+            return "n/a"  # NaN
+        return f"{value:,.0f}" if 100 <= abs(value) < 1e6 else f"{value:.3g}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
