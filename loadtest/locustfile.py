@@ -34,6 +34,7 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import gevent
 from locust import User, events, task
@@ -74,6 +75,10 @@ def _options(parser) -> None:
     parser.add_argument("--api-key", default="", is_secret=True, env_var="TOKENMILL_API_KEY",
                         help="Sent as 'authorization: Bearer <key>'.")
     parser.add_argument("--requests-csv", default="", help="Per-request CSV (default <--csv prefix>_requests.csv).")
+    parser.add_argument("--channels", type=int, default=0,
+                        help="gRPC: 0 = one channel (connection) per user; N = users share N channels.")
+    parser.add_argument("--grpc-threads", type=int, default=0,
+                        help="gRPC: size of gevent's threadpool that gRPC waits in (0 = users + 16).")
     parser.add_argument("--progress-interval", type=float, default=60.0,
                         help="Log one progress line this often, s (0 = never).")
 
@@ -183,6 +188,15 @@ def _init(environment, **_kw) -> None:
     global _PROMPTS
     opts = environment.parsed_options
     _PROMPTS = itertools.cycle(sample_prompts(1500, opts.prompt_seed if opts else 0))
+    # gRPC under gevent waits for every call's next event in a thread of gevent's hub threadpool (grpc's
+    # grpc_gevent.pyx.pxi): one thread per call in flight. The pool's default of 10 threads makes the 11th call
+    # wait for a free one, so with more users than that, stream messages and replies arrive seconds late (we
+    # saw +40 s on 16 users) and every latency is inflated. Give each user its thread.
+    users = (opts.num_users if opts else 0) or 0
+    pool = gevent.get_hub().threadpool
+    want = (opts.grpc_threads if opts and opts.grpc_threads else users + 16)
+    if want > pool.maxsize:
+        pool.maxsize = want
     # No user class named on the command line: the host decides (both would otherwise run side by side).
     classes = environment.user_classes
     if {c.__name__ for c in classes} == {"GrpcUser", "OpenAIUser"}:
@@ -359,17 +373,31 @@ class GrpcUser(User):
     def wait_time(self) -> float:
         return _wait(self)
 
+    _pool: ClassVar[list] = []
+    _users = 0
+
     def on_start(self) -> None:
         opts = self.environment.parsed_options
-        self.channel = grpc.intercept_channel(grpc.insecure_channel(grpc_target(self.host)),
-                                              LocustInterceptor(self.environment))
+        shared = opts.channels if opts else 0
+        if shared > 0:  # users share a pool of channels, round robin
+            if not GrpcUser._pool:
+                GrpcUser._pool = [self._channel() for _ in range(shared)]
+            self.channel, self.own_channel = GrpcUser._pool[GrpcUser._users % shared], False
+            GrpcUser._users += 1
+        else:
+            self.channel, self.own_channel = self._channel(), True
         self.stub = inference_pb2_grpc.InferenceStub(self.channel)
         self.timeout = opts.request_timeout if opts else 600.0
         key = opts.api_key if opts else ""
         self.metadata = [("authorization", f"Bearer {key}")] if key else None
 
+    def _channel(self):
+        return grpc.intercept_channel(grpc.insecure_channel(grpc_target(self.host)),
+                                      LocustInterceptor(self.environment))
+
     def on_stop(self) -> None:
-        self.channel.close()
+        if self.own_channel:
+            self.channel.close()
 
     def _request(self) -> inference_pb2.GenerateRequest:
         opts = self.environment.parsed_options

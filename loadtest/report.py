@@ -20,6 +20,9 @@ from pathlib import Path
 
 PERCENTILES = (50, 90, 95, 99)
 PREFIX = "locust"
+NOTE = ("TTFT: measured by the client for streams; for unary calls, the gateway's `timing.ttft_ms`. "
+        "client − gateway latency: the client's end-to-end time less the gateway's `timing.total_ms` (network and "
+        "client overhead; large values mean the load generator, not the server, is the bottleneck).")
 PLOTS = {"throughput": "throughput.png", "latency": "latency_over_time.png", "distribution": "latency_distribution.png"}
 
 
@@ -140,6 +143,9 @@ def summarize(rows: list[dict], run: dict, locust_stats: dict, locust_failures: 
         "ttft_ms": percentiles([r["ttft_ms"] for r in ok if r["ttft_ms"] is not None]),
         "ttft_stream_ms": percentiles([r["client_ttft_ms"] for r in streamed if r["client_ttft_ms"] is not None]),
         "queue_ms": percentiles([r["queue_ms"] for r in ok if r["queue_ms"] is not None]),
+        # client latency minus the gateway's own total: network + client overhead (a check on the measurement)
+        "client_overhead_ms": percentiles([r["latency_ms"] - r["gateway_total_ms"] for r in ok
+                                           if r["gateway_total_ms"] is not None]),
         "tokens_per_s_per_request": percentiles([r["tokens_per_s"] for r in ok if r["tokens_per_s"] is not None]),
         "mean_batch_size": round(sum(batch) / len(batch), 2) if batch else None,
         "by_kind": dict(Counter(r["kind"] for r in rows)),
@@ -295,7 +301,8 @@ def tables(s: dict) -> dict[str, tuple[list[str], list[list]]]:
     ])
     lat_rows = []
     for label, key in (("latency (end to end)", "latency_ms"), ("TTFT", "ttft_ms"),
-                       ("TTFT, streams (client-side)", "ttft_stream_ms"), ("gateway queue", "queue_ms")):
+                       ("TTFT, streams (client-side)", "ttft_stream_ms"), ("gateway queue", "queue_ms"),
+                       ("client − gateway latency", "client_overhead_ms")):
         p = s[key]
         lat_rows.append([label, *(_ms(p[f"p{q}"]) for q in PERCENTILES), _ms(p["mean"]), _ms(p["max"])])
     tps = s["tokens_per_s_per_request"]
@@ -334,7 +341,7 @@ def render_markdown(s: dict, title: str) -> str:
         lines += ["```", s["command"], "```", ""]
     lines += [*_rows_md(*t["headline"]), "", "## Latency (successful requests)", ""]
     lines += _rows_md(*t["latency"])
-    lines += ["", "TTFT: measured by the client for streams; for unary calls, the gateway's `timing.ttft_ms`.", ""]
+    lines += ["", NOTE, ""]
     lines += ["## Status of every request", "", *_rows_md(*t["statuses"])]
     if t["workers"][1]:
         lines += ["", "## Workers", "", *_rows_md(*t["workers"])]
@@ -376,8 +383,7 @@ def render_html(s: dict, title: str, plots: dict[str, Path]) -> str:
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{_md_inline(_setup_line(s))}</p>"
             + (f"<pre><code>{html.escape(s['command'])}</code></pre>" if s.get("command") else "") +
             f"{_table_html(*t['headline'])}<h2>Latency (successful requests)</h2>{_table_html(*t['latency'])}"
-            "<p>TTFT: measured by the client for streams; for unary calls, the gateway's <code>timing.ttft_ms</code>."
-            f"</p><h2>Status of every request</h2>{_table_html(*t['statuses'])}"
+            f"<p>{_md_inline(NOTE)}</p><h2>Status of every request</h2>{_table_html(*t['statuses'])}"
             + (f"<h2>Workers</h2>{_table_html(*t['workers'])}" if t["workers"][1] else "")
             + f"<h2>Locust's counts against the per-request CSV: {agree}</h2>{_table_html(*t['check'])}"
             f"<h2>Plots</h2>{imgs}</body></html>\n")
