@@ -81,7 +81,8 @@ def run_batch(lm, batch: int, prompt_len: int, new_tokens: int, device: str) -> 
 
 
 def run(opts: Options) -> dict:
-    batches = opts.pick([1, 4, 16, 64], [1, 2, 4, 8, 16, 32, 64, 128, 256], "batches")
+    full = [1, 2, 4, 8, 16, 32, 64, 128, 256] if opts.cuda else [1, 2, 4, 8, 16, 32, 64]
+    batches = opts.pick([1, 4, 16, 64], full, "batches")
     prompt_len = opts.pick(16, 128, "prompt_len")
     new_tokens = opts.pick(9, 65, "new_tokens")
     lm = load(opts)
