@@ -42,20 +42,23 @@ def config_table() -> None:
     typer.echo(markdown_table())
 
 
-def _register_local_commands() -> None:
+def _register_commands() -> None:
+    """Commands owned by other modules (each keeps its heavy imports inside the command)."""
+    from bench.cli import app as bench_app
+    from loadtest.cli import loadtest
+    from services.judge.eval import eval_command
+    from services.k8s.cli import app as k8s_app
     from services.local import generate, up
 
     app.command("up")(up)
     app.command("generate")(generate)
-    from services.k8s.cli import app as k8s_app
-    app.add_typer(k8s_app, name="k8s")
-    from services.judge.eval import eval_command
     app.command("eval")(eval_command)
-    from loadtest.cli import loadtest
     app.command("loadtest")(loadtest)
+    app.add_typer(bench_app, name="bench", help="Benchmarks: the engine, phases 1-8, the peer comparison.")
+    app.add_typer(k8s_app, name="k8s", help="Run benchmark / load-test / eval Jobs on a cluster; deployment status.")
 
 
-_register_local_commands()
+_register_commands()
 
 if __name__ == "__main__":
     app()
