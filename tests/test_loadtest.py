@@ -173,6 +173,18 @@ def test_cli_interface():
     for flag in ("--host", "--users", "--spawn-rate", "--run-time", "--out", "--up", "--http", "--max-tokens",
                  "--temperature", "--stream-ratio"):
         assert flag in result.output, flag
+    # the Kubernetes Job's own arguments parse (k8s/jobs/base/loadtest.yaml and the cpu overlay's)
+    import typer
+    import yaml
+
+    command = typer.main.get_command(app).commands["loadtest"]
+    job = yaml.safe_load((ROOT / "k8s/jobs/base/loadtest.yaml").read_text())
+    args = job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    assert args[0] == "loadtest"
+    params = command.make_context("loadtest", [a.replace("$(RESULTS_DIR)", "/r") for a in args[1:]]).params
+    assert (params["host"], params["users"], params["run_time"], str(params["out"])) == \
+        ("tokenmill-gateway:50051", 64, "1h", "/r")
+
     cmd = locust_command(host="tokenmill-gateway:50051", users=64, spawn_rate=4, run_time="1h", out=Path("/r"),
                          user_class="GrpcUser", max_tokens=256, temperature=0.7, ignore_eos=False, stream_ratio=0.5,
                          wait_min=0, wait_max=0, request_timeout=600, prompt_seed=0, model_name="", stop_timeout=0,
