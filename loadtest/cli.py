@@ -132,6 +132,12 @@ def loadtest(
     out = (out or Path("results") / "loadtest" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     services = []
+
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # SIGTERM (a Job's deadline, `kill`) must still stop a suite started with --up, as Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, interrupted)
     try:
         if up:
             from services.local import start_suite
@@ -162,6 +168,7 @@ def loadtest(
 
             typer.echo("stopping the local suite ...")
             stop_all(services)
+        signal.signal(signal.SIGTERM, previous)
 
     if not (out / "locust_requests.csv").exists():
         typer.echo(f"error: Locust wrote no per-request CSV (exit code {rc}); see {out / 'locust.log'}", err=True)
