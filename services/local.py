@@ -132,7 +132,9 @@ def up(
             run_demo(f"127.0.0.1:{gateway_port}", f"127.0.0.1:{judge_port}" if judge else None)
             return
         typer.echo("Ctrl-C stops them all.")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # delivered to sigwait, not as an exit
+        signal.sigwait(stop_signals)
     except KeyboardInterrupt:
         pass
     finally:
