@@ -8,12 +8,13 @@ from typing import Any
 import torch
 
 from services.worker.engine import attention
-from services.worker.engine.attention import PrefillChunk, StepContext
+from services.worker.engine.attention import DecodeGroup, PrefillChunk, StepContext
 from services.worker.engine.kv_cache import KVCache, kv_shape, parse_kv_memory
 from services.worker.engine.scheduler import SchedulerOutput
 from services.worker.engine.sequence import Sequence
 
 log = logging.getLogger("tokenmill.engine")
+MAX_DECODE_GROUPS = 6
 
 
 class ModelRunner:
@@ -43,27 +44,18 @@ class ModelRunner:
     def num_blocks(self) -> int:
         return self.kv.num_blocks
 
-    def prepare(self, batch: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[int]]:
-        """Packed input ids and positions, the shared attention metadata, and the rows whose logits we need."""
+    def prepare(self, batch: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, StepContext, list[Sequence],
+                                                       list[int]]:
+        """Packed input ids and positions, the shared attention metadata, and the sequences that sample
+        this step with their rows in the packed batch (decodes come first, longest context first)."""
         bs, dev = self.block_size, self.device
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        decodes = batch.seqs[: batch.num_decodes]
-        ctx_lens = [s.num_computed_tokens + 1 for s in decodes]
-        max_blocks = -(-max(ctx_lens) // bs) if decodes else 0
-        dec_blocks: list[int] = []
-        for seq, n in zip(decodes, ctx_lens, strict=True):
-            p = n - 1
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            bt = seq.block_table
-            slots.append(bt[p // bs] * bs + p % bs)
-            used = -(-n // bs)
-            dec_blocks.extend(bt[:used])
-            dec_blocks.extend([0] * (max_blocks - used))
-        sample_rows.extend(i for i, s in enumerate(decodes) if s.samples_this_step)
+        decodes = sorted(batch.seqs[: batch.num_decodes], key=lambda s: -s.num_computed_tokens)
+        ids = [s.token_ids[s.num_computed_tokens] for s in decodes]
+        pos = [s.num_computed_tokens for s in decodes]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos, strict=True)]
+        samplers = [s for s in decodes if s.samples_this_step]
+        rows = [i for i, s in enumerate(decodes) if s.samples_this_step]
+        groups = self._group_decodes(decodes)
         prefills: list[PrefillChunk] = []
         for seq in batch.seqs[batch.num_decodes :]:
             c, n = seq.num_computed_tokens, seq.num_new_tokens
@@ -75,21 +67,33 @@ class ModelRunner:
             pos.extend(range(c, c + n))
             prefills.append(PrefillChunk(start, start + n, c, table.to(dev) if c else None, positions.to(dev)))
             if seq.samples_this_step:
-                sample_rows.append(start + n - 1)
+                samplers.append(seq)
+                rows.append(start + n - 1)
         ctx = StepContext(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), num_decodes=len(decodes),
-                          prefills=prefills)
-        if decodes:
-            ctx.decode_block_ids = torch.tensor(dec_blocks, dtype=torch.long, device=dev)
-            ctx.decode_context_lens = torch.tensor(ctx_lens, dtype=torch.long, device=dev)
-            ctx.decode_len = max_blocks * bs
+                          prefills=prefills, decode_groups=groups)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)[None]
         positions = torch.tensor(pos, dtype=torch.long, device=dev)[None]
-        return input_ids, positions, ctx, sample_rows
+        return input_ids, positions, ctx, samplers, rows
+
+    def _group_decodes(self, decodes: list[Sequence]) -> list[DecodeGroup]:
+        """Split decodes (longest first) where padding to the group's longest would waste a quarter."""
+        bs, groups = self.block_size, []
+        start = 0
+        for i in range(1, len(decodes) + 1):
+            if i < len(decodes) and (len(groups) == MAX_DECODE_GROUPS - 1 or _blocks(decodes[i], bs) * 4
+                                     >= _blocks(decodes[start], bs) * 3):
+                continue
+            chunk = decodes[start:i]
+            lens = [s.num_computed_tokens + 1 for s in chunk]
+            tables = [s.block_table for s in chunk]
+            groups.append(DecodeGroup(start, len(chunk), lens, tables, bs, self.device))
+            start = i
+        return groups
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
         """Forward one step; returns the sequences that sample now and their last-token logits (float32)."""
-        input_ids, positions, ctx, rows = self.prepare(batch)
+        input_ids, positions, ctx, samplers, rows = self.prepare(batch)
         if self.model.config._attn_implementation != attention.ATTN_NAME:  # someone else may share the model
             self.model.set_attn_implementation(attention.ATTN_NAME)
         attention.current = ctx
@@ -97,12 +101,15 @@ class ModelRunner:
             hidden = self.decoder(input_ids=input_ids, position_ids=positions, use_cache=False).last_hidden_state
         finally:
             attention.current = None
-        samplers = [s for s in batch.seqs if s.samples_this_step]
         if not rows:
             return samplers, None
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         logits = self.lm_head(hidden[0].index_select(0, index))
         return samplers, logits.float()
+
+
+def _blocks(seq: Sequence, block_size: int) -> int:
+    return seq.num_computed_tokens // block_size + 1
 
 
 def _compute_dtype(model: Any) -> torch.dtype:
