@@ -34,7 +34,7 @@ class WorkerConfig:
     quantization: str = setting("none", "none | nf4 (bitsandbytes).")
     device: str = setting("auto", "auto | cpu | cuda.")
     dtype: str = setting("auto", "auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16.")
-    engine: str = setting("hf-static", "paged (continuous batching, paged KV) | hf-static (model.generate).")
+    engine: str = setting("paged", "paged (continuous batching, paged KV) | hf-static (model.generate).")
     threads: int = setting(0, "torch intra-op threads; 0 = torch's default.")
     max_batch_size: int = setting(32, "hf-static: most requests in one generate() call.")
     block_size: int = setting(16, "paged: tokens per KV block.")
