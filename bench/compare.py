@@ -309,7 +309,8 @@ class OpenAIHTTP(System):
 
         url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
         timeout = aiohttp.ClientTimeout(total=3600)
-        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)  # llama-server closes streamed connections
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
 
             async def one(i: int) -> Sample:
                 body = {"model": self.model_name(), "messages": [{"role": "user", "content": work.prompts[i]}],
