@@ -5,12 +5,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from services.common.sampling import SamplingParams
 from services.worker.engine.types import Event, Request
 
 TIE_GAP = 1e-3  # fp32: a divergence counts as parity only where the reference's top two logits are this close
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """These tests run small batches: one torch thread is as fast as two, and far faster when another
+    process holds a core (two OpenMP threads then wait on each other). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @dataclass

@@ -5,10 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from engine_support import assert_no_leaks, drive, tokens_of
+from engine_support import (
+    assert_no_leaks,
+    drive,
+    one_thread,  # noqa: F401  (module fixture)
+    tokens_of,
+)
 
 from services.common.sampling import InvalidRequest, SamplingParams
 from services.worker.engine.types import FINISH_CANCELLED, FINISH_LENGTH, FINISH_STOP, Request
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

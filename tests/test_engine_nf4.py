@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_support import assert_no_leaks, check_parity, drive, reference_greedy, tokens_of
+from engine_support import (
+    assert_no_leaks,
+    check_parity,
+    drive,
+    one_thread,  # noqa: F401  (module fixture)
+    reference_greedy,
+    tokens_of,
+)
 
 from services.common.sampling import SamplingParams
 from services.worker.engine.types import Request
 
 NF4_TIE = 0.1
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_nf4_model_in_paged_engine():

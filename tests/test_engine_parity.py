@@ -8,12 +8,22 @@ across forced preemptions (tiny pool). Divergences are allowed only at near ties
 from __future__ import annotations
 
 import pytest
-from engine_support import assert_no_leaks, check_parity, drive, params, reference_greedy, tokens_of
+from engine_support import (
+    assert_no_leaks,
+    check_parity,
+    drive,
+    one_thread,  # noqa: F401  (module fixture)
+    params,
+    reference_greedy,
+    tokens_of,
+)
 
 from services.worker.engine.types import Request
 
-MAX_NEW = 14
+MAX_NEW = 10
 TIES: dict[str, int] = {}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,12 @@ import asyncio
 
 import grpc
 import pytest
+from engine_support import one_thread  # noqa: F401  (module fixture)
 
 from services.common.config import WorkerConfig
 from services.common.pb import inference_pb2, worker_pb2, worker_pb2_grpc
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def wreq(rid: str, ids: list[int], max_tokens: int, **kw) -> worker_pb2.WorkerRequest:
@@ -29,6 +32,7 @@ def worker():
     from services.worker.server import WorkerServicer
 
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # grpc.aio binds to the current loop
     config = WorkerConfig(engine="paged", kv_cache_memory="32MiB", port=0)
     servicer = WorkerServicer(config)
 
@@ -46,6 +50,7 @@ def worker():
     servicer.engine.shutdown()
     loop.run_until_complete(channel.close())
     loop.run_until_complete(server.stop(0))
+    asyncio.set_event_loop(None)
     loop.close()
 
 

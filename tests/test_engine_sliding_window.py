@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_support import assert_no_leaks, check_parity, drive, params, reference_greedy, tokens_of
+from engine_support import (
+    assert_no_leaks,
+    check_parity,
+    drive,
+    one_thread,  # noqa: F401  (module fixture)
+    params,
+    reference_greedy,
+    tokens_of,
+)
 
 from services.worker.engine.types import Request
 
 WINDOW = 12
 MAX_NEW = 24
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Tok:
