@@ -29,7 +29,7 @@ class PagedEngine:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         self.tokenizer = tokenizer
         self.block_size = block_size
-        self.max_num_seqs = max_num_seqs
+        self.max_num_seqs = max_num_seqs = min(max_num_seqs, max_num_batched_tokens)  # every decode fits a step
         self.runner = ModelRunner(model, block_size, kv_cache_memory, num_blocks)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
