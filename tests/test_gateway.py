@@ -202,7 +202,7 @@ def test_no_live_worker_is_503_in_openai_shape(cluster):
 
 
 def test_slow_worker_gets_fewer_requests(cluster, workers):
-    slow = cluster.start("worker", "--engine", "paged", "--max-num-seqs", "8", "--step-delay-ms", "500")
+    slow = cluster.start("worker", "--engine", "paged", "--max-num-seqs", "8", "--step-delay-ms", "1500")
     gw = cluster.gateway([*workers, slow])
 
     async def run() -> collections.Counter:
