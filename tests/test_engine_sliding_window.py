@@ -1,5 +1,8 @@
 """Paged engine on a tiny random Qwen2 (built here, no download) whose sliding window is shorter than the
-sequences, against transformers' own sliding-window attention (eager) in model.generate."""
+sequences, against transformers' own sliding-window attention (eager) in model.generate.
+
+Two layouts: "mixed" (first layer full attention, the rest sliding: every block is kept, each layer masks)
+and "all-sliding" (every layer slides: blocks that leave the window are freed while the sequence runs)."""
 
 from __future__ import annotations
 
@@ -8,11 +11,13 @@ import torch
 from engine_support import (
     assert_no_leaks,
     check_parity,
-    drive,
     one_thread,  # noqa: F401  (module fixture)
     params,
     reference_greedy,
     tokens_of,
+)
+from engine_support import (
+    drive as drive_engine,
 )
 
 from services.worker.engine.types import Request
@@ -32,16 +37,18 @@ class _Tok:
         return "".join(f" w{i}" for i in ids)
 
 
-@pytest.fixture(scope="module")
-def qwen2():
+@pytest.fixture(scope="module", params=["mixed", "all-sliding"])
+def qwen2(request):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
+    full_layers = 1 if request.param == "mixed" else 0
     cfg = Qwen2Config(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, initializer_range=0.3,
-                      tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    assert cfg.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+                      use_sliding_window=True, sliding_window=WINDOW, max_window_layers=full_layers,
+                      initializer_range=0.3, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None,
+                      pad_token_id=0)
+    assert cfg.layer_types == ["full_attention"] * full_layers + ["sliding_attention"] * (3 - full_layers)
     model = Qwen2ForCausalLM(cfg).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -75,6 +82,15 @@ def requests(prompts):
 @pytest.mark.parametrize("scenario", ["alone", "together", "staggered", "prefix-hits", "preemption"])
 def test_sliding_window_parity(qwen2, prompts, refs, scenario, capsys):
     assert max(len(p) for p in prompts) + MAX_NEW > 4 * WINDOW
+    all_sliding = "full_attention" not in qwen2.config.layer_types
+    held: list[int] = []
+
+    def drive(eng, arrivals):  # also records the blocks each decoding sequence holds
+        def on_step(_step, _events):
+            held.extend(len(s.block_table) - s.num_freed_blocks for s in eng.scheduler.running
+                        if s.num_computed_tokens >= s.num_prompt_tokens)
+        return drive_engine(eng, arrivals, on_step=on_step)
+
     if scenario == "alone":
         eng = engine(qwen2, enable_prefix_caching=False)
         events = {}
@@ -96,9 +112,15 @@ def test_sliding_window_parity(qwen2, prompts, refs, scenario, capsys):
         events = drive(eng, {0: requests(prompts)})
         assert eng.stats().num_preemptions > 0
     assert_no_leaks(eng)
+    bound = -(-WINDOW // 4) + 2
+    if all_sliding:  # a decoding sequence holds the window's blocks, however long it grew
+        assert max(held) <= bound
+    else:
+        assert max(held) > bound
     ties = check_parity(f"qwen2-sliding/{scenario}", {k: tokens_of(v) for k, v in events.items()}, refs)
     with capsys.disabled():
-        print(f"\n[parity] qwen2 sliding window {WINDOW}, {scenario}: {len(refs)} prompts, {ties} near tie(s)")
+        kind = "all-sliding" if all_sliding else "mixed"
+        print(f"\n[parity] qwen2 sliding window {WINDOW} ({kind}), {scenario}: {len(refs)} prompts, {ties} near tie(s)")
 
 
 def test_window_matters(qwen2, prompts, refs):

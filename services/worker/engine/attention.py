@@ -27,8 +27,9 @@ class PrefillChunk:
     start: int  # first token in the packed row
     end: int
     context_start: int  # tokens of this sequence already in the cache
-    block_ids: torch.Tensor | None  # blocks covering [0, context_start + n) when context_start > 0
+    block_ids: torch.Tensor | None  # blocks covering [key_offset, context_start + n) when context_start > 0
     positions: torch.Tensor  # [n] absolute positions of the chunk's tokens
+    key_offset: int = 0  # position of the first gathered key (> 0 when blocks left a sliding window)
 
 
 @dataclass(slots=True)
@@ -103,8 +104,8 @@ class StepContext:
         key = (idx, window)
         mask = self.masks.get(key)
         if mask is None:
-            keys = chunk.context_start + (chunk.end - chunk.start)
-            j = torch.arange(keys, device=self.slot_mapping.device)[None, :]
+            keys = chunk.context_start + (chunk.end - chunk.start) - chunk.key_offset
+            j = torch.arange(chunk.key_offset, chunk.key_offset + keys, device=self.slot_mapping.device)[None, :]
             q = chunk.positions[:, None]
             mask = j <= q
             if window:
@@ -144,8 +145,9 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     for idx, chunk in enumerate(ctx.prefills):
         s, e = chunk.start, chunk.end
         if chunk.context_start:
-            keys = kv.gather(layer, chunk.block_ids, "k")[:, : chunk.context_start + e - s]
-            vals = kv.gather(layer, chunk.block_ids, "v")[:, : chunk.context_start + e - s]
+            n_keys = chunk.context_start + e - s - chunk.key_offset
+            keys = kv.gather(layer, chunk.block_ids, "k")[:, :n_keys]
+            vals = kv.gather(layer, chunk.block_ids, "v")[:, :n_keys]
         else:
             keys, vals = k[:, s:e], v[:, s:e]
         mask = ctx.prefill_mask(idx, window)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from services.worker.engine.sequence import Sequence
 
 NO_HASH = -1
+FREED = -1  # block-table entry of a block released because it left the sliding window
 
 
 @dataclass(slots=True)
@@ -112,13 +113,25 @@ class BlockManager:
     def release(self, seq: Sequence) -> None:
         """Drop seq's references; blocks whose count reaches zero go to the free list, tail first."""
         for bid in reversed(seq.block_table):
-            block = self.blocks[bid]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[bid] = None
+            if bid != FREED:
+                self._unref(bid)
         seq.block_table = []
         seq.block_hashes = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_freed_blocks = 0
+
+    def release_before(self, seq: Sequence, first_needed: int) -> None:
+        """Sliding-window models: drop the leading blocks no future query can attend to (they keep their
+        hash, so a later prompt with the same prefix still finds them until they are reused)."""
+        for i in range(seq.num_freed_blocks, min(first_needed, len(seq.block_table))):
+            self._unref(seq.block_table[i])
+            seq.block_table[i] = FREED
+            seq.num_freed_blocks = i + 1
+
+    def _unref(self, bid: int) -> None:
+        block = self.blocks[bid]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[bid] = None
 
     def _take_free(self) -> int:
         bid = next(iter(self.free))

@@ -86,7 +86,7 @@ class PagedEngine:
             running=len(sch.running), waiting=len(sch.waiting), free_kv_blocks=bm.num_free_blocks,
             total_kv_blocks=bm.num_blocks, capacity=self.max_num_seqs,
             outstanding_tokens=sum(s.params.max_tokens - s.num_output_tokens for s in self.seqs.values()),
-            kv_tokens=sum(s.num_computed_tokens for s in sch.running),
+            kv_tokens=sum(s.num_computed_tokens - s.num_freed_blocks * self.block_size for s in sch.running),
             prefix_cache_queries=bm.queries, prefix_cache_hits=bm.hits, num_preemptions=sch.num_preemptions,
         )
 
@@ -98,10 +98,13 @@ class PagedEngine:
             self.runner.kv.zero_blocks(self.block_manager.fresh)
             self.block_manager.fresh.clear()
         samplers, logits = self.runner.run(batch)
+        window = self.runner.window
         for seq in batch.seqs:
             seq.num_computed_tokens += seq.num_new_tokens
             seq.num_new_tokens = 0
             self.block_manager.register_full_blocks(seq)
+            if window:  # the next query (at num_computed_tokens) sees keys after num_computed_tokens - window
+                self.block_manager.release_before(seq, max(0, seq.num_computed_tokens - window + 1) // self.block_size)
         if logits is None:
             return []
         tokens = self.sampler(logits, samplers)

@@ -45,6 +45,17 @@ def kv_shape(config: Any) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
 
 
+def model_window(config: Any) -> int | None:
+    """The sliding window when every layer uses the same one (Mistral; Qwen2 with all layers sliding), else
+    None: then blocks that leave the window can be freed. Mixed models keep all blocks and mask per layer."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or (types is not None and any(t != "sliding_attention" for t in types)):
+        return None
+    return int(window)
+
+
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from services.worker.engine import attention
 from services.worker.engine.attention import DecodeGroup, PrefillChunk, StepContext
-from services.worker.engine.kv_cache import KVCache, kv_shape, parse_kv_memory
+from services.worker.engine.kv_cache import KVCache, kv_shape, model_window, parse_kv_memory
 from services.worker.engine.scheduler import SchedulerOutput
 from services.worker.engine.sequence import Sequence
 
@@ -24,6 +24,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = _compute_dtype(model)
         self.num_layers, self.num_kv_heads, self.head_dim = kv_shape(model.config)
+        self.window = model_window(model.config)  # set: blocks behind the window are freed
         per_block = KVCache.bytes_per_block(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
         if not num_blocks:
             budget = kv_cache_memory if isinstance(kv_cache_memory, int) else parse_kv_memory(kv_cache_memory,
@@ -62,10 +63,12 @@ class ModelRunner:
             start = len(ids)
             ids.extend(seq.token_ids[c : c + n])
             positions = torch.arange(c, c + n)
-            table = torch.tensor(seq.block_table[: -(-(c + n) // bs)], dtype=torch.long)
-            slots.extend((table[positions // bs] * bs + positions % bs).tolist())
+            first = max(0, c - self.window + 1) // bs if self.window else 0  # earlier blocks may be freed
+            table = torch.tensor(seq.block_table[first : -(-(c + n) // bs)], dtype=torch.long)
+            slots.extend((table[positions // bs - first] * bs + positions % bs).tolist())
             pos.extend(range(c, c + n))
-            prefills.append(PrefillChunk(start, start + n, c, table.to(dev) if c else None, positions.to(dev)))
+            prefills.append(PrefillChunk(start, start + n, c, table.to(dev) if c else None, positions.to(dev),
+                                         first * bs))
             if seq.samples_this_step:
                 samplers.append(seq)
                 rows.append(start + n - 1)

@@ -34,6 +34,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     num_new_tokens: int = 0  # tokens scheduled in the current step
     num_preemptions: int = 0
+    num_freed_blocks: int = 0  # leading blocks released because they slid out of the attention window
     first_scheduled: bool = False
 
     @property
