@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -260,7 +261,8 @@ def run_direct(loaded: Any, work: Workload, opts: Options, results: list[RunResu
                 probe.peak_blocks, probe.total, probe.ratio())
             results.append(res)
             print_row(res)
-            del engine, front
+            del engine, front, step, one, probe, inner_step
+            gc.collect()  # the engine's KV pool: free it before the next run measures its RSS
 
 
 # ---- gRPC: gateway + worker as processes ----------------------------------------------------------------
