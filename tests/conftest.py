@@ -18,6 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def chat_request(content: str, max_tokens: int = 12, **sampling):
+    """A greedy chat GenerateRequest with one user message."""
+    from services.common.pb import inference_pb2
+
+    sampling.setdefault("temperature", 0.0)
+    return inference_pb2.GenerateRequest(messages=[inference_pb2.ChatMessage(role="user", content=content)],
+                                         sampling=inference_pb2.SamplingParams(max_tokens=max_tokens, **sampling))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

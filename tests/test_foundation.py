@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import conftest
 import grpc
 import pytest
 from conftest import ROOT, free_port
@@ -17,11 +18,8 @@ from services.common.pb import inference_pb2, worker_pb2, worker_pb2_grpc
 STORY = "Write a single paragraph moral story for children about a brave owl who learns the value of patience."
 
 
-def chat_request(content: str = STORY, **sampling) -> inference_pb2.GenerateRequest:
-    sampling.setdefault("max_tokens", 24)
-    sampling.setdefault("temperature", 0.0)
-    return inference_pb2.GenerateRequest(messages=[inference_pb2.ChatMessage(role="user", content=content)],
-                                         sampling=inference_pb2.SamplingParams(**sampling))
+def chat_request(content: str = STORY, max_tokens: int = 24, **sampling) -> inference_pb2.GenerateRequest:
+    return conftest.chat_request(content, max_tokens, **sampling)
 
 
 def test_generated_stubs_are_fresh(tmp_path):

@@ -13,18 +13,15 @@ import grpc
 import httpx
 import openai
 import pytest
-from conftest import free_port
+from conftest import chat_request, free_port
 
 from services.common.pb import inference_pb2, inference_pb2_grpc
 
 STORY = "Write a single paragraph moral story for children about a clever crow who learns the value of sharing."
 
 
-def chat(content: str = STORY, **sampling) -> inference_pb2.GenerateRequest:
-    sampling.setdefault("max_tokens", 12)
-    sampling.setdefault("temperature", 0.0)
-    return inference_pb2.GenerateRequest(messages=[inference_pb2.ChatMessage(role="user", content=content)],
-                                         sampling=inference_pb2.SamplingParams(**sampling))
+def chat(content: str = STORY, max_tokens: int = 12, **sampling) -> inference_pb2.GenerateRequest:
+    return chat_request(content, max_tokens, **sampling)
 
 
 @pytest.fixture(scope="module")
