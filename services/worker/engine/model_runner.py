@@ -116,10 +116,12 @@ def _blocks(seq: Sequence, block_size: int) -> int:
 
 
 def _compute_dtype(model: Any) -> torch.dtype:
-    """The activations' dtype: NF4 models keep packed uint8 weights, so ask the config / the norms."""
-    dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        return dtype
+    """The activations' dtype, read off the input embeddings: NF4 keeps packed uint8 linear weights, and
+    config.dtype goes stale after model.to(dtype)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.is_floating_point():
+        return weight.dtype
     for p in model.parameters():
         if p.is_floating_point():
             return p.dtype

@@ -1,0 +1,174 @@
+"""`python -m bench.gpu`: the engine on a CUDA device, with the Qwen2.5-1.5B-Instruct architecture and random
+weights (GPU nodes reach no model hub).
+
+1. greedy parity (fp32): the paged engine, all prompts in one batch, vs `model.generate` on each prompt alone;
+2. throughput (bf16): hf-static vs paged, closed-loop clients at several concurrencies (bench.engine's runner);
+3. NF4: the random model saved, loaded back through the worker's loader with `--quantization nf4`
+   (bitsandbytes, bf16 compute), parity and paged throughput.
+Prompts are random token ids; every request is greedy with ignore_eos. Writes JSON after each part.
+`--tiny` shrinks the model so the script can be tried on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                  bos_token_id=151643, eos_token_id=151645)
+TINY = dict(QWEN25_15B, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=4096, bos_token_id=1, eos_token_id=2)
+
+
+class IdTokenizer:
+    """Random weights have no tokenizer; text deltas are the ids themselves."""
+
+    pad_token_id = None
+
+    def decode(self, ids: list[int], **_: Any) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+def build_model(spec: dict, device: str) -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**spec)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config)
+    return model.eval()
+
+
+def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def parity(model: Any, prompts: list[list[int]], tokens: int) -> dict:
+    """Paged engine (all prompts at once, staggered by one step each) vs model.generate alone."""
+    from services.common.sampling import SamplingParams
+    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.types import Request
+
+    model.set_attn_implementation("sdpa")
+    dev = next(model.parameters()).device
+    ref = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p], device=dev)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                 min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+            ref.append(out[0, len(p):].tolist())
+    engine = PagedEngine(model, IdTokenizer(), kv_cache_memory="2GiB", max_num_batched_tokens=256)
+    got: dict[str, list[int]] = {}
+    pending = list(enumerate(prompts))
+    while pending or engine.has_work():
+        if pending:  # one new request per step: prefills land next to running decodes
+            i, p = pending.pop(0)
+            engine.add_request(Request(str(i), p, SamplingParams(max_tokens=tokens, temperature=0.0,
+                                                                 ignore_eos=True)))
+        for ev in engine.step():
+            got.setdefault(ev.request_id, []).extend(ev.token_ids)
+    leaked = engine.block_manager.num_blocks - engine.block_manager.num_free_blocks
+    first_diff = []
+    for i, r in enumerate(ref):
+        g = got.get(str(i), [])
+        first_diff.append(next((j for j, (a, b) in enumerate(zip(r, g, strict=False)) if a != b),
+                               None if len(g) == len(r) else min(len(g), len(r))))
+    return {"prompts": len(prompts), "tokens_each": tokens, "identical": sum(d is None for d in first_diff),
+            "first_divergence": first_diff, "kv_blocks_left_in_use": leaked}
+
+
+def throughput(loaded: Any, plan: list[tuple[int, int]], engines: tuple[str, ...], max_tokens: tuple[int, int],
+               vocab: int) -> list[dict]:
+    """bench.engine's direct runner, one workload per (concurrency, requests)."""
+    from bench.engine import Options, Workload, run_direct
+
+    results: list[Any] = []
+    for conc, n in plan:
+        prompts = random_prompts(n, vocab, 40, 80, seed=conc)
+        rng = random.Random(conc)
+        work = Workload([""] * n, prompts, [rng.randint(*max_tokens) for _ in prompts])
+        opts = Options(requests=n, concurrency=(conc,), engines=engines, modes=("direct",))
+        run_direct(loaded, work, opts, results)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return [asdict(r) for r in results]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("results/gpu.json"))
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model, to try the script on a CPU")
+    ap.add_argument("--skip-nf4", action="store_true")
+    ap.add_argument("--tokenizer-dir", default="", help="tokenizer files saved next to the NF4 checkpoint")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = TINY if args.tiny else QWEN25_15B
+    small = args.tiny or device == "cpu"
+    report: dict[str, Any] = {"benchmark": "gpu-engine", "model": "Qwen2.5-1.5B-Instruct architecture, random weights"
+                              if not args.tiny else "tiny Qwen2", "device": torch.cuda.get_device_name()
+                              if device == "cuda" else "cpu", "torch": torch.__version__}
+    import transformers
+
+    report["transformers"] = transformers.__version__
+
+    def save(part: str, value: Any, t0: float) -> None:
+        report[part] = value
+        report[f"{part}_s"] = round(time.perf_counter() - t0, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"== {part} done in {report[f'{part}_s']} s", flush=True)
+
+    t0 = time.perf_counter()
+    model = build_model(spec, device)
+    prompts = random_prompts(4 if small else 12, spec["vocab_size"], 8, 64, seed=1)
+    save("parity_fp32", parity(model, prompts, 8 if small else 32), t0)
+    print(json.dumps(report["parity_fp32"]), flush=True)
+
+    t0 = time.perf_counter()
+    model.to(torch.bfloat16)
+    loaded = SimpleNamespace(model=model, tokenizer=IdTokenizer())
+    plan = [(1, 2), (4, 8)] if small else [(1, 4), (8, 24), (32, 64), (64, 128)]
+    rows = throughput(loaded, plan, ("hf-static", "paged"), (8, 16) if small else (32, 256), spec["vocab_size"])
+    by = {(r["engine"], r["concurrency"]): r["output_tok_s"] for r in rows}
+    ratios = {f"paged/hf-static c={c}": by[("paged", c)] / by[("hf-static", c)] for c, _ in plan}
+    save("throughput_bf16", {"rows": rows, "ratios": ratios}, t0)
+    print(json.dumps(ratios), flush=True)
+
+    if args.skip_nf4:
+        return
+    t0 = time.perf_counter()
+    from services.common.model_loader import load_model
+
+    folder = Path("/tmp/tokenmill-qwen-random")
+    model.save_pretrained(folder)
+    if args.tokenizer_dir:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(args.tokenizer_dir).save_pretrained(folder)
+    del model, loaded
+    nf4 = load_model(str(folder), "nf4", device, "auto")
+    nf4.tokenizer = IdTokenizer()
+    part = {"weights_gib": round(sum(p.numel() * p.element_size() for p in nf4.model.parameters()) / 2**30, 2),
+            "parity": parity(nf4.model, prompts[:6], 8 if small else 32)}
+    part["rows"] = throughput(nf4, plan[-2:-1], ("paged",), (8, 16) if small else (32, 256), spec["vocab_size"])
+    save("nf4", part, t0)
+    print(json.dumps(part["parity"]), part["weights_gib"], "GiB of weights", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
