@@ -27,7 +27,11 @@ def engine(
     quick: bool = typer.Option(False, "--quick", help="Small version: 8 requests, concurrency 1,4, 8..32 tokens."),
     requests: int = typer.Option(128, help="Requests per run (story prompt set, chat template)."),
     concurrency: str = typer.Option("1,8,32", help="Closed-loop client counts, comma separated."),
-    engines: str = typer.Option("hf-static,paged", help="Engines to compare."),
+    engines: str = typer.Option("hf-static,paged", help="Engines to compare; paged+ngram / paged+draft = the paged "
+                                "engine with that speculative decoding mode."),
+    workload: str = typer.Option("story", help="story (story prompts) | repeat (rewrite a paragraph keeping "
+                                 "its words: the answer repeats the prompt)."),
+    spec_max_batch: int = typer.Option(-1, help="paged+<mode>: --speculative-max-batch; -1 = worker default."),
     modes: str = typer.Option("direct,grpc", help="direct (AsyncEngine in-process) and/or grpc (gateway+worker)."),
     min_tokens: int = typer.Option(32, help="Smallest max_tokens drawn per request."),
     max_tokens: int = typer.Option(256, help="Largest max_tokens drawn per request."),
@@ -42,7 +46,8 @@ def engine(
 
     opts = Options(requests=requests, concurrency=_ints(concurrency), engines=_names(engines), modes=_names(modes),
                    min_tokens=min_tokens, max_tokens=max_tokens, seed=seed, model=model,
-                   kv_cache_memory=kv_cache_memory, threads=threads, out=out)
+                   kv_cache_memory=kv_cache_memory, threads=threads, workload=workload,
+                   spec_max_batch=spec_max_batch, out=out)
     if quick:
         opts.requests, opts.concurrency, opts.min_tokens, opts.max_tokens = 8, (1, 4), 8, 32
     main(opts)

@@ -1,9 +1,11 @@
 """`tokenmill bench engine`: the seed's hf-static engine vs the paged engine, side by side in one run.
 
 Workload: N story prompts (chat template), greedy, each request's max_tokens drawn from a range with a
-fixed seed, sent by closed-loop clients at each concurrency. Each engine runs directly (through
-AsyncEngine, in this process, one model shared by both) and through gateway + worker over gRPC
-(subprocesses on 127.0.0.1). Writes JSON and prints a table.
+fixed seed, sent by closed-loop clients at each concurrency. `--workload repeat` asks instead to rewrite
+held-out paragraphs keeping their words (the answer repeats the prompt: where speculation shines).
+An engine "paged+ngram" / "paged+draft" is the paged engine with that speculative decoding mode.
+Each engine runs directly (through AsyncEngine, in this process, one model shared by all) and through
+gateway + worker over gRPC (subprocesses on 127.0.0.1). Writes JSON and prints a table.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Options:
     model: str = "smollm2-135m"
     kv_cache_memory: str = ""  # "" = the worker's default
     threads: int = 0
+    workload: str = "story"  # story | repeat
+    spec_max_batch: int = -1  # paged+<mode>: --speculative-max-batch; -1 = the worker's default
     out: Path = Path("results/engine.json")
 
 
@@ -80,10 +84,30 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+REPEAT_ASKS = ("Rewrite this paragraph, keeping its words:", "Copy this paragraph exactly:",
+               "Repeat this paragraph with one word changed:")
+
+
+def repeat_prompts(n: int) -> list[str]:
+    from bench.phases.common import heldout_text
+
+    paragraphs = [p.strip() for p in heldout_text().split("\n\n") if p.strip()]
+    return [f"{REPEAT_ASKS[(i // len(paragraphs)) % len(REPEAT_ASKS)]}\n\n{paragraphs[i % len(paragraphs)]}"
+            for i in range(n)]
+
+
+def split_kind(kind: str) -> tuple[str, str]:
+    """'paged+ngram' -> ('paged', 'ngram'); 'hf-static' -> ('hf-static', 'off')."""
+    engine, _, spec = kind.partition("+")
+    return engine, spec or "off"
+
+
 def build_workload(tokenizer: Any, opts: Options) -> Workload:
     from loadtest.prompts import chat_messages, sample_prompts
 
-    prompts = sample_prompts(opts.requests, opts.seed)
+    if opts.workload not in ("story", "repeat"):
+        raise ValueError(f"workload {opts.workload!r}: use story or repeat")
+    prompts = sample_prompts(opts.requests, opts.seed) if opts.workload == "story" else repeat_prompts(opts.requests)
     ids = [tokenizer.apply_chat_template(chat_messages(p), add_generation_prompt=True, tokenize=True,
                                          return_dict=False) for p in prompts]
     rng = random.Random(opts.seed)
@@ -171,11 +195,14 @@ def make_engine(kind: str, loaded: Any, opts: Options) -> Any:
         engine.step()  # like the paged engine's warmup: the first generate() pays for lazy init
         return engine
     from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.speculative import SpecConfig
 
+    spec = SpecConfig(split_kind(kind)[1], cfg.num_speculative_tokens, cfg.draft_layers,
+                      opts.spec_max_batch if opts.spec_max_batch >= 0 else cfg.speculative_max_batch)
     engine = PagedEngine(loaded.model, loaded.tokenizer, block_size=cfg.block_size,
                          kv_cache_memory=opts.kv_cache_memory or cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                          max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
-                         enable_prefix_caching=cfg.prefix_cache)
+                         enable_prefix_caching=cfg.prefix_cache, speculative=spec)
     engine.warmup()
     return engine
 
@@ -259,6 +286,11 @@ def run_direct(loaded: Any, work: Workload, opts: Options, results: list[RunResu
             res = summarise(kind, "direct", conc, samples, wall, mem.peak_rss)
             res.kv_blocks_used_peak, res.kv_blocks_total, res.kv_reserved_over_held = (
                 probe.peak_blocks, probe.total, probe.ratio())
+            stats = engine.stats()
+            if stats.spec_draft_tokens:
+                res.extra.update(spec_draft_tokens=stats.spec_draft_tokens,
+                                 spec_accepted_tokens=stats.spec_accepted_tokens,
+                                 spec_acceptance=stats.spec_accepted_tokens / stats.spec_draft_tokens)
             results.append(res)
             print_row(res)
             del engine, front, step, one, probe, inner_step
@@ -280,7 +312,10 @@ def run_grpc(work: Workload, opts: Options, results: list[RunResult], log_dir: P
 
     for kind in opts.engines:
         wport, gport = _free_port(), _free_port()
-        wargs = ["worker", "--port", str(wport), "--engine", kind, "--model", opts.model]
+        engine, spec = split_kind(kind)
+        wargs = ["worker", "--port", str(wport), "--engine", engine, "--model", opts.model, "--speculative", spec]
+        if opts.spec_max_batch >= 0:
+            wargs += ["--speculative-max-batch", str(opts.spec_max_batch)]
         if opts.kv_cache_memory:
             wargs += ["--kv-cache-memory", opts.kv_cache_memory]
         if opts.threads:
@@ -367,6 +402,9 @@ def ratios(results: list[RunResult]) -> dict[str, float]:
         base = by.get(("hf-static", mode, conc))
         if engine == "paged" and base:
             out[f"paged/hf-static {mode} c={conc}"] = tps / base
+        plain = by.get(("paged", mode, conc))
+        if engine.startswith("paged+") and plain:
+            out[f"{engine}/paged {mode} c={conc}"] = tps / plain
         direct = by.get((engine, "direct", conc))
         if mode == "grpc" and direct:
             out[f"{engine} grpc/direct c={conc}"] = tps / direct

@@ -47,6 +47,22 @@ def reference_greedy(model, prompts: list[list[int]], max_new_tokens: int, **kwa
     return refs
 
 
+def parity_prompts(tok) -> list[list[int]]:
+    """22 prompts of 1..~230 tokens: raw text, chat-templated stories, long ones, two sharing a prefix."""
+    from loadtest.prompts import sample_prompts
+
+    stories = sample_prompts(40, seed=3)
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                     tokenize=True, return_dict=False) for p in stories[:8]]
+    raw = [tok.encode(t) for t in ("Hello", "The capital of France is", "Once upon a time,",
+                                   "def fibonacci(n):\n    ", "1, 2, 3, 4, 5,")]
+    long = [tok.encode(" ".join(stories[8 + i : 8 + i + k])) for i, k in ((0, 2), (2, 3), (5, 5), (10, 7), (17, 9))]
+    shared = tok.encode(" ".join(stories[30:33]))  # two prompts sharing a 3-sentence prefix of full blocks
+    out = [[raw[0][0]], *raw, *chats, *long, shared + tok.encode(" And then?"), shared + tok.encode(" Why?")]
+    assert len(out) >= 20 and len({len(p) for p in out}) >= 15
+    return out
+
+
 def params(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 

@@ -14,6 +14,7 @@ from engine_support import (
     drive,
     one_thread,  # noqa: F401  (module fixture)
     params,
+    parity_prompts,
     reference_greedy,
     tokens_of,
 )
@@ -35,19 +36,7 @@ def loaded():
 
 @pytest.fixture(scope="module")
 def prompts(loaded) -> list[list[int]]:
-    from loadtest.prompts import sample_prompts
-
-    tok = loaded.tokenizer
-    stories = sample_prompts(40, seed=3)
-    chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                     tokenize=True, return_dict=False) for p in stories[:8]]
-    raw = [tok.encode(t) for t in ("Hello", "The capital of France is", "Once upon a time,",
-                                   "def fibonacci(n):\n    ", "1, 2, 3, 4, 5,")]
-    long = [tok.encode(" ".join(stories[8 + i : 8 + i + k])) for i, k in ((0, 2), (2, 3), (5, 5), (10, 7), (17, 9))]
-    shared = tok.encode(" ".join(stories[30:33]))  # two prompts sharing a 3-sentence prefix of full blocks
-    out = [[raw[0][0]], *raw, *chats, *long, shared + tok.encode(" And then?"), shared + tok.encode(" Why?")]
-    assert len(out) >= 20 and len({len(p) for p in out}) >= 15
-    return out
+    return parity_prompts(loaded.tokenizer)
 
 
 @pytest.fixture(scope="module")

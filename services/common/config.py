@@ -43,6 +43,11 @@ class WorkerConfig:
     max_num_seqs: int = setting(64, "paged: most sequences running at once.")
     max_model_len: int = setting(0, "Context length cap; 0 = the model's own.")
     prefix_cache: bool = setting(True, "paged: reuse KV blocks of shared prompt prefixes.")
+    speculative: str = setting("off", "paged: speculative decoding, off | ngram (prompt lookup) | draft "
+                               "(self-speculative: the model's first --draft-layers layers).")
+    num_speculative_tokens: int = setting(4, "paged: most drafted tokens per sequence and step.")
+    draft_layers: int = setting(0, "paged, --speculative draft: layers of the draft; 0 = a quarter.")
+    speculative_max_batch: int = setting(4, "paged: speculate only while at most this many sequences decode.")
     step_delay_ms: float = setting(0.0, "Sleep this long per engine step (tests: a slow worker).")
     grace_period_s: float = setting(30.0, "On SIGTERM, time to finish in-flight requests.")
 

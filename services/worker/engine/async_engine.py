@@ -176,6 +176,8 @@ class AsyncEngine:
         metrics.prefix_queries.inc(max(0, new.prefix_cache_queries - old.prefix_cache_queries))
         metrics.prefix_hits.inc(max(0, new.prefix_cache_hits - old.prefix_cache_hits))
         metrics.preemptions.inc(max(0, new.num_preemptions - old.num_preemptions))
+        metrics.spec_draft.inc(max(0, new.spec_draft_tokens - old.spec_draft_tokens))
+        metrics.spec_accepted.inc(max(0, new.spec_accepted_tokens - old.spec_accepted_tokens))
 
 
 def _error(req: Request, code: str, message: str) -> Event:

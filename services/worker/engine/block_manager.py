@@ -110,6 +110,12 @@ class BlockManager:
         for _ in range(self.blocks_needed(num_tokens) - len(seq.block_table)):
             seq.block_table.append(self._take_free())
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the tail blocks past num_tokens (rejected drafted tokens); they were never hashed."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            self._unref(seq.block_table.pop())
+
     def release(self, seq: Sequence) -> None:
         """Drop seq's references; blocks whose count reaches zero go to the free list, tail first."""
         for bid in reversed(seq.block_table):

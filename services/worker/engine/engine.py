@@ -14,6 +14,7 @@ from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.sampler import Sampler
 from services.worker.engine.scheduler import Scheduler
 from services.worker.engine.sequence import Sequence
+from services.worker.engine.speculative import SpecConfig, Speculator
 from services.worker.engine.types import FINISH_LENGTH, FINISH_STOP, Event, Request, Stats
 
 log = logging.getLogger("tokenmill.engine")
@@ -24,7 +25,8 @@ class PagedEngine:
 
     def __init__(self, model: Any, tokenizer: Any, *, block_size: int = 16, kv_cache_memory: str | int = "0.25",
                  num_blocks: int = 0, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
-                 max_model_len: int = 0, enable_prefix_caching: bool = True, seed: int | None = None) -> None:
+                 max_model_len: int = 0, enable_prefix_caching: bool = True, seed: int | None = None,
+                 speculative: SpecConfig | None = None) -> None:
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         self.tokenizer = tokenizer
@@ -41,6 +43,8 @@ class PagedEngine:
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.seqs: dict[str, Sequence] = {}
         self._seq_no = 0
+        spec = speculative or SpecConfig()
+        self.speculator = Speculator(spec, self.runner, self.max_model_len) if spec.method != "off" else None
 
     # ---- Engine protocol -----------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -88,46 +92,73 @@ class PagedEngine:
             outstanding_tokens=sum(s.params.max_tokens - s.num_output_tokens for s in self.seqs.values()),
             kv_tokens=sum(s.num_computed_tokens - s.num_freed_blocks * self.block_size for s in sch.running),
             prefix_cache_queries=bm.queries, prefix_cache_hits=bm.hits, num_preemptions=sch.num_preemptions,
+            spec_draft_tokens=self.speculator.num_draft_tokens if self.speculator else 0,
+            spec_accepted_tokens=self.speculator.num_accepted_tokens if self.speculator else 0,
         )
 
     def step(self) -> list[Event]:
+        spec = self.speculator
+        if spec:
+            spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
         if self.block_manager.fresh:
             self.runner.kv.zero_blocks(self.block_manager.fresh)
             self.block_manager.fresh.clear()
+        if spec:
+            spec.fill(batch.seqs)
         samplers, logits = self.runner.run(batch)
-        window = self.runner.window
         for seq in batch.seqs:
-            seq.num_computed_tokens += seq.num_new_tokens
-            seq.num_new_tokens = 0
-            self.block_manager.register_full_blocks(seq)
-            if window:  # the next query (at num_computed_tokens) sees keys after num_computed_tokens - window
-                self.block_manager.release_before(seq, max(0, seq.num_computed_tokens - window + 1) // self.block_size)
+            if not seq.spec_token_ids:  # drafted ones advance once verified
+                self._advance(seq, seq.num_new_tokens)
         if logits is None:
             return []
-        tokens = self.sampler(logits, samplers)
-        return [self._append(seq, tok, len(batch.seqs)) for seq, tok in zip(samplers, tokens, strict=True)]
+        if spec and any(s.spec_token_ids for s in samplers):
+            tokens = spec.accept(logits, samplers, self.sampler)
+        else:
+            tokens = [[t] for t in self.sampler(logits, samplers)]
+        events = []
+        for seq, toks in zip(samplers, tokens, strict=True):
+            drafted = bool(seq.spec_token_ids)
+            seq.spec_token_ids = []
+            events.append(self._append(seq, toks, len(batch.seqs)))
+            if drafted and seq.request_id in self.seqs:  # the fed token and the kept drafts are in the cache
+                self._advance(seq, len(toks))
+                self.block_manager.truncate(seq, seq.num_computed_tokens + 1)
+        return events
 
     # ---- helpers ---------------------------------------------------------------------
-    def _append(self, seq: Sequence, token: int, batch_size: int) -> Event:
-        seq.token_ids.append(token)
+    def _advance(self, seq: Sequence, computed: int) -> None:
+        seq.num_computed_tokens += computed
+        seq.num_new_tokens = 0
+        self.block_manager.register_full_blocks(seq)
+        if window := self.runner.window:  # the next query (at num_computed_tokens) sees keys after it - window
+            self.block_manager.release_before(seq, max(0, seq.num_computed_tokens - window + 1) // self.block_size)
+
+    def _append(self, seq: Sequence, tokens: list[int], batch_size: int) -> Event:
+        """Append the step's tokens (several when drafts were accepted) up to the first that finishes."""
         reason = None
         text = ""
-        if token in seq.stop_ids:
-            reason = FINISH_STOP
-        else:
-            text = seq.detok.add([token])
+        taken: list[int] = []
+        for token in tokens:
+            seq.token_ids.append(token)
+            taken.append(token)
+            if token in seq.stop_ids:
+                reason = FINISH_STOP
+                break
+            text += seq.detok.add([token])
             if seq.detok.stopped:
                 reason = FINISH_STOP
             elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = FINISH_LENGTH
+            if reason is not None:
+                break
         if reason is not None:
             text += seq.detok.flush()
             del self.seqs[seq.request_id]
             self.scheduler.remove(seq)
-        return Event(seq.request_id, [token], text, finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
+        return Event(seq.request_id, taken, text, finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
                      completion_tokens=seq.num_output_tokens, cached_tokens=seq.num_cached_tokens,
                      batch_size=batch_size)
 
@@ -151,6 +182,8 @@ def build_paged_engine(config: Any) -> tuple[Any, PagedEngine]:
         loaded.model, loaded.tokenizer, block_size=config.block_size, kv_cache_memory=config.kv_cache_memory,
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, enable_prefix_caching=config.prefix_cache,
+        speculative=SpecConfig(config.speculative, config.num_speculative_tokens, config.draft_layers,
+                               config.speculative_max_batch),
     )
     engine.warmup()
     return loaded, engine

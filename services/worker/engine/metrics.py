@@ -17,4 +17,6 @@ tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token af
 e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in the engine", buckets=LATENCY_BUCKETS)
 prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed")
 generation_tokens = Counter("vllm:generation_tokens", "Tokens generated")
+spec_draft = Counter("vllm:spec_decode_num_draft_tokens", "Drafted tokens verified (speculative decoding)")
+spec_accepted = Counter("vllm:spec_decode_num_accepted_tokens", "Drafted tokens accepted (speculative decoding)")
 finished = Counter("tokenmill:worker_requests_finished", "Requests finished, by reason", ["finish_reason"])

@@ -30,6 +30,23 @@ class Sampler:
         return choice.tolist()
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        probs, order = self._probs(logits, seqs)
+        cdf = probs.cumsum(dim=-1)
+        u = torch.tensor([self.uniform(s) for s in seqs], device=logits.device, dtype=cdf.dtype)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=logits.shape[-1] - 1)
+        return (order.gather(1, pick) if order is not None else pick)[:, 0]
+
+    def uniform(self, seq: Sequence) -> float:
+        """One draw from the request's own generator when it set a seed."""
+        return float(torch.rand((), generator=seq.generator or self.generator))
+
+    def distribution(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The sampling distribution of each row after temperature / top-k / top-p, in vocabulary order
+        (unnormalised where top-p cut mass: divide by the row sum)."""
+        probs, order = self._probs(logits, seqs)
+        return probs if order is None else torch.empty_like(probs).scatter_(1, order, probs)
+
+    def _probs(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
         dev, vocab = logits.device, logits.shape[-1]
         temps = torch.tensor([s.params.temperature for s in seqs], device=dev)
         logits = logits / temps[:, None]
@@ -45,8 +62,4 @@ class Sampler:
         if min(top_p) < 1.0:
             before = probs.cumsum(dim=-1) - probs  # mass strictly above each token; the top token always stays
             probs.masked_fill_(before >= torch.tensor(top_p, device=dev)[:, None], 0.0)
-        cdf = probs.cumsum(dim=-1)
-        u = torch.tensor([float(torch.rand((), generator=s.generator or self.generator)) for s in seqs],
-                         device=dev, dtype=cdf.dtype)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=vocab - 1)
-        return (order.gather(1, pick) if order is not None else pick)[:, 0]
+        return probs, order

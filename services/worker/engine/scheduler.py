@@ -5,7 +5,8 @@ Every step has a token budget and a sequence cap. Running sequences go first, in
 the next chunk that fits the budget. When a running sequence needs a block and
 none is free, the newest lowest-priority running sequence is preempted: its blocks
 are released (full ones stay in the prefix cache) and it is recomputed later.
-Waiting sequences are admitted only in steps without preemption.
+Waiting sequences are admitted only in steps without preemption. A decode may carry drafted
+tokens (speculation): they count against the budget and are dropped rather than preempt.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens + len(seq.spec_token_ids), budget)
+            if seq.spec_token_ids and not self.bm.can_grow(seq, seq.num_computed_tokens + n):
+                n = 1  # drafts never preempt anyone: drop them
+            del seq.spec_token_ids[max(0, n - 1) :]  # drafts the budget cut off
             while not self.bm.can_grow(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -97,6 +101,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.release(seq)
+        seq.spec_token_ids.clear()
         seq.num_new_tokens = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -36,6 +36,7 @@ class Sequence:
     num_preemptions: int = 0
     num_freed_blocks: int = 0  # leading blocks released because they slid out of the attention window
     first_scheduled: bool = False
+    spec_token_ids: list[int] = field(default_factory=list)  # drafted tokens verified this step (speculation)
 
     @property
     def num_tokens(self) -> int:
@@ -56,5 +57,13 @@ class Sequence:
 
     @property
     def samples_this_step(self) -> bool:
-        """True when the scheduled chunk reaches the end of the known tokens, so its last logits pick a token."""
-        return self.num_computed_tokens + self.num_new_tokens == self.num_tokens
+        """True when the scheduled chunk reaches the end of the known tokens, so its last logits pick a token
+        (past the end when drafted tokens ride along)."""
+        return self.num_computed_tokens + self.num_new_tokens >= self.num_tokens
+
+    def step_token_ids(self, n: int) -> list[int]:
+        """The n tokens fed this step: known tokens from num_computed_tokens on, then any drafted ones."""
+        c = self.num_computed_tokens
+        if not self.spec_token_ids:
+            return self.token_ids[c : c + n]
+        return (self.token_ids[c:] + self.spec_token_ids)[:n]

@@ -1,0 +1,150 @@
+"""Speculative decoding: draft tokens per sequence, verify them all in the engine's one packed forward,
+keep the longest accepted prefix plus one token of the target's own.
+
+Drafts:
+- ngram (prompt lookup): the continuation of the latest earlier occurrence of the sequence's last n tokens
+  (n = max_ngram down to 1) in its own prompt and output. Free; strong when the answer repeats the input.
+- draft (self-speculative): the target's first N layers + its final norm and LM head, greedy, K passes
+  batched over the sequences. Those layers' K/V equal the target's, so the draft needs no cache of its own.
+Acceptance: a greedy request keeps drafts while they equal the target's argmax. A sampled request uses
+rejection sampling with a point-mass proposal (both drafts are deterministic): keep draft x with
+probability p(x), else draw from p without x, renormalised, and stop; when all K are kept, draw one more
+from p. The output distribution is the target's (Leviathan et al. 2023, with q one-hot at the draft).
+When (per step): only while at most `max_batch` sequences are decoding. A bigger CPU batch is GEMM-bound:
+verifying K more tokens per sequence costs about K decodes' work and no acceptance rate pays it back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from services.worker.engine.sampler import Sampler
+from services.worker.engine.sequence import Sequence
+
+METHODS = ("off", "ngram", "draft")
+PLACEHOLDER = -1  # a draft slot the draft model fills once the scheduler has given it KV room
+
+
+@dataclass(slots=True)
+class SpecConfig:
+    method: str = "off"
+    num_tokens: int = 4  # K: most drafted tokens per sequence and step
+    draft_layers: int = 0  # draft: the target's first N layers; 0 = a quarter of them
+    max_batch: int = 4  # speculate only while at most this many sequences decode
+    max_ngram: int = 3
+
+    def validate(self, num_layers: int) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--speculative {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.num_tokens < 1 or self.max_batch < 0:
+            raise ValueError("--num-speculative-tokens must be >= 1 and --speculative-max-batch >= 0")
+        if self.method == "draft" and not 0 < self.layers(num_layers) < num_layers:
+            raise ValueError(f"--draft-layers {self.draft_layers}: the model has {num_layers} layers; "
+                             f"a self-speculative draft uses between 1 and {num_layers - 1}")
+
+    def layers(self, num_layers: int) -> int:
+        return self.draft_layers or max(1, num_layers // 4)
+
+
+def ngram_draft(tokens: list[int], k: int, max_ngram: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest matching suffix."""
+    n_tokens = len(tokens)
+    for n in range(min(max_ngram, n_tokens - 1), 0, -1):
+        suffix = tokens[-n:]
+        for start in range(n_tokens - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + k]
+    return []
+
+
+class Speculator:
+    def __init__(self, cfg: SpecConfig, runner: Any, max_model_len: int) -> None:
+        cfg.validate(runner.num_layers)
+        self.cfg, self.runner, self.max_model_len = cfg, runner, max_model_len
+        self.draft_layers = cfg.layers(runner.num_layers)
+        self.num_draft_tokens = 0  # cumulative, for metrics
+        self.num_accepted_tokens = 0
+
+    def propose(self, running: list[Sequence]) -> None:
+        """Before scheduling: set each decoding sequence's drafts (placeholders in draft mode), or none when
+        too many sequences decode for speculation to pay."""
+        decoding = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
+        on = len(decoding) <= self.cfg.max_batch
+        for seq in decoding:
+            k = min(self.cfg.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
+                    self.max_model_len - seq.num_tokens - 1) if on else 0
+            if k <= 0:
+                seq.spec_token_ids = []
+            elif self.cfg.method == "ngram":
+                seq.spec_token_ids = ngram_draft(seq.token_ids, k, self.cfg.max_ngram)
+            else:
+                seq.spec_token_ids = [PLACEHOLDER] * k
+
+    def fill(self, scheduled: list[Sequence]) -> None:
+        """After scheduling (draft mode): run the draft passes, one batched token per sequence each."""
+        seqs = sorted((s for s in scheduled if s.spec_token_ids and s.spec_token_ids[0] == PLACEHOLDER),
+                      key=lambda s: -s.num_computed_tokens)
+        last = [s.token_ids[-1] for s in seqs]
+        for j in range(max((len(s.spec_token_ids) for s in seqs), default=0)):
+            active = [i for i, s in enumerate(seqs) if len(s.spec_token_ids) > j]
+            drafted = self.runner.draft([last[i] for i in active], [seqs[i].num_computed_tokens + j for i in active],
+                                        [seqs[i].block_table for i in active], self.draft_layers).tolist()
+            for i, tok in zip(active, drafted, strict=True):
+                seqs[i].spec_token_ids[j] = last[i] = tok
+
+    def accept(self, logits: torch.Tensor, seqs: list[Sequence], sampler: Sampler) -> list[list[int]]:
+        """logits has 1 + len(spec_token_ids) rows per sequence; returns the tokens each one keeps."""
+        argmax = logits.argmax(dim=-1).tolist()
+        out: list[list[int]] = []
+        plain: list[int] = []  # sampled sequences without drafts: one batched draw
+        row = 0
+        for i, seq in enumerate(seqs):
+            drafts, k = seq.spec_token_ids, len(seq.spec_token_ids)
+            if seq.params.greedy:
+                a = next((j for j in range(k) if drafts[j] != argmax[row + j]), k)
+                out.append([*drafts[:a], argmax[row + a]])
+            elif not k:
+                out.append([])
+                plain.append(i)
+            else:
+                out.append(self._rejection_sample(logits[row : row + k + 1], seq, sampler))
+            if k:
+                self.num_draft_tokens += k
+                self.num_accepted_tokens += len(out[-1]) - 1
+            row += k + 1
+        if plain:
+            rows = torch.tensor([_first_row(seqs, i) for i in plain], device=logits.device)
+            for i, tok in zip(plain, sampler(logits[rows], [seqs[i] for i in plain]), strict=True):
+                out[i] = [tok]
+        return out
+
+    @staticmethod
+    def _rejection_sample(logits: torch.Tensor, seq: Sequence, sampler: Sampler) -> list[int]:
+        probs = sampler.distribution(logits, [seq] * logits.shape[0])
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+        kept: list[int] = []
+        for j, x in enumerate(seq.spec_token_ids):
+            p = probs[j]
+            if sampler.uniform(seq) < float(p[x]):
+                kept.append(x)
+                continue
+            residual = p.clone()
+            residual[x] = 0.0
+            if float(residual.sum()) <= 0.0:  # p(x) was 1 up to rounding: x is the only choice
+                kept.append(x)
+                continue
+            return [*kept, _draw(residual, sampler.uniform(seq))]
+        return [*kept, _draw(probs[-1], sampler.uniform(seq))]
+
+
+def _first_row(seqs: list[Sequence], index: int) -> int:
+    return sum(len(s.spec_token_ids) + 1 for s in seqs[:index])
+
+
+def _draw(probs: torch.Tensor, u: float) -> int:
+    """Inverse-CDF draw from an unnormalised distribution."""
+    cdf = probs.cumsum(dim=-1)
+    return int(torch.searchsorted(cdf, u * cdf[-1:], right=True).clamp_(max=probs.shape[-1] - 1))
