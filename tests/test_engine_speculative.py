@@ -55,7 +55,7 @@ def make(loaded, mode, *, max_batch=4, **kw):
     from services.worker.engine.engine import PagedEngine
 
     kw.setdefault("num_blocks", 512)
-    spec = SpecConfig(mode, num_tokens=4, draft_layers=8, max_batch=max_batch)
+    spec = SpecConfig(mode, num_tokens=4, draft_layers=8, max_batch=max_batch, min_acceptance=0.0)  # always draft
     return PagedEngine(loaded.model, loaded.tokenizer, block_size=kw.pop("block_size", 16), speculative=spec, **kw)
 
 
@@ -114,11 +114,34 @@ def test_speculation_is_off_while_the_batch_is_large(loaded, prompts):
             drafted_while_large.append(engine.stats().spec_draft_tokens)
 
     lengths = [6, 8, 10, 12, 40, 40]  # two long ones are left decoding on their own at the end
-    reqs = [Request(str(i), p, params(n, ignore_eos=True)) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    reqs = [Request(str(i), p, params(n, ignore_eos=True))
+            for i, (p, n) in enumerate(zip(prompts[:6], lengths, strict=True))]
     drive(engine, {0: reqs}, on_step=watch)
     assert drafted_while_large and len(set(drafted_while_large)) == 1  # no drafts while > 2 decode
     assert engine.stats().spec_draft_tokens > drafted_while_large[-1]  # ... and drafts once few are left
     assert_no_leaks(engine)
+
+
+def test_a_sequence_whose_drafts_fail_stops_drafting_and_probes_again():
+    from types import SimpleNamespace
+
+    from services.worker.engine.sequence import Sequence
+    from services.worker.engine.speculative import PROBE_EVERY, Speculator
+
+    spec = Speculator(SpecConfig("ngram", num_tokens=4), SimpleNamespace(num_layers=4), max_model_len=1000)
+    seq = Sequence("r", [1, 2, 3, 1, 2, 3, 1, 2], 8, params(100), 0, 1, 0.0)
+    seq.num_computed_tokens = 7  # decoding: the last token is not in the cache yet
+    spec.propose([seq])
+    assert seq.spec_token_ids == [3, 1, 2]  # a fresh sequence drafts
+    seq.spec_drafted, seq.spec_accepted = 12, 1  # then (1 + 1) / (12 + 2) = 0.14 < 0.2
+    proposals = []
+    for _ in range(PROBE_EVERY):
+        spec.propose([seq])
+        proposals.append(bool(seq.spec_token_ids))
+    assert proposals == [False] * (PROBE_EVERY - 1) + [True]  # idle, then one probe
+    seq.spec_accepted = 6  # (6 + 1) / 14 = 0.5: drafting pays again
+    spec.propose([seq])
+    assert seq.spec_token_ids
 
 
 def test_ngram_draft_takes_the_latest_longest_match():
@@ -152,7 +175,7 @@ def tiny():
 def _sample_runs(model, mode: str, n: int, tokens: int) -> tuple[list[list[int]], object]:
     from services.worker.engine.engine import PagedEngine
 
-    spec = SpecConfig(mode, num_tokens=3, draft_layers=1, max_batch=10_000)
+    spec = SpecConfig(mode, num_tokens=3, draft_layers=1, max_batch=10_000, min_acceptance=0.0)
     engine = PagedEngine(model, _Tok(), block_size=4, num_blocks=4096, max_num_seqs=256,
                          max_num_batched_tokens=4096, speculative=spec)
     prompt = [3, 7, 3, 7, 1, 3, 7, 3]

@@ -48,6 +48,8 @@ class WorkerConfig:
     num_speculative_tokens: int = setting(4, "paged: most drafted tokens per sequence and step.")
     draft_layers: int = setting(0, "paged, --speculative draft: layers of the draft; 0 = a quarter.")
     speculative_max_batch: int = setting(4, "paged: speculate only while at most this many sequences decode.")
+    speculative_min_acceptance: float = setting(-1.0, "paged: a sequence drafts while its acceptance rate is at "
+                                                "least this; < 0 = per mode (ngram 0.2, draft 0.6).")
     step_delay_ms: float = setting(0.0, "Sleep this long per engine step (tests: a slow worker).")
     grace_period_s: float = setting(30.0, "On SIGTERM, time to finish in-flight requests.")
 

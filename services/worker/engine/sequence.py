@@ -37,6 +37,9 @@ class Sequence:
     num_freed_blocks: int = 0  # leading blocks released because they slid out of the attention window
     first_scheduled: bool = False
     spec_token_ids: list[int] = field(default_factory=list)  # drafted tokens verified this step (speculation)
+    spec_drafted: int = 0  # this sequence's drafted / accepted tokens so far: its own acceptance rate
+    spec_accepted: int = 0
+    spec_idle_steps: int = 0  # decode steps without drafts since its rate fell below the minimum
 
     @property
     def num_tokens(self) -> int:

@@ -10,8 +10,12 @@ Acceptance: a greedy request keeps drafts while they equal the target's argmax. 
 rejection sampling with a point-mass proposal (both drafts are deterministic): keep draft x with
 probability p(x), else draw from p without x, renormalised, and stop; when all K are kept, draw one more
 from p. The output distribution is the target's (Leviathan et al. 2023, with q one-hot at the draft).
-When (per step): only while at most `max_batch` sequences are decoding. A bigger CPU batch is GEMM-bound:
-verifying K more tokens per sequence costs about K decodes' work and no acceptance rate pays it back.
+When (per step and sequence): only while at most `max_batch` sequences are decoding (a bigger CPU batch is
+GEMM-bound: verifying K more tokens per sequence costs about K decodes' work, which no acceptance rate
+pays back), and only for a sequence whose own acceptance rate, (accepted + 1) / (drafted + 2), is at least
+`min_acceptance` (a text the drafts do not predict stops paying for them; it retries every PROBE_EVERY
+decode steps). Break-even acceptance is low for ngram (free drafts, verification ~free at small batch)
+and high for the self-draft (each drafted token costs its layers and a full LM head).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from services.worker.engine.sequence import Sequence
 
 METHODS = ("off", "ngram", "draft")
 PLACEHOLDER = -1  # a draft slot the draft model fills once the scheduler has given it KV room
+MIN_ACCEPTANCE = {"ngram": 0.2, "draft": 0.6, "off": 1.0}  # defaults of --speculative-min-acceptance
+PROBE_EVERY = 16
 
 
 @dataclass(slots=True)
@@ -34,6 +40,7 @@ class SpecConfig:
     num_tokens: int = 4  # K: most drafted tokens per sequence and step
     draft_layers: int = 0  # draft: the target's first N layers; 0 = a quarter of them
     max_batch: int = 4  # speculate only while at most this many sequences decode
+    min_acceptance: float = -1.0  # a sequence drafts while its acceptance rate is at least this; < 0: per mode
     max_ngram: int = 3
 
     def validate(self, num_layers: int) -> None:
@@ -47,6 +54,9 @@ class SpecConfig:
 
     def layers(self, num_layers: int) -> int:
         return self.draft_layers or max(1, num_layers // 4)
+
+    def acceptance_floor(self) -> float:
+        return self.min_acceptance if self.min_acceptance >= 0 else MIN_ACCEPTANCE[self.method]
 
 
 def ngram_draft(tokens: list[int], k: int, max_ngram: int) -> list[int]:
@@ -65,6 +75,7 @@ class Speculator:
         cfg.validate(runner.num_layers)
         self.cfg, self.runner, self.max_model_len = cfg, runner, max_model_len
         self.draft_layers = cfg.layers(runner.num_layers)
+        self.floor = cfg.acceptance_floor()
         self.num_draft_tokens = 0  # cumulative, for metrics
         self.num_accepted_tokens = 0
 
@@ -75,13 +86,22 @@ class Speculator:
         on = len(decoding) <= self.cfg.max_batch
         for seq in decoding:
             k = min(self.cfg.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
-                    self.max_model_len - seq.num_tokens - 1) if on else 0
+                    self.max_model_len - seq.num_tokens - 1) if on and self._pays(seq) else 0
             if k <= 0:
                 seq.spec_token_ids = []
             elif self.cfg.method == "ngram":
                 seq.spec_token_ids = ngram_draft(seq.token_ids, k, self.cfg.max_ngram)
             else:
                 seq.spec_token_ids = [PLACEHOLDER] * k
+
+    def _pays(self, seq: Sequence) -> bool:
+        if (seq.spec_accepted + 1) / (seq.spec_drafted + 2) >= self.floor:
+            return True
+        seq.spec_idle_steps += 1
+        if seq.spec_idle_steps < PROBE_EVERY:
+            return False
+        seq.spec_idle_steps = 0
+        return True
 
     def fill(self, scheduled: list[Sequence]) -> None:
         """After scheduling (draft mode): run the draft passes, one batched token per sequence each."""
@@ -112,8 +132,11 @@ class Speculator:
             else:
                 out.append(self._rejection_sample(logits[row : row + k + 1], seq, sampler))
             if k:
+                accepted = len(out[-1]) - 1
+                seq.spec_drafted += k
+                seq.spec_accepted += accepted
                 self.num_draft_tokens += k
-                self.num_accepted_tokens += len(out[-1]) - 1
+                self.num_accepted_tokens += accepted
             row += k + 1
         if plain:
             rows = torch.tensor([_first_row(seqs, i) for i in plain], device=logits.device)
