@@ -149,5 +149,6 @@ def markdown_table() -> str:
             flag = "--" + f.name.replace("_", "-")
             default = f.default if f.default != "" else '""'
             env = env_name(service, f.name)
-            rows.append(f"| {service} | `{flag}` | `{env}` | `{default}` | {f.metadata['help']} |")
+            meaning = f.metadata["help"].replace("|", "\\|")  # "none | nf4" must not split the cell
+            rows.append(f"| {service} | `{flag}` | `{env}` | `{default}` | {meaning} |")
     return "\n".join(rows)
