@@ -199,7 +199,7 @@ def make_engine(kind: str, loaded: Any, opts: Options) -> Any:
 
     spec = SpecConfig(split_kind(kind)[1], cfg.num_speculative_tokens, cfg.draft_layers,
                       opts.spec_max_batch if opts.spec_max_batch >= 0 else cfg.speculative_max_batch,
-                      cfg.speculative_min_acceptance)
+                      cfg.speculative_min_acceptance, cfg.speculative_token_cost)
     engine = PagedEngine(loaded.model, loaded.tokenizer, block_size=cfg.block_size,
                          kv_cache_memory=opts.kv_cache_memory or cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
                          max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,

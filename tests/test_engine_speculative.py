@@ -55,7 +55,8 @@ def make(loaded, mode, *, max_batch=4, **kw):
     from services.worker.engine.engine import PagedEngine
 
     kw.setdefault("num_blocks", 512)
-    spec = SpecConfig(mode, num_tokens=4, draft_layers=8, max_batch=max_batch, min_acceptance=0.0)  # always draft
+    spec = SpecConfig(mode, num_tokens=4, draft_layers=8, max_batch=max_batch, min_acceptance=0.0,
+                      token_cost=0.0)  # always draft
     return PagedEngine(loaded.model, loaded.tokenizer, block_size=kw.pop("block_size", 16), speculative=spec, **kw)
 
 
@@ -133,15 +134,26 @@ def test_a_sequence_whose_drafts_fail_stops_drafting_and_probes_again():
     seq.num_computed_tokens = 7  # decoding: the last token is not in the cache yet
     spec.propose([seq])
     assert seq.spec_token_ids == [3, 1, 2]  # a fresh sequence drafts
-    seq.spec_drafted, seq.spec_accepted = 12, 1  # then (1 + 1) / (12 + 2) = 0.14 < 0.2
+    seq.spec_drafted, seq.spec_accepted = 30, 0  # then 1 / 32 = 0.03 < 0.06 (the floor with one decoding)
     proposals = []
     for _ in range(PROBE_EVERY):
         spec.propose([seq])
         proposals.append(bool(seq.spec_token_ids))
-    assert proposals == [False] * (PROBE_EVERY - 1) + [True]  # idle, then one probe
-    seq.spec_accepted = 6  # (6 + 1) / 14 = 0.5: drafting pays again
+    assert proposals == [False] * (PROBE_EVERY - 1) + [True]  # idle, then one probe ...
+    assert seq.spec_token_ids == [3]  # ... of a single token
+    seq.spec_accepted = 6  # 7 / 32 = 0.22: drafting pays again with one decoding ...
     spec.propose([seq])
     assert seq.spec_token_ids
+    crowd = []  # ... but not with 31 others decoding too (floor 0.06 * 32 / (1 + 0.06 * 32) = 0.66)
+    for i in range(31):
+        other = Sequence(str(i), [1, 2, 3, 1, 2, 3, 1, 2], 8, params(100), 0, 2 + i, 0.0)
+        other.num_computed_tokens = 7
+        crowd.append(other)
+    spec.propose([seq, *crowd])
+    assert not seq.spec_token_ids and not any(o.spec_token_ids for o in crowd)  # fresh ones start at 0.5 too
+    seq.spec_accepted = 26  # 27 / 32 = 0.84: worth it even in a crowd
+    spec.propose([seq, *crowd])
+    assert seq.spec_token_ids == [3, 1, 2] and not any(o.spec_token_ids for o in crowd)
 
 
 def test_ngram_draft_takes_the_latest_longest_match():
@@ -175,7 +187,7 @@ def tiny():
 def _sample_runs(model, mode: str, n: int, tokens: int) -> tuple[list[list[int]], object]:
     from services.worker.engine.engine import PagedEngine
 
-    spec = SpecConfig(mode, num_tokens=3, draft_layers=1, max_batch=10_000, min_acceptance=0.0)
+    spec = SpecConfig(mode, num_tokens=3, draft_layers=1, max_batch=10_000, min_acceptance=0.0, token_cost=0.0)
     engine = PagedEngine(model, _Tok(), block_size=4, num_blocks=4096, max_num_seqs=256,
                          max_num_batched_tokens=4096, speculative=spec)
     prompt = [3, 7, 3, 7, 1, 3, 7, 3]

@@ -82,7 +82,7 @@ def _engine_run(lm, prompt: list[int], new_tokens: int, mode: str, k: int, layer
     from services.worker.engine.types import Request
 
     engine = PagedEngine(lm.model, lm.tokenizer, kv_cache_memory="256MiB",
-                         speculative=SpecConfig(mode, max(k, 1), layers, min_acceptance=0.0))  # the mode raw
+                         speculative=SpecConfig(mode, max(k, 1), layers, min_acceptance=0.0, token_cost=0.0))  # raw
     engine.warmup()
     engine.add_request(Request("phase6", prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0,
                                                                 ignore_eos=True)))

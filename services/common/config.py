@@ -47,9 +47,11 @@ class WorkerConfig:
                                "(self-speculative: the model's first --draft-layers layers).")
     num_speculative_tokens: int = setting(4, "paged: most drafted tokens per sequence and step.")
     draft_layers: int = setting(0, "paged, --speculative draft: layers of the draft; 0 = a quarter.")
-    speculative_max_batch: int = setting(4, "paged: speculate only while at most this many sequences decode.")
+    speculative_max_batch: int = setting(64, "paged: speculate only while at most this many sequences decode.")
     speculative_min_acceptance: float = setting(-1.0, "paged: a sequence drafts while its acceptance rate is at "
-                                                "least this; < 0 = per mode (ngram 0.2, draft 0.6).")
+                                                "least this; < 0 = per mode (ngram 0, draft 0.6).")
+    speculative_token_cost: float = setting(0.06, "paged: per-token / fixed cost of a step; sets the acceptance a "
+                                            "sequence needs with n decoding: c*n / (1 + c*n).")
     step_delay_ms: float = setting(0.0, "Sleep this long per engine step (tests: a slow worker).")
     grace_period_s: float = setting(30.0, "On SIGTERM, time to finish in-flight requests.")
 

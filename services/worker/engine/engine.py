@@ -183,7 +183,8 @@ def build_paged_engine(config: Any) -> tuple[Any, PagedEngine]:
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=config.max_model_len, enable_prefix_caching=config.prefix_cache,
         speculative=SpecConfig(config.speculative, config.num_speculative_tokens, config.draft_layers,
-                               config.speculative_max_batch, config.speculative_min_acceptance),
+                               config.speculative_max_batch, config.speculative_min_acceptance,
+                               config.speculative_token_cost),
     )
     engine.warmup()
     return loaded, engine

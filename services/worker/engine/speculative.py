@@ -10,12 +10,13 @@ Acceptance: a greedy request keeps drafts while they equal the target's argmax. 
 rejection sampling with a point-mass proposal (both drafts are deterministic): keep draft x with
 probability p(x), else draw from p without x, renormalised, and stop; when all K are kept, draw one more
 from p. The output distribution is the target's (Leviathan et al. 2023, with q one-hot at the draft).
-When (per step and sequence): only while at most `max_batch` sequences are decoding (a bigger CPU batch is
-GEMM-bound: verifying K more tokens per sequence costs about K decodes' work, which no acceptance rate
-pays back), and only for a sequence whose own acceptance rate, (accepted + 1) / (drafted + 2), is at least
-`min_acceptance` (a text the drafts do not predict stops paying for them; it retries every PROBE_EVERY
-decode steps). Break-even acceptance is low for ngram (free drafts, verification ~free at small batch)
-and high for the self-draft (each drafted token costs its layers and a full LM head).
+When (per step and sequence): a step of n tokens costs about a + b*n (a: reading the weights and the
+per-layer overhead, b: each token's own compute; `token_cost` = b / a, 0.06 measured on the 2-core CPU).
+A sequence's K drafts add K*b and bring rate*K accepted tokens, where rate = (accepted + 1) / (drafted + 2)
+is its own acceptance so far; with n sequences decoding a token costs (a + b*n) / n, so drafting pays while
+rate >= b*n / (a + b*n) = token_cost*n / (1 + token_cost*n): about 0.06 at n = 1, 0.32 at 8, 0.66 at 32.
+The self-draft's own passes cost more, so it also needs rate >= `min_acceptance` (default 0.6). A sequence
+below its floor probes one drafted token every PROBE_EVERY decode steps; `max_batch` caps n outright.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from services.worker.engine.sequence import Sequence
 
 METHODS = ("off", "ngram", "draft")
 PLACEHOLDER = -1  # a draft slot the draft model fills once the scheduler has given it KV room
-MIN_ACCEPTANCE = {"ngram": 0.2, "draft": 0.6, "off": 1.0}  # defaults of --speculative-min-acceptance
+MIN_ACCEPTANCE = {"ngram": 0.0, "draft": 0.6, "off": 1.0}  # defaults of --speculative-min-acceptance
 PROBE_EVERY = 16
 
 
@@ -39,8 +40,9 @@ class SpecConfig:
     method: str = "off"
     num_tokens: int = 4  # K: most drafted tokens per sequence and step
     draft_layers: int = 0  # draft: the target's first N layers; 0 = a quarter of them
-    max_batch: int = 4  # speculate only while at most this many sequences decode
+    max_batch: int = 64  # speculate only while at most this many sequences decode
     min_acceptance: float = -1.0  # a sequence drafts while its acceptance rate is at least this; < 0: per mode
+    token_cost: float = 0.06  # b / a of the step cost model a + b * tokens (see the module docstring)
     max_ngram: int = 3
 
     def validate(self, num_layers: int) -> None:
@@ -83,10 +85,12 @@ class Speculator:
         """Before scheduling: set each decoding sequence's drafts (placeholders in draft mode), or none when
         too many sequences decode for speculation to pay."""
         decoding = [s for s in running if s.num_tokens - s.num_computed_tokens == 1]
-        on = len(decoding) <= self.cfg.max_batch
+        n = len(decoding)
+        on = n <= self.cfg.max_batch
+        floor = max(self.floor, self.cfg.token_cost * n / (1 + self.cfg.token_cost * n))
         for seq in decoding:
-            k = min(self.cfg.num_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
-                    self.max_model_len - seq.num_tokens - 1) if on and self._pays(seq) else 0
+            k = min(self._budget(seq, floor), seq.params.max_tokens - seq.num_output_tokens - 1,
+                    self.max_model_len - seq.num_tokens - 1) if on else 0
             if k <= 0:
                 seq.spec_token_ids = []
             elif self.cfg.method == "ngram":
@@ -94,14 +98,16 @@ class Speculator:
             else:
                 seq.spec_token_ids = [PLACEHOLDER] * k
 
-    def _pays(self, seq: Sequence) -> bool:
-        if (seq.spec_accepted + 1) / (seq.spec_drafted + 2) >= self.floor:
-            return True
+    def _budget(self, seq: Sequence, floor: float) -> int:
+        """K while the sequence's drafts pay; below the floor none, and a one-token probe every PROBE_EVERY
+        decode steps (cheap, and enough to lift the rate when the text turns predictable)."""
+        if (seq.spec_accepted + 1) / (seq.spec_drafted + 2) >= floor:
+            return self.cfg.num_tokens
         seq.spec_idle_steps += 1
         if seq.spec_idle_steps < PROBE_EVERY:
-            return False
+            return 0
         seq.spec_idle_steps = 0
-        return True
+        return 1
 
     def fill(self, scheduled: list[Sequence]) -> None:
         """After scheduling (draft mode): run the draft passes, one batched token per sequence each."""
