@@ -20,7 +20,7 @@ PHASES: dict[str, tuple[str, str]] = {
     "sliding-window": ("sliding_window", "Phase 3: KV memory and time per token vs sliding-window size."),
     "attention": ("attention", "Phase 4: naive attention vs SDPA backends vs tokenmill's paged attention."),
     "paged-memory": ("paged_memory", "Phase 5: KV bytes, per-sequence max-length vs the block manager + prefix cache."),
-    "speculative": ("speculative", "Phase 6: assisted generation (prompt lookup, layer-skip draft) vs target only."),
+    "speculative": ("speculative", "Phase 6: speculative decoding at batch 1, HF assisted generation vs the engine."),
     "quantization": ("quantization", "Phase 7: fp32/bf16 vs int8 vs NF4: memory, speed, perplexity."),
     "attention-variants": ("attention_variants", "Phase 8: KV bytes per token of MHA, GQA, MQA and MLA."),
 }

@@ -19,7 +19,7 @@ import torch
 
 from bench.phases.common import Options, heldout_text, load, sync, write_results
 
-PHASE, TITLE = "speculative", "Phase 6 — speculative decoding (assisted generation)"
+PHASE, TITLE = "speculative", "Phase 6 — speculative decoding (assisted generation and the engine)"
 
 
 def layer_draft(target, n_layers: int, k: int):
