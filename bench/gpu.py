@@ -4,7 +4,9 @@ weights (GPU nodes reach no model hub).
 1. greedy parity (fp32): the paged engine, all prompts in one batch, vs `model.generate` on each prompt alone;
 2. throughput (bf16): hf-static vs paged, closed-loop clients at several concurrencies (bench.engine's runner);
 3. NF4: the random model saved, loaded back through the worker's loader with `--quantization nf4`
-   (bitsandbytes, bf16 compute), parity and paged throughput.
+   (bitsandbytes, bf16 compute), parity and paged throughput;
+4. speculative decoding (fp32): greedy parity with drafting forced on (ngram, self-draft), and a sampled run.
+`--parts` picks among parity, throughput, nf4, spec.
 Prompts are random token ids; every request is greedy with ignore_eos. Writes JSON after each part.
 `--tiny` shrinks the model so the script can be tried on a CPU.
 """
@@ -57,7 +59,7 @@ def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list
     return [[rng.randrange(100, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def parity(model: Any, prompts: list[list[int]], tokens: int) -> dict:
+def parity(model: Any, prompts: list[list[int]], tokens: int, spec: Any = None, sampled: bool = False) -> dict:
     """Paged engine (all prompts at once, staggered by one step each) vs model.generate alone."""
     from services.common.sampling import SamplingParams
     from services.worker.engine.engine import PagedEngine
@@ -72,14 +74,14 @@ def parity(model: Any, prompts: list[list[int]], tokens: int) -> dict:
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                  min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
             ref.append(out[0, len(p):].tolist())
-    engine = PagedEngine(model, IdTokenizer(), kv_cache_memory="2GiB", max_num_batched_tokens=256)
+    engine = PagedEngine(model, IdTokenizer(), kv_cache_memory="2GiB", max_num_batched_tokens=256, speculative=spec)
     got: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
     while pending or engine.has_work():
         if pending:  # one new request per step: prefills land next to running decodes
             i, p = pending.pop(0)
-            engine.add_request(Request(str(i), p, SamplingParams(max_tokens=tokens, temperature=0.0,
-                                                                 ignore_eos=True)))
+            engine.add_request(Request(str(i), p, SamplingParams(max_tokens=tokens, temperature=0.8 if sampled
+                                                                 else 0.0, seed=i, ignore_eos=True)))
         for ev in engine.step():
             got.setdefault(ev.request_id, []).extend(ev.token_ids)
     leaked = engine.block_manager.num_blocks - engine.block_manager.num_free_blocks
@@ -88,8 +90,10 @@ def parity(model: Any, prompts: list[list[int]], tokens: int) -> dict:
         g = got.get(str(i), [])
         first_diff.append(next((j for j, (a, b) in enumerate(zip(r, g, strict=False)) if a != b),
                                None if len(g) == len(r) else min(len(g), len(r))))
+    s = engine.stats()
     return {"prompts": len(prompts), "tokens_each": tokens, "identical": sum(d is None for d in first_diff),
-            "first_divergence": first_diff, "kv_blocks_left_in_use": leaked}
+            "first_divergence": first_diff, "kv_blocks_left_in_use": leaked, "spec_drafted": s.spec_draft_tokens,
+            "spec_accepted": s.spec_accepted_tokens, "lengths": [len(got.get(str(i), [])) for i in range(len(ref))]}
 
 
 def throughput(loaded: Any, plan: list[tuple[int, int]], engines: tuple[str, ...], max_tokens: tuple[int, int],
@@ -112,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("results/gpu.json"))
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, to try the script on a CPU")
-    ap.add_argument("--skip-nf4", action="store_true")
+    ap.add_argument("--parts", default="parity,throughput,nf4,spec")
     ap.add_argument("--tokenizer-dir", default="", help="tokenizer files saved next to the NF4 checkpoint")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -133,23 +137,42 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2))
         print(f"== {part} done in {report[f'{part}_s']} s", flush=True)
 
+    parts = set(args.parts.split(","))
     t0 = time.perf_counter()
     model = build_model(spec, device)
     prompts = random_prompts(4 if small else 12, spec["vocab_size"], 8, 64, seed=1)
-    save("parity_fp32", parity(model, prompts, 8 if small else 32), t0)
-    print(json.dumps(report["parity_fp32"]), flush=True)
+    if "parity" in parts:
+        save("parity_fp32", parity(model, prompts, 8 if small else 32), t0)
+        print(json.dumps(report["parity_fp32"]), flush=True)
+    if "spec" in parts:
+        from services.worker.engine.speculative import SpecConfig
+
+        t0 = time.perf_counter()
+        echo = [p[:8] * 4 for p in prompts]  # repeated patterns give the ngram drafts something to find
+        out = {}
+        for mode in ("ngram", "draft"):
+            forced = SpecConfig(mode, 4, draft_layers=spec["num_hidden_layers"] // 4 or 1, min_acceptance=0.0,
+                                token_cost=0.0)
+            out[mode] = parity(model, echo, 8 if small else 32, forced)
+            out[f"{mode}_sampled"] = parity(model, echo, 8 if small else 32, forced, sampled=True)
+        save("speculative_fp32", out, t0)
+        print(json.dumps({k: {x: v[x] for x in ("identical", "spec_drafted", "spec_accepted",
+                                                 "kv_blocks_left_in_use")} for k, v in out.items()}), flush=True)
+    if not parts & {"throughput", "nf4"}:
+        return
 
     t0 = time.perf_counter()
     model.to(torch.bfloat16)
     loaded = SimpleNamespace(model=model, tokenizer=IdTokenizer())
     plan = [(1, 2), (4, 8)] if small else [(1, 4), (8, 24), (32, 64), (64, 128)]
-    rows = throughput(loaded, plan, ("hf-static", "paged"), (8, 16) if small else (32, 256), spec["vocab_size"])
-    by = {(r["engine"], r["concurrency"]): r["output_tok_s"] for r in rows}
-    ratios = {f"paged/hf-static c={c}": by[("paged", c)] / by[("hf-static", c)] for c, _ in plan}
-    save("throughput_bf16", {"rows": rows, "ratios": ratios}, t0)
-    print(json.dumps(ratios), flush=True)
+    if "throughput" in parts:
+        rows = throughput(loaded, plan, ("hf-static", "paged"), (8, 16) if small else (32, 256), spec["vocab_size"])
+        by = {(r["engine"], r["concurrency"]): r["output_tok_s"] for r in rows}
+        ratios = {f"paged/hf-static c={c}": by[("paged", c)] / by[("hf-static", c)] for c, _ in plan}
+        save("throughput_bf16", {"rows": rows, "ratios": ratios}, t0)
+        print(json.dumps(ratios), flush=True)
 
-    if args.skip_nf4:
+    if "nf4" not in parts:
         return
     t0 = time.perf_counter()
     from services.common.model_loader import load_model
