@@ -33,6 +33,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def loaded():
+    """The embedded model (weights + tokenizer) in this process, once per test module."""
+    from services.common.model_loader import load_model
+
+    return load_model("smollm2-135m")
+
+
 @pytest.fixture(scope="session")
 def suite(tmp_path_factory):
     """One hf-static worker + gateway (+ HTTP front) for the whole session; yields their addresses."""

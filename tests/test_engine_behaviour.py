@@ -19,13 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    from services.common.model_loader import load_model
-
-    return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def chats(loaded):
     from loadtest.prompts import sample_prompts
 

@@ -28,13 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    from services.common.model_loader import load_model
-
-    return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def prompts(loaded) -> list[list[int]]:
     return parity_prompts(loaded.tokenizer)
 

@@ -30,13 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def loaded():
-    from services.common.model_loader import load_model
-
-    return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
 def prompts(loaded):
     tok = loaded.tokenizer
     echo = tok.apply_chat_template([{"role": "user", "content": "Repeat exactly: the quick brown fox jumps over "
