@@ -194,16 +194,13 @@ def make_engine(kind: str, loaded: Any, opts: Options) -> Any:
         engine.add_request(Request("warmup", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0)))
         engine.step()  # like the paged engine's warmup: the first generate() pays for lazy init
         return engine
-    from services.worker.engine.engine import PagedEngine
-    from services.worker.engine.speculative import SpecConfig
+    from services.worker.engine.engine import PagedEngine, engine_options
 
-    spec = SpecConfig(split_kind(kind)[1], cfg.num_speculative_tokens, cfg.draft_layers,
-                      opts.spec_max_batch if opts.spec_max_batch >= 0 else cfg.speculative_max_batch,
-                      cfg.speculative_min_acceptance, cfg.speculative_token_cost)
-    engine = PagedEngine(loaded.model, loaded.tokenizer, block_size=cfg.block_size,
-                         kv_cache_memory=opts.kv_cache_memory or cfg.kv_cache_memory, max_num_seqs=cfg.max_num_seqs,
-                         max_num_batched_tokens=cfg.max_num_batched_tokens, max_model_len=cfg.max_model_len,
-                         enable_prefix_caching=cfg.prefix_cache, speculative=spec)
+    cfg.speculative = split_kind(kind)[1]
+    cfg.kv_cache_memory = opts.kv_cache_memory or cfg.kv_cache_memory
+    if opts.spec_max_batch >= 0:
+        cfg.speculative_max_batch = opts.spec_max_batch
+    engine = PagedEngine(loaded.model, loaded.tokenizer, **engine_options(cfg))
     engine.warmup()
     return engine
 

@@ -173,18 +173,21 @@ class PagedEngine:
         bm.queries, bm.hits = queries, hits
 
 
+def engine_options(config: Any) -> dict[str, Any]:
+    """PagedEngine keyword arguments from a WorkerConfig (the worker and the benchmarks both build from it)."""
+    return dict(block_size=config.block_size, kv_cache_memory=config.kv_cache_memory,
+                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=config.max_model_len, enable_prefix_caching=config.prefix_cache,
+                speculative=SpecConfig(config.speculative, config.num_speculative_tokens, config.draft_layers,
+                                       config.speculative_max_batch, config.speculative_min_acceptance,
+                                       config.speculative_token_cost))
+
+
 def build_paged_engine(config: Any) -> tuple[Any, PagedEngine]:
     """The worker's `--engine paged`: load the model, size the KV pool from --kv-cache-memory, warm up."""
     from services.common.model_loader import load_model
 
     loaded = load_model(config.model, config.quantization, config.device, config.dtype)
-    engine = PagedEngine(
-        loaded.model, loaded.tokenizer, block_size=config.block_size, kv_cache_memory=config.kv_cache_memory,
-        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        max_model_len=config.max_model_len, enable_prefix_caching=config.prefix_cache,
-        speculative=SpecConfig(config.speculative, config.num_speculative_tokens, config.draft_layers,
-                               config.speculative_max_batch, config.speculative_min_acceptance,
-                               config.speculative_token_cost),
-    )
+    engine = PagedEngine(loaded.model, loaded.tokenizer, **engine_options(config))
     engine.warmup()
     return loaded, engine

@@ -58,10 +58,11 @@ class ModelRunner:
         decodes = sorted(batch.seqs[: batch.num_decodes], key=lambda s: -s.num_computed_tokens)
         ids = [s.token_ids[s.num_computed_tokens] for s in decodes]
         pos = [s.num_computed_tokens for s in decodes]
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(decodes, pos, strict=True)]
+        tables = [s.block_table for s in decodes]
+        slots = self._slots(pos, tables)
         samplers = [s for s in decodes if s.samples_this_step]
         rows = [i for i, s in enumerate(decodes) if s.samples_this_step]
-        groups = self._group_decodes(pos, [s.block_table for s in decodes])
+        groups = self._group_decodes(pos, tables)
         prefills: list[PrefillChunk] = []
         for seq in batch.seqs[batch.num_decodes :]:
             c, n = seq.num_computed_tokens, seq.num_new_tokens
@@ -83,6 +84,11 @@ class ModelRunner:
         positions = torch.tensor(pos, dtype=torch.long, device=dev)[None]
         return input_ids, positions, ctx, samplers, rows
 
+    def _slots(self, positions: list[int], tables: list[list[int]]) -> list[int]:
+        """KV slot of one token per sequence, at `positions`."""
+        bs = self.block_size
+        return [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
+
     def _group_decodes(self, positions: list[int], tables: list[list[int]]) -> list[DecodeGroup]:
         """Split decodes (one token each at `positions`, longest first) where padding to the group's
         longest would waste a quarter."""
@@ -103,11 +109,10 @@ class ModelRunner:
         """Self-speculative draft: one token per sequence through the first num_layers layers, the final
         norm and the LM head. Those layers' K/V are the target's own (same inputs, same weights), so the
         draft writes into the target's cache and the verifying pass rewrites the same values.
-        Positions must be sorted longest first. Returns the greedy draft token of each sequence."""
-        bs, dev = self.block_size, self.device
-        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions, strict=True)]
-        ctx = StepContext(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), num_decodes=len(tokens),
-                          decode_groups=self._group_decodes(positions, tables))
+        Positions sorted longest first pad least. Returns the greedy draft token of each sequence."""
+        dev = self.device
+        ctx = StepContext(self.kv, torch.tensor(self._slots(positions, tables), dtype=torch.long, device=dev),
+                          num_decodes=len(tokens), decode_groups=self._group_decodes(positions, tables))
         ids = torch.tensor([tokens], dtype=torch.long, device=dev)
         pos = torch.tensor([positions], dtype=torch.long, device=dev)
         self._use_paged_attention()

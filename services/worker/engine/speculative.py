@@ -125,7 +125,7 @@ class Speculator:
         """logits has 1 + len(spec_token_ids) rows per sequence; returns the tokens each one keeps."""
         argmax = logits.argmax(dim=-1).tolist()
         out: list[list[int]] = []
-        plain: list[int] = []  # sampled sequences without drafts: one batched draw
+        plain: list[tuple[int, int]] = []  # (index, row) of sampled sequences without drafts: one batched draw
         row = 0
         for i, seq in enumerate(seqs):
             drafts, k = seq.spec_token_ids, len(seq.spec_token_ids)
@@ -134,7 +134,7 @@ class Speculator:
                 out.append([*drafts[:a], argmax[row + a]])
             elif not k:
                 out.append([])
-                plain.append(i)
+                plain.append((i, row))
             else:
                 out.append(self._rejection_sample(logits[row : row + k + 1], seq, sampler))
             if k:
@@ -145,8 +145,8 @@ class Speculator:
                 self.num_accepted_tokens += accepted
             row += k + 1
         if plain:
-            rows = torch.tensor([_first_row(seqs, i) for i in plain], device=logits.device)
-            for i, tok in zip(plain, sampler(logits[rows], [seqs[i] for i in plain]), strict=True):
+            rows = torch.tensor([r for _, r in plain], device=logits.device)
+            for (i, _), tok in zip(plain, sampler(logits[rows], [seqs[i] for i, _ in plain]), strict=True):
                 out[i] = [tok]
         return out
 
@@ -167,10 +167,6 @@ class Speculator:
                 continue
             return [*kept, _draw(residual, sampler.uniform(seq))]
         return [*kept, _draw(probs[-1], sampler.uniform(seq))]
-
-
-def _first_row(seqs: list[Sequence], index: int) -> int:
-    return sum(len(s.spec_token_ids) + 1 for s in seqs[:index])
 
 
 def _draw(probs: torch.Tensor, u: float) -> int:
