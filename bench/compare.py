@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class Options:
     seed: int = 0
     model: str = "smollm2-135m"
     threads: int = 0  # torch / llama.cpp threads; 0 = each system's default (llama.cpp: all cores)
+    dtype: str = "auto"  # of every PyTorch system (tokenmill, hf-static, transformers-cb): the same for all
     llama_server: str = ""  # path; "" = <peers dir>/llama-server
     out_dir: Path = Path("results")
 
@@ -145,7 +146,8 @@ class GrpcSuite(System):
         from services.local import launch, wait_serving
 
         wport, gport = _free_port(), _free_port()
-        wargs = ["worker", "--port", str(wport), "--engine", self.engine, "--model", self.opts.model]
+        wargs = ["worker", "--port", str(wport), "--engine", self.engine, "--model", self.opts.model,
+                 "--dtype", self.opts.dtype]
         if self.opts.threads:
             wargs += ["--threads", str(self.opts.threads)]
         worker = launch(f"compare-worker-{self.name}", wargs, f"127.0.0.1:{wport}", self.log_dir)
@@ -208,7 +210,7 @@ class TransformersCB(System):
         if self.opts.threads:
             torch.set_num_threads(self.opts.threads)
         if self.model is None:
-            self.model = load_model(self.opts.model).model
+            self.model = load_model(self.opts.model, dtype=self.opts.dtype).model
         self.eos = self.model.generation_config.eos_token_id
         page = 256
         per_req = math.ceil(self.page_tokens / page)
@@ -402,24 +404,33 @@ class VLLM(OpenAIHTTP):
         env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
                "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_name(),
-               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", "4096"]
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype",
+               "float32" if self.opts.dtype == "auto" else self.opts.dtype, "--max-model-len", "4096"]
         self._spawn(cmd, self.log_dir / "vllm.log", env)
         self._wait_http(600)
 
 
 # ---- run ------------------------------------------------------------------------------------------------------
-def make_system(name: str, opts: Options, log_dir: Path, page_tokens: int) -> System:
-    if name == "tokenmill":
-        return GrpcSuite("tokenmill", "paged", opts, log_dir)
-    if name == "hf-static":
-        return GrpcSuite("hf-static", "hf-static", opts, log_dir)
-    if name == "transformers-cb":
-        return TransformersCB(opts, page_tokens)
-    if name == "llama.cpp":
-        return LlamaServer(opts, log_dir, page_tokens)
-    if name == "vllm":
-        return VLLM(opts, log_dir)
-    raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+def make_system(spec: str, opts: Options, log_dir: Path, page_tokens: int) -> System:
+    """`name` or `name:dtype` (e.g. tokenmill:bfloat16): the dtype overrides --dtype for that one system."""
+    name, _, dtype = spec.partition(":")
+    if dtype:
+        if name == "llama.cpp":
+            raise ValueError("llama.cpp runs the GGUF's own weights: it takes no dtype")
+        opts = replace(opts, dtype=dtype)
+    system: System
+    if name in ("tokenmill", "hf-static"):
+        system = GrpcSuite(name, "paged" if name == "tokenmill" else "hf-static", opts, log_dir)
+    elif name == "transformers-cb":
+        system = TransformersCB(opts, page_tokens)
+    elif name == "llama.cpp":
+        system = LlamaServer(opts, log_dir, page_tokens)
+    elif name == "vllm":
+        system = VLLM(opts, log_dir)
+    else:
+        raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)} (optionally name:dtype)")
+    system.name = spec
+    return system
 
 
 def run_system(system: System, works: dict[str, Work], opts: Options, rows: list[Row]) -> None:
@@ -478,18 +489,19 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def ratios(rows: list[Row]) -> dict[str, float]:
+    """Each tokenmill row (any dtype) over each peer's row of the same workload and concurrency."""
     by = {(r.system, r.workload, r.concurrency): r for r in rows}
+    ours = [r for r in rows if r.system.partition(":")[0] == "tokenmill"]
+    peers = list(dict.fromkeys(r.system for r in rows if r.system.partition(":")[0] != "tokenmill"))
     out: dict[str, float] = {}
-    for (system, workload, conc), r in by.items():
-        if system != "tokenmill":
-            continue
-        for peer in ("hf-static", "transformers-cb", "llama.cpp", "vllm"):
-            p = by.get((peer, workload, conc))
+    for r in ours:
+        for peer in peers:
+            p = by.get((peer, r.workload, r.concurrency))
             if p and p.output_tok_s:
-                out[f"tokenmill/{peer} tok/s {workload} c={conc}"] = r.output_tok_s / p.output_tok_s
-        p = by.get(("llama.cpp", workload, conc))
-        if conc == 1 and p and p.ttft_p50_s:
-            out[f"tokenmill/llama.cpp TTFT p50 {workload} c=1"] = r.ttft_p50_s / p.ttft_p50_s
+                out[f"{r.system}/{peer} tok/s {r.workload} c={r.concurrency}"] = r.output_tok_s / p.output_tok_s
+        p = by.get(("llama.cpp", r.workload, r.concurrency))
+        if r.concurrency == 1 and p and p.ttft_p50_s:
+            out[f"{r.system}/llama.cpp TTFT p50 {r.workload} c=1"] = r.ttft_p50_s / p.ttft_p50_s
     return out
 
 
@@ -521,6 +533,36 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def write_report(opts: Options, works: dict[str, Work], rows: list[Row], skipped: dict[str, str],
+                 failed: dict[str, str], total_s: float) -> dict[str, Any]:
+    """compare.{json,md,png} as they stand: written after every system, so a long run that dies keeps its rows."""
+    import torch
+
+    report = {
+        "benchmark": "compare", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(["tokenmill bench compare", *sys.argv[3:]]) if sys.argv[1:3] == ["bench", "compare"]
+        else " ".join(sys.argv),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
+                        "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
+        "workloads": {w.name: {"requests": len(w.prompts), "prompt_tokens": sum(map(len, w.prompt_ids)),
+                               "max_tokens_sum": sum(w.max_tokens), "ignore_eos": w.ignore_eos}
+                      for w in works.values()},
+        "total_s": total_s, "skipped": skipped, "failed": failed,
+        "results": [asdict(r) for r in rows], "ratios": ratios(rows),
+    }
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    (opts.out_dir / "compare.json").write_text(json.dumps(report, indent=2))
+    md = [f"# tokenmill vs peers ({report['date']})", "", f"Command: `{report['command']}`", "",
+          markdown_table(rows), ""]
+    md += [f"- {k}: {v:.2f}x" for k, v in report["ratios"].items()]
+    md += [f"- skipped {k}: {v}" for k, v in skipped.items()] + [f"- failed {k}: {v}" for k, v in failed.items()]
+    (opts.out_dir / "compare.md").write_text("\n".join(md) + "\n")
+    if rows:
+        plot(rows, opts.out_dir / "compare.png")
+    return report
+
+
 def main(opts: Options) -> dict[str, Any]:
     from services.common.model_loader import load_tokenizer
 
@@ -549,30 +591,8 @@ def main(opts: Options) -> dict[str, Any]:
             except Exception as exc:  # one broken peer must not lose the others' results
                 failed[name] = f"{type(exc).__name__}: {exc}"[:2000]
                 print(f"FAILED {name}: {failed[name]}", flush=True)
-    import torch
-
-    report = {
-        "benchmark": "compare", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": " ".join(["tokenmill bench compare", *sys.argv[3:]]) if sys.argv[1:3] == ["bench", "compare"]
-        else " ".join(sys.argv),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
-        "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
-                        "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
-        "workloads": {w.name: {"requests": len(w.prompts), "prompt_tokens": sum(map(len, w.prompt_ids)),
-                               "max_tokens_sum": sum(w.max_tokens), "ignore_eos": w.ignore_eos}
-                      for w in works.values()},
-        "total_s": time.perf_counter() - t0, "skipped": skipped, "failed": failed,
-        "results": [asdict(r) for r in rows], "ratios": ratios(rows),
-    }
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    (opts.out_dir / "compare.json").write_text(json.dumps(report, indent=2))
-    md = [f"# tokenmill vs peers ({report['date']})", "", f"Command: `{report['command']}`", "",
-          markdown_table(rows), ""]
-    md += [f"- {k}: {v:.2f}x" for k, v in report["ratios"].items()]
-    md += [f"- skipped {k}: {v}" for k, v in skipped.items()] + [f"- failed {k}: {v}" for k, v in failed.items()]
-    (opts.out_dir / "compare.md").write_text("\n".join(md) + "\n")
-    if rows:
-        plot(rows, opts.out_dir / "compare.png")
+            write_report(opts, works, rows, skipped, failed, time.perf_counter() - t0)
+    report = write_report(opts, works, rows, skipped, failed, time.perf_counter() - t0)
     print()
     print(table(rows))
     for k, v in report["ratios"].items():
@@ -608,6 +628,8 @@ def register_compare(app: Any) -> None:
         seed: int = typer.Option(0, help="Seed of the prompt sample and max_tokens draws."),
         model: str = typer.Option("smollm2-135m", help="Model served by every system."),
         threads: int = typer.Option(0, help="Threads per system; 0 = each system's default."),
+        dtype: str = typer.Option("auto", help="dtype of every PyTorch system (same for all): auto | float32 | "
+                                  "bfloat16; llama.cpp always runs the GGUF's own 4-bit weights."),
         llama_server: str = typer.Option("", help="llama-server binary; default <peers cache>/llama-server."),
         out_dir: Path = typer.Option(Path("results"), help="Folder for compare.json/.md/.png."),
     ) -> None:
@@ -615,7 +637,7 @@ def register_compare(app: Any) -> None:
         opts = Options(systems=_names(systems), concurrency=_ints(concurrency), requests=requests,
                        requests_c1=requests_c1, workloads=_names(workloads), min_tokens=min_tokens,
                        max_tokens=max_tokens, fixed_tokens=fixed_tokens, seed=seed, model=model, threads=threads,
-                       llama_server=llama_server, out_dir=out_dir)
+                       dtype=dtype, llama_server=llama_server, out_dir=out_dir)
         if quick:
             opts.requests, opts.requests_c1, opts.concurrency = 4, 0, (1, 2)
             opts.min_tokens, opts.max_tokens, opts.fixed_tokens = 8, 16, 16

@@ -46,3 +46,18 @@ def test_compare_tiny(tmp_path: Path) -> None:
     md = (tmp_path / "compare.md").read_text()
     assert "| tokenmill | fixed128 | 2 |" in md and "skipped llama.cpp" in md
     assert "tokenmill" in proc.stdout and "wrote" in proc.stdout
+
+
+def test_system_spec_with_dtype(tmp_path: Path) -> None:
+    from bench.compare import Options, make_system
+
+    system = make_system("tokenmill:bfloat16", Options(), tmp_path, 64)
+    assert system.name == "tokenmill:bfloat16" and system.opts.dtype == "bfloat16"
+    assert make_system("hf-static", Options(dtype="float32"), tmp_path, 64).opts.dtype == "float32"
+    for bad in ("llama.cpp:bfloat16", "nonesuch"):
+        try:
+            make_system(bad, Options(), tmp_path, 64)
+        except ValueError as exc:
+            assert "llama.cpp" in str(exc) or "unknown system" in str(exc)
+        else:
+            raise AssertionError(f"{bad} accepted")

@@ -2,7 +2,8 @@
 
 A batch is formed when some worker has room: up to `max_batch_size` requests
 (and no more than the worker's room) and `max_batch_tokens` prompt tokens,
-waiting at most `max_wait_ms` after the oldest request arrived for it to fill.
+waiting at most `max_wait_ms` after the oldest request arrived for it to fill
+(no wait for an idle worker whose engine batches continuously).
 Every accepted request ends with exactly one final chunk (a result or an error).
 """
 
@@ -187,7 +188,10 @@ class Batcher:
             no_worker_since = None
             limit = min(self.config.max_batch_size, worker.room)
             oldest = min(p.received for *_, p in self._heap if not p.done)
-            fill_by = oldest + self.config.max_wait_ms / 1000
+            # An idle continuous-batching worker gains nothing from the window: later arrivals join its
+            # running batch at the next engine step. Waiting would only add to this request's TTFT.
+            wait = 0.0 if worker.continuous and not worker.inflight else self.config.max_wait_ms / 1000
+            fill_by = oldest + wait
             while len(self) < limit and (left := fill_by - time.monotonic()) > 0:
                 await self._wait(self._arrived, left)
             if not worker.live or worker.room <= 0:

@@ -46,6 +46,11 @@ class WorkerHandle:
         return max(1, self.load.capacity or 1)
 
     @property
+    def continuous(self) -> bool:
+        """Its engine adds new requests to the running batch at the next step (paged), not per whole batch."""
+        return self.info is not None and self.info.block_size > 0
+
+    @property
     def room(self) -> int:
         """Requests this worker can take now without queueing inside its engine."""
         return self.capacity - len(self.inflight)
