@@ -66,7 +66,8 @@ class GatewayConfig:
     workers_dns: str = setting("", "DNS name whose A records are workers (headless Service), host:port.")
     max_batch_size: int = setting(32, "Most requests in one batch sent to a worker.")
     max_batch_tokens: int = setting(8192, "Most prompt tokens in one batch.")
-    max_wait_ms: float = setting(20.0, "Longest a batch waits to fill before it is sent.")
+    max_wait_ms: float = setting(20.0, "Longest a batch waits to fill before it is sent; an idle paged "
+                                  "(continuous-batching) worker gets a request at once.")
     max_queued_requests: int = setting(1024, "Queue bound; beyond it requests get RESOURCE_EXHAUSTED.")
     default_max_tokens: int = setting(256, "max_tokens when a request does not set it.")
     api_key: str = setting("", "If set, clients must send 'authorization: Bearer <key>'.")
