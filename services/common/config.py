@@ -70,6 +70,18 @@ class GatewayConfig:
                                   "(continuous-batching) worker gets a request at once.")
     max_queued_requests: int = setting(1024, "Queue bound; beyond it requests get RESOURCE_EXHAUSTED.")
     default_max_tokens: int = setting(256, "max_tokens when a request does not set it.")
+    routing: str = setting("prefix-aware", "least-loaded (fewest requests in flight per capacity) | prefix-aware "
+                           "(score = cached prefix + load + free KV, weighted; sessions; a balance guard).")
+    routing_prefix_weight: float = setting(3.0, "prefix-aware: weight of the cached share of the prompt (0..1).")
+    routing_load_weight: float = setting(2.0, "prefix-aware: weight of 1 - requests in flight / capacity.")
+    routing_kv_weight: float = setting(1.0, "prefix-aware: weight of the worker's free share of KV blocks.")
+    routing_cache_threshold: float = setting(0.5, "prefix-aware: a cached share of the prompt below this counts "
+                                             "as none, so the request goes by load (its blocks spread out).")
+    routing_balance_abs: int = setting(4, "Balance guard: the best-scored worker yields to the least-loaded one "
+                                       "when it has more than this many requests beyond it ...")
+    routing_balance_rel: float = setting(1.5, "... and more than this many times its requests.")
+    routing_index_blocks: int = setting(65536, "Prefix index: most block hashes remembered per worker (LRU; "
+                                        "never more than the worker's KV pool holds).")
     api_key: str = setting("", "If set, clients must send 'authorization: Bearer <key>'.")
     grace_period_s: float = setting(30.0, "On SIGTERM, time to finish in-flight requests.")
 

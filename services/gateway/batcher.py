@@ -1,9 +1,9 @@
 """The gateway's queue and dispatcher: bounded admission, dynamic batches, retries on worker failure.
 
-A batch is formed when some worker has room: up to `max_batch_size` requests
-(and no more than the worker's room) and `max_batch_tokens` prompt tokens,
-waiting at most `max_wait_ms` after the oldest request arrived for it to fill
-(no wait for an idle worker whose engine batches continuously).
+The picker chooses a worker for the first request in the queue; its batch is that request and the next ones
+(in priority order) the picker sends to the same worker: up to `max_batch_size` requests (and no more than the
+worker's room) and `max_batch_tokens` prompt tokens, waiting at most `max_wait_ms` after the oldest request
+arrived for it to fill (no wait for an idle worker whose engine batches continuously).
 Every accepted request ends with exactly one final chunk (a result or an error).
 """
 
@@ -15,15 +15,15 @@ import heapq
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 
 import grpc
 
 from services.common.config import GatewayConfig
 from services.common.grpc_util import FINISH_NAMES, code_name, status_code
 from services.common.pb import inference_pb2, worker_pb2
-from services.common.sampling import SamplingParams
 from services.gateway import metrics
+from services.gateway.pending import Chunk, Pending, QueueFull
+from services.gateway.picker import Choice, Picker
 from services.gateway.router import WorkerHandle, WorkerPool
 
 log = logging.getLogger("tokenmill.batcher")
@@ -32,63 +32,13 @@ MAX_ATTEMPTS = 3
 NO_WORKER_GRACE_S = 5.0
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
              grpc.StatusCode.CANCELLED}
-
-
-class QueueFull(Exception):
-    pass
-
-
-@dataclass(slots=True)
-class Chunk:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: tuple[grpc.StatusCode, str] | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
-
-
-@dataclass(eq=False)
-class Pending:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    priority: int = 0
-    streaming: bool = False
-    received: float = field(default_factory=time.monotonic)
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    token_ids: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    usage: inference_pb2.Usage = field(default_factory=inference_pb2.Usage)
-    committed: bool = False  # tokens reached the client: it can no longer be retried elsewhere
-    done: bool = False
-    worker: WorkerHandle | None = None
-    attempts: int = 0
-    dispatched: float = 0.0
-    first_token: float = 0.0
-    batch_size: int = 0
-
-    def finish(self, chunk: Chunk) -> None:
-        if not self.done:
-            self.done = True
-            self.out.put_nowait(chunk)
-
-    def timing(self) -> inference_pb2.Timing:
-        end = time.monotonic()
-        return inference_pb2.Timing(
-            queue_ms=1000 * ((self.dispatched or end) - self.received),
-            ttft_ms=1000 * (self.first_token - self.received) if self.first_token else 0.0,
-            total_ms=1000 * (end - self.received),
-            batch_size=self.batch_size,
-            worker=self.worker.address if self.worker else "",
-        )
+SCAN_PER_SLOT = 4  # a batch looks at most this many queued requests per free slot for ones routed its way
 
 
 class Batcher:
-    def __init__(self, pool: WorkerPool, config: GatewayConfig) -> None:
+    def __init__(self, pool: WorkerPool, picker: Picker, config: GatewayConfig) -> None:
         self.pool = pool
+        self.picker = picker
         self.config = config
         self._heap: list[tuple[int, int, Pending]] = []
         self._seq = itertools.count()
@@ -145,19 +95,30 @@ class Batcher:
         while self._heap and self._heap[0][2].done:
             heapq.heappop(self._heap)
 
-    def _take(self, limit: int) -> list[Pending]:
+    def _take(self, head: Pending, choice: Choice, limit: int) -> list[Pending]:
+        """`head` (routed by `choice`) and, in priority order, the queued requests the picker routes to the same
+        worker. Each joins the worker's in-flight set at once, so the next one's choice sees its load."""
+        worker = choice.worker
         batch: list[Pending] = []
         tokens = 0
         skipped = []
-        while self._heap and len(batch) < limit:
-            prio, seq, p = heapq.heappop(self._heap)
+        scan = SCAN_PER_SLOT * limit
+        while self._heap and len(batch) < limit and scan > 0:
+            item = heapq.heappop(self._heap)
+            p = item[2]
             if p.done:
                 continue
+            scan -= 1
             if batch and tokens + len(p.prompt_ids) > self.config.max_batch_tokens:
-                skipped.append((prio, seq, p))
+                skipped.append(item)
                 break
+            p.route = choice if p is head else self.picker.joins(p, worker, self.pool.candidates())
+            if p.route is None:
+                skipped.append(item)
+                continue
             batch.append(p)
             tokens += len(p.prompt_ids)
+            worker.inflight[p.request_id] = p.params.max_tokens
         for item in skipped:
             heapq.heappush(self._heap, item)
         metrics.queue_depth.set(len(self))
@@ -175,8 +136,9 @@ class Batcher:
             if not self._heap:
                 await self._wait(self._arrived, 1.0)
                 continue
-            worker = self.pool.pick()
-            if worker is None:
+            head = self._heap[0][2]
+            choice = self.picker.choose(head, self.pool.candidates())
+            if choice is None:
                 if self.pool.live():
                     no_worker_since = None
                 else:
@@ -186,6 +148,7 @@ class Batcher:
                 await self._wait(self.pool.changed, 0.2)
                 continue
             no_worker_since = None
+            worker = choice.worker
             limit = min(self.config.max_batch_size, worker.room)
             oldest = min(p.received for *_, p in self._heap if not p.done)
             # An idle continuous-batching worker gains nothing from the window: later arrivals join its
@@ -196,7 +159,7 @@ class Batcher:
                 await self._wait(self._arrived, left)
             if not worker.live or worker.room <= 0:
                 continue
-            batch = self._take(min(limit, worker.room))
+            batch = self._take(head, choice, min(limit, worker.room))
             if batch:
                 task = asyncio.create_task(self._dispatch(worker, batch))
                 self._tasks.add(task)
@@ -217,6 +180,7 @@ class Batcher:
         for p in batch:
             p.worker, p.dispatched, p.batch_size = worker, now, len(batch)
             worker.inflight[p.request_id] = p.params.max_tokens
+            self.picker.dispatched(p, p.route)
         metrics.batch_size.observe(len(batch))
         metrics.outstanding.labels(worker.address).set(len(worker.inflight))
         request = worker_pb2.SubmitRequest(requests=[
@@ -275,6 +239,7 @@ class Batcher:
         else:
             metrics.requests.labels("OK").inc()
             metrics.e2e.observe(time.monotonic() - p.received)
+            self.picker.finished(p, worker)
             p.finish(Chunk(finish_reason=FINISH_NAMES[ev.finish_reason]))
 
     def _retry_or_fail(self, p: Pending, code: grpc.StatusCode, message: str) -> None:

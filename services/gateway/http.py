@@ -134,8 +134,11 @@ class OpenAIFront:
 
     async def _run(self, request: web.Request, body: dict, *, prompt: str, messages: list, chat: bool):
         stream = bool(body.get("stream", False))
+        # a conversation id pins its requests to one worker: the x-session-id header, else OpenAI's `user`
+        session = request.headers.get("x-session-id") or _field(body, "user", str, "") or ""
         p = self.gw.admit(request_id="", model=_field(body, "model", str, "") or "", prompt=prompt,
-                          messages=messages, sampling=sampling_from_json(body), priority=0, streaming=stream)
+                          messages=messages, sampling=sampling_from_json(body), priority=0, streaming=stream,
+                          session_id=session)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         meta = {"id": ident, "created": int(time.time()), "model": self.gw.validator.model}
         if stream:

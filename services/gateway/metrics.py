@@ -16,3 +16,16 @@ e2e = Histogram("tokenmill:gateway_e2e_request_latency_seconds", "End-to-end lat
 outstanding = Gauge("tokenmill:gateway_worker_outstanding_requests", "Requests in flight per worker", ["worker"])
 workers_live = Gauge("tokenmill:gateway_workers_live", "Workers currently healthy")
 retries = Counter("tokenmill:gateway_retries", "Requests re-dispatched after a worker failure")
+routing_decisions = Counter(
+    "tokenmill:routing_prefix_hits", "Routing decisions by reason: prefix (the worker holding more of the prompt "
+    "cached), session, balance (the guard overrode the best worker), load (a less-loaded worker beat a cached "
+    "prefix on score), miss (no worker holds more of it than another), least_loaded (--routing least-loaded)",
+    ["reason"])
+predicted_cached_tokens = Counter("tokenmill:routing_predicted_cached_tokens",
+                                  "Prompt tokens the prefix index expected the chosen worker to have cached")
+cached_tokens = Counter("tokenmill:routing_cached_tokens", "Prompt tokens the workers reported served from cache")
+worker_load = Gauge("tokenmill:routing_worker_load", "Requests in flight per worker as the router sees them",
+                    ["worker"])
+index_blocks = Gauge("tokenmill:routing_index_blocks", "Block hashes the prefix index holds per worker", ["worker"])
+index_evictions = Counter("tokenmill:routing_index_evictions", "Block hashes dropped from the prefix index, by "
+                          "cause: worker (it reported the eviction), lru (bound), down, resync", ["cause"])

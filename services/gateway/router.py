@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.pb import worker_pb2, worker_pb2_grpc
 from services.common.server import CHANNEL_OPTIONS
 from services.gateway import metrics
+from services.gateway.prefix_index import PrefixIndex
 
 log = logging.getLogger("tokenmill.router")
 
@@ -40,6 +41,8 @@ class WorkerHandle:
     failures: int = 0
     inflight: dict[str, int] = field(default_factory=dict)  # request id -> tokens still to generate
     served: int = 0
+    external: int = 0  # requests the worker reported beyond this gateway's own (other gateways, direct clients)
+    eviction_serial: int = 0  # the newest prefix-cache eviction of this worker the index has taken in
 
     @property
     def capacity(self) -> int:
@@ -56,6 +59,16 @@ class WorkerHandle:
         return self.capacity - len(self.inflight)
 
     @property
+    def queued(self) -> int:
+        """Requests it is running or holding: this gateway's in flight plus those others sent it."""
+        return len(self.inflight) + self.external
+
+    @property
+    def prefix_block_size(self) -> int:
+        """Block size of its prefix cache; 0 if it has none (hf-static, --no-prefix-cache)."""
+        return self.info.block_size if self.info is not None and self.info.prefix_caching else 0
+
+    @property
     def outstanding_tokens(self) -> int:
         return sum(self.inflight.values())
 
@@ -68,9 +81,10 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, static: list[str], dns: str = "") -> None:
+    def __init__(self, static: list[str], dns: str = "", index: PrefixIndex | None = None) -> None:
         self.static = [a.strip() for a in static if a.strip()]
         self.dns = dns
+        self.index = index  # kept in step with each worker's evictions and liveness
         self.workers: dict[str, WorkerHandle] = {}
         self.changed = asyncio.Event()  # set when a worker comes up or frees room
         self.first_info = asyncio.Event()
@@ -92,10 +106,9 @@ class WorkerPool:
         return next((w.info for w in self.live() if w.info), None) or next(
             (w.info for w in self.workers.values() if w.info), None)
 
-    def pick(self, exclude: set[str] = frozenset()) -> WorkerHandle | None:
-        """The live worker with room and the lowest load score, or None."""
-        candidates = [w for w in self.live() if w.room > 0 and w.address not in exclude]
-        return min(candidates, key=WorkerHandle.score) if candidates else None
+    def candidates(self) -> list[WorkerHandle]:
+        """Live workers with room for another request."""
+        return [w for w in self.live() if w.room > 0]
 
     def notify(self) -> None:
         self.changed.set()
@@ -126,6 +139,7 @@ class WorkerPool:
                     if not w.inflight:
                         await w.channel.close()
                         del self.workers[addr]
+                        self._forget(addr, "down")
                 await asyncio.gather(*(self._probe(w) for w in list(self.workers.values())))
                 metrics.workers_live.set(len(self.live()))
             except Exception:
@@ -140,7 +154,8 @@ class WorkerPool:
             if w.info is None:
                 w.info = await w.stub.Info(worker_pb2.InfoRequest(), timeout=PROBE_TIMEOUT_S)
                 self.first_info.set()
-            w.load = await w.stub.Load(worker_pb2.LoadRequest(), timeout=PROBE_TIMEOUT_S)
+            self._take_load(w, await w.stub.Load(worker_pb2.LoadRequest(evictions_after=w.eviction_serial),
+                                                 timeout=PROBE_TIMEOUT_S))
             w.failures = 0
             if not w.live:
                 log.info("worker %s is up (%s, engine %s)", w.address, w.info.model, w.info.engine)
@@ -153,9 +168,27 @@ class WorkerPool:
                 log.warning("worker %s is down: %s", w.address, reason)
                 self.mark_down(w)
 
+    def _take_load(self, w: WorkerHandle, load: worker_pb2.LoadResponse) -> None:
+        w.load = load
+        w.external = max(0, load.running + load.waiting - len(w.inflight))
+        metrics.worker_load.labels(w.address).set(w.queued)
+        if self.index is not None:
+            self.index.set_pool_size(w.address, load.total_kv_blocks)
+            if load.evictions_truncated:  # evictions we never saw: what we remember of it may be gone
+                self.index.drop(w.address, "resync")
+            else:
+                self.index.forget(w.address, load.evicted_block_hashes)
+        w.eviction_serial = load.eviction_serial
+
+    def _forget(self, address: str, cause: str) -> None:
+        if self.index is not None:
+            self.index.drop(address, cause)
+
     def mark_down(self, w: WorkerHandle) -> None:
         w.live = False
         w.info = None  # re-read on recovery: it may come back with another model or engine
+        w.eviction_serial = 0
+        self._forget(w.address, "down")  # a dead worker's cache is gone; a restarted one starts empty
         metrics.workers_live.set(len(self.live()))
 
 

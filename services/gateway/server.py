@@ -15,7 +15,10 @@ from services.common.grpc_util import FINISH_REASONS
 from services.common.pb import inference_pb2, inference_pb2_grpc
 from services.common.sampling import InvalidRequest
 from services.gateway import metrics
-from services.gateway.batcher import Batcher, Chunk, Pending, QueueFull
+from services.gateway.batcher import Batcher
+from services.gateway.pending import Chunk, Pending, QueueFull
+from services.gateway.picker import MAX_SESSION_ID_CHARS, Picker
+from services.gateway.prefix_index import PrefixIndex
 from services.gateway.router import WorkerPool
 from services.gateway.validation import Validator
 
@@ -37,8 +40,10 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         workers = [a for a in config.workers.split(",") if a.strip()]
-        self.pool = WorkerPool(workers, config.workers_dns)
-        self.batcher = Batcher(self.pool, config)
+        index = PrefixIndex(config.routing_index_blocks) if config.routing == "prefix-aware" else None
+        self.picker = Picker(config, index)
+        self.pool = WorkerPool(workers, config.workers_dns, index)
+        self.batcher = Batcher(self.pool, self.picker, config)
         self.validator: Validator | None = None
         self._http = None
 
@@ -67,10 +72,13 @@ class Gateway:
         await self.pool.close()
 
     def admit(self, *, request_id: str, model: str, prompt: str, messages: Sequence[tuple[str, str]],
-              sampling: Any, priority: int, streaming: bool) -> Pending:
+              sampling: Any, priority: int, streaming: bool, session_id: str = "") -> Pending:
         if self.validator is None:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "gateway is starting: no worker has reported yet")
         try:
+            if len(session_id) > MAX_SESSION_ID_CHARS:
+                raise InvalidRequest(f"session_id is {len(session_id)} characters; at most {MAX_SESSION_ID_CHARS} "
+                                     "are allowed: send a shorter conversation id (a hash of it will do)")
             prepared = self.validator.prepare(model, prompt, messages, sampling)
         except InvalidRequest as exc:
             metrics.requests.labels("INVALID_ARGUMENT").inc()
@@ -78,7 +86,8 @@ class Gateway:
         if not self.pool.live():
             metrics.requests.labels("UNAVAILABLE").inc()
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "no worker is available; retry later")
-        p = Pending(request_id or uuid.uuid4().hex, prepared.prompt_ids, prepared.params, priority, streaming)
+        p = Pending(request_id or uuid.uuid4().hex, prepared.prompt_ids, prepared.params, priority, streaming,
+                    session_id=session_id)
         try:
             self.batcher.submit(p)
         except QueueFull as exc:
@@ -120,7 +129,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             return self.gw.admit(
                 request_id=request.request_id, model=request.model, prompt=request.prompt,
                 messages=[(m.role, m.content) for m in request.messages], sampling=request.sampling,
-                priority=request.priority, streaming=streaming)
+                priority=request.priority, streaming=streaming, session_id=request.session_id)
         except GatewayError as exc:
             await context.abort(exc.code, exc.message)
 
@@ -182,8 +191,11 @@ def run(config: GatewayConfig) -> None:
     from services.common.server import serve, start_metrics_server
 
     setup_logging("gateway")
+    try:
+        gateway = Gateway(config)
+    except ValueError as exc:
+        raise SystemExit(f"gateway: {exc}") from None
     start_metrics_server(config.metrics_port)
-    gateway = Gateway(config)
     servicer = InferenceServicer(gateway)
     service = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 

@@ -70,9 +70,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Load(self, request: worker_pb2.LoadRequest, context: grpc.aio.ServicerContext):
         engine = await self._require_engine(context)
         s = engine.stats()
+        evicted, serial, truncated = recent_evictions(engine.engine, request.evictions_after)
         return worker_pb2.LoadResponse(
             running=s.running, waiting=s.waiting, free_kv_blocks=s.free_kv_blocks, total_kv_blocks=s.total_kv_blocks,
             capacity=s.capacity, prefix_cache_hit_rate=s.prefix_cache_hit_rate, outstanding_tokens=s.outstanding_tokens,
+            evicted_block_hashes=evicted, eviction_serial=serial, evictions_truncated=truncated,
         )
 
     async def Info(self, request: worker_pb2.InfoRequest, context: grpc.aio.ServicerContext):
@@ -83,7 +85,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             block_size=engine.engine.block_size, quantization=m.quantization, engine=engine.engine.name,
             device=m.device, dtype=str(m.dtype).removeprefix("torch."), worker_id=self.worker_id,
             eos_token_id=m.tokenizer.eos_token_id if m.tokenizer.eos_token_id is not None else -1,
+            prefix_caching=getattr(getattr(engine.engine, "block_manager", None), "enable_prefix_caching", False),
         )
+
+
+def recent_evictions(engine: Any, after: int) -> tuple[list[int], int, bool]:
+    """Hashes the prefix cache dropped after eviction serial `after`, the newest serial, and whether some
+    are no longer in the log (or `after` is from before this worker restarted): the caller must resync."""
+    bm = getattr(engine, "block_manager", None)
+    if bm is None:
+        return [], 0, False
+    for _ in range(3):  # the engine thread appends while we copy; tuple() of a deque of int pairs rarely yields
+        try:
+            log = tuple(bm.evictions)
+            break
+        except RuntimeError:  # deque mutated during iteration
+            continue
+    else:
+        return [], bm.num_evictions, True
+    if not log:
+        return [], bm.num_evictions, after > bm.num_evictions
+    oldest, newest = log[0][0], log[-1][0]
+    return [h for serial, h in log if serial > after], newest, after + 1 < oldest or after > newest
 
 
 def build_engine(config: WorkerConfig, servicer: WorkerServicer | None = None) -> Any:

@@ -58,11 +58,13 @@ class CancelResponse(_message.Message):
     def __init__(self, cancelled: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("evictions_after",)
+    EVICTIONS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    evictions_after: int
+    def __init__(self, evictions_after: _Optional[int] = ...) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("running", "waiting", "free_kv_blocks", "total_kv_blocks", "capacity", "prefix_cache_hit_rate", "outstanding_tokens")
+    __slots__ = ("running", "waiting", "free_kv_blocks", "total_kv_blocks", "capacity", "prefix_cache_hit_rate", "outstanding_tokens", "evicted_block_hashes", "eviction_serial", "evictions_truncated")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +72,9 @@ class LoadResponse(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     OUTSTANDING_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    EVICTION_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     free_kv_blocks: int
@@ -77,14 +82,17 @@ class LoadResponse(_message.Message):
     capacity: int
     prefix_cache_hit_rate: float
     outstanding_tokens: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., capacity: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., outstanding_tokens: _Optional[int] = ...) -> None: ...
+    evicted_block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    eviction_serial: int
+    evictions_truncated: bool
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., total_kv_blocks: _Optional[int] = ..., capacity: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., outstanding_tokens: _Optional[int] = ..., evicted_block_hashes: _Optional[_Iterable[int]] = ..., eviction_serial: _Optional[int] = ..., evictions_truncated: _Optional[bool] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "tokenizer", "context_length", "block_size", "quantization", "engine", "device", "dtype", "worker_id", "eos_token_id")
+    __slots__ = ("model", "tokenizer", "context_length", "block_size", "quantization", "engine", "device", "dtype", "worker_id", "eos_token_id", "prefix_caching")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +103,7 @@ class InfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     model: str
     tokenizer: str
     context_length: int
@@ -105,4 +114,5 @@ class InfoResponse(_message.Message):
     dtype: str
     worker_id: str
     eos_token_id: int
-    def __init__(self, model: _Optional[str] = ..., tokenizer: _Optional[str] = ..., context_length: _Optional[int] = ..., block_size: _Optional[int] = ..., quantization: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., worker_id: _Optional[str] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    prefix_caching: bool
+    def __init__(self, model: _Optional[str] = ..., tokenizer: _Optional[str] = ..., context_length: _Optional[int] = ..., block_size: _Optional[int] = ..., quantization: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., worker_id: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...

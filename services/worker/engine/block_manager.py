@@ -8,11 +8,13 @@ keep their hash and stay findable until the free list hands them out again
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
+from services.common.prefix_hash import NO_HASH, chain_hash
 from services.worker.engine.sequence import Sequence
 
-NO_HASH = -1
+EVICTION_LOG = 8192  # evictions kept for gateways to read (Worker.Load); one that falls further behind resyncs
 FREED = -1  # block-table entry of a block released because it left the sliding window
 
 
@@ -22,10 +24,6 @@ class Block:
     ref_count: int = 0
     hash: int = NO_HASH
     token_ids: tuple[int, ...] = ()  # kept for full hashed blocks, to rule out hash collisions
-
-
-def chain_hash(parent: int, token_ids: tuple[int, ...]) -> int:
-    return hash((parent, token_ids))
 
 
 class BlockManager:
@@ -42,6 +40,8 @@ class BlockManager:
         self._touched = [False] * num_blocks
         self.fresh: list[int] = []  # blocks handed out for the first time: their memory is uninitialised
         self.hits = 0  # of which found cached
+        self.evictions: deque[tuple[int, int]] = deque(maxlen=EVICTION_LOG)  # (serial, hash) dropped from the cache
+        self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -146,6 +146,8 @@ class BlockManager:
         if block.hash != NO_HASH:  # evict it from the prefix cache
             if self.cached.get(block.hash) == bid:
                 del self.cached[block.hash]
+                self.num_evictions += 1
+                self.evictions.append((self.num_evictions, block.hash))
             block.hash, block.token_ids = NO_HASH, ()
         block.ref_count = 1
         if not self._touched[bid]:
