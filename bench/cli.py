@@ -53,6 +53,40 @@ def engine(
     main(opts)
 
 
+@app.command("routing")
+def routing(
+    quick: bool = typer.Option(False, "--quick", help="Tiny run: 2 workers, 4 chats of 2-3 turns, 4 uniform requests."),
+    workers: int = typer.Option(3, help="Paged workers (threads split between them)."),
+    modes: str = typer.Option("least-loaded,prefix-aware", help="Routing modes, each on a fresh fleet."),
+    conversations: int = typer.Option(24, help="Multi-turn chats."),
+    min_turns: int = typer.Option(4, help="Fewest user turns per chat."),
+    max_turns: int = typer.Option(8, help="Most user turns per chat."),
+    system_prompts: int = typer.Option(3, help="Long system prompts the chats share."),
+    clients: int = typer.Option(8, help="Closed-loop clients."),
+    max_tokens: int = typer.Option(48, help="max_tokens of each chat turn (greedy)."),
+    uniform_requests: int = typer.Option(48, help="Distinct single-turn requests of the balance phase."),
+    uniform_max_tokens: int = typer.Option(32, help="max_tokens of each uniform request."),
+    kv_cache_memory: str = typer.Option("256MiB", help="KV pool of each worker."),
+    threads: int = typer.Option(0, help="torch threads per worker; 0 = CPUs / workers."),
+    session_ids: bool = typer.Option(False, help="Send each chat's id as session_id."),
+    seed: int = typer.Option(0, help="Seed of the chats and prompts."),
+    model: str = typer.Option("smollm2-135m", help="Model to serve."),
+    out: Path = typer.Option(Path("results/routing.json"), help="JSON result file."),
+) -> None:
+    """least-loaded vs prefix-aware routing: fleet prefix-cache hit rate, TTFT, throughput, load spread."""
+    from bench.routing import Options, main
+
+    opts = Options(workers=workers, modes=_names(modes), conversations=conversations, min_turns=min_turns,
+                   max_turns=max_turns, system_prompts=system_prompts, clients=clients, max_tokens=max_tokens,
+                   uniform_requests=uniform_requests, uniform_max_tokens=uniform_max_tokens,
+                   kv_cache_memory=kv_cache_memory, threads=threads, session_ids=session_ids, seed=seed, model=model,
+                   out=out)
+    if quick:
+        opts.workers, opts.conversations, opts.min_turns, opts.max_turns = 2, 4, 2, 3
+        opts.clients, opts.max_tokens, opts.uniform_requests, opts.uniform_max_tokens = 2, 8, 4, 4
+    main(opts)
+
+
 from bench.phases import register; register(app)  # noqa: E402, E702, I001  phases 1-8 (bench/phases)
 from bench.compare import register_compare; register_compare(app)  # noqa: E402, E702, I001  bench compare
 

@@ -13,23 +13,17 @@ import grpc
 import httpx
 import pytest
 from conftest import chat_request, free_port
-from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.metrics import sample_sum
 from services.common.pb import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 SYSTEM = ("You are a storyteller for children. Every story you tell has a clear moral, a gentle tone, a named "
-          "animal hero, a setting a child can picture, and an ending that shows what the hero learned. ") * 2
+          "animal hero, a setting a child can picture, and an ending that shows what the hero learned. ") * 3
 WORKER_ARGS = ("--engine", "paged", "--max-num-seqs", "8", "--kv-cache-memory", "64MiB")  # 91 blocks of 16
 
 
 def metric(http: str, name: str, **labels: str) -> float:
-    """Sum of the gateway's samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(http + "/metrics", timeout=10).text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    return sample_sum(httpx.get(http + "/metrics", timeout=10).text, name, **labels)
 
 
 def wait_for(check, what: str, timeout: float = 30.0) -> None:

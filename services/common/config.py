@@ -73,7 +73,8 @@ class GatewayConfig:
     routing: str = setting("prefix-aware", "least-loaded (fewest requests in flight per capacity) | prefix-aware "
                            "(score = cached prefix + load + free KV, weighted; sessions; a balance guard).")
     routing_prefix_weight: float = setting(3.0, "prefix-aware: weight of the cached share of the prompt (0..1).")
-    routing_load_weight: float = setting(2.0, "prefix-aware: weight of 1 - requests in flight / capacity.")
+    routing_load_weight: float = setting(2.0, "prefix-aware: weight of the load score (1 for the least-loaded "
+                                         "candidate, 0 for the most; requests held / capacity).")
     routing_kv_weight: float = setting(1.0, "prefix-aware: weight of the worker's free share of KV blocks.")
     routing_cache_threshold: float = setting(0.5, "prefix-aware: a cached share of the prompt below this counts "
                                              "as none, so the request goes by load (its blocks spread out).")

@@ -17,9 +17,9 @@ outstanding = Gauge("tokenmill:gateway_worker_outstanding_requests", "Requests i
 workers_live = Gauge("tokenmill:gateway_workers_live", "Workers currently healthy")
 retries = Counter("tokenmill:gateway_retries", "Requests re-dispatched after a worker failure")
 routing_decisions = Counter(
-    "tokenmill:routing_prefix_hits", "Routing decisions by reason: prefix (the worker holding more of the prompt "
-    "cached), session, balance (the guard overrode the best worker), load (a less-loaded worker beat a cached "
-    "prefix on score), miss (no worker holds more of it than another), least_loaded (--routing least-loaded)",
+    "tokenmill:routing_prefix_hits", "Routing decisions by reason: prefix (to a worker holding the longest cached "
+    "prefix of the prompt), session, balance (the guard overrode the best-scored worker), load (a less-loaded "
+    "worker beat a longer cached prefix on score), miss (no worker holds enough of it), least_loaded",
     ["reason"])
 predicted_cached_tokens = Counter("tokenmill:routing_predicted_cached_tokens",
                                   "Prompt tokens the prefix index expected the chosen worker to have cached")

@@ -5,10 +5,14 @@
 
     score = prefix_weight * cached share of the prompt   (blocks the index says it holds / prompt tokens;
                                                           0 below --routing-cache-threshold)
-          + load_weight   * (1 - requests it holds / its capacity)
+          + load_weight   * (most loaded - its load) / (most loaded - least loaded)   (1 when all are equal;
+                                                          load = requests it holds / its capacity)
           + kv_weight     * its free share of KV blocks
 
-and the highest score wins (ties at random). The threshold (SGLang's cache_threshold) keeps a short shared
+and the highest score wins (ties at random). The load scorer is min-max normalised over the candidates, as
+llm-d's queue scorer is: any load difference is worth the whole load weight, so only a prefix worth more
+(share > load_weight / prefix_weight, 2/3 by default: a conversation's history, a long system prompt) keeps a
+request on a busier worker. The threshold (SGLang's cache_threshold) keeps a short shared
 prefix, such as the chat template's system prompt, from drawing every request to the first worker that saw it.
 A request with a session_id goes to its session's worker instead, while that one is a candidate.
 Then the guard, SGLang's imbalance rule applied to the chosen worker: when it holds more than
@@ -66,9 +70,11 @@ class Picker:
         if pinned is not None:
             best, reason = pinned, "session"
         else:
-            best = max(candidates, key=lambda w: (self._score(w, share[w.address]), random.random()))
-            top, low = max(share.values()), min(share.values())
-            reason = "miss" if top == low else "prefix" if share[best.address] == top else "load"
+            loads = [w.queued / w.capacity for w in candidates]
+            lo, hi = min(loads), max(loads)
+            best = max(candidates, key=lambda w: (self._score(w, share[w.address], lo, hi), random.random()))
+            top = max(share.values())
+            reason = "miss" if top == 0 else "prefix" if share[best.address] == top else "load"
         least = min(candidates, key=lambda w: (w.queued / w.capacity, random.random()))
         c = self.config
         if best is not least and best.queued - least.queued > c.routing_balance_abs and \
@@ -112,11 +118,11 @@ class Picker:
         share = matched / max(1, len(p.prompt_ids))
         return share if share >= self.config.routing_cache_threshold else 0.0
 
-    def _score(self, w: WorkerHandle, share: float) -> float:
+    def _score(self, w: WorkerHandle, share: float, lo: float, hi: float) -> float:
         c = self.config
         free_kv = w.load.free_kv_blocks / w.load.total_kv_blocks if w.load.total_kv_blocks else 1.0
-        return (c.routing_prefix_weight * share + c.routing_load_weight * (1.0 - min(1.0, w.queued / w.capacity))
-                + c.routing_kv_weight * free_kv)
+        load = (hi - w.queued / w.capacity) / (hi - lo) if hi > lo else 1.0
+        return c.routing_prefix_weight * share + c.routing_load_weight * load + c.routing_kv_weight * free_kv
 
     def _matched(self, p: Pending, w: WorkerHandle) -> int:
         bs = w.prefix_block_size
