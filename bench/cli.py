@@ -55,17 +55,19 @@ def engine(
 
 @app.command("routing")
 def routing(
-    quick: bool = typer.Option(False, "--quick", help="Tiny run: 2 workers, 4 chats of 2-3 turns, 4 uniform requests."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny run: 2 workers, 4 chats of 2-3 turns, 4 + 4 single turns."),
     workers: int = typer.Option(3, help="Paged workers (threads split between them)."),
     modes: str = typer.Option("least-loaded,prefix-aware", help="Routing modes, each on a fresh fleet."),
+    phases: str = typer.Option("multiturn,system,uniform", help="Workloads, in this order, on each fleet."),
     conversations: int = typer.Option(24, help="Multi-turn chats."),
     min_turns: int = typer.Option(4, help="Fewest user turns per chat."),
     max_turns: int = typer.Option(8, help="Most user turns per chat."),
-    system_prompts: int = typer.Option(3, help="Long system prompts the chats share."),
+    system_prompts: int = typer.Option(3, help="Long system prompts shared by the system phase's requests."),
+    system_requests: int = typer.Option(48, help="Single-turn requests under those system prompts."),
     clients: int = typer.Option(8, help="Closed-loop clients."),
     max_tokens: int = typer.Option(48, help="max_tokens of each chat turn (greedy)."),
     uniform_requests: int = typer.Option(48, help="Distinct single-turn requests of the balance phase."),
-    uniform_max_tokens: int = typer.Option(32, help="max_tokens of each uniform request."),
+    single_max_tokens: int = typer.Option(32, help="max_tokens of each system-phase and uniform request."),
     kv_cache_memory: str = typer.Option("256MiB", help="KV pool of each worker."),
     threads: int = typer.Option(0, help="torch threads per worker; 0 = CPUs / workers."),
     session_ids: bool = typer.Option(False, help="Send each chat's id as session_id."),
@@ -76,14 +78,17 @@ def routing(
     """least-loaded vs prefix-aware routing: fleet prefix-cache hit rate, TTFT, throughput, load spread."""
     from bench.routing import Options, main
 
-    opts = Options(workers=workers, modes=_names(modes), conversations=conversations, min_turns=min_turns,
-                   max_turns=max_turns, system_prompts=system_prompts, clients=clients, max_tokens=max_tokens,
-                   uniform_requests=uniform_requests, uniform_max_tokens=uniform_max_tokens,
+    opts = Options(workers=workers, modes=_names(modes), phases=_names(phases), conversations=conversations,
+                   min_turns=min_turns, max_turns=max_turns, system_prompts=system_prompts,
+                   system_requests=system_requests,
+                   clients=clients, max_tokens=max_tokens, uniform_requests=uniform_requests,
+                   single_max_tokens=single_max_tokens,
                    kv_cache_memory=kv_cache_memory, threads=threads, session_ids=session_ids, seed=seed, model=model,
                    out=out)
     if quick:
         opts.workers, opts.conversations, opts.min_turns, opts.max_turns = 2, 4, 2, 3
-        opts.clients, opts.max_tokens, opts.uniform_requests, opts.uniform_max_tokens = 2, 8, 4, 4
+        opts.clients, opts.max_tokens, opts.uniform_requests, opts.single_max_tokens = 2, 8, 4, 4
+        opts.system_requests = 4
     main(opts)
 
 

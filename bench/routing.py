@@ -1,9 +1,10 @@
 """`tokenmill bench routing`: least-loaded vs prefix-aware routing over the same fleet and work, in one run.
 
 For each routing mode a fresh fleet (N paged workers, threads split between them, and a gateway) runs
-1. multi-turn: chats of min..max turns under a few long shared system prompts; closed-loop clients take the
-   chat that waited longest, send its next turn (the whole history so far), and put it back;
-2. uniform: distinct single-turn prompts from closed-loop clients (does routing keep the load balanced?).
+1. multiturn: chats of min..max turns; closed-loop clients take the chat that waited longest, send its next
+   turn (the whole history so far) and put it back, so many chats are open at once, as with many users;
+2. system: single-turn questions under a few long system prompts shared by many users;
+3. uniform: distinct single-turn prompts (does routing keep the load balanced?).
 Reported per phase: the fleet's prefix-cache hit rate from the workers' own counters (vllm:prefix_cache_*),
 TTFT and latency p50/p95, output tokens/s, requests per worker and the spread (most / fewest), and the
 gateway's routing reasons. Writes JSON and prints a table.
@@ -25,23 +26,26 @@ from typing import Any
 
 from bench.engine import _free_port, closed_loop, percentile
 from bench.routing_fleet import Fleet
-from bench.routing_workload import conversations, uniform_prompts
+from bench.routing_workload import conversations, shared_system, uniform_prompts
 
 MODES = ("least-loaded", "prefix-aware")
+PHASES = ("multiturn", "system", "uniform")
 
 
 @dataclass
 class Options:
     workers: int = 3
     modes: tuple[str, ...] = MODES
+    phases: tuple[str, ...] = PHASES
     conversations: int = 24
     min_turns: int = 4
     max_turns: int = 8
     system_prompts: int = 3
+    system_requests: int = 48
     clients: int = 8
     max_tokens: int = 48
     uniform_requests: int = 48
-    uniform_max_tokens: int = 32
+    single_max_tokens: int = 32  # of the system and uniform phases
     kv_cache_memory: str = "256MiB"
     threads: int = 0  # per worker; 0 = this machine's CPUs / workers (at least 1)
     session_ids: bool = False  # send each chat's id as session_id (else affinity comes from the prefix alone)
@@ -83,7 +87,7 @@ async def multiturn(address: str, opts: Options) -> tuple[list[Sample], float]:
 
     from services.common.pb import inference_pb2_grpc
 
-    chats = conversations(opts.conversations, opts.min_turns, opts.max_turns, opts.system_prompts, opts.seed)
+    chats = conversations(opts.conversations, opts.min_turns, opts.max_turns, opts.seed)
     ready = collections.deque(range(len(chats)))
     samples: list[Sample] = []
     async with grpc.aio.insecure_channel(address) as channel:
@@ -104,19 +108,27 @@ async def multiturn(address: str, opts: Options) -> tuple[list[Sample], float]:
         return samples, time.perf_counter() - t0
 
 
-async def uniform(address: str, opts: Options) -> tuple[list[Sample], float]:
+async def single_turns(address: str, chats: list[list[tuple[str, str]]], opts: Options) -> tuple[list[Sample], float]:
     import grpc
 
     from services.common.pb import inference_pb2_grpc
 
-    prompts = uniform_prompts(opts.uniform_requests, opts.seed)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
 
         async def one(i: int) -> Sample:
-            return await _generate(stub, [("user", prompts[i])], opts.uniform_max_tokens, "")
+            return await _generate(stub, chats[i], opts.single_max_tokens, "")
 
-        return await closed_loop(len(prompts), opts.clients, one)
+        return await closed_loop(len(chats), opts.clients, one)
+
+
+async def system(address: str, opts: Options) -> tuple[list[Sample], float]:
+    return await single_turns(address, shared_system(opts.system_requests, opts.system_prompts, opts.seed), opts)
+
+
+async def uniform(address: str, opts: Options) -> tuple[list[Sample], float]:
+    prompts = uniform_prompts(opts.uniform_requests, opts.seed)
+    return await single_turns(address, [[("user", p)] for p in prompts], opts)
 
 
 def summarise(samples: list[Sample], wall: float, workers: list[str], before: dict, after: dict) -> dict[str, Any]:
@@ -145,7 +157,9 @@ def run_mode(mode: str, opts: Options, log_dir: Path) -> dict[str, Any]:
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
     with Fleet(mode, opts.workers, threads, opts.model, opts.kv_cache_memory, log_dir, _free_port) as fleet:
         out: dict[str, Any] = {"threads_per_worker": threads}
-        for phase, driver in (("multiturn", multiturn), ("uniform", uniform)):
+        drivers = {"multiturn": multiturn, "system": system, "uniform": uniform}
+        for phase in opts.phases:
+            driver = drivers[phase]
             before = fleet.counters()
             samples, wall = asyncio.run(driver(fleet.address, opts))
             out[phase] = summarise(samples, wall, fleet.worker_addresses, before, fleet.counters())
@@ -161,26 +175,24 @@ def row(r: dict[str, Any]) -> str:
 
 def targets(results: dict[str, Any]) -> dict[str, Any]:
     """The issue's acceptance targets, from this run (None where a mode was not run)."""
-    ll, pa = results.get("least-loaded"), results.get("prefix-aware")
-    if not (ll and pa):
-        return {}
-    a, b = pa["multiturn"], ll["multiturn"]
-    return {
-        "hit_rate_ratio": a["fleet_prefix_hit_rate"] / b["fleet_prefix_hit_rate"] if b["fleet_prefix_hit_rate"]
-        else float("inf"),
-        "hit_rate_2x": a["fleet_prefix_hit_rate"] >= 2 * b["fleet_prefix_hit_rate"],
-        "ttft_p50_lower": a["ttft_p50_s"] < b["ttft_p50_s"],
-        "throughput_not_lower": a["output_tok_s"] >= b["output_tok_s"],
-        "uniform_spread_prefix_aware": pa["uniform"]["spread"],
-        "uniform_balanced": pa["uniform"]["spread"] <= 1.5,
-    }
+    ll, pa = results.get("least-loaded", {}), results.get("prefix-aware", {})
+    out: dict[str, Any] = {}
+    if "multiturn" in ll and "multiturn" in pa:
+        a, b = pa["multiturn"], ll["multiturn"]
+        out.update(hit_rate_ratio=a["fleet_prefix_hit_rate"] / b["fleet_prefix_hit_rate"] if b["fleet_prefix_hit_rate"]
+                   else float("inf"), hit_rate_2x=a["fleet_prefix_hit_rate"] >= 2 * b["fleet_prefix_hit_rate"],
+                   ttft_p50_lower=a["ttft_p50_s"] < b["ttft_p50_s"],
+                   throughput_not_lower=a["output_tok_s"] >= b["output_tok_s"])
+    if "uniform" in pa:
+        out.update(uniform_spread_prefix_aware=pa["uniform"]["spread"], uniform_balanced=pa["uniform"]["spread"] <= 1.5)
+    return out
 
 
 def main(opts: Options) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(f"routing benchmark: {opts.workers} workers, {opts.conversations} chats of {opts.min_turns}-"
-          f"{opts.max_turns} turns under {opts.system_prompts} system prompts, {opts.clients} clients, "
-          f"max_tokens {opts.max_tokens}; uniform {opts.uniform_requests} requests", flush=True)
+    print(f"routing benchmark: {opts.workers} workers, {opts.clients} clients; {opts.conversations} chats of "
+          f"{opts.min_turns}-{opts.max_turns} turns (max_tokens {opts.max_tokens}); {opts.system_requests} requests "
+          f"under {opts.system_prompts} system prompts; {opts.uniform_requests} uniform", flush=True)
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-routing-") as logs:

@@ -1,5 +1,6 @@
-"""Workloads of `tokenmill bench routing`: multi-turn chats under a few long shared system prompts, and a uniform
-one of distinct single-turn prompts. Everything is drawn from a seed, so both routing modes get the same work."""
+"""Workloads of `tokenmill bench routing`: multi-turn chats whose histories grow, single-turn questions under a
+few long system prompts shared by many users, and distinct single-turn prompts (uniform). Everything is drawn
+from a seed, so both routing modes get the same work."""
 
 from __future__ import annotations
 
@@ -41,9 +42,8 @@ def system_prompts(n: int) -> list[str]:
 
 @dataclass(slots=True)
 class Conversation:
-    system: str
     user_turns: list[str]
-    messages: list[tuple[str, str]] = field(default_factory=list)  # (role, content) so far, system first
+    messages: list[tuple[str, str]] = field(default_factory=list)  # (role, content) so far
 
     @property
     def done(self) -> bool:
@@ -51,8 +51,6 @@ class Conversation:
 
     def next_messages(self) -> list[tuple[str, str]]:
         """The history plus this conversation's next user turn (appended to it)."""
-        if not self.messages:
-            self.messages.append(("system", self.system))
         turn = sum(1 for role, _ in self.messages if role == "user")
         self.messages.append(("user", self.user_turns[turn]))
         return list(self.messages)
@@ -61,17 +59,19 @@ class Conversation:
         self.messages.append(("assistant", text))
 
 
-def conversations(n: int, min_turns: int, max_turns: int, n_system: int, seed: int) -> list[Conversation]:
-    """n chats, each under one of n_system shared system prompts, with min..max_turns user turns: a story
-    request, then follow-ups on it."""
+def conversations(n: int, min_turns: int, max_turns: int, seed: int) -> list[Conversation]:
+    """n chats of min..max_turns user turns: a story request, then follow-ups on it."""
     rng = random.Random(seed)
-    systems = system_prompts(n_system)
     stories = sample_prompts(n, seed)
-    out = []
-    for i in range(n):
-        turns = rng.randint(min_turns, max_turns)
-        out.append(Conversation(systems[i % n_system], [stories[i], *rng.sample(FOLLOW_UPS, turns - 1)]))
-    return out
+    return [Conversation([stories[i], *rng.sample(FOLLOW_UPS, rng.randint(min_turns, max_turns) - 1)])
+            for i in range(n)]
+
+
+def shared_system(n: int, n_system: int, seed: int) -> list[list[tuple[str, str]]]:
+    """n single-turn chats, each under one of n_system long system prompts (in a shuffled order)."""
+    rng = random.Random(seed + 2)
+    systems = system_prompts(n_system)
+    return [[("system", systems[rng.randrange(n_system)]), ("user", q)] for q in sample_prompts(n, seed + 3)]
 
 
 def uniform_prompts(n: int, seed: int) -> list[str]:
