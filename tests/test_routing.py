@@ -83,6 +83,8 @@ def test_session_id_pins_grpc_and_http(gw):
         request = chat_request(f"Name {i + 2} colours of the rainbow.", 4)
         request.session_id = "alice"
         served.add(gw["stub"].Generate(request, timeout=120).timing.worker)
+        metadata = [("x-session-id", "dave")]  # as metadata, for a proxy that hashes on it
+        gw["stub"].Generate(chat_request(f"Count to {i + 2}.", 4), metadata=metadata, timeout=120)
     assert len(served) == 1
     url = gw["http"] + "/v1/chat/completions"
     for i in range(3):
@@ -90,8 +92,8 @@ def test_session_id_pins_grpc_and_http(gw):
         assert httpx.post(url, json=body, timeout=120).status_code == 200
         body.pop("user")
         assert httpx.post(url, json=body, headers={"x-session-id": "carol"}, timeout=120).status_code == 200
-    # the first request of each session is scored; the 2 + 2 + 2 after it follow their session
-    assert metric(gw["http"], "tokenmill:routing_prefix_hits_total", reason="session") - before == 6
+    # the first request of each session is scored; the 2 after it follow their session (4 sessions)
+    assert metric(gw["http"], "tokenmill:routing_prefix_hits_total", reason="session") - before == 8
 
     too_long = "s" * 300
     with pytest.raises(grpc.RpcError) as err:

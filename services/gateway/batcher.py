@@ -180,6 +180,7 @@ class Batcher:
         for p in batch:
             p.worker, p.dispatched, p.batch_size = worker, now, len(batch)
             worker.inflight[p.request_id] = p.params.max_tokens
+            worker.sent += 1
             self.picker.dispatched(p, p.route)
         metrics.batch_size.observe(len(batch))
         metrics.outstanding.labels(worker.address).set(len(worker.inflight))

@@ -41,6 +41,7 @@ class WorkerHandle:
     failures: int = 0
     inflight: dict[str, int] = field(default_factory=dict)  # request id -> tokens still to generate
     served: int = 0
+    sent: int = 0  # requests ever dispatched to it
     external: int = 0  # requests the worker reported beyond this gateway's own (other gateways, direct clients)
     eviction_serial: int = 0  # the newest prefix-cache eviction of this worker the index has taken in
 
@@ -154,8 +155,10 @@ class WorkerPool:
             if w.info is None:
                 w.info = await w.stub.Info(worker_pb2.InfoRequest(), timeout=PROBE_TIMEOUT_S)
                 self.first_info.set()
-            self._take_load(w, await w.stub.Load(worker_pb2.LoadRequest(evictions_after=w.eviction_serial),
-                                                 timeout=PROBE_TIMEOUT_S))
+            # the most of ours the worker's count can include: in flight now, plus any sent during the call
+            ours, sent = len(w.inflight), w.sent
+            load = await w.stub.Load(worker_pb2.LoadRequest(evictions_after=w.eviction_serial), timeout=PROBE_TIMEOUT_S)
+            self._take_load(w, load, ours + w.sent - sent)
             w.failures = 0
             if not w.live:
                 log.info("worker %s is up (%s, engine %s)", w.address, w.info.model, w.info.engine)
@@ -168,9 +171,11 @@ class WorkerPool:
                 log.warning("worker %s is down: %s", w.address, reason)
                 self.mark_down(w)
 
-    def _take_load(self, w: WorkerHandle, load: worker_pb2.LoadResponse) -> None:
+    def _take_load(self, w: WorkerHandle, load: worker_pb2.LoadResponse, ours: int) -> None:
         w.load = load
-        w.external = max(0, load.running + load.waiting - len(w.inflight))
+        # never count our own requests as someone else's: one that finished while Load was answered would
+        # otherwise weigh on the worker as phantom load until the next poll
+        w.external = max(0, load.running + load.waiting - ours)
         metrics.worker_load.labels(w.address).set(w.queued)
         if self.index is not None:
             self.index.set_pool_size(w.address, load.total_kv_blocks)

@@ -125,11 +125,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.gw = gateway
 
     async def _admit(self, request: inference_pb2.GenerateRequest, context, streaming: bool) -> Pending:
+        # the field, else the x-session-id metadata (which an L7 proxy in front of several gateways can hash on)
+        session = request.session_id or dict(context.invocation_metadata() or ()).get("x-session-id", "")
         try:
             return self.gw.admit(
                 request_id=request.request_id, model=request.model, prompt=request.prompt,
                 messages=[(m.role, m.content) for m in request.messages], sampling=request.sampling,
-                priority=request.priority, streaming=streaming, session_id=request.session_id)
+                priority=request.priority, streaming=streaming, session_id=session)
         except GatewayError as exc:
             await context.abort(exc.code, exc.message)
 
