@@ -7,6 +7,8 @@ import asyncio
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import grpc
@@ -143,6 +145,17 @@ def test_index_is_bounded_and_follows_worker_evictions(cluster, gw, workers):
              "the workers' eviction reports")
     for w in workers:
         assert metric(gw["http"], "tokenmill:routing_index_blocks", worker=w.address) <= 91
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--routing", "round-robin"], "unknown --routing 'round-robin'"),
+    (["--routing-balance-rel", "0.5"], "--routing-balance-rel >= 1"),
+    (["--routing-index-blocks", "0"], "--routing-index-blocks must be at least 1"),
+])
+def test_bad_routing_settings_stop_the_gateway_with_a_reason(args, fragment):
+    done = subprocess.run([sys.executable, "-m", "services.cli", "gateway", "--port", str(free_port()), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and fragment in done.stderr, done.stderr[-2000:]
 
 
 def test_index_memory_stays_bounded_under_10k_prompts():

@@ -53,6 +53,10 @@ class Picker:
         weights = (config.routing_prefix_weight, config.routing_load_weight, config.routing_kv_weight)
         if min(weights) < 0:
             raise ValueError("--routing-prefix-weight, --routing-load-weight and --routing-kv-weight must be >= 0")
+        if config.routing_balance_abs < 0 or config.routing_balance_rel < 1:
+            raise ValueError("--routing-balance-abs must be >= 0 and --routing-balance-rel >= 1")
+        if not 0 <= config.routing_cache_threshold <= 1:
+            raise ValueError("--routing-cache-threshold is a share of the prompt: give a value in [0, 1]")
         if config.routing == "prefix-aware" and index is None:
             raise ValueError("prefix-aware routing needs a prefix index")
         self.config = config
