@@ -52,32 +52,36 @@ class PackedWeight:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins, self.table)
                    if t is not None)
 
-    def codes_nk(self) -> torch.Tensor:
-        """The codes as [rows (padded), in_features]: int values 0..15, or -128..127 for 8-bit."""
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [out_features, in_features], or only `rows` (an embedding lookup): the kernels' reference."""
+        if rows is None:
+            rows = torch.arange(self.out_features)
+        panel, lane = rows // PANEL, rows % PANEL
         p, k = self.panels, self.in_features
         if self.bits == 8:
-            c = self.codes.view(torch.int8).view(p, k, PANEL).to(torch.int32)
+            c = self.codes.view(torch.int8).view(p, k, PANEL)[panel, :, lane].float()
         else:
-            b = self.codes.view(p, k // 2, PANEL).to(torch.int32)
-            c = torch.stack((b & 15, b >> 4), dim=2).view(p, k, PANEL)
-        return c.permute(0, 2, 1).reshape(p * PANEL, k)
+            b = self.codes.view(p, k // 2, PANEL)[panel, :, lane].to(torch.int32)
+            c = torch.stack((b & 15, b >> 4), dim=-1).reshape(len(rows), k)
+            c = self.table[c] if self.table is not None else c.float()
+        w = c.view(len(rows), -1, self.group) * self.scales[panel, :, lane].float()[..., None]
+        if self.mins is not None:
+            w = w + self.mins[panel, :, lane].float()[..., None]
+        return w.reshape(len(rows), k)
 
-    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 [out_features, in_features] (or only `rows`): the reference for the kernels."""
-        c = self.codes_nk()
-        values = self.table[c] if self.table is not None else c.float()
-        scales = self.scales.permute(0, 2, 1).reshape(-1, self.in_features // self.group).float()
-        mins = self.mins.permute(0, 2, 1).reshape(scales.shape).float() if self.mins is not None else None
-        if rows is not None:
-            values, scales = values[rows], scales[rows]
-            mins = mins[rows] if mins is not None else None
-        else:
-            values, scales = values[: self.out_features], scales[: self.out_features]
-            mins = mins[: self.out_features] if mins is not None else None
-        w = values.view(values.shape[0], -1, self.group) * scales[..., None]
-        if mins is not None:
-            w = w + mins[..., None]
-        return w.reshape(values.shape[0], self.in_features)
+
+    def unpack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The inverse of `pack`: codes [N, K] uint8, scales (and mins) [N, K / group] float16."""
+        n, p, k = self.out_features, self.panels, self.in_features
+        c = self.codes.numpy().reshape(p, -1, PANEL)
+        if self.bits == 4:
+            c = np.stack((c & np.uint8(15), c >> np.uint8(4)), axis=2).reshape(p, k, PANEL)
+        codes = np.ascontiguousarray(c.transpose(0, 2, 1).reshape(p * PANEL, k)[:n])
+
+        def rows(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else np.ascontiguousarray(t.numpy().transpose(0, 2, 1).reshape(p * PANEL, -1)[:n])
+
+        return codes, rows(self.scales), rows(self.mins)
 
 
 def pack(fmt: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: int,
