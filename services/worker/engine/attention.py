@@ -131,12 +131,28 @@ class StepContext:
         return mask
 
 
+def build_context(kv: KVCache, pos: list[int], token_seq: list[int], tables: list[list[int]], num_decodes: int,
+                  prefills: list[tuple[int, int, int, list[int]]]) -> StepContext:
+    """A step's metadata from plain lists: each packed token's position and sequence (an index into
+    `tables`), the first num_decodes tokens being decodes, and the prefill chunks' (start, end, context
+    start, table)."""
+    bs, dev = kv.block_size, kv.device
+    slots = [tables[s][p // bs] * bs + p % bs for s, p in zip(token_seq, pos, strict=True)]
+    width = max(len(t) for t in tables)
+    positions = torch.tensor(pos, dtype=torch.long, device=dev)
+    return StepContext(
+        kv, torch.tensor(slots, dtype=torch.long, device=dev), positions,
+        torch.tensor(token_seq, dtype=torch.int32, device=dev), positions.to(torch.int32),
+        torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+        num_decodes, pos[:num_decodes], tables[:num_decodes], prefills)
+
+
 def attend(ctx: StepContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
            window: int | None, scale: float) -> torch.Tensor:
     """Store k, v [T, kv_heads * D] in the cache, then attend: q [T, heads * D] -> [T, heads * D]."""
     kv = ctx.kv
     ops = kernels.load() if q.device.type == "cpu" and q.dtype == torch.float32 else None
-    if ops is not None and kv.head_dim % 16 == 0:
+    if ops is not None and kv.head_dim % 16 == 0 and num_heads // kv.num_kv_heads <= 8:
         ops.write_kv(k, v, kv.k[layer], kv.v[layer], ctx.slot_mapping)
         return ops.paged_attention(q, kv.k[layer], kv.v[layer], ctx.block_tables, ctx.token_seq, ctx.token_pos,
                                    num_heads, window or 0, scale)

@@ -81,15 +81,7 @@ class ModelRunner:
 
     def _context(self, pos: list[int], token_seq: list[int], tables: list[list[int]], num_decodes: int,
                  prefills: list[tuple[int, int, int, list[int]]]) -> StepContext:
-        bs, dev = self.block_size, self.device
-        slots = [tables[s][p // bs] * bs + p % bs for s, p in zip(token_seq, pos, strict=True)]
-        width = max(len(t) for t in tables)
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        return StepContext(
-            self.kv, torch.tensor(slots, dtype=torch.long, device=dev), positions,
-            torch.tensor(token_seq, dtype=torch.int32, device=dev), positions.to(torch.int32),
-            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-            num_decodes, pos[:num_decodes], tables[:num_decodes], prefills)
+        return attention.build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
         """[T] token ids -> [T, hidden] after the final norm (after the first num_layers layers: the draft)."""

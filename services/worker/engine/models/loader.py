@@ -69,6 +69,21 @@ def native_model(config: Any, generation: Any, get: Callable[[str], Weight | Non
     return model.eval()
 
 
+def native_from_hf(model: nn.Module, fmt: str = "none") -> DecoderModel:
+    """tokenmill's forward over an in-memory transformers model's weights (tests and benchmarks)."""
+    device = next(model.parameters()).device
+    return native_model(model.config, model.generation_config, model.state_dict().get, fmt, device.type,
+                        next(model.parameters()).dtype)
+
+
+def hf_from_hf(model: nn.Module, fmt: str) -> nn.Module:
+    """transformers' model over tokenmill's layers with `model`'s weights quantized to `fmt`: the reference
+    for a quantized engine (the same packed values as `native_from_hf(model, fmt)`)."""
+    ref = hf_model(model.config, model.state_dict().get, fmt, next(model.parameters()).dtype)
+    ref.generation_config = model.generation_config
+    return ref
+
+
 def hf_model(config: Any, get: Callable[[str], Weight | None], fmt: str, dtype: torch.dtype) -> nn.Module:
     """transformers' model for `config` over tokenmill's layers and weights in `fmt` (unfused)."""
     from transformers import AutoModelForCausalLM

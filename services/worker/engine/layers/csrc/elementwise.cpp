@@ -15,13 +15,13 @@ constexpr int W = S::W;
 }  // namespace
 
 // out = weight * (r / sqrt(mean(r^2) + eps)) per row, r = x (+ residual, written back to `residual`).
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == torch::kFloat32, "x: float32 [T, N], rows dense");
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> residual) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "x: float32 [T, N], rows dense");
   const int64_t T = x.size(0), N = x.size(1);
-  TORCH_CHECK(weight.numel() == N && weight.is_contiguous() && weight.scalar_type() == torch::kFloat32, "weight: [N]");
+  TORCH_CHECK(weight.numel() == N && weight.is_contiguous() && weight.scalar_type() == at::kFloat, "weight: [N]");
   const bool add = residual.has_value() && residual->defined();
   if (add) TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(), "residual: contiguous, like x");
-  auto out = torch::empty({T, N}, x.options());
+  auto out = at::empty({T, N}, x.options());
   const float* w = weight.data_ptr<float>();
   at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -42,9 +42,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::o
 }
 
 // x [T, heads * D] (row stride any), in place: neox-style halves, cos / sin [positions, D / 2].
-void rotary(torch::Tensor x, int64_t heads, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin) {
-  TORCH_CHECK(x.stride(1) == 1 && x.scalar_type() == torch::kFloat32, "x: float32, rows dense");
-  TORCH_CHECK(positions.scalar_type() == torch::kInt64 && positions.is_contiguous(), "positions: int64");
+void rotary(at::Tensor x, int64_t heads, at::Tensor positions, at::Tensor cos, at::Tensor sin) {
+  TORCH_CHECK(x.stride(1) == 1 && x.scalar_type() == at::kFloat, "x: float32, rows dense");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions: int64");
   const int64_t T = x.size(0), half = cos.size(1), D = 2 * half;
   TORCH_CHECK(x.size(1) == heads * D && cos.is_contiguous() && sin.is_contiguous(), "x does not match heads * D");
   const int64_t* pos = positions.data_ptr<int64_t>();
@@ -73,11 +73,11 @@ void rotary(torch::Tensor x, int64_t heads, torch::Tensor positions, torch::Tens
 }
 
 // gate_up [T, 2 * I] -> silu(gate) * up, [T, I].
-torch::Tensor silu_mul(torch::Tensor gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.scalar_type() == torch::kFloat32,
+at::Tensor silu_mul(at::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.scalar_type() == at::kFloat,
               "gate_up: contiguous float32 [T, 2 * I]");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
-  auto out = torch::empty({T, I}, gate_up.options());
+  auto out = at::empty({T, I}, gate_up.options());
   at::parallel_for(0, T * I, 4096, [&](int64_t begin, int64_t end) {
     int64_t idx = begin;
     while (idx < end) {

@@ -165,12 +165,12 @@ void gemm(const Weights& w, const float* x, int64_t M, const float* xsum, float*
 }  // namespace
 
 // x [M, K] float32; codes uint8 [P, ...]; scales / mins float16 [P, K / G, 16]; returns [M, P * 16].
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                           c10::optional<torch::Tensor> table, c10::optional<torch::Tensor> bias, int64_t bits,
+at::Tensor quant_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
+                           c10::optional<at::Tensor> table, c10::optional<at::Tensor> bias, int64_t bits,
                            int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2, "codes: uint8 [P, *]");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous(), "scales: contiguous float16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2, "codes: uint8 [P, *]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales: contiguous float16");
   TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
   const int64_t M = x.size(0), K = x.size(1), P = codes.size(0);
   TORCH_CHECK(group > 0 && K % group == 0 && group % 2 == 0, "K must be a multiple of the group size");
@@ -178,19 +178,28 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   TORCH_CHECK(scales.numel() == P * (K / group) * kPanel, "scales do not match K / group");
   const bool has_min = mins.has_value() && mins->defined();
   const bool has_table = table.has_value() && table->defined();
-  TORCH_CHECK(!has_table || (bits == 4 && table->numel() == 16 && table->scalar_type() == torch::kFloat32),
+  TORCH_CHECK(!has_table || (bits == 4 && table->numel() == 16 && table->scalar_type() == at::kFloat),
               "table: 16 float32 entries, 4-bit codes only");
   TORCH_CHECK(!(has_table && has_min), "a table format has no mins");
-  if (has_min) TORCH_CHECK(mins->scalar_type() == torch::kHalf && mins->is_contiguous() && mins->numel() == scales.numel());
+  if (has_min) TORCH_CHECK(mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->numel() == scales.numel());
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == P * kPanel,
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == P * kPanel,
                 "bias: float32 [P * 16]");
 
-  auto y = torch::empty({M, P * kPanel}, x.options());
+  auto y = at::empty({M, P * kPanel}, x.options());
   if (M == 0) return y;
-  torch::Tensor xsum;
-  if (has_min) xsum = x.view({M, K / group, group}).sum(-1).contiguous();
+  at::Tensor xsum;  // per row and group: summed in order here, so a row's result never depends on M
+  if (has_min) {
+    xsum = at::empty({M, K / group}, x.options());
+    const float* xp = x.data_ptr<float>();
+    float* sp = xsum.data_ptr<float>();
+    for (int64_t i = 0; i < M * (K / group); ++i) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < group; ++k) acc += xp[i * group + k];
+      sp[i] = acc;
+    }
+  }
   Weights w{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
             has_min ? mins->data_ptr<at::Half>() : nullptr, has_table ? table->data_ptr<float>() : nullptr,
             K, group, P, bits};
