@@ -27,8 +27,10 @@ def engine(
     quick: bool = typer.Option(False, "--quick", help="Small version: 8 requests, concurrency 1,4, 8..32 tokens."),
     requests: int = typer.Option(128, help="Requests per run (story prompt set, chat template)."),
     concurrency: str = typer.Option("1,8,32", help="Closed-loop client counts, comma separated."),
-    engines: str = typer.Option("hf-static,paged", help="Engines to compare; paged+ngram / paged+draft = the paged "
-                                "engine with that speculative decoding mode."),
+    engines: str = typer.Option("hf-static,paged,paged:transformers", help="Engines to compare, as system specs: "
+                                "paged+ngram / paged+draft = that speculative decoding mode; paged:transformers = "
+                                "transformers' modules; :none / :gguf / :int8 ... = a weight format; :bfloat16 = a "
+                                "dtype."),
     workload: str = typer.Option("story", help="story (story prompts) | repeat (rewrite a paragraph keeping "
                                  "its words: the answer repeats the prompt)."),
     spec_max_batch: int = typer.Option(-1, help="paged+<mode>: --speculative-max-batch; -1 = worker default."),
