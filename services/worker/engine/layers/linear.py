@@ -31,7 +31,10 @@ class Linear(nn.Module):
                                                else tuple(weight.shape))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.weight_stationary = weight_stationary
-        self._padded_bias: torch.Tensor | None = None
+        self._kernel_bias = None  # the kernel writes whole panels of 16 rows: its bias is padded to match
+        if packed and bias is not None:
+            self._kernel_bias = torch.zeros(weight.panels * 16, dtype=torch.float32)
+            self._kernel_bias[: self.out_features] = bias.float()
 
     def extra_repr(self) -> str:
         fmt = self.packed.fmt if self.packed is not None else str(self.weight.dtype).removeprefix("torch.")
@@ -43,32 +46,21 @@ class Linear(nn.Module):
         return own + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        p = self.packed
+        if p is None:
             if self.weight_stationary and x.device.type == "cpu" and self.bias is None:
                 return torch.mm(self.weight, x.reshape(-1, self.in_features).t()).t().reshape(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        ops = kernels.load() if x.device.type == "cpu" else None
-        if ops is not None and x.dtype == torch.float32:
-            y = ops.quant_linear(x2.contiguous(), self.packed.codes, self.packed.scales, self.packed.mins,
-                                 self.packed.table, self._bias_for_kernel(), self.packed.bits, self.packed.group)
-            if y.shape[1] != self.out_features:
-                y = y[:, : self.out_features]
-        else:
-            w = self.packed.dequantize().to(device=x.device, dtype=x.dtype)
-            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
-        return y.reshape(*lead, self.out_features)
-
-    def _bias_for_kernel(self) -> torch.Tensor | None:
-        """The kernel writes whole panels of 16 rows: its bias is padded to match."""
-        if self.bias is None:
-            return None
-        if self._padded_bias is None:
-            b = torch.zeros(self.packed.panels * 16, dtype=torch.float32)
-            b[: self.out_features] = self.bias.float()
-            self._padded_bias = b
-        return self._padded_bias
+        if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":  # the engine's hot path
+            ops = kernels.load()
+            if ops is not None:
+                y = ops.quant_linear(x if x.is_contiguous() else x.contiguous(), p.codes, p.scales, p.mins, p.table,
+                                     self._kernel_bias, p.bits, p.group)
+                return y if y.shape[1] == self.out_features else y[:, : self.out_features]
+        if x.dim() != 2:
+            return self.forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        w = p.dequantize().to(device=x.device, dtype=x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
 class Embedding(nn.Module):

@@ -42,17 +42,17 @@ class DecoderLayer(nn.Module):
             x = ops.rms_norm(h, self.input_norm, self.eps)
         else:
             x = ops.rms_norm(h, self.input_norm, self.eps, residual)
-        qkv = self.qkv(x)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        qkv = self.qkv.forward(x)  # .forward: no module hooks on the hot path
+        q, k, v = qkv.split_with_sizes((self.q_size, self.kv_size, self.kv_size), dim=-1)
         if self.q_norm is not None:
             q = ops.head_rms_norm(q, self.num_heads, self.q_norm, self.eps)
             k = ops.head_rms_norm(k, self.num_kv_heads, self.k_norm, self.eps)
         q = ops.rotary(q, self.num_heads, ctx.positions, cos, sin)
         k = ops.rotary(k, self.num_kv_heads, ctx.positions, cos, sin)
         a = attend(ctx, self.index, q, k, v, self.num_heads, self.window, self.scale)
-        h = self.o(a)
+        h = self.o.forward(a)
         x = ops.rms_norm(h, self.post_norm, self.eps, residual)
-        return self.down(ops.silu_mul(self.gate_up(x))), residual
+        return self.down.forward(ops.silu_mul(self.gate_up.forward(x))), residual
 
 
 class DecoderModel(nn.Module):
@@ -95,8 +95,11 @@ class DecoderModel(nn.Module):
         """input_ids [T] -> final-normed hidden states [T, hidden] (after the first num_layers layers)."""
         h = self.embed(input_ids).to(self.dtype)
         residual = None
-        for layer in self.layers[: num_layers or len(self.layers)]:
-            h, residual = layer(h, residual, ctx, self.cos, self.sin)
+        cos, sin = self.cos, self.sin
+        for i, layer in enumerate(self.layers):
+            if i == num_layers:
+                break
+            h, residual = layer.forward(h, residual, ctx, cos, sin)
         return ops.rms_norm(h, self.norm, self.spec.rms_norm_eps, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
