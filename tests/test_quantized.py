@@ -176,3 +176,12 @@ def test_quantized_engine_close_to_same_module_reference(loaded, quantized, prom
     same = check_logprobs_close(f"{fmt}/{scenario}", got, top, refs)
     with capsys.disabled():
         print(f"\n[logprobs-close] {fmt}, {scenario}: {same} of {len(refs)} prompts identical")
+
+
+def test_worker_refuses_unknown_quantization_at_start():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--quantization", "int3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--quantization 'int3'" in proc.stderr and "gguf, int8, int4, nf4" in proc.stderr

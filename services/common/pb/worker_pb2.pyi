@@ -84,7 +84,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "tokenizer", "context_length", "block_size", "quantization", "engine", "device", "dtype", "worker_id", "eos_token_id")
+    __slots__ = ("model", "tokenizer", "context_length", "block_size", "quantization", "engine", "device", "dtype", "worker_id", "eos_token_id", "model_impl")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class InfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IMPL_FIELD_NUMBER: _ClassVar[int]
     model: str
     tokenizer: str
     context_length: int
@@ -105,4 +106,5 @@ class InfoResponse(_message.Message):
     dtype: str
     worker_id: str
     eos_token_id: int
-    def __init__(self, model: _Optional[str] = ..., tokenizer: _Optional[str] = ..., context_length: _Optional[int] = ..., block_size: _Optional[int] = ..., quantization: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., worker_id: _Optional[str] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    model_impl: str
+    def __init__(self, model: _Optional[str] = ..., tokenizer: _Optional[str] = ..., context_length: _Optional[int] = ..., block_size: _Optional[int] = ..., quantization: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., worker_id: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., model_impl: _Optional[str] = ...) -> None: ...
