@@ -55,6 +55,25 @@ def engine(
     main(opts)
 
 
+@app.command("kernels")
+def kernels(
+    quick: bool = typer.Option(False, "--quick", help="Small version: rows 1,32, 2 weight copies, 2 passes."),
+    rows: str = typer.Option("1,2,4,8,16,32,64,256", help="Activation rows (batch tokens), comma separated."),
+    copies: int = typer.Option(8, help="Distinct weight matrices per layer shape, called in turn."),
+    kernels: str = typer.Option("", help="Kernels, comma separated; empty = all."),
+    out: Path = typer.Option(Path("results/kernels.json"), help="JSON result file (and .md beside it)."),
+) -> None:
+    """Linear-layer kernels on this CPU per shape and batch rows: tokenmill's per format vs PyTorch's."""
+    from bench.kernels import Options, main
+
+    opts = Options(rows=_ints(rows), copies=copies, out=out)
+    if kernels:
+        opts.kernels = _names(kernels)
+    if quick:
+        opts.rows, opts.copies, opts.repeat = (1, 32), 2, 2
+    main(opts)
+
+
 from bench.phases import register; register(app)  # noqa: E402, E702, I001  phases 1-8 (bench/phases)
 from bench.compare import register_compare; register_compare(app)  # noqa: E402, E702, I001  bench compare
 

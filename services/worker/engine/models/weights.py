@@ -124,7 +124,7 @@ def assemble(spec: DecoderSpec, get: Callable[[str], Weight | None], fmt: str, d
 
     def bias(names: list[str]) -> torch.Tensor | None:
         parts = [get(n) for n in names]
-        return None if all(p is None for p in parts) else torch.cat([to_float(p, dtype) for p in parts]).float()
+        return None if all(p is None for p in parts) else torch.cat([to_float(p, dtype) for p in parts])
 
     embed = convert([need("model.embed_tokens.weight")], embedding_format(fmt), dtype)
     head = get("lm_head.weight")
