@@ -27,8 +27,10 @@ def engine(
     quick: bool = typer.Option(False, "--quick", help="Small version: 8 requests, concurrency 1,4, 8..32 tokens."),
     requests: int = typer.Option(128, help="Requests per run (story prompt set, chat template)."),
     concurrency: str = typer.Option("1,8,32", help="Closed-loop client counts, comma separated."),
-    engines: str = typer.Option("hf-static,paged", help="Engines to compare; paged+ngram / paged+draft = the paged "
-                                "engine with that speculative decoding mode."),
+    engines: str = typer.Option("hf-static,paged,paged:transformers", help="Engines to compare, as system specs: "
+                                "paged+ngram / paged+draft = that speculative decoding mode; paged:transformers = "
+                                "transformers' modules; :none / :gguf / :int8 ... = a weight format; :bfloat16 = a "
+                                "dtype."),
     workload: str = typer.Option("story", help="story (story prompts) | repeat (rewrite a paragraph keeping "
                                  "its words: the answer repeats the prompt)."),
     spec_max_batch: int = typer.Option(-1, help="paged+<mode>: --speculative-max-batch; -1 = worker default."),
@@ -80,15 +82,33 @@ def routing(
 
     opts = Options(workers=workers, modes=_names(modes), phases=_names(phases), conversations=conversations,
                    min_turns=min_turns, max_turns=max_turns, system_prompts=system_prompts,
-                   system_requests=system_requests,
-                   clients=clients, max_tokens=max_tokens, uniform_requests=uniform_requests,
-                   single_max_tokens=single_max_tokens,
+                   system_requests=system_requests, clients=clients, max_tokens=max_tokens,
+                   uniform_requests=uniform_requests, single_max_tokens=single_max_tokens,
                    kv_cache_memory=kv_cache_memory, threads=threads, session_ids=session_ids, seed=seed, model=model,
                    out=out)
     if quick:
         opts.workers, opts.conversations, opts.min_turns, opts.max_turns = 2, 4, 2, 3
         opts.clients, opts.max_tokens, opts.uniform_requests, opts.single_max_tokens = 2, 8, 4, 4
         opts.system_requests = 4
+    main(opts)
+
+
+@app.command("kernels")
+def kernels(
+    quick: bool = typer.Option(False, "--quick", help="Small version: rows 1,32, 2 weight copies, 2 passes."),
+    rows: str = typer.Option("1,2,4,8,16,32,64,256", help="Activation rows (batch tokens), comma separated."),
+    copies: int = typer.Option(8, help="Distinct weight matrices per layer shape, called in turn."),
+    kernels: str = typer.Option("", help="Kernels, comma separated; empty = all."),
+    out: Path = typer.Option(Path("results/kernels.json"), help="JSON result file (and .md beside it)."),
+) -> None:
+    """Linear-layer kernels on this CPU per shape and batch rows: tokenmill's per format vs PyTorch's."""
+    from bench.kernels import Options, main
+
+    opts = Options(rows=_ints(rows), copies=copies, out=out)
+    if kernels:
+        opts.kernels = _names(kernels)
+    if quick:
+        opts.rows, opts.copies, opts.repeat = (1, 32), 2, 2
     main(opts)
 
 

@@ -27,17 +27,17 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from bench.engine import Options as EngineOptions
-from bench.engine import Sample, Sampler, _free_port, build_workload, closed_loop, percentile
+from bench.engine import Sampler, _free_port, build_workload, closed_loop
+from bench.results import Result, Sample, SystemSpec, environment, summarise
 
 SYSTEMS = ("tokenmill", "hf-static", "transformers-cb", "llama.cpp", "vllm")
 WORKLOADS = ("story", "fixed128")
@@ -74,27 +74,6 @@ class Work:
     ignore_eos: bool
 
 
-@dataclass
-class Row:
-    system: str
-    transport: str
-    workload: str
-    concurrency: int
-    requests: int
-    wall_s: float
-    output_tokens: int
-    output_tok_s: float
-    requests_per_hour: float
-    ttft_p50_s: float
-    ttft_p95_s: float
-    latency_p50_s: float
-    latency_p95_s: float
-    latency_p99_s: float
-    peak_rss_mib: float
-    load_avg_1m: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def build_works(tokenizer: Any, opts: Options) -> dict[str, Work]:
     n = max(opts.requests, opts.requests_c1)
     base = build_workload(tokenizer, EngineOptions(requests=n, seed=opts.seed, min_tokens=opts.min_tokens,
@@ -102,15 +81,6 @@ def build_works(tokenizer: Any, opts: Options) -> dict[str, Work]:
     works = {"story": Work("story", base.prompts, base.prompt_ids, base.max_tokens, False),
              "fixed128": Work("fixed128", base.prompts, base.prompt_ids, [opts.fixed_tokens] * n, True)}
     return {w: works[w] for w in opts.workloads}
-
-
-def summarise(system: str, transport: str, work: Work, conc: int, samples: list[Sample], wall: float,
-              rss: int) -> Row:
-    tokens = sum(s.tokens for s in samples)
-    ttft, lat = [s.ttft for s in samples], [s.latency for s in samples]
-    return Row(system, transport, work.name, conc, len(samples), wall, tokens, tokens / wall,
-               len(samples) / wall * 3600, percentile(ttft, 0.5), percentile(ttft, 0.95), percentile(lat, 0.5),
-               percentile(lat, 0.95), percentile(lat, 0.99), rss / 2**20, os.getloadavg()[0])
 
 
 # ---- systems ------------------------------------------------------------------------------------------------
@@ -138,8 +108,8 @@ class GrpcSuite(System):
 
     transport = "grpc gateway+worker"
 
-    def __init__(self, name: str, engine: str, opts: Options, log_dir: Path) -> None:
-        self.name, self.engine, self.opts, self.log_dir = name, engine, opts, log_dir
+    def __init__(self, name: str, engine: str, opts: Options, log_dir: Path, spec: SystemSpec) -> None:
+        self.name, self.engine, self.opts, self.log_dir, self.spec = name, engine, opts, log_dir, spec
         self.services: list[Any] = []
 
     def start(self, conc: int) -> None:
@@ -147,7 +117,7 @@ class GrpcSuite(System):
 
         wport, gport = _free_port(), _free_port()
         wargs = ["worker", "--port", str(wport), "--engine", self.engine, "--model", self.opts.model,
-                 "--dtype", self.opts.dtype]
+                 *self.spec.worker_args(), "--dtype", self.opts.dtype]
         if self.opts.threads:
             wargs += ["--threads", str(self.opts.threads)]
         worker = launch(f"compare-worker-{self.name}", wargs, f"127.0.0.1:{wport}", self.log_dir)
@@ -412,35 +382,38 @@ class VLLM(OpenAIHTTP):
 
 # ---- run ------------------------------------------------------------------------------------------------------
 def make_system(spec: str, opts: Options, log_dir: Path, page_tokens: int) -> System:
-    """`name` or `name:dtype` (e.g. tokenmill:bfloat16): the dtype overrides --dtype for that one system."""
-    name, _, dtype = spec.partition(":")
-    if dtype:
-        if name == "llama.cpp":
-            raise ValueError("llama.cpp runs the GGUF's own weights: it takes no dtype")
-        opts = replace(opts, dtype=dtype)
+    """A system spec (bench/results.py), e.g. tokenmill, tokenmill:bfloat16, tokenmill:transformers, hf-static:gguf:
+    a dtype overrides --dtype for that one system; a weight format / model impl sets the worker's flag."""
+    if spec.partition(":")[0] not in SYSTEMS:
+        raise ValueError(f"unknown system {spec!r}; choose from {', '.join(SYSTEMS)} (optionally name:option)")
+    parsed = SystemSpec.parse(spec)
+    name = parsed.name
+    if spec != name and name in ("llama.cpp", "vllm", "transformers-cb") and (parsed.quantization or
+                                                                              parsed.model_impl or name == "llama.cpp"):
+        raise ValueError(f"{name} runs its own weights and code: it takes no dtype, format or model impl")
+    if parsed.dtype:
+        opts = replace(opts, dtype=parsed.dtype)
     system: System
     if name in ("tokenmill", "hf-static"):
-        system = GrpcSuite(name, "paged" if name == "tokenmill" else "hf-static", opts, log_dir)
+        system = GrpcSuite(name, "paged" if name == "tokenmill" else "hf-static", opts, log_dir, parsed)
     elif name == "transformers-cb":
         system = TransformersCB(opts, page_tokens)
     elif name == "llama.cpp":
         system = LlamaServer(opts, log_dir, page_tokens)
-    elif name == "vllm":
-        system = VLLM(opts, log_dir)
     else:
-        raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)} (optionally name:dtype)")
+        system = VLLM(opts, log_dir)
     system.name = spec
     return system
 
 
-def run_system(system: System, works: dict[str, Work], opts: Options, rows: list[Row]) -> None:
+def run_system(system: System, works: dict[str, Work], opts: Options, rows: list[Result]) -> None:
     def measure(conc: int) -> None:
         for work in works.values():
             n = opts.requests_c1 if (conc == 1 and opts.requests_c1) else opts.requests
             asyncio.run(system.session(work, 1, 1))  # warm the path (first request pays lazy init)
             with Sampler(system.pids(), period=0.2) as mem:
                 samples, wall = asyncio.run(system.session(work, n, conc))
-            row = summarise(system.name, system.transport, work, conc, samples, wall, mem.peak_rss)
+            row = summarise(system.name, system.transport, work.name, conc, samples, wall, mem.peak_rss)
             rows.append(row)
             print_row(row)
 
@@ -464,17 +437,17 @@ COLUMNS = ("system", "workload", "conc", "reqs", "tok/s", "req/h", "TTFT p50", "
            "lat p99", "peak RSS MiB", "load")
 
 
-def cells(r: Row) -> list[str]:
+def cells(r: Result) -> list[str]:
     return [r.system, r.workload, str(r.concurrency), str(r.requests), f"{r.output_tok_s:.1f}",
             f"{r.requests_per_hour:.0f}", f"{r.ttft_p50_s:.2f}s", f"{r.ttft_p95_s:.2f}s", f"{r.latency_p50_s:.2f}s",
             f"{r.latency_p95_s:.2f}s", f"{r.latency_p99_s:.2f}s", f"{r.peak_rss_mib:.0f}", f"{r.load_avg_1m:.1f}"]
 
 
-def print_row(r: Row) -> None:
+def print_row(r: Result) -> None:
     print("  " + " | ".join(f"{c}={v}" for c, v in zip(COLUMNS, cells(r), strict=True)), flush=True)
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Result]) -> str:
     data = [list(COLUMNS)] + [cells(r) for r in rows]
     widths = [max(len(x[i]) for x in data) for i in range(len(COLUMNS))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in data]
@@ -482,13 +455,13 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(rows: list[Row]) -> str:
+def markdown_table(rows: list[Result]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def ratios(rows: list[Row]) -> dict[str, float]:
+def ratios(rows: list[Result]) -> dict[str, float]:
     """Each tokenmill row (any dtype) over each peer's row of the same workload and concurrency."""
     by = {(r.system, r.workload, r.concurrency): r for r in rows}
     ours = [r for r in rows if r.system.partition(":")[0] == "tokenmill"]
@@ -505,7 +478,7 @@ def ratios(rows: list[Row]) -> dict[str, float]:
     return out
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def plot(rows: list[Result], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -533,18 +506,15 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(opts: Options, works: dict[str, Work], rows: list[Row], skipped: dict[str, str],
+def write_report(opts: Options, works: dict[str, Work], rows: list[Result], skipped: dict[str, str],
                  failed: dict[str, str], total_s: float) -> dict[str, Any]:
     """compare.{json,md,png} as they stand: written after every system, so a long run that dies keeps its rows."""
-    import torch
-
     report = {
         "benchmark": "compare", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(["tokenmill bench compare", *sys.argv[3:]]) if sys.argv[1:3] == ["bench", "compare"]
         else " ".join(sys.argv),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
-        "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
-                        "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
+        "environment": environment(),
         "workloads": {w.name: {"requests": len(w.prompts), "prompt_tokens": sum(map(len, w.prompt_ids)),
                                "max_tokens_sum": sum(w.max_tokens), "ignore_eos": w.ignore_eos}
                       for w in works.values()},
@@ -573,7 +543,7 @@ def main(opts: Options) -> dict[str, Any]:
     page_tokens = longest_prompt + max(opts.max_tokens, opts.fixed_tokens)
     print(f"workloads {list(works)}: {opts.requests} requests ({opts.requests_c1 or opts.requests} at c=1), "
           f"concurrency {opts.concurrency}, systems {opts.systems}, load avg {os.getloadavg()[0]:.1f}", flush=True)
-    rows: list[Row] = []
+    rows: list[Result] = []
     skipped: dict[str, str] = {}
     failed: dict[str, str] = {}
     t0 = time.perf_counter()

@@ -3,9 +3,11 @@
 Workload: N story prompts (chat template), greedy, each request's max_tokens drawn from a range with a
 fixed seed, sent by closed-loop clients at each concurrency. `--workload repeat` asks instead to rewrite
 held-out paragraphs keeping their words (the answer repeats the prompt: where speculation shines).
-An engine "paged+ngram" / "paged+draft" is the paged engine with that speculative decoding mode.
-Each engine runs directly (through AsyncEngine, in this process, one model shared by all) and through
-gateway + worker over gRPC (subprocesses on 127.0.0.1). Writes JSON and prints a table.
+An engine is a system spec (bench/results.py): "paged+ngram" is the paged engine with that speculative
+decoding mode, "paged:transformers" the paged engine over transformers' modules instead of tokenmill's
+forward, "hf-static:none" the seed's engine on float weights. Each engine runs directly (through
+AsyncEngine, in this process) and through gateway + worker over gRPC (subprocesses on 127.0.0.1).
+Writes JSON (bench/results.py's schema, shared with `bench compare`) and prints a table.
 """
 
 from __future__ import annotations
@@ -15,21 +17,21 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import random
 import socket
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-ENGINES = ("hf-static", "paged")
+from bench.results import Result, Sample, SystemSpec, environment, percentile, summarise  # noqa: F401  (re-exported)
+
+ENGINES = ("hf-static", "paged", "paged:transformers")
 
 
 @dataclass
@@ -56,34 +58,6 @@ class Workload:
     max_tokens: list[int]
 
 
-@dataclass
-class Sample:
-    ttft: float
-    latency: float
-    tokens: int
-
-
-@dataclass
-class RunResult:
-    engine: str
-    mode: str
-    concurrency: int
-    requests: int
-    wall_s: float
-    output_tokens: int
-    output_tok_s: float
-    requests_per_hour: float
-    ttft_p50_s: float
-    ttft_p95_s: float
-    latency_p50_s: float
-    latency_p95_s: float
-    peak_rss_mib: float
-    kv_blocks_used_peak: int = 0
-    kv_blocks_total: int = 0
-    kv_reserved_over_held: float = 0.0  # KV memory reserved / KV of the tokens actually held
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 REPEAT_ASKS = ("Rewrite this paragraph, keeping its words:", "Copy this paragraph exactly:",
                "Repeat this paragraph with one word changed:")
 
@@ -96,12 +70,6 @@ def repeat_prompts(n: int) -> list[str]:
             for i in range(n)]
 
 
-def split_kind(kind: str) -> tuple[str, str]:
-    """'paged+ngram' -> ('paged', 'ngram'); 'hf-static' -> ('hf-static', 'off')."""
-    engine, _, spec = kind.partition("+")
-    return engine, spec or "off"
-
-
 def build_workload(tokenizer: Any, opts: Options) -> Workload:
     from loadtest.prompts import chat_messages, sample_prompts
 
@@ -112,15 +80,6 @@ def build_workload(tokenizer: Any, opts: Options) -> Workload:
                                          return_dict=False) for p in prompts]
     rng = random.Random(opts.seed)
     return Workload(prompts, ids, [rng.randint(opts.min_tokens, opts.max_tokens) for _ in prompts])
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = int(k)
-    return s[lo] + (s[min(lo + 1, len(s) - 1)] - s[lo]) * (k - lo)
 
 
 class Sampler(threading.Thread):
@@ -171,20 +130,32 @@ async def closed_loop(n: int, concurrency: int, one: Callable[[int], Awaitable[S
     return samples, time.perf_counter() - t0
 
 
-def summarise(engine: str, mode: str, concurrency: int, samples: list[Sample], wall: float, rss: int) -> RunResult:
-    tokens = sum(s.tokens for s in samples)
-    ttft, lat = [s.ttft for s in samples], [s.latency for s in samples]
-    return RunResult(engine, mode, concurrency, len(samples), wall, tokens, tokens / wall, len(samples) / wall * 3600,
-                     percentile(ttft, 0.5), percentile(ttft, 0.95), percentile(lat, 0.5), percentile(lat, 0.95),
-                     rss / 2**20)
-
-
 # ---- direct: the engine behind AsyncEngine, in this process ---------------------------------------------
-def make_engine(kind: str, loaded: Any, opts: Options) -> Any:
+class Models:
+    """The models the direct runs need, loaded once per (engine kind, format, impl, dtype)."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts, self.cache = opts, {}
+
+    def get(self, spec: SystemSpec) -> Any:
+        from services.common.model_loader import load_engine_model, load_model
+
+        static = spec.name == "hf-static"
+        key = (static, spec.quantization, spec.model_impl, spec.dtype)
+        if key not in self.cache:
+            quant, dtype = spec.quantization or "auto", spec.dtype or "auto"
+            self.cache[key] = (load_model(self.opts.model, quant, dtype=dtype) if static else
+                               load_engine_model(self.opts.model, quant, dtype=dtype,
+                                                 model_impl=spec.model_impl or "auto"))
+        return self.cache[key]
+
+
+def make_engine(kind: str, models: Models, opts: Options) -> Any:
     from services.common.config import WorkerConfig
 
-    cfg = WorkerConfig()
-    if kind == "hf-static":
+    cfg, spec = WorkerConfig(), SystemSpec.parse(kind)
+    loaded = models.get(spec)
+    if spec.name == "hf-static":
         from services.common.sampling import SamplingParams
         from services.worker.engine.hf_static import HFStaticEngine
         from services.worker.engine.types import Request
@@ -196,7 +167,7 @@ def make_engine(kind: str, loaded: Any, opts: Options) -> Any:
         return engine
     from services.worker.engine.engine import PagedEngine, engine_options
 
-    cfg.speculative = split_kind(kind)[1]
+    cfg.speculative = spec.speculative
     cfg.kv_cache_memory = opts.kv_cache_memory or cfg.kv_cache_memory
     if opts.spec_max_batch >= 0:
         cfg.speculative_max_batch = opts.spec_max_batch
@@ -243,14 +214,14 @@ def _until_eos(tokens: list[int], eos: set[int]) -> int:
     return next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
 
 
-def run_direct(loaded: Any, work: Workload, opts: Options, results: list[RunResult]) -> None:
+def run_direct(models: Models, work: Workload, opts: Options, results: list[Result]) -> None:
     from services.common.sampling import SamplingParams
     from services.worker.engine.async_engine import AsyncEngine
     from services.worker.engine.types import Request
 
     for conc in opts.concurrency:
         for kind in opts.engines:
-            engine = make_engine(kind, loaded, opts)
+            engine = make_engine(kind, models, opts)
             probe = KVProbe(engine)
             inner_step = engine.step
 
@@ -281,9 +252,9 @@ def run_direct(loaded: Any, work: Workload, opts: Options, results: list[RunResu
                     samples, wall = asyncio.run(closed_loop(len(work.prompts), conc, one))
             finally:
                 front.shutdown()
-            res = summarise(kind, "direct", conc, samples, wall, mem.peak_rss)
-            res.kv_blocks_used_peak, res.kv_blocks_total, res.kv_reserved_over_held = (
-                probe.peak_blocks, probe.total, probe.ratio())
+            res = summarise(kind, "direct", opts.workload, conc, samples, wall, mem.peak_rss)
+            res.extra.update(kv_blocks_used_peak=probe.peak_blocks, kv_blocks_total=probe.total,
+                             kv_reserved_over_held=probe.ratio())
             stats = engine.stats()
             if stats.spec_draft_tokens:
                 res.extra.update(spec_draft_tokens=stats.spec_draft_tokens,
@@ -302,7 +273,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_grpc(work: Workload, opts: Options, results: list[RunResult], log_dir: Path) -> None:
+def run_grpc(work: Workload, opts: Options, results: list[Result], log_dir: Path) -> None:
     import grpc
 
     from services.common.pb import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -310,8 +281,8 @@ def run_grpc(work: Workload, opts: Options, results: list[RunResult], log_dir: P
 
     for kind in opts.engines:
         wport, gport = _free_port(), _free_port()
-        engine, spec = split_kind(kind)
-        wargs = ["worker", "--port", str(wport), "--engine", engine, "--model", opts.model, "--speculative", spec]
+        spec = SystemSpec.parse(kind)
+        wargs = ["worker", "--port", str(wport), "--engine", spec.name, "--model", opts.model, *spec.worker_args()]
         if opts.spec_max_batch >= 0:
             wargs += ["--speculative-max-batch", str(opts.spec_max_batch)]
         if opts.kv_cache_memory:
@@ -359,8 +330,8 @@ def run_grpc(work: Workload, opts: Options, results: list[RunResult], log_dir: P
                 kv["peak"] = 0
                 with Sampler([worker.proc.pid], probe, period=0.5) as mem:
                     samples, wall = asyncio.run(session(conc))
-                res = summarise(kind, "grpc", conc, samples, wall, mem.peak_rss)
-                res.kv_blocks_used_peak, res.kv_blocks_total = kv["peak"], kv["total"]
+                res = summarise(kind, "grpc", opts.workload, conc, samples, wall, mem.peak_rss)
+                res.extra.update(kv_blocks_used_peak=kv["peak"], kv_blocks_total=kv["total"])
                 res.extra["gateway_rss_mib"] = psutil.Process(gateway.proc.pid).memory_info().rss / 2**20
                 results.append(res)
                 print_row(res)
@@ -370,22 +341,22 @@ def run_grpc(work: Workload, opts: Options, results: list[RunResult], log_dir: P
 
 
 # ---- report -----------------------------------------------------------------------------------------------
-COLUMNS = ("engine", "mode", "conc", "tok/s", "req/h", "TTFT p50", "TTFT p95", "lat p50", "lat p95", "RSS MiB",
+COLUMNS = ("system", "mode", "conc", "tok/s", "req/h", "TTFT p50", "TTFT p95", "lat p50", "lat p95", "RSS MiB",
            "KV blocks used/total", "KV reserved/held")
 
 
-def row(r: RunResult) -> list[str]:
-    kv = f"{r.kv_blocks_used_peak}/{r.kv_blocks_total}" if r.kv_blocks_total else "-"
-    return [r.engine, r.mode, str(r.concurrency), f"{r.output_tok_s:.1f}", f"{r.requests_per_hour:.0f}",
+def row(r: Result) -> list[str]:
+    used, total, over = (r.extra.get(k, 0) for k in ("kv_blocks_used_peak", "kv_blocks_total", "kv_reserved_over_held"))
+    return [r.system, r.transport, str(r.concurrency), f"{r.output_tok_s:.1f}", f"{r.requests_per_hour:.0f}",
             f"{r.ttft_p50_s:.2f}s", f"{r.ttft_p95_s:.2f}s", f"{r.latency_p50_s:.2f}s", f"{r.latency_p95_s:.2f}s",
-            f"{r.peak_rss_mib:.0f}", kv, f"{r.kv_reserved_over_held:.2f}x" if r.kv_reserved_over_held else "-"]
+            f"{r.peak_rss_mib:.0f}", f"{used}/{total}" if total else "-", f"{over:.2f}x" if over else "-"]
 
 
-def print_row(r: RunResult) -> None:
+def print_row(r: Result) -> None:
     print("  " + " | ".join(f"{c}={v}" for c, v in zip(COLUMNS, row(r), strict=True)), flush=True)
 
 
-def table(results: list[RunResult]) -> str:
+def table(results: list[Result]) -> str:
     rows = [list(COLUMNS)] + [row(r) for r in results]
     widths = [max(len(x[i]) for x in rows) for i in range(len(COLUMNS))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in rows]
@@ -393,48 +364,48 @@ def table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def ratios(results: list[RunResult]) -> dict[str, float]:
-    by = {(r.engine, r.mode, r.concurrency): r.output_tok_s for r in results}
+def ratios(results: list[Result]) -> dict[str, float]:
+    """Each engine over hf-static; a variant (paged+ngram, paged:transformers) over its plain engine; gRPC over
+    the same engine called directly."""
+    by = {(r.system, r.transport, r.concurrency): r.output_tok_s for r in results}
     out = {}
-    for (engine, mode, conc), tps in by.items():
+    for (system, mode, conc), tps in by.items():
         base = by.get(("hf-static", mode, conc))
-        if engine == "paged" and base:
-            out[f"paged/hf-static {mode} c={conc}"] = tps / base
-        plain = by.get(("paged", mode, conc))
-        if engine.startswith("paged+") and plain:
-            out[f"{engine}/paged {mode} c={conc}"] = tps / plain
-        direct = by.get((engine, "direct", conc))
+        if not system.startswith("hf-static") and base:
+            out[f"{system}/hf-static {mode} c={conc}"] = tps / base
+        plain = SystemSpec.parse(system).name
+        if system != plain and (p := by.get((plain, mode, conc))):
+            out[f"{system}/{plain} {mode} c={conc}"] = tps / p
+        direct = by.get((system, "direct", conc))
         if mode == "grpc" and direct:
-            out[f"{engine} grpc/direct c={conc}"] = tps / direct
+            out[f"{system} grpc/direct c={conc}"] = tps / direct
     return out
 
 
 def main(opts: Options) -> dict[str, Any]:
     import torch
 
-    from services.common.model_loader import load_model
+    from services.common.model_loader import load_tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    loaded = load_model(opts.model)
-    work = build_workload(loaded.tokenizer, opts)
+    work = build_workload(load_tokenizer(opts.model), opts)
     print(f"workload: {len(work.prompts)} requests, prompt tokens {sum(map(len, work.prompt_ids))}, max_tokens "
           f"{opts.min_tokens}..{opts.max_tokens} (sum {sum(work.max_tokens)}), concurrency {opts.concurrency}",
           flush=True)
-    results: list[RunResult] = []
+    results: list[Result] = []
     t0 = time.perf_counter()
     if "direct" in opts.modes:
-        run_direct(loaded, work, opts, results)
-    del loaded
+        models = Models(opts)
+        run_direct(models, work, opts, results)
+        del models
     if "grpc" in opts.modes:
         with tempfile.TemporaryDirectory(prefix="bench-engine-") as logs:
             run_grpc(work, opts, results, Path(logs))
     report = {
         "benchmark": "engine", "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
-        "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                        "load_avg_at_end": os.getloadavg()},
+        "environment": environment(),
         "total_s": time.perf_counter() - t0, "results": [asdict(r) for r in results], "ratios": ratios(results),
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """`python -m bench.gpu`: the engine on a CUDA device, with the Qwen2.5-1.5B-Instruct architecture and random
 weights (GPU nodes reach no model hub).
 
-1. greedy parity (fp32): the paged engine, all prompts in one batch, vs `model.generate` on each prompt alone;
-2. throughput (bf16): hf-static vs paged, closed-loop clients at several concurrencies (bench.engine's runner);
+1. greedy parity (fp32): the paged engine over tokenmill's forward and over transformers' modules, all prompts
+   in one batch, vs `model.generate` on each prompt alone;
+2. throughput (bf16): hf-static vs paged (native forward) vs paged:transformers, closed-loop clients at several
+   concurrencies (bench.engine's runner), and the decode step's time at batch 1 / 8 / 64 per forward;
 3. NF4: the random model saved, loaded back through the worker's loader with `--quantization nf4`
    (bitsandbytes, bf16 compute), parity and paged throughput;
 4. speculative decoding (fp32): greedy parity with drafting forced on (ngram, self-draft), and a sampled run.
@@ -59,8 +61,10 @@ def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list
     return [[rng.randrange(100, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def parity(model: Any, prompts: list[list[int]], tokens: int, spec: Any = None, sampled: bool = False) -> dict:
-    """Paged engine (all prompts at once, staggered by one step each) vs model.generate alone."""
+def parity(model: Any, prompts: list[list[int]], tokens: int, spec: Any = None, sampled: bool = False,
+           engine_model: Any = None) -> dict:
+    """Paged engine over `engine_model` (default: `model` itself, i.e. transformers' modules; all prompts at once,
+    staggered by one step each) vs model.generate alone."""
     from services.common.sampling import SamplingParams
     from services.worker.engine.engine import PagedEngine
     from services.worker.engine.types import Request
@@ -74,7 +78,8 @@ def parity(model: Any, prompts: list[list[int]], tokens: int, spec: Any = None, 
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                  min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
             ref.append(out[0, len(p):].tolist())
-    engine = PagedEngine(model, IdTokenizer(), kv_cache_memory="2GiB", max_num_batched_tokens=256, speculative=spec)
+    engine = PagedEngine(engine_model or model, IdTokenizer(), kv_cache_memory="2GiB", max_num_batched_tokens=256,
+                         speculative=spec)
     got: dict[str, list[int]] = {}
     pending = list(enumerate(prompts))
     while pending or engine.has_work():
@@ -96,7 +101,24 @@ def parity(model: Any, prompts: list[list[int]], tokens: int, spec: Any = None, 
             "spec_accepted": s.spec_accepted_tokens, "lengths": [len(got.get(str(i), [])) for i in range(len(ref))]}
 
 
-def throughput(loaded: Any, plan: list[tuple[int, int]], engines: tuple[str, ...], max_tokens: tuple[int, int],
+class Preloaded:
+    """bench.engine's model cache, filled with the in-memory models (no checkpoint to load on a GPU node)."""
+
+    def __init__(self, hf: Any) -> None:
+        from services.worker.engine.models.loader import native_from_hf
+
+        self.hf, self.native = hf, None
+        self.make_native = lambda: native_from_hf(hf.model)
+
+    def get(self, spec: Any) -> Any:
+        if spec.name == "hf-static" or spec.model_impl == "transformers":
+            return self.hf
+        if self.native is None:
+            self.native = SimpleNamespace(model=self.make_native(), tokenizer=self.hf.tokenizer)
+        return self.native
+
+
+def throughput(models: Preloaded, plan: list[tuple[int, int]], engines: tuple[str, ...], max_tokens: tuple[int, int],
                vocab: int) -> list[dict]:
     """bench.engine's direct runner, one workload per (concurrency, requests)."""
     from bench.engine import Options, Workload, run_direct
@@ -107,9 +129,36 @@ def throughput(loaded: Any, plan: list[tuple[int, int]], engines: tuple[str, ...
         rng = random.Random(conc)
         work = Workload([""] * n, prompts, [rng.randint(*max_tokens) for _ in prompts])
         opts = Options(requests=n, concurrency=(conc,), engines=engines, modes=("direct",))
-        run_direct(loaded, work, opts, results)
+        run_direct(models, work, opts, results)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return [asdict(r) for r in results]
+
+
+def step_times(models: Preloaded, batches: tuple[int, ...], vocab: int) -> dict[str, dict[int, float]]:
+    """Milliseconds per pure decode step (context ~100 tokens) at each batch size, per forward."""
+    from services.common.sampling import SamplingParams
+    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.types import Request
+
+    out: dict[str, dict[int, float]] = {}
+    for impl in ("native", "transformers"):
+        model = models.get(SimpleNamespace(name="paged", model_impl=impl)).model
+        out[impl] = {}
+        for b in batches:
+            engine = PagedEngine(model, IdTokenizer(), kv_cache_memory="2GiB", max_num_seqs=max(batches))
+            for i, p in enumerate(random_prompts(b, vocab, 96, 96, seed=b)):
+                engine.add_request(Request(str(i), p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)))
+            for _ in range(4):
+                engine.step()  # prefills, then the first decodes
+            sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+            sync()
+            t = time.perf_counter()
+            for _ in range(20):
+                engine.step()
+            sync()
+            out[impl][b] = (time.perf_counter() - t) / 20 * 1e3
+            del engine
+    return out
 
 
 def main() -> None:
@@ -142,7 +191,11 @@ def main() -> None:
     model = build_model(spec, device)
     prompts = random_prompts(4 if small else 12, spec["vocab_size"], 8, 64, seed=1)
     if "parity" in parts:
-        save("parity_fp32", parity(model, prompts, 8 if small else 32), t0)
+        from services.worker.engine.models.loader import native_from_hf
+
+        result = {"native": parity(model, prompts, 8 if small else 32, engine_model=native_from_hf(model)),
+                  "transformers": parity(model, prompts, 8 if small else 32)}
+        save("parity_fp32", result, t0)
         print(json.dumps(report["parity_fp32"]), flush=True)
     if "spec" in parts:
         from services.worker.engine.speculative import SpecConfig
@@ -164,12 +217,17 @@ def main() -> None:
     t0 = time.perf_counter()
     model.to(torch.bfloat16)
     loaded = SimpleNamespace(model=model, tokenizer=IdTokenizer())
+    models = Preloaded(loaded)
     plan = [(1, 2), (4, 8)] if small else [(1, 4), (8, 24), (32, 64), (64, 128)]
     if "throughput" in parts:
-        rows = throughput(loaded, plan, ("hf-static", "paged"), (8, 16) if small else (32, 256), spec["vocab_size"])
-        by = {(r["engine"], r["concurrency"]): r["output_tok_s"] for r in rows}
-        ratios = {f"paged/hf-static c={c}": by[("paged", c)] / by[("hf-static", c)] for c, _ in plan}
-        save("throughput_bf16", {"rows": rows, "ratios": ratios}, t0)
+        steps = step_times(models, (1, 8) if small else (1, 8, 64), spec["vocab_size"])
+        print("decode step ms:", json.dumps(steps), flush=True)
+        rows = throughput(models, plan, ("hf-static", "paged", "paged:transformers"), (8, 16) if small else (32, 256),
+                          spec["vocab_size"])
+        by = {(r["system"], r["concurrency"]): r["output_tok_s"] for r in rows}
+        ratios = {f"{e}/hf-static c={c}": by[(e, c)] / by[("hf-static", c)] for c, _ in plan
+                  for e in ("paged", "paged:transformers")}
+        save("throughput_bf16", {"decode_step_ms": steps, "rows": rows, "ratios": ratios}, t0)
         print(json.dumps(ratios), flush=True)
 
     if "nf4" not in parts:
@@ -183,12 +241,13 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(args.tokenizer_dir).save_pretrained(folder)
-    del model, loaded
+    del model, loaded, models
     nf4 = load_model(str(folder), "nf4", device, "auto")
     nf4.tokenizer = IdTokenizer()
     part = {"weights_gib": round(sum(p.numel() * p.element_size() for p in nf4.model.parameters()) / 2**30, 2),
             "parity": parity(nf4.model, prompts[:6], 8 if small else 32)}
-    part["rows"] = throughput(nf4, plan[-2:-1], ("paged",), (8, 16) if small else (32, 256), spec["vocab_size"])
+    part["rows"] = throughput(Preloaded(nf4), plan[-2:-1], ("paged:transformers",), (8, 16) if small else (32, 256),
+                              spec["vocab_size"])
     save("nf4", part, t0)
     print(json.dumps(part["parity"]), part["weights_gib"], "GiB of weights", flush=True)
 

@@ -18,5 +18,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
-# Convert the embedded GGUF to safetensors once (about 30 s), so services start in seconds.
+# Convert the embedded GGUF to safetensors once (about 30 s), so services start in seconds; build tokenmill's
+# CPU kernels for this CPU once (about a minute; cached under ~/.cache/tokenmill/kernels).
 .venv/bin/python -c "from services.common.model_loader import resolve; resolve('smollm2-135m')"
+.venv/bin/python -c "from services.worker.engine.layers import kernels; print('CPU kernels:', \
+  kernels.load().isa() if kernels.load() else 'unavailable (PyTorch fallback)', kernels.cpu_capability())"

@@ -126,6 +126,8 @@ def up(
         typer.echo(f"all SERVING after {time.monotonic() - t0:.1f}s")
         for svc in services:
             typer.echo(f"  {svc.name:10s} grpc://{svc.address}   log: {svc.log}")
+            if svc.name.startswith("worker"):
+                typer.echo(f"  {'':10s} {describe_worker(svc.address)}")
         if http_port:
             typer.echo(f"  {'http':10s} http://127.0.0.1:{http_port}/v1 (OpenAI-compatible)")
         if demo:
@@ -140,6 +142,23 @@ def up(
     finally:
         typer.echo("stopping ...")
         stop_all(services)
+
+
+WEIGHTS = {"gguf": "4-bit: the GGUF's own Q4_1 blocks (Q8_0 embedding / LM head)", "none": "float (unquantized)",
+           "int8": "int8 per channel", "int4": "int4 in groups (8-bit LM head)", "nf4": "NF4 (8-bit LM head)"}
+
+
+def describe_worker(address: str) -> str:
+    """What a worker serves, from its Info RPC: model, engine, forward, weight format, device."""
+    import grpc
+
+    from services.common.pb import worker_pb2, worker_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        info = worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+    weights = WEIGHTS.get(info.quantization, info.quantization)
+    return (f"{info.model}: {info.engine} engine, {info.model_impl} forward, weights {weights}, "
+            f"{info.device} {info.dtype}")
 
 
 def run_demo(gateway: str, judge: str | None) -> None:

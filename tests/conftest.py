@@ -41,6 +41,14 @@ def loaded():
     return load_model("smollm2-135m")
 
 
+@pytest.fixture(scope="module")
+def served():
+    """The embedded model as the worker serves it by default: tokenmill's forward over the GGUF's blocks."""
+    from services.common.model_loader import load_engine_model
+
+    return load_engine_model("smollm2-135m")
+
+
 @pytest.fixture(scope="session")
 def suite(tmp_path_factory):
     """One hf-static worker + gateway (+ HTTP front) for the whole session; yields their addresses."""

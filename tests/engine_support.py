@@ -14,6 +14,15 @@ from services.worker.engine.types import Event, Request
 TIE_GAP = 1e-3  # fp32: a divergence counts as parity only where the reference's top two logits are this close
 
 
+class WordTokenizer:
+    """Just enough tokenizer for the detokenizer of a tiny random model: ids as words."""
+
+    eos_token_id = None
+
+    def decode(self, ids, **_):
+        return "".join(f" w{i}" for i in ids)
+
+
 @pytest.fixture(scope="module", autouse=False)
 def one_thread():
     """These tests run small batches: one torch thread is as fast as two, and far faster when another
@@ -113,3 +122,68 @@ def assert_no_leaks(engine) -> None:
     assert s.running == 0 and s.waiting == 0
     assert s.free_kv_blocks == s.total_kv_blocks, f"leaked {s.total_kv_blocks - s.free_kv_blocks} KV blocks"
     assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+
+
+def native(model, fmt: str = "none"):
+    """The engine's own forward (DecoderModel) over an in-memory transformers model's weights."""
+    from services.worker.engine.models.loader import native_from_hf
+
+    return native_from_hf(model, fmt)
+
+
+@dataclass
+class TopLogprobs:
+    tokens: list[int]
+    top: list[dict[int, float]]  # per generated step: token id -> logprob of the top-k
+
+
+def top_logprobs(logits: torch.Tensor, k: int = 5) -> dict[int, float]:
+    lp = torch.log_softmax(logits.float(), dim=-1).topk(k)
+    return dict(zip(lp.indices.tolist(), lp.values.tolist(), strict=True))
+
+
+@torch.inference_mode()
+def reference_logprobs(model, prompts: list[list[int]], max_new_tokens: int, k: int = 5) -> list[TopLogprobs]:
+    """model.generate greedy for each prompt alone, with the top-k logprobs of every step."""
+    out = []
+    for prompt in prompts:
+        res = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        out.append(TopLogprobs(res.sequences[0, len(prompt):].tolist()[: len(res.logits)],
+                               [top_logprobs(step[0], k) for step in res.logits]))
+    return out
+
+
+def record_logprobs(engine, k: int = 5) -> dict[str, list[dict[int, float]]]:
+    """Record, per request, the top-k logprobs of the logits row it samples from at each step (no speculation)."""
+    seen: dict[str, list[dict[int, float]]] = {}
+    run = engine.runner.run
+
+    def recording(batch):
+        samplers, logits = run(batch)
+        if logits is not None:
+            for row, seq in zip(logits, samplers, strict=True):
+                seen.setdefault(seq.request_id, []).append(top_logprobs(row, k))
+        return samplers, logits
+
+    engine.runner.run = recording
+    return seen
+
+
+def check_logprobs_close(name: str, got: dict[str, list[int]], got_top: dict[str, list[dict[int, float]]],
+                         refs: dict[str, TopLogprobs]) -> int:
+    """vLLM's rule for quantized models: tokens equal up to the first divergence, and there each side's token
+    is among the other's top-k logprobs. Returns how many prompts are identical throughout."""
+    identical = 0
+    for rid, ref in refs.items():
+        out, top = got[rid], got_top[rid]
+        k = next((i for i, (a, b) in enumerate(zip(out, ref.tokens, strict=False)) if a != b), None)
+        if k is None:
+            assert len(out) == len(ref.tokens), f"{name}/{rid}: lengths differ: {out} vs {ref.tokens}"
+            identical += 1
+            continue
+        assert out[k] in ref.top[k] and ref.tokens[k] in top[k], (
+            f"{name}/{rid}: step {k}: engine chose {out[k]} (its top-5 {top[k]}), reference {ref.tokens[k]} "
+            f"(its top-5 {ref.top[k]})")
+    return identical

@@ -56,7 +56,8 @@ def test_system_spec_with_dtype(tmp_path: Path) -> None:
     system = make_system("tokenmill:bfloat16", Options(), tmp_path, 64)
     assert system.name == "tokenmill:bfloat16" and system.opts.dtype == "bfloat16"
     assert make_system("hf-static", Options(dtype="float32"), tmp_path, 64).opts.dtype == "float32"
-    with pytest.raises(ValueError, match="runs the GGUF"):
+    assert make_system("tokenmill:transformers", Options(), tmp_path, 64).spec.model_impl == "transformers"
+    with pytest.raises(ValueError, match="runs its own weights"):
         make_system("llama.cpp:bfloat16", Options(), tmp_path, 64)
     with pytest.raises(ValueError, match="unknown system"):
         make_system("nonesuch", Options(), tmp_path, 64)

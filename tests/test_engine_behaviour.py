@@ -1,4 +1,5 @@
-"""Paged engine behaviour on the embedded model: sampling and seeds, stops, limits, leaks, rejection, priority."""
+"""Paged engine behaviour on the embedded model as served by default (native forward, GGUF blocks): sampling
+and seeds, batch-independent seeded sampling, stops, limits, leaks, rejection, priority."""
 
 from __future__ import annotations
 
@@ -19,27 +20,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def chats(loaded):
+def chats(served):
     from loadtest.prompts import sample_prompts
 
-    tok = loaded.tokenizer
+    tok = served.tokenizer
     return [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
                                     return_dict=False) for p in sample_prompts(8, seed=11)]
 
 
-def make(loaded, **kw):
+def make(served, **kw):
     from services.worker.engine.engine import PagedEngine
 
     kw.setdefault("num_blocks", 256)
-    return PagedEngine(loaded.model, loaded.tokenizer, **kw)
+    return PagedEngine(served.model, served.tokenizer, **kw)
 
 
 def sampled(n=12, **kw):
     return SamplingParams(max_tokens=n, temperature=kw.pop("temperature", 0.9), **kw)
 
 
-def test_same_seed_same_output_different_seeds_differ(loaded, chats):
-    engine = make(loaded)
+def test_same_seed_same_output_different_seeds_differ(served, chats):
+    engine = make(served)
     p = chats[0]
     alone = tokens_of(drive(engine, {0: [Request("a", p, sampled(seed=7, top_p=0.95, top_k=50))]})["a"])
     # the same seed again, now in a batch with other (seeded and unseeded) requests
@@ -53,24 +54,45 @@ def test_same_seed_same_output_different_seeds_differ(loaded, chats):
     assert_no_leaks(engine)
 
 
-def test_top_k_one_is_greedy_and_text_matches_tokens(loaded, chats):
-    engine = make(loaded)
+def test_seeded_sampling_does_not_depend_on_the_batch(served):
+    """50 seeded prompts (temperature 0.8) alone, then inside batches of 8 and of 32: the same tokens."""
+    from loadtest.prompts import sample_prompts
+
+    tok = served.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for p in sample_prompts(50, seed=5)]
+
+    def reqs(tag):
+        return [Request(f"{tag}{i}", p, sampled(8, temperature=0.8, seed=1000 + i)) for i, p in enumerate(prompts)]
+
+    engine = make(served, max_num_seqs=64)
+    alone = [tokens_of(drive(engine, {0: [r]})[r.request_id]) for r in reqs("a")]
+    for size in (8, 32):
+        batch = reqs(f"b{size}-")
+        events = drive(engine, {k: batch[i : i + size] for k, i in enumerate(range(0, len(batch), size))})
+        assert [tokens_of(events[r.request_id]) for r in batch] == alone, f"batches of {size}"
+    assert len({tuple(a) for a in alone}) > 40  # really sampled, not one fixed answer
+    assert_no_leaks(engine)
+
+
+def test_top_k_one_is_greedy_and_text_matches_tokens(served, chats):
+    engine = make(served)
     reqs = [Request("g", chats[1], SamplingParams(max_tokens=16, temperature=0.0)),
             Request("k", chats[1], SamplingParams(max_tokens=16, temperature=1.3, top_k=1, seed=3))]
     events = drive(engine, {0: reqs})
     assert tokens_of(events["g"]) == tokens_of(events["k"])
     text = "".join(ev.text for ev in events["g"])
-    assert text == loaded.tokenizer.decode(tokens_of(events["g"]), skip_special_tokens=True)
+    assert text == served.tokenizer.decode(tokens_of(events["g"]), skip_special_tokens=True)
     last = events["g"][-1]
     assert last.finish_reason == FINISH_LENGTH and last.completion_tokens == 16 == len(tokens_of(events["g"]))
     assert last.prompt_tokens == len(chats[1])
 
 
-def test_stop_string_stop_token_and_eos(loaded, chats):
-    engine = make(loaded)
+def test_stop_string_stop_token_and_eos(served, chats):
+    engine = make(served)
     req = Request("r", chats[2], SamplingParams(max_tokens=20, temperature=0.0))
     greedy = tokens_of(drive(engine, {0: [req]})["r"])
-    text = loaded.tokenizer.decode(greedy, skip_special_tokens=True)
+    text = served.tokenizer.decode(greedy, skip_special_tokens=True)
     word = text.split()[3]
     events = drive(engine, {0: [
         Request("s", chats[2], SamplingParams(max_tokens=20, temperature=0.0, stop=(word,))),
@@ -84,7 +106,7 @@ def test_stop_string_stop_token_and_eos(loaded, chats):
     assert t[-1].finish_reason == FINISH_STOP and tokens_of(t) == greedy[: greedy.index(greedy[5]) + 1]
     assert tokens_of(events["e"]) == tokens_of(t)  # ignore_eos does not ignore explicit stop tokens
     # the model's EOS ends a request (finish "stop", EOS kept in token_ids, not in text) unless ignore_eos
-    tok = loaded.tokenizer
+    tok = served.tokenizer
     q = tok.apply_chat_template([{"role": "user", "content": "What is 2+2? Answer with a number only."}],
                                 add_generation_prompt=True, tokenize=True, return_dict=False)
     events = drive(engine, {0: [Request("eos", q, SamplingParams(max_tokens=24, temperature=0.0)),
@@ -96,8 +118,8 @@ def test_stop_string_stop_token_and_eos(loaded, chats):
     assert_no_leaks(engine)
 
 
-def test_requests_that_cannot_fit_are_rejected(loaded):
-    engine = make(loaded, num_blocks=8, block_size=16)  # 128 tokens in the whole pool
+def test_requests_that_cannot_fit_are_rejected(served):
+    engine = make(served, num_blocks=8, block_size=16)  # 128 tokens in the whole pool
     with pytest.raises(InvalidRequest, match="KV cache"):
         engine.add_request(Request("big", [5] * 200, SamplingParams(max_tokens=4)))
     with pytest.raises(InvalidRequest, match="max_tokens"):
@@ -113,8 +135,8 @@ def test_requests_that_cannot_fit_are_rejected(loaded):
     assert_no_leaks(engine)
 
 
-def test_no_block_leaks_after_finish_cancel_and_preemption_mix(loaded, chats):
-    engine = make(loaded, num_blocks=20, block_size=8, max_num_batched_tokens=40)  # tiny: forces preemption
+def test_no_block_leaks_after_finish_cancel_and_preemption_mix(served, chats):
+    engine = make(served, num_blocks=20, block_size=8, max_num_batched_tokens=40)  # tiny: forces preemption
     reqs = [Request(f"r{i}", c, SamplingParams(max_tokens=10 + 3 * i, temperature=0.0 if i % 2 else 0.8, seed=i))
             for i, c in enumerate(chats)]
     cancels = {4: "r7", 5: "r1", 9: "r3"}  # waiting, mid-prefill/decode, after preemptions
@@ -135,8 +157,8 @@ def test_no_block_leaks_after_finish_cancel_and_preemption_mix(loaded, chats):
     assert_no_leaks(engine)
 
 
-def test_priority_runs_first(loaded, chats):
-    engine = make(loaded, max_num_seqs=1)
+def test_priority_runs_first(served, chats):
+    engine = make(served, max_num_seqs=1)
     order = []
     reqs = [Request("low", chats[0], SamplingParams(max_tokens=2, temperature=0.0), priority=5),
             Request("high", chats[1], SamplingParams(max_tokens=2, temperature=0.0), priority=-1),
@@ -145,10 +167,10 @@ def test_priority_runs_first(loaded, chats):
     assert order == ["high", "mid", "low"]
 
 
-def test_async_engine_streams_and_cancels(loaded, chats):
+def test_async_engine_streams_and_cancels(served, chats):
     from services.worker.engine.async_engine import AsyncEngine
 
-    engine = make(loaded)
+    engine = make(served)
     front = AsyncEngine(engine)
 
     async def main():

@@ -7,7 +7,8 @@ import json
 import pytest
 from engine_support import one_thread  # noqa: F401  (module fixture)
 
-from bench.engine import Options, main, percentile
+from bench.engine import Options, main
+from bench.results import SystemSpec, percentile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,11 +25,24 @@ def test_bench_engine_direct_tiny(tmp_path, capsys):
                           kv_cache_memory="64MiB", out=out))
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(report))
-    rows = {r["engine"]: r for r in data["results"]}
-    assert set(rows) == {"hf-static", "paged"}
+    rows = {r["system"]: r for r in data["results"]}
+    assert set(rows) == {"hf-static", "paged", "paged:transformers"}
     for r in rows.values():
         assert r["requests"] == 3 and 9 <= r["output_tokens"] <= 15 and r["output_tok_s"] > 0
         assert 0 < r["ttft_p50_s"] <= r["latency_p95_s"] and r["peak_rss_mib"] > 100
-    assert rows["paged"]["kv_blocks_total"] > 0 and rows["paged"]["kv_blocks_used_peak"] > 0
-    assert "paged/hf-static direct c=2" in data["ratios"]
+        assert r["transport"] == "direct" and r["workload"] == "story"
+    extra = rows["paged"]["extra"]
+    assert extra["kv_blocks_total"] > 0 and extra["kv_blocks_used_peak"] > 0
+    assert {"paged/hf-static direct c=2", "paged:transformers/paged direct c=2"} <= set(data["ratios"])
+    assert data["environment"]["cpu_capability"] in ("avx512_bf16", "avx512", "avx2", "none")
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_system_specs():
+    s = SystemSpec.parse("paged+ngram:transformers:none:bfloat16")
+    assert (s.name, s.speculative, s.model_impl, s.quantization, s.dtype) == ("paged", "ngram", "transformers",
+                                                                              "none", "bfloat16")
+    assert s.worker_args() == ["--speculative", "ngram", "--dtype", "bfloat16", "--quantization", "none",
+                               "--model-impl", "transformers"]
+    with pytest.raises(ValueError, match="option 'fp8'"):
+        SystemSpec.parse("paged:fp8")

@@ -98,4 +98,5 @@ def test_kv_memory_parsing_and_block_bytes():
         parse_kv_memory("lots", cpu)
     assert KVCache.bytes_per_block(30, 3, 64, 16, torch.float32) == 2 * 30 * 3 * 64 * 16 * 4
     kv = KVCache(2, 3, 8, 5, 4, torch.float32, cpu)
-    assert kv.k[0].shape == (3, 20, 8) and torch.all(kv.k[1][:, :4] == 0)  # block 0 (padding) is zeroed
+    assert kv.k[0].shape == (3, 5, 8, 4) and kv.v[0].shape == (3, 5, 4, 8)  # K blocks stored transposed
+    assert torch.all(kv.k[1][:, 0] == 0) and torch.all(kv.v[1][:, 0] == 0)  # block 0 (padding) is zeroed

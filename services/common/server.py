@@ -116,7 +116,10 @@ async def serve(
     stop_task = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({prepare_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     if prepare_task in done:
-        prepare_task.result()  # raise a load failure: the process must exit non-zero
+        if (exc := prepare_task.exception()) is not None:  # a load failure: say why, exit non-zero
+            log.error("%s failed to start: %s: %s", name, type(exc).__name__, exc, exc_info=exc)
+            await server.stop(0)
+            raise SystemExit(f"{name} failed to start: {exc}")
         await set_status(health_pb2.HealthCheckResponse.SERVING)
         log.info("%s SERVING on %s:%d", name, host, bound)
         await stop_task

@@ -85,6 +85,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             block_size=engine.engine.block_size, quantization=m.quantization, engine=engine.engine.name,
             device=m.device, dtype=str(m.dtype).removeprefix("torch."), worker_id=self.worker_id,
             eos_token_id=m.tokenizer.eos_token_id if m.tokenizer.eos_token_id is not None else -1,
+            model_impl="native" if type(m.model).__name__ == "DecoderModel" else "transformers",
             prefix_caching=getattr(getattr(engine.engine, "block_manager", None), "enable_prefix_caching", False),
         )
 
@@ -135,10 +136,22 @@ def build_engine(config: WorkerConfig, servicer: WorkerServicer | None = None) -
     return AsyncEngine(engine, step_delay_s=config.step_delay_ms / 1000)
 
 
+def check_choices(config: WorkerConfig) -> None:
+    """Refuse unknown values of the choice flags before anything loads, naming what is supported."""
+    from services.common.model_loader import MODEL_IMPLS, QUANTIZATIONS
+
+    for flag, value, choices in (("--engine", config.engine, ("paged", "hf-static")),
+                                 ("--quantization", config.quantization, QUANTIZATIONS),
+                                 ("--model-impl", config.model_impl, MODEL_IMPLS)):
+        if value not in choices:
+            raise SystemExit(f"worker: {flag} {value!r} is not supported; use one of: {', '.join(choices)}")
+
+
 def run(config: WorkerConfig) -> None:
     from services.common.log import setup_logging
     from services.common.server import serve, start_metrics_server
 
+    check_choices(config)
     setup_logging("worker")
     start_metrics_server(config.metrics_port)
     servicer = WorkerServicer(config)

@@ -92,7 +92,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "tokenizer", "context_length", "block_size", "quantization", "engine", "device", "dtype", "worker_id", "eos_token_id", "prefix_caching")
+    __slots__ = ("model", "tokenizer", "context_length", "block_size", "quantization", "engine", "device", "dtype", "worker_id", "eos_token_id", "model_impl", "prefix_caching")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class InfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IMPL_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     model: str
     tokenizer: str
@@ -114,5 +115,6 @@ class InfoResponse(_message.Message):
     dtype: str
     worker_id: str
     eos_token_id: int
+    model_impl: str
     prefix_caching: bool
-    def __init__(self, model: _Optional[str] = ..., tokenizer: _Optional[str] = ..., context_length: _Optional[int] = ..., block_size: _Optional[int] = ..., quantization: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., worker_id: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., tokenizer: _Optional[str] = ..., context_length: _Optional[int] = ..., block_size: _Optional[int] = ..., quantization: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., worker_id: _Optional[str] = ..., eos_token_id: _Optional[int] = ..., model_impl: _Optional[str] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...

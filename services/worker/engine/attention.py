@@ -1,13 +1,14 @@
-"""Paged attention plugged into transformers' AttentionInterface, so the model's own layers run.
+"""Paged attention: each layer stores its new K/V in their slots, then every token attends over its
+own sequence's cache (its cached prefix, the step's earlier tokens and itself; a sliding window when
+the layer has one). Two implementations of that one contract:
 
-The model sees one packed row of tokens: first the decodes (one token each), then the
-prefill chunks. Per layer this function writes the new K/V into their slots, then
-- decodes: per group of similar context length, gathers the blocks into one padded
-  [kv_heads, seqs, len, dim] batch and runs one masked SDPA, the query heads of each
-  KV head grouped as rows (a sliding-window layer gathers only the window's blocks);
-- each prefill chunk: attends causally over its cached prefix plus itself.
-The per-step metadata (slots, block ids, masks) is built once by the model runner and
-shared by all layers through `current`.
+- kernel (CPU, float32): tokenmill's C++ op reads each sequence's blocks where they lie, decodes and
+  prefill chunks alike (layers/csrc/attention.cpp);
+- torch (CUDA, other dtypes, no compiler): decodes in groups of similar context length, gathered into
+  one padded batch for a masked SDPA; each prefill chunk attends causally over its prefix plus itself.
+
+The model runner builds one StepContext per step; the native model calls `attend` per layer, and
+transformers' modules reach the same function through the registered attention interface.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.engine.kv_cache import KVCache
+from services.worker.engine.layers import kernels
 
 ATTN_NAME = "tokenmill_paged"
+MAX_DECODE_GROUPS = 6
 
 
 @dataclass(slots=True)
@@ -34,19 +37,14 @@ class PrefillChunk:
 
 @dataclass(slots=True)
 class DecodeGroup:
-    """Decodes [start, start + count) of the packed row, padded to the group's longest context.
-
-    The runner groups decodes of similar length (sorted longest first) so little padding is gathered.
-    """
+    """Decodes [start, start + count) of the packed row, padded to the group's longest context."""
 
     start: int
     count: int
     context_lens: list[int]  # including the new token
-    tables: list[list[int]] | None  # each sequence's blocks in use; None = `block_ids` given whole
+    tables: list[list[int]]  # each sequence's blocks in use
     block_size: int
     device: torch.device
-    block_ids: torch.Tensor | None = None
-    length: int = 0
     views: dict = field(default_factory=dict)  # window -> (block ids, key length, mask)
 
     def view(self, window: int | None) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -58,18 +56,13 @@ class DecodeGroup:
 
     def _build(self, window: int | None):
         bs, lens, dev = self.block_size, self.context_lens, self.device
-        first = [0] * self.count
-        ids, length = self.block_ids, self.length
-        if self.tables is not None:
-            if window:
-                first = [max(0, n - window) // bs for n in lens]
-            nblk = max(-(-n // bs) - f for n, f in zip(lens, first, strict=True))
-            flat: list[int] = []
-            for table, n, f in zip(self.tables, lens, first, strict=True):
-                used = table[f : -(-n // bs)]
-                flat += used
-                flat += [0] * (nblk - len(used))
-            ids, length = torch.tensor(flat, dtype=torch.long, device=dev), nblk * bs
+        first = [max(0, n - window) // bs for n in lens] if window else [0] * self.count
+        nblk = max(-(-n // bs) - f for n, f in zip(lens, first, strict=True))
+        flat: list[int] = []
+        for table, n, f in zip(self.tables, lens, first, strict=True):
+            used = table[f : -(-n // bs)]
+            flat += used + [0] * (nblk - len(used))
+        ids, length = torch.tensor(flat, dtype=torch.long, device=dev), nblk * bs
         pos = torch.tensor(first, device=dev)[:, None] * bs + torch.arange(length, device=dev)[None, :]
         n = torch.tensor(lens, device=dev)[:, None]
         mask = pos < n
@@ -80,29 +73,53 @@ class DecodeGroup:
 
 @dataclass(slots=True)
 class StepContext:
+    """One step's attention metadata, built once by the model runner and shared by every layer."""
+
     kv: KVCache
-    slot_mapping: torch.Tensor  # [T] slot of each packed token
-    num_decodes: int = 0
-    decode_block_ids: torch.Tensor | None = None  # one group given whole: [num_decodes * max_blocks]
-    decode_context_lens: torch.Tensor | None = None  # [num_decodes], including the new token
-    decode_len: int = 0  # padded key length = max_blocks * block_size
-    prefills: list[PrefillChunk] = field(default_factory=list)
-    masks: dict = field(default_factory=dict)  # (index, window) -> prefill mask, built on first use
-    decode_groups: list[DecodeGroup] = field(default_factory=list)
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each packed token
+    positions: torch.Tensor  # [T] int64
+    token_seq: torch.Tensor  # [T] int32: the token's row in block_tables
+    token_pos: torch.Tensor  # [T] int32
+    block_tables: torch.Tensor  # [sequences, max blocks] int32
+    num_decodes: int  # the first num_decodes tokens are single-token decodes (longest context first)
+    decode_positions: list[int]
+    decode_tables: list[list[int]]
+    prefill_specs: list[tuple[int, int, int, list[int]]]  # (start, end, context_start, block table)
+    _groups: list[DecodeGroup] | None = None
+    _prefills: dict = field(default_factory=dict)  # window -> [PrefillChunk]
+    _masks: dict = field(default_factory=dict)  # (index, window) -> prefill mask
 
     def groups(self) -> list[DecodeGroup]:
-        if not self.decode_groups and self.num_decodes:
-            self.decode_groups = [DecodeGroup(0, self.num_decodes, self.decode_context_lens.tolist(), None,
-                                              self.kv.block_size, self.slot_mapping.device, self.decode_block_ids,
-                                              self.decode_len)]
-        return self.decode_groups
+        """Decodes split where padding to the group's longest would waste a quarter (torch path)."""
+        if self._groups is None:
+            bs, pos, tables, groups, start = self.kv.block_size, self.decode_positions, self.decode_tables, [], 0
+            for i in range(1, len(pos) + 1):
+                if i < len(pos) and (len(groups) == MAX_DECODE_GROUPS - 1 or
+                                     (pos[i] // bs + 1) * 4 >= (pos[start] // bs + 1) * 3):
+                    continue
+                groups.append(DecodeGroup(start, i - start, [p + 1 for p in pos[start:i]], tables[start:i], bs,
+                                          self.slot_mapping.device))
+                start = i
+            self._groups = groups
+        return self._groups
+
+    def prefills(self, window: int | None) -> list[PrefillChunk]:
+        chunks = self._prefills.get(window)
+        if chunks is None:
+            bs, dev, chunks = self.kv.block_size, self.slot_mapping.device, []
+            for start, end, c, table in self.prefill_specs:
+                first = max(0, c - window + 1) // bs if window else 0  # earlier blocks may be freed
+                ids = torch.tensor(table[first : -(-(c + end - start) // bs)], dtype=torch.long, device=dev)
+                chunks.append(PrefillChunk(start, end, c, ids if c else None, torch.arange(c, c + end - start,
+                                                                                         device=dev), first * bs))
+            self._prefills[window] = chunks
+        return chunks
 
     def prefill_mask(self, idx: int, window: int | None) -> torch.Tensor | None:
-        chunk = self.prefills[idx]
+        chunk = self.prefills(window)[idx]
         if chunk.context_start == 0 and not window:
             return None  # plain causal
-        key = (idx, window)
-        mask = self.masks.get(key)
+        mask = self._masks.get((idx, window))
         if mask is None:
             keys = chunk.context_start + (chunk.end - chunk.start) - chunk.key_offset
             j = torch.arange(chunk.key_offset, chunk.key_offset + keys, device=self.slot_mapping.device)[None, :]
@@ -110,51 +127,87 @@ class StepContext:
             mask = j <= q
             if window:
                 mask &= j > q - window
-            self.masks[key] = mask
+            self._masks[(idx, window)] = mask
         return mask
 
 
-current: StepContext | None = None
+def build_context(kv: KVCache, pos: list[int], token_seq: list[int], tables: list[list[int]], num_decodes: int,
+                  prefills: list[tuple[int, int, int, list[int]]]) -> StepContext:
+    """A step's metadata from plain lists: each packed token's position and sequence (an index into
+    `tables`), the first num_decodes tokens being decodes, and the prefill chunks' (start, end, context
+    start, table)."""
+    bs, dev = kv.block_size, kv.device
+    slots = [tables[s][p // bs] * bs + p % bs for s, p in zip(token_seq, pos, strict=True)]
+    width = max(len(t) for t in tables)
+    positions = torch.tensor(pos, dtype=torch.long, device=dev)
+    return StepContext(
+        kv, torch.tensor(slots, dtype=torch.long, device=dev), positions,
+        torch.tensor(token_seq, dtype=torch.int32, device=dev), positions.to(torch.int32),
+        torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+        num_decodes, pos[:num_decodes], tables[:num_decodes], prefills)
 
 
-def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [1, heads, T, dim], key/value [1, kv_heads, T, dim] -> ([1, T, heads, dim], None)."""
-    ctx = current
-    if ctx is None:
-        raise RuntimeError(f"{ATTN_NAME} attention runs only inside the paged engine's model runner")
-    layer = module.layer_idx
-    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+def attend(ctx: StepContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+           window: int | None, scale: float) -> torch.Tensor:
+    """Store k, v [T, kv_heads * D] in the cache, then attend: q [T, heads * D] -> [T, heads * D]."""
     kv = ctx.kv
-    q, k, v = query[0], key[0], value[0]
-    heads, total, dim = q.shape
-    kv_heads = k.shape[0]
-    group = heads // kv_heads
-    kv.k[layer].index_copy_(1, ctx.slot_mapping, k)
-    kv.v[layer].index_copy_(1, ctx.slot_mapping, v)
-    out = torch.empty(total, heads, dim, dtype=q.dtype, device=q.device)
+    ops = kernels.load() if q.device.type == "cpu" and q.dtype == torch.float32 else None
+    if ops is not None and kv.head_dim % 16 == 0 and num_heads // kv.num_kv_heads <= 8:
+        ops.write_kv(k, v, kv.k[layer], kv.v[layer], ctx.slot_mapping)
+        return ops.paged_attention(q, kv.k[layer], kv.v[layer], ctx.block_tables, ctx.token_seq, ctx.token_pos,
+                                   num_heads, window or 0, scale)
+    return _attend_torch(ctx, layer, q, k, v, num_heads, window, scale)
 
+
+def _attend_torch(ctx: StepContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                  window: int | None, scale: float) -> torch.Tensor:
+    kv = ctx.kv
+    total, dim = q.shape[0], kv.head_dim
+    kv_heads = kv.num_kv_heads
+    group = num_heads // kv_heads
+    kt, vt = k.reshape(total, kv_heads, dim), v.reshape(total, kv_heads, dim)
+    kv.write(layer, ctx.slot_mapping, kt, vt)
+    qh = q.reshape(total, num_heads, dim).transpose(0, 1)  # [heads, T, D]
+    out = torch.empty(total, num_heads, dim, dtype=q.dtype, device=q.device)
     for grp in ctx.groups():
         ids, length, mask = grp.view(window)
         s, n = grp.start, grp.count
         keys = kv.gather(layer, ids, "k").view(kv_heads, n, length, dim)
         vals = kv.gather(layer, ids, "v").view(kv_heads, n, length, dim)
-        qd = q[:, s : s + n].reshape(kv_heads, group, n, dim).transpose(1, 2)  # [kv_heads, seqs, group, dim]
-        o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=mask, scale=scaling)
-        out[s : s + n] = o.permute(1, 0, 2, 3).reshape(n, heads, dim)
-
-    for idx, chunk in enumerate(ctx.prefills):
+        qd = qh[:, s : s + n].reshape(kv_heads, group, n, dim).transpose(1, 2)  # [kv_heads, seqs, group, dim]
+        o = F.scaled_dot_product_attention(qd, keys, vals, attn_mask=mask, scale=scale)
+        out[s : s + n] = o.permute(1, 0, 2, 3).reshape(n, num_heads, dim)
+    for idx, chunk in enumerate(ctx.prefills(window)):
         s, e = chunk.start, chunk.end
         if chunk.context_start:
             n_keys = chunk.context_start + e - s - chunk.key_offset
             keys = kv.gather(layer, chunk.block_ids, "k")[:, :n_keys]
             vals = kv.gather(layer, chunk.block_ids, "v")[:, :n_keys]
         else:
-            keys, vals = k[:, s:e], v[:, s:e]
+            keys, vals = kt[s:e].transpose(0, 1), vt[s:e].transpose(0, 1)
         mask = ctx.prefill_mask(idx, window)
-        o = F.scaled_dot_product_attention(q[None, :, s:e], keys[None], vals[None], attn_mask=mask,
-                                           is_causal=mask is None, scale=scaling, enable_gqa=group > 1)
+        o = F.scaled_dot_product_attention(qh[None, :, s:e], keys[None], vals[None], attn_mask=mask,
+                                           is_causal=mask is None, scale=scale, enable_gqa=group > 1)
         out[s:e] = o[0].transpose(0, 1)
-    return out[None], None
+    return out.view(total, num_heads * dim)
+
+
+current: StepContext | None = None  # the step in flight, for transformers' modules
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: query [1, heads, T, dim], key/value [1, kv_heads, T, dim]
+    -> ([1, T, heads, dim], None)."""
+    ctx = current
+    if ctx is None:
+        raise RuntimeError(f"{ATTN_NAME} attention runs only inside the paged engine's model runner")
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    _, heads, total, dim = query.shape
+    q = query[0].transpose(0, 1).reshape(total, heads * dim)
+    k = key[0].transpose(0, 1).reshape(total, -1)
+    v = value[0].transpose(0, 1).reshape(total, -1)
+    scale = scaling if scaling is not None else dim**-0.5
+    return attend(ctx, module.layer_idx, q, k, v, heads, window, scale).view(1, total, heads, dim), None
 
 
 def register() -> None:

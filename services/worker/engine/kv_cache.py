@@ -1,8 +1,6 @@
-"""The paged K/V pool: per layer, K and V as [kv_heads, num_blocks * block_size, head_dim].
-
-Head-major so that gathering a sequence's blocks yields [kv_heads, seqs, len, head_dim]
-directly, the layout batched attention wants, with no transpose copy. Also holds the
-reusable gather buffers (fresh multi-MB tensors per layer cost page faults on CPU).
+"""The paged K/V pool: per layer, K as [kv_heads, blocks, head_dim, block_size] (each block stored
+transposed, so one vector load gives one dimension of W consecutive keys: the attention kernel's scores
+need no horizontal sums) and V as [kv_heads, blocks, block_size, head_dim].
 """
 
 from __future__ import annotations
@@ -62,11 +60,11 @@ class KVCache:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
-        shape = (num_kv_heads, num_blocks * block_size, head_dim)
         # torch.empty: pages are only touched (and counted in RSS) once a block is written
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self._buffers: dict[str, torch.Tensor] = {}
+        self.k = [torch.empty((num_kv_heads, num_blocks, head_dim, block_size), dtype=dtype, device=device)
+                  for _ in range(num_layers)]
+        self.v = [torch.empty((num_kv_heads, num_blocks, block_size, head_dim), dtype=dtype, device=device)
+                  for _ in range(num_layers)]
         self.zero_blocks([0])  # block 0 pads decode batches
 
     def zero_blocks(self, block_ids: list[int]) -> None:
@@ -75,22 +73,23 @@ class KVCache:
             return
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for t in (*self.k, *self.v):
-            t.view(self.num_kv_heads, self.num_blocks, -1).index_fill_(1, idx, 0.0)
+            t.index_fill_(1, idx, 0.0)
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                         dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * block_size * torch.finfo(dtype).bits // 8
 
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [T, kv_heads, head_dim] into their slots (the PyTorch path; the CPU kernel has its own)."""
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        self.k[layer][:, blocks, :, offsets] = k.to(self.dtype)
+        self.v[layer][:, blocks, offsets] = v.transpose(0, 1).to(self.dtype)
+
     def gather(self, layer: int, block_ids: torch.Tensor, which: str) -> torch.Tensor:
-        """K or V of the listed blocks, [kv_heads, len(block_ids) * block_size, head_dim], in a reused buffer."""
-        src = (self.k if which == "k" else self.v)[layer]
-        src = src.view(self.num_kv_heads, self.num_blocks, self.block_size * self.head_dim)
-        n = block_ids.numel() * self.block_size * self.head_dim
-        buf = self._buffers.get(which)
-        if buf is None or buf.numel() < self.num_kv_heads * n:
-            buf = torch.empty(self.num_kv_heads * n * 2, dtype=self.dtype, device=self.device)
-            self._buffers[which] = buf
-        out = buf[: self.num_kv_heads * n].view(self.num_kv_heads, block_ids.numel(), -1)
-        torch.index_select(src, 1, block_ids, out=out)
-        return out.view(self.num_kv_heads, -1, self.head_dim)
+        """K or V of the listed blocks as [kv_heads, len(block_ids) * block_size, head_dim] (a copy)."""
+        if which == "k":
+            blocks = self.k[layer].index_select(1, block_ids).transpose(2, 3)
+        else:
+            blocks = self.v[layer].index_select(1, block_ids)
+        return blocks.reshape(self.num_kv_heads, -1, self.head_dim)

@@ -1,8 +1,10 @@
 """Next-token choice for a batch: greedy rows by argmax, the rest by temperature / top-k / top-p.
 
-Vectorised over rows; only the uniform draw is per row, from the request's own
-torch.Generator when it set a seed, so a seeded request samples the same tokens
-whatever else shares its batch (inverse-CDF sampling: one uniform per token).
+Sampling is the exponential race (as vLLM samples): token = argmax(p / q) with q ~ Exp(1) drawn per
+vocabulary entry from the request's own torch.Generator when it set a seed. That picks token i with
+probability p_i, and a seeded request gets the same tokens whatever else shares its batch: a float-noise
+change of p (another batch shape) flips the choice only where two ratios tie, whereas walking the
+cumulative distribution flips whenever the draw lands near any boundary.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ class Sampler:
         return choice.tolist()
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        probs, order = self._probs(logits, seqs)
-        cdf = probs.cumsum(dim=-1)
-        u = torch.tensor([self.uniform(s) for s in seqs], device=logits.device, dtype=cdf.dtype)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=logits.shape[-1] - 1)
-        return (order.gather(1, pick) if order is not None else pick)[:, 0]
+        probs = self.distribution(logits, seqs)
+        return torch.stack([self.race(p, s) for p, s in zip(probs, seqs, strict=True)])
+
+    def race(self, probs: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """One token from an (unnormalised) distribution over the vocabulary: argmax(p / q), q ~ Exp(1)."""
+        q = torch.empty(probs.shape[-1], dtype=torch.float32).exponential_(generator=seq.generator or self.generator)
+        return (probs.float() / q.to(probs.device)).argmax()
 
     def uniform(self, seq: Sequence) -> float:
         """One draw from the request's own generator when it set a seed."""

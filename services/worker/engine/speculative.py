@@ -165,11 +165,5 @@ class Speculator:
             if float(residual.sum()) <= 0.0:  # p(x) was 1 up to rounding: x is the only choice
                 kept.append(x)
                 continue
-            return [*kept, _draw(residual, sampler.uniform(seq))]
-        return [*kept, _draw(probs[-1], sampler.uniform(seq))]
-
-
-def _draw(probs: torch.Tensor, u: float) -> int:
-    """Inverse-CDF draw from an unnormalised distribution."""
-    cdf = probs.cumsum(dim=-1)
-    return int(torch.searchsorted(cdf, u * cdf[-1:], right=True).clamp_(max=probs.shape[-1] - 1))
+            return [*kept, int(sampler.race(residual, seq))]
+        return [*kept, int(sampler.race(probs[-1], seq))]

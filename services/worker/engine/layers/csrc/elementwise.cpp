@@ -1,0 +1,99 @@
+// The small per-layer ops of the decoder, one pass each: RMSNorm (fused with the residual add),
+// rotary embedding in place, SiLU(gate) * up. Rounding follows transformers' modules op for op
+// (x1*cos - x2*sin, not an FMA), so the fp32 path stays within an ulp of the reference model.
+
+#include "simd.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+using S = Simd;
+constexpr int W = S::W;
+}  // namespace
+
+// out = weight * (r / sqrt(mean(r^2) + eps)) per row, r = x (+ residual, written back to `residual`).
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> residual) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "x: float32 [T, N], rows dense");
+  const int64_t T = x.size(0), N = x.size(1);
+  TORCH_CHECK(weight.numel() == N && weight.is_contiguous() && weight.scalar_type() == at::kFloat, "weight: [N]");
+  const bool add = residual.has_value() && residual->defined();
+  if (add) TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(), "residual: contiguous, like x");
+  auto out = at::empty({T, N}, x.options());
+  const float* w = weight.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* xr = x.data_ptr<float>() + t * x.stride(0);
+      float* r = add ? residual->data_ptr<float>() + t * N : const_cast<float*>(xr);
+      float* o = out.data_ptr<float>() + t * N;
+      float ss = 0.0f;
+      for (int64_t i = 0; i < N; ++i) {
+        const float v = add ? r[i] + xr[i] : xr[i];
+        if (add) r[i] = v;
+        ss += v * v;
+      }
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(N) + static_cast<float>(eps));
+      for (int64_t i = 0; i < N; ++i) o[i] = w[i] * (r[i] * inv);
+    }
+  });
+  return out;
+}
+
+// x [T, heads * D] (row stride any), in place: neox-style halves, cos / sin [positions, D / 2].
+void rotary(at::Tensor x, int64_t heads, at::Tensor positions, at::Tensor cos, at::Tensor sin) {
+  TORCH_CHECK(x.stride(1) == 1 && x.scalar_type() == at::kFloat, "x: float32, rows dense");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions: int64");
+  const int64_t T = x.size(0), half = cos.size(1), D = 2 * half;
+  TORCH_CHECK(x.size(1) == heads * D && cos.is_contiguous() && sin.is_contiguous(), "x does not match heads * D");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  TORCH_CHECK(T == 0 || *std::max_element(pos, pos + T) < cos.size(0), "position beyond the rotary table");
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = cos.data_ptr<float>() + pos[t] * half;
+      const float* s = sin.data_ptr<float>() + pos[t] * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* a = x.data_ptr<float>() + t * x.stride(0) + h * D;
+        float* b = a + half;
+        int64_t i = 0;
+        for (; i + W <= half; i += W) {
+          const S::F x1 = S::load(a + i), x2 = S::load(b + i), cv = S::load(c + i), sv = S::load(s + i);
+          S::store(a + i, S::sub(S::mul(x1, cv), S::mul(x2, sv)));
+          S::store(b + i, S::add(S::mul(x2, cv), S::mul(x1, sv)));
+        }
+        for (; i < half; ++i) {
+          const float x1 = a[i], x2 = b[i];
+          a[i] = x1 * c[i] - x2 * s[i];
+          b[i] = x2 * c[i] + x1 * s[i];
+        }
+      }
+    }
+  });
+}
+
+// gate_up [T, 2 * I] -> silu(gate) * up, [T, I].
+at::Tensor silu_mul(at::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.scalar_type() == at::kFloat,
+              "gate_up: contiguous float32 [T, 2 * I]");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto out = at::empty({T, I}, gate_up.options());
+  at::parallel_for(0, T * I, 4096, [&](int64_t begin, int64_t end) {
+    int64_t idx = begin;
+    while (idx < end) {
+      const int64_t t = idx / I, i = idx % I, n = std::min(end - idx, I - i);
+      const float* g = gate_up.data_ptr<float>() + t * 2 * I + i;
+      const float* u = g + I;
+      float* o = out.data_ptr<float>() + t * I + i;
+      int64_t j = 0;
+      for (; j + W <= n; j += W) {
+        const S::F gv = S::load(g + j);
+        const S::F sig = S::div(gv, S::add(S::set1(1.0f), S::exp(S::sub(S::zero(), gv))));
+        S::store(o + j, S::mul(sig, S::load(u + j)));
+      }
+      for (; j < n; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+      idx += n;
+    }
+  });
+  return out;
+}

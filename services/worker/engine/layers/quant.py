@@ -1,0 +1,158 @@
+"""Quantized weight formats, packed for the CPU kernels, with a PyTorch reference dequantiser.
+
+Every format is codes (4 or 8 bits) in groups of G input columns with one float16 scale per group
+and output row, plus a float16 min (asymmetric formats) or a 16-entry code book (NF4):
+
+| format | bits | group | weight value                  | source                                  |
+|--------|------|-------|-------------------------------|-----------------------------------------|
+| q4_1   | 4    | 32    | scale * code + min            | GGUF blocks as stored, or quantised here |
+| q8_0   | 8    | 32    | scale * code (code signed)    | GGUF blocks as stored, or quantised here |
+| int4   | 4    | 32-128| scale * code + min            | any float checkpoint (round to nearest)  |
+| int8   | 8    | K     | scale * code (per out channel)| any float checkpoint                     |
+| nf4    | 4    | 64    | scale * NF4[code]             | any float checkpoint (bitsandbytes' book)|
+
+Packing (the kernels' layout): output rows in panels of 16; inside a panel, for each input column
+(8-bit) or pair of columns (4-bit, low nibble = even column), the codes of the 16 rows side by side.
+Rows are padded to a multiple of 16 with zero scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PANEL = 16
+FORMATS = ("q4_1", "q8_0", "int4", "int8", "nf4")
+# bitsandbytes' NF4 code book (quantiles of N(0, 1) scaled to [-1, 1])
+NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+
+
+@dataclass(slots=True, eq=False)
+class PackedWeight:
+    fmt: str
+    out_features: int
+    in_features: int
+    bits: int
+    group: int
+    codes: torch.Tensor  # uint8 [panels, in_features * bits / 8 * 16]
+    scales: torch.Tensor  # float16 [panels, in_features / group, 16]
+    mins: torch.Tensor | None = None  # float16, same shape (asymmetric formats)
+    table: torch.Tensor | None = None  # float32 [16] (nf4)
+
+    @property
+    def panels(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins, self.table)
+                   if t is not None)
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [out_features, in_features], or only `rows` (an embedding lookup): the kernels' reference."""
+        if rows is None:
+            rows = torch.arange(self.out_features)
+        panel, lane = rows // PANEL, rows % PANEL
+        p, k = self.panels, self.in_features
+        if self.bits == 8:
+            c = self.codes.view(torch.int8).view(p, k, PANEL)[panel, :, lane].float()
+        else:
+            b = self.codes.view(p, k // 2, PANEL)[panel, :, lane].to(torch.int32)
+            c = torch.stack((b & 15, b >> 4), dim=-1).reshape(len(rows), k)
+            c = self.table[c] if self.table is not None else c.float()
+        w = c.view(len(rows), -1, self.group) * self.scales[panel, :, lane].float()[..., None]
+        if self.mins is not None:
+            w = w + self.mins[panel, :, lane].float()[..., None]
+        return w.reshape(len(rows), k)
+
+
+    def unpack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The inverse of `pack`: codes [N, K] uint8, scales (and mins) [N, K / group] float16."""
+        n, p, k = self.out_features, self.panels, self.in_features
+        c = self.codes.numpy().reshape(p, -1, PANEL)
+        if self.bits == 4:
+            c = np.stack((c & np.uint8(15), c >> np.uint8(4)), axis=2).reshape(p, k, PANEL)
+        codes = np.ascontiguousarray(c.transpose(0, 2, 1).reshape(p * PANEL, k)[:n])
+
+        def rows(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else np.ascontiguousarray(t.numpy().transpose(0, 2, 1).reshape(p * PANEL, -1)[:n])
+
+        return codes, rows(self.scales), rows(self.mins)
+
+
+def pack(fmt: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: int,
+         group: int) -> PackedWeight:
+    """codes [N, K] uint8 (4-bit: 0..15; 8-bit: int8 viewed as uint8), scales / mins [N, K / group] float16."""
+    n, k = codes.shape
+    panels = -(-n // PANEL)
+    pad = panels * PANEL - n
+    if pad:
+        codes = np.concatenate([codes, np.zeros((pad, k), codes.dtype)])
+        scales = np.concatenate([scales, np.zeros((pad, scales.shape[1]), np.float16)])
+        mins = None if mins is None else np.concatenate([mins, np.zeros((pad, mins.shape[1]), np.float16)])
+    c = codes.reshape(panels, PANEL, k).transpose(0, 2, 1)  # [panels, K, 16]
+    if bits == 4:
+        c = c[:, 0::2] | (c[:, 1::2] << np.uint8(4))
+    c = np.ascontiguousarray(c).reshape(panels, -1)
+
+    def panel(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a.reshape(panels, PANEL, -1).transpose(0, 2, 1)))
+
+    table = torch.tensor(NF4, dtype=torch.float32) if fmt == "nf4" else None
+    return PackedWeight(fmt, n, k, bits, group, torch.from_numpy(c), panel(scales),
+                        None if mins is None else panel(mins), table)
+
+
+def check_shape(fmt: str, k: int, group: int) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}: supported are {', '.join(FORMATS)}")
+    if group < 2 or k % group:
+        raise ValueError(f"{fmt}: in_features {k} is not a multiple of the group size {group}")
+
+
+def quantize(weight: torch.Tensor, fmt: str, group: int = 0) -> PackedWeight:
+    """Quantize a float [N, K] weight (round to nearest, as llama.cpp / bitsandbytes do)."""
+    n, k = weight.shape
+    group = group or {"q4_1": 32, "q8_0": 32, "int4": 64, "int8": k, "nf4": 64}[fmt]
+    check_shape(fmt, k, group)
+    w = weight.detach().float().cpu().numpy().reshape(n, k // group, group)
+    if fmt in ("q4_1", "int4"):
+        lo, hi = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+        d = ((hi - lo) / 15).astype(np.float16)
+        m = lo.astype(np.float16)
+        inv = np.divide(1.0, d.astype(np.float32), out=np.zeros_like(lo), where=d != 0)
+        q = np.clip(np.trunc((w - m.astype(np.float32)) * inv + 0.5), 0, 15).astype(np.uint8)
+        return pack(fmt, q.reshape(n, k), d[..., 0], m[..., 0], 4, group)
+    if fmt in ("q8_0", "int8"):
+        d = (np.abs(w).max(-1, keepdims=True) / 127).astype(np.float16)
+        inv = np.divide(1.0, d.astype(np.float32), out=np.zeros(d.shape, np.float32), where=d != 0)
+        q = np.clip(np.round(w * inv), -127, 127).astype(np.int8).view(np.uint8)
+        return pack(fmt, q.reshape(n, k), d[..., 0], None, 8, group)
+    d = np.abs(w).max(-1, keepdims=True).astype(np.float16)  # nf4: absmax per group
+    inv = np.divide(1.0, d.astype(np.float32), out=np.zeros(d.shape, np.float32), where=d != 0)
+    book = np.asarray(NF4, np.float32)  # sorted: the nearest entry is found among the midpoints
+    q = np.searchsorted((book[1:] + book[:-1]) / 2, w * inv).astype(np.uint8)
+    return pack(fmt, q.reshape(n, k), d[..., 0], None, 4, group)
+
+
+GGUF_FORMATS = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
+
+
+def from_gguf(type_name: str, raw: np.ndarray, n: int, k: int) -> PackedWeight:
+    """A GGUF tensor's blocks as stored (raw: uint8 [n, row bytes]) -> the same values, packed."""
+    if type_name not in GGUF_FORMATS:
+        raise ValueError(f"GGUF tensor type {type_name} is not supported: tokenmill reads "
+                         f"{', '.join(GGUF_FORMATS)} blocks (and F32 / F16 tensors)")
+    check_shape(GGUF_FORMATS[type_name], k, 32)
+    blocks = raw.reshape(n, k // 32, -1)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    if type_name == "Q8_0":
+        return pack("q8_0", blocks[..., 2:34].reshape(n, k), d, None, 8, 32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    qs = blocks[..., 4:20]  # byte j: weight j (low nibble) and weight j + 16 (high nibble)
+    q = np.concatenate([qs & np.uint8(15), qs >> np.uint8(4)], axis=-1)
+    return pack("q4_1", q.reshape(n, k), d, m, 4, 32)

@@ -1,0 +1,107 @@
+"""tokenmill's own forward for the Llama / Qwen2 / Qwen3 / Mistral decoders over the paged cache.
+
+One packed row of T tokens per step (decodes first, then prefill chunks); per layer: fused RMSNorm
+(+ residual), one QKV projection, rotary in place, paged attention, output projection, fused RMSNorm,
+one gate-up projection, SiLU * up, down projection. The step's metadata (StepContext) is built once
+by the model runner; the layers add no Python beyond their own calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from services.worker.engine.attention import StepContext, attend
+from services.worker.engine.layers import ops
+from services.worker.engine.layers.linear import Embedding, Linear
+from services.worker.engine.models.spec import DecoderSpec, rotary_tables
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec, index: int, w: dict[str, Any]) -> None:
+        super().__init__()
+        self.index, self.window = index, spec.windows[index]
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_size, self.kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.eps, self.scale = spec.rms_norm_eps, spec.head_dim**-0.5
+        self.input_norm = nn.Parameter(w["input_layernorm"], requires_grad=False)
+        self.post_norm = nn.Parameter(w["post_attention_layernorm"], requires_grad=False)
+        self.qkv = Linear(w["qkv"], w.get("qkv_bias"))
+        self.o = Linear(w["o"], w.get("o_bias"))
+        self.gate_up = Linear(w["gate_up"])
+        self.down = Linear(w["down"])
+        self.q_norm = nn.Parameter(w["q_norm"], requires_grad=False) if spec.qk_norm else None
+        self.k_norm = nn.Parameter(w["k_norm"], requires_grad=False) if spec.qk_norm else None
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, ctx: StepContext, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = h
+            x = ops.rms_norm(h, self.input_norm, self.eps)
+        else:
+            x = ops.rms_norm(h, self.input_norm, self.eps, residual)
+        qkv = self.qkv.forward(x)  # .forward: no module hooks on the hot path
+        q, k, v = qkv.split_with_sizes((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        if self.q_norm is not None:
+            q = ops.head_rms_norm(q, self.num_heads, self.q_norm, self.eps)
+            k = ops.head_rms_norm(k, self.num_kv_heads, self.k_norm, self.eps)
+        q = ops.rotary(q, self.num_heads, ctx.positions, cos, sin)
+        k = ops.rotary(k, self.num_kv_heads, ctx.positions, cos, sin)
+        a = attend(ctx, self.index, q, k, v, self.num_heads, self.window, self.scale)
+        h = self.o.forward(a)
+        x = ops.rms_norm(h, self.post_norm, self.eps, residual)
+        return self.down.forward(ops.silu_mul(self.gate_up.forward(x))), residual
+
+
+class DecoderModel(nn.Module):
+    """The causal LM: embeddings, layers, final norm, LM head. `config` / `generation_config` are the
+    checkpoint's, so the engine reads EOS ids and limits as it does from a transformers model."""
+
+    def __init__(self, config: Any, weights: dict[str, Any], generation_config: Any = None) -> None:
+        super().__init__()
+        self.config, self.generation_config = config, generation_config
+        self.spec = spec = DecoderSpec.from_config(config)
+        self.embed = Embedding(weights["embed"])
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, weights["layers"][i]) for i in range(spec.num_layers))
+        self.norm = nn.Parameter(weights["norm"], requires_grad=False)
+        self.lm_head = Linear(weights["lm_head"], weight_stationary=True)
+        cos, sin = rotary_tables(config, spec.max_position_embeddings)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.device
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights (packed or float), each tensor once (a tied head is the embedding)."""
+        seen: dict[int, int] = {}
+        for mod in self.modules():
+            packed = getattr(mod, "packed", None)
+            if packed is not None:
+                seen[id(packed.codes)] = packed.nbytes
+        for p in self.parameters():
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+        return sum(seen.values())
+
+    def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
+        """input_ids [T] -> final-normed hidden states [T, hidden] (after the first num_layers layers)."""
+        h = self.embed(input_ids).to(self.dtype)
+        residual = None
+        cos, sin = self.cos, self.sin
+        for i, layer in enumerate(self.layers):
+            if i == num_layers:
+                break
+            h, residual = layer.forward(h, residual, ctx, cos, sin)
+        return ops.rms_norm(h, self.norm, self.spec.rms_norm_eps, residual)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[rows, hidden] -> [rows, vocab]."""
+        return self.lm_head(hidden)

@@ -1,0 +1,116 @@
+"""Models in a tokenmill weight format, from a checkpoint's tensors:
+
+- `native_model`: tokenmill's DecoderModel (fused projections);
+- `hf_model`: transformers' own model for the same config whose linear and embedding modules are
+  tokenmill's layers over the same weights: `--model-impl transformers`, the `hf-static` engine, and the
+  reference the tests compare a quantized engine with (same weights, same quantized module).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from services.worker.engine.layers.linear import Embedding, Linear
+from services.worker.engine.models.decoder import DecoderModel
+from services.worker.engine.models.spec import DecoderSpec, Unsupported
+from services.worker.engine.models.weights import (
+    Weight,
+    assemble,
+    check_quantization,
+    checkpoint_tensors,
+    convert,
+    embedding_format,
+    gguf_tensors,
+    to_float,
+)
+
+
+def load_config(path: str) -> tuple[Any, Any]:
+    """(config, generation config or None) of a checkpoint folder or hub id."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    return config, generation
+
+
+def weight_source(spec: str, path: str, config: Any, fmt: str) -> Callable[[str], Weight | None]:
+    """Tensor lookup by transformers name: the embedded GGUF's blocks for `gguf`, else safetensors."""
+    from services.common.model_loader import EMBEDDED, embedded_gguf
+
+    if fmt == "gguf":
+        if spec not in EMBEDDED:
+            raise ValueError(f"--quantization gguf keeps a GGUF file's own blocks: {spec!r} is not a GGUF model "
+                             f"(the embedded {', '.join(EMBEDDED)} is); use int8, int4 or nf4 for other checkpoints")
+        return gguf_tensors(embedded_gguf(spec), config).get
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    return checkpoint_tensors(folder)
+
+
+def native_model(config: Any, generation: Any, get: Callable[[str], Weight | None], fmt: str, device: str,
+                 dtype: torch.dtype) -> DecoderModel:
+    spec = DecoderSpec.from_config(config)
+    if device != "cpu" and fmt not in ("none",):
+        raise Unsupported(f"--quantization {fmt} runs tokenmill's CPU kernels; on {device} the native forward "
+                          "takes float weights (use --model-impl transformers --quantization nf4 for bitsandbytes)")
+    model = DecoderModel(config, assemble(spec, get, fmt, dtype), generation).to(device)
+    return model.eval()
+
+
+def native_from_hf(model: nn.Module, fmt: str = "none") -> DecoderModel:
+    """tokenmill's forward over an in-memory transformers model's weights (tests and benchmarks)."""
+    device = next(model.parameters()).device
+    return native_model(model.config, model.generation_config, model.state_dict().get, fmt, device.type,
+                        next(model.parameters()).dtype)
+
+
+def hf_from_hf(model: nn.Module, fmt: str) -> nn.Module:
+    """transformers' model over tokenmill's layers with `model`'s weights quantized to `fmt`: the reference
+    for a quantized engine (the same packed values as `native_from_hf(model, fmt)`)."""
+    ref = hf_model(model.config, model.state_dict().get, fmt, next(model.parameters()).dtype)
+    ref.generation_config = model.generation_config
+    return ref
+
+
+def hf_model(config: Any, get: Callable[[str], Weight | None], fmt: str, dtype: torch.dtype) -> nn.Module:
+    """transformers' model for `config` over tokenmill's layers and weights in `fmt` (unfused)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    check_quantization(fmt)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    embed_fmt = embedding_format(fmt)
+    embed_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    embed = convert([get(embed_name + ".weight")], embed_fmt, dtype)
+    for name, module in list(model.named_modules()):
+        if module is model.get_input_embeddings():
+            layer = Embedding(embed)
+            layer.dtype = dtype
+        elif module is model.get_output_embeddings():
+            head = get(name + ".weight")
+            tied = head is None or getattr(config, "tie_word_embeddings", False)
+            layer = Linear(embed if tied else convert([head], embed_fmt, dtype), weight_stationary=True)
+        elif isinstance(module, nn.Linear):
+            bias = get(name + ".bias")
+            layer = Linear(convert([get(name + ".weight")], fmt, dtype),
+                           None if bias is None else to_float(bias, torch.float32))
+        else:
+            for pname, param in module.named_parameters(recurse=False):
+                param.data = to_float(get(f"{name}.{pname}"), dtype)
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return model.eval()
