@@ -18,7 +18,6 @@ from engine_support import (
     check_logprobs_close,
     check_parity,
     drive,
-    native,
     one_thread,  # noqa: F401  (module fixture)
     params,
     parity_prompts,
@@ -158,13 +157,14 @@ def quantized(request, loaded, gguf_native, prompts):
     """(format, engine model, the reference's top-5 logprobs): the reference is transformers' model over the
     same tokenmill layers and packed weights."""
     from services.common.model_loader import load_model
-    from services.worker.engine.models.loader import hf_from_hf
+    from services.worker.engine.models.loader import hf_from_hf, native_from_hf, quantized_state
 
     fmt = request.param
     if fmt == "gguf":
         model, ref = gguf_native, load_model("smollm2-135m", "gguf").model
     else:
-        model, ref = native(loaded.model, fmt), hf_from_hf(loaded.model, fmt)
+        get = quantized_state(loaded.model, fmt)  # quantized once, for both
+        model, ref = native_from_hf(loaded.model, fmt, get), hf_from_hf(loaded.model, fmt, get)
     ref.set_attn_implementation("sdpa")
     return fmt, model, {str(i): r for i, r in enumerate(reference_logprobs(ref, prompts, MAX_NEW))}
 

@@ -87,8 +87,9 @@ def checkpoint_tensors(folder: Path) -> Callable[[str], torch.Tensor | None]:
 
 
 def convert(parts: list[Weight], fmt: str, dtype: torch.dtype) -> Weight:
-    """One linear layer's weight (several parts fused along the rows) in `fmt`; floats in `dtype`."""
-    if fmt == "gguf" and all(isinstance(p, PackedWeight) for p in parts):
+    """One linear layer's weight (several parts fused along the rows) in `fmt`; floats in `dtype`. Weights
+    already packed in `fmt` (or any GGUF blocks, for `gguf`) are kept as they are."""
+    if all(isinstance(p, PackedWeight) and (fmt == "gguf" or p.fmt == fmt) for p in parts):
         return parts[0] if len(parts) == 1 else concat_rows(parts)
     w = torch.cat([to_float(p, dtype) for p in parts]) if len(parts) > 1 else to_float(parts[0], dtype)
     if fmt in ("none", "gguf"):  # a float tensor inside a GGUF stays float
