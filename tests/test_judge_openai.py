@@ -5,7 +5,9 @@ not a tokenmill component. Its reply is chosen by a marker such as `[[mode:fence
 being judged, so one judge server exercises every case: raw JSON, a fenced block, prose with `name: 4/5`,
 a reply with no scores at all (clear FAILED_PRECONDITION, no crash), transient 503/429 that are retried,
 a 503 that never ends (UNAVAILABLE), a reply slower than the timeout (DEADLINE_EXCEEDED, not
-retried) and a 401 (FAILED_PRECONDITION naming the key variable).
+retried) and a 401 (FAILED_PRECONDITION naming the key variable). For Compare it plays a judge that always
+prefers the response shown first (both-order averaging must cancel that) and a fair one; and a server that
+refuses `response_format` (the judge asks again without it).
 The test against tokenmill's own gateway HTTP endpoint is tests/test_gateway*.py's business once it lands.
 """
 
@@ -39,6 +41,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 
     calls: ClassVar[Counter] = Counter()
     auth: ClassVar[list[str]] = []
+    formats: ClassVar[list[str]] = []  # response_format type of each chat call ("" when absent)
     lock = threading.Lock()
 
     def log_message(self, *args) -> None:  # keep pytest output clean
@@ -71,6 +74,11 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.calls[mode] += 1
             n = self.calls[mode]
             self.auth.append(self.headers.get("authorization", ""))
+            self.formats.append((body.get("response_format") or {}).get("type", ""))
+        if mode == "noformat" and "response_format" in body:
+            return self._send(400, {"error": {"message": "response_format is not supported by this server"}})
+        if mode.startswith("verdict"):
+            return self._chat(body, self._verdict(mode, user))
         scores = {"moral_clarity": 4, "age_appropriateness": 5, "narrative_coherence": 3, "relevance": 5}
         content = {
             "json": json.dumps({"scores": scores, "rationale": "Clear moral, gentle tone."}),
@@ -97,10 +105,23 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             time.sleep(1.5)  # longer than the judge's --judge-timeout-s
         if mode == "notchat":
             return self._send(200, {"unexpected": True})
-        text = content.get(mode, content["json"])
+        self._chat(body, content.get(mode, content["json"]))
+
+    def _chat(self, body: dict, text: str) -> None:
         self._send(200, {"id": "cmpl-1", "object": "chat.completion", "model": body["model"],
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                       "finish_reason": "stop"}]})
+
+    @staticmethod
+    def _verdict(mode: str, user: str) -> str:
+        """verdict_first: always 'A' (a position-biased judge); verdict_good: the response marked [[good]]."""
+        better = "A"
+        if mode == "verdict_good":
+            a, b = user.index("Response A:"), user.index("Response B:")
+            better = "A" if a < user.index("[[good]]") < b else "B"
+        dims = re.findall(r"^- (\w+):", user, re.M)
+        return json.dumps({"verdicts": {d: {"better": better, "confidence": 0.9} for d in dims},
+                           "rationale": f"{better} reads better"})
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +239,38 @@ def test_broken_rubric_file_stops_the_judge_with_a_message(tmp_path, fake_api):
     assert "scale_min must be below scale_max" in str(info.value) and "bad.yaml" in str(info.value)
 
 
+def compare(judge, mode: str, a: str, b: str, **kw) -> judge_pb2.CompareResponse:
+    return judge.Compare(judge_pb2.CompareRequest(id=mode, prompt=f"{PROMPT} [[mode:{mode}]]", response_a=a,
+                                                  response_b=b, **kw), timeout=60)
+
+
+def test_compare_cancels_a_position_biased_judge(judge):
+    n = FakeOpenAI.calls["verdict_first"]
+    res = compare(judge, "verdict_first", STORY, STORY + " The end.")
+    assert FakeOpenAI.calls["verdict_first"] == n + 2  # asked in both orders
+    assert res.backend == "openai" and res.method == "geval" and res.rubric == "children-story"
+    assert res.prob_a == pytest.approx(0.5) and res.winner == "tie"  # "A" both times: no information
+    assert res.position_bias == pytest.approx(0.8)  # 0.9 for A shown first, 0.1 when B was shown first
+    for d in res.dimensions:
+        assert (d.prob_a_shown_first, d.prob_a_shown_second) == (pytest.approx(0.9), pytest.approx(0.1))
+    assert FakeOpenAI.formats[-1] == "json_schema"  # structured output asked for
+
+
+def test_compare_fair_judge_is_symmetric(judge):
+    good, bad = STORY + " [[good]]", "A turtle. The end."
+    ab, ba = compare(judge, "verdict_good", good, bad), compare(judge, "verdict_good", bad, good)
+    assert ab.prob_a == pytest.approx(0.9) and ab.winner == "a" and ab.position_bias == pytest.approx(0.0)
+    assert ab.prob_a + ba.prob_a == pytest.approx(1.0, abs=0.02) and ba.winner == "b"
+    assert "A reads better" in ab.rationale
+
+
+def test_likelihood_method_needs_the_local_backend(judge):
+    with pytest.raises(grpc.RpcError) as info:
+        score(judge, "json", method="likelihood")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs the local backend" in info.value.details()
+    assert score(judge, "json", method="geval").method == "geval"
+
+
 # ---------------------------------------------------------------- the parser on its own
 RUBRIC = RubricRegistry().get("children-story")
 
@@ -240,3 +293,13 @@ def test_parse_scores_unusable(text):
     with pytest.raises(BackendError) as info:
         parse_scores(text, RUBRIC)
     assert info.value.code == "FAILED_PRECONDITION"
+
+
+def test_server_without_structured_output(judge):
+    """Last in this file: after a 400 naming response_format the judge stops sending it."""
+    n = len(FakeOpenAI.formats)
+    res = score(judge, "noformat")
+    assert {s.name: s.score for s in res.scores} == EXPECTED
+    assert FakeOpenAI.formats[n:] == ["json_schema", ""]
+    score(judge, "json")
+    assert FakeOpenAI.formats[-1] == ""

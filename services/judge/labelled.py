@@ -14,10 +14,10 @@ Each pair keeps its prompt's `split` (fit / held-out), so calibration never sees
 
 from __future__ import annotations
 
-import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from services.judge.signals import reorder, sentences
 
 DATA = Path(__file__).resolve().parent / "data" / "labelled_stories.yaml"
 TEMPLATE = ("Write a single paragraph moral story for children about a {character} who learns the value of "
@@ -25,7 +25,6 @@ TEMPLATE = ("Write a single paragraph moral story for children about a {characte
 WRITTEN = ("opposite_moral", "violent")
 KINDS = ("off_topic", "shuffled", "opposite_moral", "violent", "truncated", "repetitive")
 SPLITS = ("fit", "held-out")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'])\s+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,17 +37,8 @@ class Pair:
     worse: str
 
 
-def sentences(text: str) -> list[str]:
-    return [s for s in _SENTENCE_END.split(text.strip()) if s]
-
-
 def shuffled(text: str, seed: str) -> str:
-    parts = sentences(text)
-    rng = random.Random(seed)
-    order = list(range(len(parts)))
-    while len(parts) > 1 and order == sorted(order):
-        rng.shuffle(order)
-    return " ".join(parts[i] for i in order)
+    return reorder(sentences(text), seed)
 
 
 def truncated(text: str) -> str:

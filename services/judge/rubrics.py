@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.sampling import InvalidRequest
+from services.judge.calibration import SUFFIX as CALIBRATION_SUFFIX
 from services.judge.calibration import Calibration, path_for
 from services.judge.signals import Signal, check_signals, signal_from_dict
 
@@ -180,7 +181,7 @@ class RubricRegistry:
             if not folder.is_dir():
                 raise ValueError(f"rubric folder {folder} does not exist")
             for path in sorted(folder.iterdir()):
-                if path.suffix in (".yaml", ".yml", ".json"):
+                if path.suffix in (".yaml", ".yml", ".json") and not path.name.endswith(CALIBRATION_SUFFIX):
                     rubric = load_rubric_file(path)
                     self.rubrics[rubric.name] = rubric
         if DEFAULT_RUBRIC not in self.rubrics:

@@ -26,6 +26,7 @@ Statements take `{name}` variables read from the prompt by the rubric's `variabl
 from __future__ import annotations
 
 import importlib.util
+import random
 import re
 import zlib
 from dataclasses import dataclass
@@ -119,18 +120,23 @@ def prompt_variables(prompt: str, pattern: str, defaults: dict[str, str]) -> dic
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'])\s+")
 
 
-def shuffled_sentences(text: str) -> str | None:
-    """The sentences in another order, the same for the same text; None for a single sentence."""
-    import random
+def sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
 
-    parts = [s for s in _SENTENCE_END.split(text.strip()) if s]
-    if len(parts) < 2:
-        return None
-    rng = random.Random(zlib.crc32(text.encode()))
+
+def reorder(parts: list[str], seed: int | str) -> str:
+    """The parts joined in a seeded random order that differs from the given one (when there are two or more)."""
+    rng = random.Random(seed)
     order = list(range(len(parts)))
-    while order == sorted(order):
+    while len(parts) > 1 and order == sorted(order):
         rng.shuffle(order)
     return " ".join(parts[i] for i in order)
+
+
+def shuffled_sentences(text: str) -> str | None:
+    """The sentences in another order, the same for the same text; None for a single sentence."""
+    parts = sentences(text)
+    return reorder(parts, zlib.crc32(text.encode())) if len(parts) > 1 else None
 
 
 def check_signals(signals: list[Signal], where: str) -> tuple[Signal, ...]:
