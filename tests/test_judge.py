@@ -13,6 +13,9 @@ The full discrimination and calibration numbers come from `tokenmill judge repor
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,13 +35,18 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def judge(tmp_path_factory):
+def judge_address(tmp_path_factory):
     # CPU fp32, the embedded path these numbers are about; one torch thread beats two on a shared 2-core box
     server = JudgeProcess(tmp_path_factory.mktemp("judge-local"), "--threads", "1", "--device", "cpu")
-    channel = grpc.insecure_channel(server.address)
+    yield server.address
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def judge(judge_address):
+    channel = grpc.insecure_channel(judge_address)
     yield judge_pb2_grpc.JudgeStub(channel)
     channel.close()
-    server.stop()
 
 
 def req(i: int, response: str | None = None, **kw) -> judge_pb2.ScoreRequest:
@@ -229,3 +237,16 @@ def test_bad_input_in_batch_and_stream(judge):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "response is empty" in info.value.details()
 
     assert judge.Score(good, timeout=60).scores  # the server is fine afterwards
+
+
+def test_cli_compare(judge_address):
+    """`tokenmill judge compare` against the running judge, texts from files (@path)."""
+    i = CASES[1][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "a.txt").write_text(short(i, 40))
+        out = subprocess.run([sys.executable, "-m", "services.cli", "judge", "compare", "--judge", judge_address,
+                              "--method", "geval", ROWS[i]["prompt"], f"@{tmp}/a.txt", short(i, 25)],
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "P(A better)" in out.stdout and "position bias" in out.stdout and "method geval" in out.stdout, out.stdout
+    assert all(d in out.stdout for d in DIMS)

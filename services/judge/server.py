@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,24 +67,23 @@ class JudgeServicer(judge_pb2_grpc.JudgeServicer):
         method = rubric.resolve_method(req.method) if req.method or rubric.method in methods else methods[0]
         return rubric, method
 
-    def item_from_request(self, req: judge_pb2.ScoreRequest) -> ScoreItem:
-        """Validate one request and turn it into a ScoreItem; raises InvalidRequest."""
+    def _checked(self, req: Any, *texts: str) -> tuple[Rubric, str]:
+        """Check the id, the prompt and the named response fields; the request's rubric and method."""
         if len(req.id) > MAX_ID_CHARS:
             raise InvalidRequest(f"id has {len(req.id)} characters; at most {MAX_ID_CHARS}")
-        self._check_text("prompt", req.prompt)
-        self._check_text("response", req.response)
-        rubric, method = self._rubric_and_method(req)
+        for what in ("prompt", *texts):
+            self._check_text(what, getattr(req, what))
+        return self._rubric_and_method(req)
+
+    def item_from_request(self, req: judge_pb2.ScoreRequest) -> ScoreItem:
+        """Validate one request and turn it into a ScoreItem; raises InvalidRequest."""
+        rubric, method = self._checked(req, "response")
         item = ScoreItem(id=req.id, prompt=req.prompt, response=req.response, rubric=rubric, method=method)
         self.backend.check(item)
         return item
 
     def pair_from_request(self, req: judge_pb2.CompareRequest) -> CompareItem:
-        if len(req.id) > MAX_ID_CHARS:
-            raise InvalidRequest(f"id has {len(req.id)} characters; at most {MAX_ID_CHARS}")
-        self._check_text("prompt", req.prompt)
-        self._check_text("response_a", req.response_a)
-        self._check_text("response_b", req.response_b)
-        rubric, method = self._rubric_and_method(req)
+        rubric, method = self._checked(req, "response_a", "response_b")
         item = CompareItem(req.id, req.prompt, req.response_a, req.response_b, rubric, method)
         self.backend.check(item)
         return item
@@ -97,15 +97,20 @@ class JudgeServicer(judge_pb2_grpc.JudgeServicer):
         metrics.errors.labels(code).inc()
         await context.abort(getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL), message)
 
-    async def _score(self, items: list[ScoreItem], context: grpc.aio.ServicerContext) -> list[ItemScore]:
+    async def _judge(self, call: Callable[[list], Awaitable[list]], items: list,
+                     context: grpc.aio.ServicerContext) -> list:
+        """Run a backend call; its BackendError becomes the call's status."""
         t0 = time.perf_counter()
         try:
-            results = await self.backend.score(items)
+            results = await call(items)
         except BackendError as exc:
             await self._abort(context, exc.code, str(exc))
         for _ in items:
             metrics.latency.observe(time.perf_counter() - t0)
         return results
+
+    async def _score(self, items: list[ScoreItem], context: grpc.aio.ServicerContext) -> list[ItemScore]:
+        return await self._judge(self.backend.score, items, context)
 
     # ------------------------------------------------------------ RPCs
     async def Score(self, request: judge_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
@@ -199,12 +204,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServicer):
             item = self.pair_from_request(request)
         except InvalidRequest as exc:
             await self._abort(context, "INVALID_ARGUMENT", str(exc))
-        t0 = time.perf_counter()
-        try:
-            a_first, b_first = await self.backend.compare([item, item.swapped()])
-        except BackendError as exc:
-            await self._abort(context, exc.code, str(exc))
-        metrics.latency.observe(time.perf_counter() - t0)
+        a_first, b_first = await self._judge(self.backend.compare, [item, item.swapped()], context)
         return combine_orders(a_first, b_first, request, item.rubric.name, item.method)
 
     async def ListRubrics(self, request: judge_pb2.ListRubricsRequest, context: grpc.aio.ServicerContext):
