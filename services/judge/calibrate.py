@@ -2,23 +2,26 @@
 
 Signals are computed for both halves in one batched run (they do not depend on labels) and cached in
 `<out>/signals.json` with the throughput of that run, so `tokenmill judge report` grades the held-out half
-without recomputing; the fit itself reads only the fit half.
+without recomputing; the fit itself, and the choice of its L2 strength (leave one prompt out), read only
+the fit half.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
-from services.judge.calibration import Calibration, fit_dimension
+from services.judge.calibration import Calibration, fit_dimension, sigmoid
 from services.judge.labelled import Pair
 from services.judge.rubrics import Rubric
 from services.judge.types import ScoreItem
 
 CACHE = "signals.json"
+L2_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
 def item_key(prompt: str, response: str) -> str:
@@ -64,24 +67,49 @@ def load_cached(out: Path, rubric: Rubric, model: str) -> dict[str, Any] | None:
     return cached if ok else None
 
 
-def labelled_rows(rubric: Rubric, pairs: list[Pair], signals: dict[str, Any], dim: str) -> tuple[list, list[int]]:
+def labelled_rows(rubric: Rubric, pairs: list[Pair], signals: dict[str, Any], dim: str,
+                  groups: list[str] | None = None) -> tuple[list, list[int]]:
     """(signal values, label) per item for one dimension: a good story 1, a story with a defect the dimension
-    is aimed at 0; the good story counts once per such defect so the two classes weigh the same."""
+    is aimed at 0; the good story counts once per such defect so the two classes weigh the same. `groups`,
+    when given, receives each row's prompt."""
     defects = next(d.defects for d in rubric.dimensions if d.name == dim)
     rows, labels = [], []
     for p in pairs:
         if p.kind in defects:
             rows += [signals[item_key(p.prompt, p.better)][dim], signals[item_key(p.prompt, p.worse)][dim]]
             labels += [1, 0]
+            if groups is not None:
+                groups += [p.prompt, p.prompt]
     return rows, labels
 
 
+def choose_l2(features: list[str], rows: list, labels: list[int], groups: list[str]) -> float:
+    """The L2 strength with the least log-loss when each prompt of the fit half is left out in turn."""
+    best, best_loss = L2_GRID[0], math.inf
+    for l2 in L2_GRID:
+        loss = 0.0
+        for g in sorted(set(groups)):
+            train = [i for i, x in enumerate(groups) if x != g]
+            cal = fit_dimension(features, [rows[i] for i in train], [labels[i] for i in train], l2)
+            for i in (i for i, x in enumerate(groups) if x == g):
+                p = min(1 - 1e-6, max(1e-6, sigmoid(cal.logit(rows[i]))))
+                loss -= math.log(p if labels[i] else 1 - p)
+        if loss < best_loss:
+            best, best_loss = l2, loss
+    return best
+
+
 def fit(rubric: Rubric, pairs: list[Pair], signals: dict[str, Any], model: str, source: str) -> Calibration:
+    """Each aimed dimension's logistic regression on the fit half, its L2 strength by leave-one-prompt-out."""
     cal = Calibration(rubric=rubric.name, model=model, source=source)
     for dim in rubric.dimensions:
         if not dim.defects:
             continue
-        rows, labels = labelled_rows(rubric, [p for p in pairs if p.split == "fit"], signals, dim.name)
-        cal.dimensions[dim.name] = fit_dimension([s.name for s in dim.signals], rows, labels)
+        groups: list[str] = []
+        rows, labels = labelled_rows(rubric, [p for p in pairs if p.split == "fit"], signals, dim.name, groups)
+        features = [s.name for s in dim.signals]
+        l2 = choose_l2(features, rows, labels, groups)
+        cal.dimensions[dim.name] = fit_dimension(features, rows, labels, l2)
         cal.counts[dim.name] = {"good": labels.count(1), "bad": labels.count(0)}
+        cal.l2[dim.name] = l2
     return cal

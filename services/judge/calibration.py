@@ -4,7 +4,8 @@ Fitted by `tokenmill judge calibrate` on the fit half of the labelled set (good 
 a defect the dimension is aimed at = 0, equal numbers of each per prompt kind), stored as JSON beside the
 rubric file (`children-story.yaml` -> `children-story.calibration.json`), so 0.5 means "as likely good as
 bad" for the judge model it was fitted with. Features are standardised with the fit half's mean and
-spread; a small L2 penalty keeps the weights finite when the fit half separates perfectly.
+spread; an L2 penalty keeps the weights finite when the fit half separates perfectly (its strength chosen
+by leave-one-prompt-out log-loss on the fit half).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Calibration:
     source: str
     dimensions: dict[str, DimCalibration] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per dimension: good / bad items fitted
+    l2: dict[str, float] = field(default_factory=dict)  # per dimension: the L2 strength chosen
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")

@@ -89,7 +89,7 @@ def calibrate(rubric: str = RUBRIC, data: Path = DATA_OPT, model: str = MODEL, o
     cal.save(target)
     for name, dc in cal.dimensions.items():
         weights = ", ".join(f"{f} {w:+.2f}" for f, w in zip(dc.features, dc.weights, strict=True))
-        print(f"  {name}: {weights}, bias {dc.bias:+.2f} ({cal.counts[name]['good']} good / "
+        print(f"  {name}: {weights}, bias {dc.bias:+.2f}, L2 {cal.l2[name]} ({cal.counts[name]['good']} good / "
               f"{cal.counts[name]['bad']} bad items)")
     print(f"wrote {target}")
 
