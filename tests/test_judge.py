@@ -104,7 +104,7 @@ def short(i: int, words: int = 40) -> str:
 
 def test_batch_stream_and_concurrent_equal_one_by_one(judge):
     # shortened stories of different lengths: the batch pads them, which is what could change numbers
-    requests = [req(1, short(1, 50)), req(2, response=shuffled(short(2, 30), 2), id="shuffled-2"),
+    requests = [req(1, short(1, 50)), req(2, response=shuffled(short(2, 30), 2), id="geval-2", method="geval"),
                 req(3, short(3, 20), rubric="helpfulness", id="helpfulness-3"),
                 req(4, short(4, 40), id="inline-4", dimensions=[
                     judge_pb2.Dimension(name="kindness", description="The story shows kindness.", scale_min=0,
@@ -162,7 +162,8 @@ def compare_req(i: int, a: str, b: str, **kw) -> judge_pb2.CompareRequest:
 @pytest.mark.parametrize("method", ["likelihood", "geval"])
 def test_compare_both_orders(judge, method):
     i = CASES[0][0]
-    good, bad = short(i, 60), shuffled(short(i, 60), i)
+    good = ROWS[i]["reference"]  # the whole story: a cut-off one is rightly judged incoherent (`end` signal)
+    bad = shuffled(good, i)
     ab = judge.Compare(compare_req(i, good, bad, method=method), timeout=300)
     ba = judge.Compare(compare_req(i, bad, good, method=method), timeout=300)
     assert ab.method == method and ab.backend == "local" and [d.name for d in ab.dimensions] == DIMS

@@ -155,22 +155,24 @@ class LocalScorer:
         with both responses in view; a likelihood pair scores each response alone and compares the calibrated
         logits (Bradley-Terry), so it has no position to be biased by."""
         plans: list[Any] = []
-        for it in items:
-            if isinstance(it, ScoreItem):
-                plans.append(self.plan(it))
-            elif it.method == "geval":
-                plans.append(PairwisePlan(self.conv, it, self.choices))
-            else:
-                plans += [self.plan(ScoreItem(it.id, it.prompt, text, it.rubric, it.method))
-                          for text in (it.first, it.second)]
-        done = iter(self._run(plans))
-        out = []
+        alone: dict[tuple[str, str, str], int] = {}  # a response of a likelihood pair, scored once per batch
+
+        def score_alone(it: CompareItem, text: str) -> int:
+            key = (it.prompt, text, it.rubric.name)
+            if key not in alone:
+                alone[key] = len(plans)
+                plans.append(self.plan(ScoreItem(it.id, it.prompt, text, it.rubric, it.method)))
+            return alone[key]
+
+        where: list[Any] = []
         for it in items:
             if isinstance(it, ScoreItem) or it.method == "geval":
-                out.append(next(done))
-            else:
-                out.append(verdict_from_scores(next(done), next(done)))
-        return out
+                where.append(len(plans))
+                plans.append(self.plan(it) if isinstance(it, ScoreItem) else PairwisePlan(self.conv, it, self.choices))
+            else:  # both orders of a pair arrive together: each response is scored once
+                where.append((score_alone(it, it.first), score_alone(it, it.second)))
+        done = self._run(plans)
+        return [verdict_from_scores(done[w[0]], done[w[1]]) if isinstance(w, tuple) else done[w] for w in where]
 
 
 def verdict_from_scores(a: ItemScore, b: ItemScore) -> PairVerdict:
