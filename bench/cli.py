@@ -80,7 +80,8 @@ def quality(
     tokens: int = typer.Option(20480, help="Tokens of text scored (the prose has about 27k)."),
     chunk: int = typer.Option(512, help="Tokens per forward (non-overlapping chunks)."),
     models: str = typer.Option("smollm2-135m,tiny-qwen2", help="smollm2-135m and/or tiny-qwen2 (random weights)."),
-    formats: str = typer.Option("none,gguf,int8,int4,nf4", help="Weight formats; none (fp32) is the reference."),
+    formats: str = typer.Option("none,gguf,int8,int4,int4/64,nf4", help="Weight formats (int4/64: groups of 64); "
+                                "none (fp32) is the reference."),
     threads: int = typer.Option(0, help="torch threads; 0 = default."),
     out: Path = typer.Option(Path("results/quality.json"), help="JSON result file (the .md goes next to it)."),
 ) -> None:

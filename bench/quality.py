@@ -25,7 +25,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -35,7 +34,7 @@ from typing import Any
 
 import torch
 
-FORMATS = ("none", "gguf", "int8", "int4", "nf4")
+FORMATS = ("none", "gguf", "int8", "int4", "int4/64", "nf4")  # int4 = groups of 32, int4/64 = groups of 64
 MODELS = ("smollm2-135m", "tiny-qwen2")
 TINY_QWEN2 = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -171,15 +170,10 @@ def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str
 def environment() -> dict[str, Any]:
     import transformers
 
+    from bench.results import environment as machine
     from services.worker.engine.layers import kernels
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cpu_capability": kernels.cpu_capability(),
-            "tokenmill_kernels": kernels.load() is not None, "cpu_flags": sorted(kernels.cpu_flags()),
-            "load_avg_at_end": os.getloadavg()}
+    return {**machine(), "transformers": transformers.__version__, "tokenmill_kernels": kernels.load() is not None}
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -197,9 +191,12 @@ def main(opts: Options) -> dict[str, Any]:
     from services.common.model_loader import load_tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for kind, given, known in (("format", opts.formats, FORMATS), ("model", opts.models, MODELS)):
-        if set(given) - set(known):
-            raise ValueError(f"unknown {kind} {sorted(set(given) - set(known))}: use {', '.join(known)}")
+    from services.worker.engine.models.weights import check_quantization
+
+    for fmt in opts.formats:
+        check_quantization(fmt)
+    if set(opts.models) - set(MODELS):
+        raise ValueError(f"unknown model {sorted(set(opts.models) - set(MODELS))}: use {', '.join(MODELS)}")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     from services.worker.engine.layers import kernels

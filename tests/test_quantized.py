@@ -185,3 +185,20 @@ def test_worker_refuses_unknown_quantization_at_start():
     proc = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--quantization", "int3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--quantization 'int3'" in proc.stderr and "gguf, int8, int4, nf4" in proc.stderr
+
+
+def test_format_group_sizes():
+    from services.common.model_loader import pick_quantization
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 256)
+    assert quant.quantize(w, "int4").group == 32 and quant.quantize(w, "int4/128").group == 128
+    assert quant.quantize(w, "int8").group == 256  # per output channel
+    coarse = (quant.quantize(w, "int4/128").dequantize() - w).abs().mean()
+    assert (quant.quantize(w, "int4").dequantize() - w).abs().mean() < coarse
+    assert pick_quantization("int4/64", "smollm2-135m", "cpu") == "int4/64"
+    for bad in ("gguf/32", "int4/x", "int3/32"):
+        with pytest.raises(ValueError, match="group size"):
+            pick_quantization(bad, "smollm2-135m", "cpu")
+    with pytest.raises(ValueError, match="not a multiple of the group size"):
+        quant.quantize(w, "int4/96")
