@@ -112,6 +112,30 @@ def kernels(
     main(opts)
 
 
+@app.command("quality")
+def quality(
+    quick: bool = typer.Option(False, "--quick", help="Smoke test: 1,024 tokens in chunks of 256."),
+    tokens: int = typer.Option(20480, help="Tokens of text scored (the prose has about 27k)."),
+    chunk: int = typer.Option(512, help="Tokens per forward (non-overlapping chunks)."),
+    models: str = typer.Option("smollm2-135m,tiny-qwen2", help="smollm2-135m and/or tiny-qwen2 (random weights)."),
+    formats: str = typer.Option("none,gguf,int8,int4,int4/64,nf4", help="Weight formats (int4/64: groups of 64); "
+                                "none (fp32) is the reference."),
+    threads: int = typer.Option(0, help="torch threads; 0 = default."),
+    out: Path = typer.Option(Path("results/quality.json"), help="JSON result file (the .md goes next to it)."),
+) -> None:
+    """Perplexity, KL divergence from fp32 and top-1 agreement per weight format."""
+    from bench.quality import Options, main
+
+    names = _names(formats)
+    if "none" not in names:
+        names = ("none", *names)  # the reference every other format is compared with
+    opts = Options(models=_names(models), formats=names, tokens=tokens, chunk=chunk, threads=threads, quick=quick,
+                   out=out)
+    if quick:
+        opts.tokens, opts.chunk = 1024, 256
+    main(opts)
+
+
 from bench.phases import register; register(app)  # noqa: E402, E702, I001  phases 1-8 (bench/phases)
 from bench.compare import register_compare; register_compare(app)  # noqa: E402, E702, I001  bench compare
 

@@ -168,3 +168,27 @@ def test_uncovered_architecture_runs_transformers_modules(prompts, capsys):
     ties = check_parity("gemma/transformers", {k: tokens_of(v) for k, v in events.items()}, refs)
     with capsys.disabled():
         print(f"\n[parity] transformers modules, gemma, staggered: {len(refs)} prompts, {ties} near tie(s)")
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_cpp_layer_loop_equals_the_python_loop(kind, prompts):
+    """On a CPU in fp32 the decoder runs as one C++ call; the Python loop is its reference: same kernels, same
+    order, so the same bits, for prefill chunks and decodes in one step."""
+    from services.worker.engine.layers import kernels
+
+    if kernels.load() is None:
+        pytest.skip("no compiler here: only the Python loop exists")
+    model = native(tiny(kind))
+    eng = engine(model, max_num_batched_tokens=64)
+    for i, p in enumerate(prompts[:3] + prompts[-5:]):
+        eng.add_request(Request(str(i), p, params(8)))
+    for _ in range(2):  # short prompts decoding, long ones still in (chunked) prefill
+        eng.step()
+    batch = eng.scheduler.schedule()
+    assert batch.num_decodes and len(batch.seqs) > batch.num_decodes
+    ids, ctx, _, _ = eng.runner.prepare(batch)
+    with torch.inference_mode():
+        fused = model(ids, ctx)
+        model.use_fused = False
+        python = model(ids, ctx)
+    assert model._fused and torch.equal(fused, python)

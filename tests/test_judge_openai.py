@@ -5,23 +5,20 @@ not a tokenmill component. Its reply is chosen by a marker such as `[[mode:fence
 being judged, so one judge server exercises every case: raw JSON, a fenced block, prose with `name: 4/5`,
 a reply with no scores at all (clear FAILED_PRECONDITION, no crash), transient 503/429 that are retried,
 a 503 that never ends (UNAVAILABLE), a reply slower than the timeout (DEADLINE_EXCEEDED, not
-retried) and a 401 (FAILED_PRECONDITION naming the key variable).
+retried) and a 401 (FAILED_PRECONDITION naming the key variable). For Compare it plays a judge that always
+prefers the response shown first (both-order averaging must cancel that) and a fair one; and a server that
+refuses `response_format` (the judge asks again without it).
 The test against tokenmill's own gateway HTTP endpoint is tests/test_gateway*.py's business once it lands.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import re
 import threading
-import time
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar
+from http.server import ThreadingHTTPServer
 
 import grpc
 import pytest
+from fake_openai import FakeOpenAI
 from judge_support import JudgeProcess
 
 from services.common.pb import judge_pb2, judge_pb2_grpc
@@ -32,75 +29,6 @@ from services.judge.types import BackendError
 PROMPT = "Write a single paragraph moral story for children about a shy turtle who learns the value of courage."
 STORY = "A shy turtle named Toby was afraid of the pond, until he helped a duckling and found his courage."
 KEY = "sk-test-judge-key"
-
-
-class FakeOpenAI(BaseHTTPRequestHandler):
-    """Stands in for an external OpenAI-compatible API (POST /v1/chat/completions, GET /v1/models)."""
-
-    calls: ClassVar[Counter] = Counter()
-    auth: ClassVar[list[str]] = []
-    lock = threading.Lock()
-
-    def log_message(self, *args) -> None:  # keep pytest output clean
-        pass
-
-    def _send(self, status: int, body: dict | str, headers: dict | None = None) -> None:
-        data = (body if isinstance(body, str) else json.dumps(body)).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        with contextlib.suppress(BrokenPipeError):  # the judge gave up waiting ("slow")
-            self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        if self.path == "/v1/models":
-            self._send(200, {"object": "list", "data": [{"id": "fake-judge", "object": "model"}]})
-        else:
-            self._send(404, {"error": {"message": "not found"}})
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        if self.path != "/v1/chat/completions":
-            return self._send(404, {"error": {"message": "not found"}})
-        user = body["messages"][-1]["content"]
-        mode = (re.search(r"\[\[mode:(\w+)\]\]", user) or [None, "json"])[1]
-        with self.lock:
-            self.calls[mode] += 1
-            n = self.calls[mode]
-            self.auth.append(self.headers.get("authorization", ""))
-        scores = {"moral_clarity": 4, "age_appropriateness": 5, "narrative_coherence": 3, "relevance": 5}
-        content = {
-            "json": json.dumps({"scores": scores, "rationale": "Clear moral, gentle tone."}),
-            "fenced": "Sure! Here is my rating:\n```json\n" + json.dumps({"scores": scores}) + "\n```\nHope it helps.",
-            "list": json.dumps({"scores": [{"name": k, "score": v, "rationale": f"{k} ok"}
-                                           for k, v in scores.items()]}),
-            "prose": ("**Moral clarity**: 4/5 - clear.\nAge appropriateness: 5\nNarrative coherence = 3\n"
-                      "Relevance: 5/5"),
-            "fraction": json.dumps({"moral_clarity": 0.85, "age_appropriateness": 0.97, "narrative_coherence": 0.72,
-                                    "relevance": 0.94}),
-            "nojson": "I am sorry, but I cannot rate stories.",
-            "partial": json.dumps({"scores": {"moral_clarity": 4}}),
-            "brevity": '{"brevity": 3}',
-        }
-        if mode == "flaky503" and n == 1:
-            return self._send(503, {"error": {"message": "overloaded"}})
-        if mode == "ratelimit" and n == 1:
-            return self._send(429, {"error": {"message": "slow down"}}, {"retry-after": "0"})
-        if mode == "down":
-            return self._send(503, {"error": {"message": "still overloaded"}})
-        if mode == "unauthorized":
-            return self._send(401, {"error": {"message": "invalid api key"}})
-        if mode == "slow":
-            time.sleep(1.5)  # longer than the judge's --judge-timeout-s
-        if mode == "notchat":
-            return self._send(200, {"unexpected": True})
-        text = content.get(mode, content["json"])
-        self._send(200, {"id": "cmpl-1", "object": "chat.completion", "model": body["model"],
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": "stop"}]})
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +146,38 @@ def test_broken_rubric_file_stops_the_judge_with_a_message(tmp_path, fake_api):
     assert "scale_min must be below scale_max" in str(info.value) and "bad.yaml" in str(info.value)
 
 
+def compare(judge, mode: str, a: str, b: str, **kw) -> judge_pb2.CompareResponse:
+    return judge.Compare(judge_pb2.CompareRequest(id=mode, prompt=f"{PROMPT} [[mode:{mode}]]", response_a=a,
+                                                  response_b=b, **kw), timeout=60)
+
+
+def test_compare_cancels_a_position_biased_judge(judge):
+    n = FakeOpenAI.calls["verdict_first"]
+    res = compare(judge, "verdict_first", STORY, STORY + " The end.")
+    assert FakeOpenAI.calls["verdict_first"] == n + 2  # asked in both orders
+    assert res.backend == "openai" and res.method == "geval" and res.rubric == "children-story"
+    assert res.prob_a == pytest.approx(0.5) and res.winner == "tie"  # "A" both times: no information
+    assert res.position_bias == pytest.approx(0.8)  # 0.9 for A shown first, 0.1 when B was shown first
+    for d in res.dimensions:
+        assert (d.prob_a_shown_first, d.prob_a_shown_second) == (pytest.approx(0.9), pytest.approx(0.1))
+    assert FakeOpenAI.formats[-1] == "json_schema"  # structured output asked for
+
+
+def test_compare_fair_judge_is_symmetric(judge):
+    good, bad = STORY + " [[good]]", "A turtle. The end."
+    ab, ba = compare(judge, "verdict_good", good, bad), compare(judge, "verdict_good", bad, good)
+    assert ab.prob_a == pytest.approx(0.9) and ab.winner == "a" and ab.position_bias == pytest.approx(0.0)
+    assert ab.prob_a + ba.prob_a == pytest.approx(1.0, abs=0.02) and ba.winner == "b"
+    assert "A reads better" in ab.rationale
+
+
+def test_likelihood_method_needs_the_local_backend(judge):
+    with pytest.raises(grpc.RpcError) as info:
+        score(judge, "json", method="likelihood")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs the local backend" in info.value.details()
+    assert score(judge, "json", method="geval").method == "geval"
+
+
 # ---------------------------------------------------------------- the parser on its own
 RUBRIC = RubricRegistry().get("children-story")
 
@@ -240,3 +200,13 @@ def test_parse_scores_unusable(text):
     with pytest.raises(BackendError) as info:
         parse_scores(text, RUBRIC)
     assert info.value.code == "FAILED_PRECONDITION"
+
+
+def test_server_without_structured_output(judge):
+    """Last in this file: after a 400 naming response_format the judge stops sending it."""
+    n = len(FakeOpenAI.formats)
+    res = score(judge, "noformat")
+    assert {s.name: s.score for s in res.scores} == EXPECTED
+    assert FakeOpenAI.formats[n:] == ["json_schema", ""]
+    score(judge, "json")
+    assert FakeOpenAI.formats[-1] == ""

@@ -18,7 +18,6 @@ from engine_support import (
     check_logprobs_close,
     check_parity,
     drive,
-    native,
     one_thread,  # noqa: F401  (module fixture)
     params,
     parity_prompts,
@@ -158,13 +157,14 @@ def quantized(request, loaded, gguf_native, prompts):
     """(format, engine model, the reference's top-5 logprobs): the reference is transformers' model over the
     same tokenmill layers and packed weights."""
     from services.common.model_loader import load_model
-    from services.worker.engine.models.loader import hf_from_hf
+    from services.worker.engine.models.loader import hf_from_hf, native_from_hf, quantized_state
 
     fmt = request.param
     if fmt == "gguf":
         model, ref = gguf_native, load_model("smollm2-135m", "gguf").model
     else:
-        model, ref = native(loaded.model, fmt), hf_from_hf(loaded.model, fmt)
+        get = quantized_state(loaded.model, fmt)  # quantized once, for both
+        model, ref = native_from_hf(loaded.model, fmt, get), hf_from_hf(loaded.model, fmt, get)
     ref.set_attn_implementation("sdpa")
     return fmt, model, {str(i): r for i, r in enumerate(reference_logprobs(ref, prompts, MAX_NEW))}
 
@@ -185,3 +185,20 @@ def test_worker_refuses_unknown_quantization_at_start():
     proc = subprocess.run([sys.executable, "-m", "services.cli", "worker", "--quantization", "int3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--quantization 'int3'" in proc.stderr and "gguf, int8, int4, nf4" in proc.stderr
+
+
+def test_format_group_sizes():
+    from services.common.model_loader import pick_quantization
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 256)
+    assert quant.quantize(w, "int4").group == 32 and quant.quantize(w, "int4/128").group == 128
+    assert quant.quantize(w, "int8").group == 256  # per output channel
+    coarse = (quant.quantize(w, "int4/128").dequantize() - w).abs().mean()
+    assert (quant.quantize(w, "int4").dequantize() - w).abs().mean() < coarse
+    assert pick_quantization("int4/64", "smollm2-135m", "cpu") == "int4/64"
+    for bad in ("gguf/32", "int4/x", "int3/32"):
+        with pytest.raises(ValueError, match="group size"):
+            pick_quantization(bad, "smollm2-135m", "cpu")
+    with pytest.raises(ValueError, match="not a multiple of the group size"):
+        quant.quantize(w, "int4/96")

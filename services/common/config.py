@@ -32,7 +32,8 @@ class WorkerConfig:
     worker_id: str = setting("", "Name reported to the gateway; default host:port.")
     model: str = setting("smollm2-135m", "smollm2-135m (embedded), a local folder, or a hub id.")
     quantization: str = setting("auto", "auto (the embedded GGUF's own blocks on a CPU, else none) | none (float) | "
-                                "gguf (Q4_1/Q8_0 blocks as stored) | int8 | int4 | nf4 (bitsandbytes on CUDA).")
+                                "gguf (Q4_1/Q8_0 blocks as stored) | int8 (per channel) | int4 (groups of 32) | nf4 "
+                                "(bitsandbytes on CUDA); int4/128 etc. sets the group size.")
     device: str = setting("auto", "auto | cpu | cuda.")
     dtype: str = setting("auto", "auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16.")
     model_impl: str = setting("auto", "paged: auto (native where the architecture is covered) | native (tokenmill's "

@@ -1,246 +1,184 @@
-"""Local LLM-as-a-judge: G-Eval-style probability-weighted rubric scores plus a fluency signal.
+"""Local judge: rubric scores from the judge model's log-probabilities, by the rubric's method.
 
-For each (prompt, response) the judge model reads a conversation in its own chat template:
+- `likelihood`: each dimension's signals (services/judge/signals.py) mapped to [0, 1] by the rubric's
+  calibration. One item costs a forward pass over prompt + response (fluency, `end` and every probe's
+  statements as continuations on its KV cache), one over the response after a generic prompt (`pmi`) and one
+  over its sentences shuffled (`order`).
+- `geval`: the judge model's expected score digit after a follow-up question (services/judge/geval.py).
 
-    user:       <prompt>
-    assistant:  <response>                      <- shared prefix, one forward pass per item
-    user:       Score your answer above from 1 to 5 for <dimension>: <description> Reply with just the number.
-    assistant:  ▌                               <- per dimension: next-token distribution here
-
-The score of a dimension is the expected value of the scale under the next-token distribution
-restricted to the scale's digits (G-Eval, Liu et al. 2023), normalised to [0, 1]. This uses the whole
-distribution instead of one sampled digit, so it is deterministic and smooth.
-
-The shared prefix is the conversation as the serving stack renders it for generation, so the same forward
-pass also yields the judge model's mean token log-likelihood of the response given the prompt: `fluency`
-(nats per token, <= 0; higher is more fluent and more on-prompt).
-
-Batching: prefixes of many items run in one padded forward pass; their KV cache is then gathered into
-one row per (item, dimension) and every dimension's question runs in a second batched pass on top of it.
-So one item with four dimensions costs one prefix plus four short suffixes, and many items share passes.
+Every item of a batch, whatever its method, goes into one `LogProbModel.run`, so items share passes.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from services.common.sampling import InvalidRequest
-from services.judge.rubrics import Dimension
-from services.judge.types import DimScore, ItemScore, ScoreItem
-
-log = logging.getLogger("tokenmill.judge.scorer")
-
-QUESTION = "Score your answer above from {lo} to {hi} for {title}: {description} Reply with just the number."
-ANSWER_PREFIX = ""
-PLAIN_PREFIX = "Instruction: {prompt}\n\nResponse: "
-PLAIN_SUFFIX = "\n\nQuestion: {question}\nAnswer: "
-_P, _R, _Q = "\x00TM_PROMPT\x00", "\x00TM_RESPONSE\x00", "\x00TM_QUESTION\x00"
+from services.judge.calibration import logit, sigmoid
+from services.judge.conversation import Conversation
+from services.judge.geval import GEvalPlan, PairwisePlan, choice_ids
+from services.judge.lm import Cont, LogProbModel, Query, Result
+from services.judge.signals import fill, lexicon_rate, prompt_variables, shuffled_sentences
+from services.judge.types import CompareItem, DimScore, DimVerdict, ItemScore, PairVerdict, ScoreItem
 
 
-@dataclass(slots=True)
-class _Encoded:
-    prefix: list[int]
-    resp_start: int
-    resp_end: int
-    suffixes: list[list[int]]
+class LikelihoodPlan:
+    """The queries one item needs for the likelihood method, and how their results become scores."""
+
+    def __init__(self, conv: Conversation, item: ScoreItem) -> None:
+        self.item = item
+        rubric = item.rubric
+        head, resp = conv.head(item.prompt), conv.ids(item.response)
+        if not resp:
+            raise InvalidRequest("response is empty after tokenisation: send the text to judge")
+        variables = prompt_variables(item.prompt, rubric.pattern, dict(rubric.defaults))
+        self.main = Query(head + resp, (len(head), len(head) + len(resp)))
+        self.queries = [self.main]
+        self.where: dict[tuple[str, str], Any] = {}  # (dimension, signal) -> where its numbers come from
+        for dim in rubric.dimensions:
+            for sig in dim.signals:
+                key = (dim.name, sig.name)
+                if sig.kind == "end":
+                    self.where[key] = self._cont(Cont([conv.end_id], 0))
+                elif sig.kind == "probe":
+                    self.where[key] = [(self._statement(conv, p.question, p.positive, variables),
+                                        self._statement(conv, p.question, p.negative, variables)) for p in sig.probes]
+                elif sig.kind == "pmi":
+                    base = conv.head(sig.baseline)
+                    self.where[key] = self._query(Query(base + resp, (len(base), len(base) + len(resp))))
+                elif sig.kind == "order":
+                    shuffled = shuffled_sentences(item.response)
+                    ids = conv.ids(shuffled) if shuffled else []
+                    self.where[key] = self._query(Query(head + ids, (len(head), len(head) + len(ids)))) \
+                        if shuffled else None
+
+    def _cont(self, cont: Cont) -> int:
+        self.main.conts.append(cont)
+        return len(self.main.conts) - 1
+
+    def _query(self, query: Query) -> int:
+        same = next((i for i, q in enumerate(self.queries) if q.prefix == query.prefix), None)
+        if same is not None:
+            return same
+        self.queries.append(query)
+        return len(self.queries) - 1
+
+    def _statement(self, conv: Conversation, question: str, text: str, variables: dict[str, str]) -> int:
+        context = conv.post + conv.question(question) if question else []
+        return self._cont(Cont(context + conv.ids(fill(text, variables)), len(context)))
+
+    def longest(self) -> int:
+        return max(len(q.prefix) + max([len(c.tokens) for c in q.conts] + [0]) for q in self.queries)
+
+    def features(self, results: list[Result]) -> dict[str, dict[str, float]]:
+        """Per dimension, each signal's value (higher = better)."""
+        main = results[0]
+        fluency = float(main.span.mean())
+        out: dict[str, dict[str, float]] = {}
+        for dim in self.item.rubric.dimensions:
+            values = out.setdefault(dim.name, {})
+            for sig in dim.signals:
+                at = self.where.get((dim.name, sig.name))
+                if sig.kind == "fluency":
+                    values[sig.name] = fluency
+                elif sig.kind == "end":
+                    values[sig.name] = float(main.conts[at][0])
+                elif sig.kind == "probe":
+                    values[sig.name] = sum(float(main.conts[p].sum() - main.conts[n].sum()) for p, n in at) / len(at)
+                elif sig.kind in ("pmi", "order"):
+                    values[sig.name] = 0.0 if at is None else fluency - float(results[at].span.mean())
+                elif sig.kind == "lexicon":
+                    values[sig.name] = -lexicon_rate(self.item.response, sig)[0]
+        return out
+
+    def finish(self, results: list[Result]) -> ItemScore:
+        item, cal = self.item, self.item.rubric.calibration
+        scores = []
+        for name, values in self.features(results).items():
+            dim_cal = cal.dimensions.get(name) if cal else None
+            z = dim_cal.logit(values) if dim_cal else sum(values.values())
+            shown = ", ".join(f"{k} {v:+.3f}" for k, v in values.items())
+            note = "" if dim_cal else " (uncalibrated: run tokenmill judge calibrate)"
+            scores.append(DimScore(name, round(sigmoid(z), 6), f"{shown} -> logit {z:+.2f}{note}", round(z, 6)))
+        flu = float(results[0].span.mean())
+        return ItemScore(id=item.id, scores=scores, rubric=item.rubric.name, backend="local",
+                         fluency=round(flu, 6) if math.isfinite(flu) else None)
 
 
 class LocalScorer:
     """Synchronous scorer over a loaded causal LM (services.common.model_loader.LoadedModel)."""
 
-    def __init__(self, loaded: Any, max_batch_tokens: int = 4096, max_batch_rows: int = 16,
-                 question: str = QUESTION, answer_prefix: str = ANSWER_PREFIX) -> None:
-        import torch
-
-        self.torch = torch
-        self.loaded = loaded
-        self.model = loaded.model
-        self.tok = loaded.tokenizer
-        self.device = loaded.device
+    def __init__(self, loaded: Any, max_batch_tokens: int = 4096, max_batch_rows: int = 16) -> None:
+        self.lm = LogProbModel(loaded, max_batch_tokens, max_batch_rows)
+        self.conv = Conversation(loaded.tokenizer)
+        self.chat = self.conv.chat
         self.context_length = loaded.context_length
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_rows = max_batch_rows
-        self.question = question
-        self.answer_prefix = answer_prefix
-        self.base = self.model.base_model
-        self.head = self.model.get_output_embeddings()
-        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        self._digits: dict[tuple[int, int], list[list[int]]] = {}
-        self._build_templates()
+        self.choices = choice_ids(self.conv)
 
-    # ----------------------------------------------------------------- encoding
-    def _build_templates(self) -> None:
-        """Split the chat template into fixed text around the prompt, the response and the question."""
-        self.chat = False
-        if getattr(self.tok, "chat_template", None):
-            conv = [{"role": "user", "content": _P}, {"role": "assistant", "content": _R}]
-            try:
-                first = self.tok.apply_chat_template(conv, tokenize=False)
-                full = self.tok.apply_chat_template([*conv, {"role": "user", "content": _Q}], tokenize=False,
-                                                    add_generation_prompt=True)
-            except Exception as exc:  # a template that rejects this shape: use the plain one
-                log.warning("chat template unusable for judging (%s); using a plain template", exc)
-            else:
-                if (full.startswith(first) and first.count(_P) == 1 and first.count(_R) == 1
-                        and first.index(_P) < first.index(_R) and full[len(first):].count(_Q) == 1):
-                    self.chat = True
-                    self.t_pre, rest = first.split(_P)
-                    self.t_mid, self.t_post = rest.split(_R)
-                    self.t_suffix = full[len(first):] + self.answer_prefix
-        if not self.chat:
-            bos = self.tok.bos_token or ""
-            self.t_pre, self.t_mid, self.t_post = bos + "Instruction: ", "\n\nResponse: ", ""
-            self.t_suffix = PLAIN_SUFFIX.replace("{question}", _Q)
-        self._pre_ids = self._ids(self.t_pre)
-        self._post_ids = self._ids(self.t_post)
+    def plan(self, item: ScoreItem) -> Any:
+        plan = LikelihoodPlan(self.conv, item) if item.method == "likelihood" else GEvalPlan(self.conv, item)
+        self._fits(plan.longest(), "prompt + response")
+        return plan
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False) if text else []
+    def _fits(self, tokens: int, what: str) -> None:
+        if tokens > self.context_length:
+            raise InvalidRequest(f"{what} need {tokens} tokens with the judge's questions, over the judge model's "
+                                 f"context of {self.context_length}: shorten the response (or the prompt)")
 
-    def digit_ids(self, dim: Dimension) -> list[list[int]]:
-        """Token ids that spell each scale value (bare and with a leading space) as one token."""
-        key = (dim.scale_min, dim.scale_max)
-        if key not in self._digits:
-            ids = []
-            for v in range(dim.scale_min, dim.scale_max + 1):
-                forms = [t for t in (self._ids(str(v)), self._ids(" " + str(v))) if len(t) == 1]
-                if not forms:
-                    raise InvalidRequest(
-                        f"dimension {dim.name!r}: the local judge reads one token per scale value and its tokenizer "
-                        f"spells {v} in several tokens; use a scale within 0..9 (e.g. 1..5)")
-                ids.append(sorted({t[0] for t in forms}))
-            self._digits[key] = ids
-        return self._digits[key]
+    def check(self, item: ScoreItem | CompareItem) -> None:
+        """Raise InvalidRequest if this item cannot be judged (too long, a scale the tokenizer cannot read)."""
+        if isinstance(item, CompareItem):
+            for text in (item.first, item.second):
+                self.plan(ScoreItem(item.id, item.prompt, text, item.rubric, item.method))
+            if item.method == "geval":
+                self._fits(PairwisePlan(self.conv, item, self.choices).longest(), "prompt + both responses")
+        else:
+            self.plan(item)
 
-    def question_text(self, dim: Dimension) -> str:
-        return self.question.format(title=dim.title, description=dim.description.rstrip(),
-                                    lo=dim.scale_min, hi=dim.scale_max)
+    def _run(self, plans: list[Any]) -> list[Any]:
+        results = self.lm.run([q for p in plans for q in p.queries])
+        out, at = [], 0
+        for p in plans:
+            out.append(p.finish(results[at: at + len(p.queries)]))
+            at += len(p.queries)
+        return out
 
-    def encode(self, item: ScoreItem) -> _Encoded:
-        """Token ids of the shared prefix (with the response span) and of each dimension's suffix."""
-        head = self._ids(self.t_pre + item.prompt + self.t_mid)
-        resp = self._ids(item.response)
-        prefix = head + resp + self._post_ids
-        suffixes = []
-        for dim in item.rubric.dimensions:
-            self.digit_ids(dim)
-            suffixes.append(self._ids(self.t_suffix.replace(_Q, self.question_text(dim))))
-        total = len(prefix) + max(len(s) for s in suffixes)
-        if total > self.context_length:
-            raise InvalidRequest(
-                f"prompt + response are {len(prefix)} tokens for the judge model, over its context of "
-                f"{self.context_length} with the rubric question: shorten the response (or the prompt)")
-        if not resp:
-            raise InvalidRequest("response is empty after tokenisation: send the text to judge")
-        # The questions start alike ("<user> Score your answer above from 1 to 5 for"): run that once, in the prefix.
-        common = 0
-        if len(suffixes) > 1:
-            shortest = min(len(s) for s in suffixes)
-            while common < shortest - 1 and all(s[common] == suffixes[0][common] for s in suffixes):
-                common += 1
-        return _Encoded(prefix + suffixes[0][:common], len(head), len(head) + len(resp),
-                        [s[common:] for s in suffixes])
-
-    def check(self, item: ScoreItem) -> None:
-        """Raise InvalidRequest if this item cannot be scored (too long, a scale the tokenizer cannot read)."""
-        self.encode(item)
-
-    # ----------------------------------------------------------------- scoring
     def score(self, items: list[ScoreItem]) -> list[ItemScore]:
-        torch = self.torch
-        encoded = [self.encode(it) for it in items]
-        results: list[ItemScore | None] = [None] * len(items)
-        order = sorted(range(len(items)), key=lambda i: len(encoded[i].prefix))
-        chunk: list[int] = []
-        with torch.inference_mode():
-            for i in order:
-                longest = max([len(encoded[j].prefix) for j in chunk] + [len(encoded[i].prefix)])
-                if chunk and (len(chunk) + 1 > self.max_batch_rows
-                              or (len(chunk) + 1) * longest > self.max_batch_tokens):
-                    self._score_chunk(chunk, items, encoded, results)
-                    chunk = []
-                chunk.append(i)
-            if chunk:
-                self._score_chunk(chunk, items, encoded, results)
-        return results  # type: ignore[return-value]
+        return self.run(items)
 
-    def _logits(self, hidden: Any) -> Any:
-        logits = self.head(hidden).float()
-        if self.softcap:
-            logits = self.softcap * self.torch.tanh(logits / self.softcap)
-        return logits
+    def compare(self, items: list[CompareItem]) -> list[PairVerdict]:
+        return self.run(items)
 
-    def _score_chunk(self, chunk: list[int], items: list[ScoreItem], encoded: list[_Encoded],
-                     results: list[ItemScore | None]) -> None:
-        from transformers import DynamicCache
+    def run(self, items: list[Any]) -> list[Any]:
+        """Score items and compare pairs (one order each) in shared passes. A geval pair asks the judge model
+        with both responses in view; a likelihood pair scores each response alone and compares the calibrated
+        logits (Bradley-Terry), so it has no position to be biased by."""
+        plans: list[Any] = []
+        alone: dict[tuple[str, str, str], int] = {}  # a response of a likelihood pair, scored once per batch
 
-        torch = self.torch
-        dev = self.device
-        encs = [encoded[i] for i in chunk]
-        lp = max(len(e.prefix) for e in encs)
-        ids = torch.full((len(encs), lp), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encs), lp), dtype=torch.long)
-        for b, e in enumerate(encs):
-            ids[b, : len(e.prefix)] = torch.tensor(e.prefix)
-            mask[b, : len(e.prefix)] = 1
-        pos = torch.arange(lp).unsqueeze(0).expand(len(encs), lp)
-        out = self.base(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                        use_cache=True)
-        hidden, cache = out.last_hidden_state, out.cache
+        def score_alone(it: CompareItem, text: str) -> int:
+            key = (it.prompt, text, it.rubric.name)
+            if key not in alone:
+                alone[key] = len(plans)
+                plans.append(self.plan(ScoreItem(it.id, it.prompt, text, it.rubric, it.method)))
+            return alone[key]
 
-        # fluency: mean log p(response token | everything before it)
-        fluency = []
-        for b, e in enumerate(encs):
-            h = hidden[b, e.resp_start - 1: e.resp_end - 1]
-            target = torch.tensor(e.prefix[e.resp_start: e.resp_end], device=dev)
-            logp = torch.log_softmax(self._logits(h), dim=-1).gather(1, target[:, None]).squeeze(1)
-            fluency.append(float(logp.mean()))
+        where: list[Any] = []
+        for it in items:
+            if isinstance(it, ScoreItem) or it.method == "geval":
+                where.append(len(plans))
+                plans.append(self.plan(it) if isinstance(it, ScoreItem) else PairwisePlan(self.conv, it, self.choices))
+            else:  # both orders of a pair arrive together: each response is scored once
+                where.append((score_alone(it, it.first), score_alone(it, it.second)))
+        done = self._run(plans)
+        return [verdict_from_scores(done[w[0]], done[w[1]]) if isinstance(w, tuple) else done[w] for w in where]
 
-        # one row per (item, dimension): the item's prefix KV plus the dimension's question
-        rows = [(b, d) for b, e in enumerate(encs) for d in range(len(e.suffixes))]
-        probs: dict[tuple[int, int], list[float]] = {}
-        layers = [(layer.keys, layer.values) for layer in cache.layers]
-        per_chunk = max(1, min(self.max_batch_rows * 2, self.max_batch_tokens * 2 // max(lp, 1)))
-        for start in range(0, len(rows), per_chunk):
-            part = rows[start: start + per_chunk]
-            ls = max(len(encs[b].suffixes[d]) for b, d in part)
-            idx = torch.tensor([b for b, _ in part], device=dev)
-            sids = torch.full((len(part), ls), self.pad_id, dtype=torch.long)
-            smask = torch.zeros((len(part), ls), dtype=torch.long)
-            for r, (b, d) in enumerate(part):
-                s = encs[b].suffixes[d]
-                sids[r, : len(s)] = torch.tensor(s)
-                smask[r, : len(s)] = 1
-            spos = torch.tensor([len(encs[b].prefix) for b, _ in part])[:, None] + torch.arange(ls)[None, :]
-            kv = DynamicCache(ddp_cache_data=[(k.index_select(0, idx), v.index_select(0, idx)) for k, v in layers],
-                              config=self.model.config)
-            full_mask = torch.cat([mask.to(dev).index_select(0, idx), smask.to(dev)], dim=1)
-            sout = self.base(input_ids=sids.to(dev), attention_mask=full_mask, position_ids=spos.to(dev),
-                             cache=kv, use_cache=True)
-            last = torch.tensor([len(encs[b].suffixes[d]) - 1 for b, d in part], device=dev)
-            h = sout.last_hidden_state[torch.arange(len(part), device=dev), last]
-            p = torch.softmax(self._logits(h), dim=-1).cpu()
-            for r, (b, d) in enumerate(part):
-                dim = items[chunk[b]].rubric.dimensions[d]
-                probs[(b, d)] = [float(p[r, ids_v].sum()) for ids_v in self.digit_ids(dim)]
-            del kv, sout
 
-        for b, i in enumerate(chunk):
-            item = items[i]
-            scores = []
-            for d, dim in enumerate(item.rubric.dimensions):
-                pv = probs[(b, d)]
-                mass = sum(pv)
-                values = range(dim.scale_min, dim.scale_max + 1)
-                expected = sum(v * p for v, p in zip(values, pv, strict=True)) / mass if mass > 0 else \
-                    (dim.scale_min + dim.scale_max) / 2
-                scores.append(DimScore(dim.name, round(dim.normalise(expected), 6),
-                                       f"expected {expected:.2f} on {dim.scale_min}..{dim.scale_max} "
-                                       f"(digit mass {mass:.2f})"))
-            flu = fluency[b]
-            results[i] = ItemScore(id=item.id, scores=scores, rubric=item.rubric.name, backend="local",
-                                   fluency=round(flu, 6) if math.isfinite(flu) else None)
+def verdict_from_scores(a: ItemScore, b: ItemScore) -> PairVerdict:
+    """P(a better) per dimension = sigmoid(logit a - logit b); overall from the overall means the same way."""
+    dims = [DimVerdict(x.name, round(sigmoid(logit(x.score) - logit(y.score)), 6),
+                       f"score {x.score:.3f} vs {y.score:.3f}") for x, y in zip(a.scores, b.scores, strict=True)]
+    overall = sigmoid(logit(a.overall) - logit(b.overall))
+    return PairVerdict(dims, round(overall, 6), a.backend,
+                       f"overall {a.overall:.3f} vs {b.overall:.3f} (each response scored alone)")

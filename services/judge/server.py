@@ -1,7 +1,8 @@
 """The Judge gRPC service: rubric scores in [0, 1] for (prompt, response) pairs.
 
 Score (one item), ScoreBatch (many, results in request order), ScoreStream (items scored as they arrive,
-results streamed back as they finish, matched by id), ListRubrics. Every item is validated before any
+results streamed back as they finish, matched by id), ListRubrics, and Compare (two responses, judged in
+both orders and averaged). Every item is validated before any
 scoring: bad input is INVALID_ARGUMENT with a message that says what to change. Backend failures come
 back as the backend's status (UNAVAILABLE, FAILED_PRECONDITION, INTERNAL), never as a silent default.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,9 @@ from services.common.pb import judge_pb2, judge_pb2_grpc
 from services.common.sampling import InvalidRequest
 from services.judge import metrics
 from services.judge.backends import build_backend
-from services.judge.rubrics import DEFAULT_SCALE, Dimension, Rubric, RubricRegistry
-from services.judge.types import BackendError, ItemScore, ScoreItem
+from services.judge.rubrics import METHODS, Rubric, RubricRegistry
+from services.judge.types import BackendError, CompareItem, ItemScore, ScoreItem
+from services.judge.wire import combine_orders, dimensions_from_proto, result_to_proto, rubric_to_proto
 
 log = logging.getLogger("tokenmill.judge")
 
@@ -30,35 +33,12 @@ MAX_BATCH_ITEMS = 1024
 MAX_ID_CHARS = 256
 
 
-def dimensions_from_proto(dims: Any) -> list[Dimension]:
-    out = []
-    for d in dims:
-        lo, hi = (d.scale_min, d.scale_max) if (d.scale_min or d.scale_max) else DEFAULT_SCALE
-        out.append(Dimension(name=d.name, description=d.description or d.name, scale_min=lo, scale_max=hi))
-    return out
-
-
-def rubric_to_proto(r: Rubric) -> judge_pb2.Rubric:
-    return judge_pb2.Rubric(name=r.name, dimensions=[
-        judge_pb2.Dimension(name=d.name, description=d.description, scale_min=d.scale_min, scale_max=d.scale_max)
-        for d in r.dimensions])
-
-
-def result_to_proto(res: ItemScore) -> judge_pb2.ScoreResponse:
-    pb = judge_pb2.ScoreResponse(
-        id=res.id, overall=round(res.overall, 6), rationale=res.rationale, backend=res.backend, rubric=res.rubric,
-        scores=[judge_pb2.DimensionScore(name=s.name, score=s.score, rationale=s.rationale) for s in res.scores])
-    if res.fluency is not None:
-        pb.fluency = res.fluency
-    return pb
-
-
 class JudgeServicer(judge_pb2_grpc.JudgeServicer):
     def __init__(self, config: JudgeConfig) -> None:
         self.config = config
         extra = [Path(p) for p in config.rubrics.split(",") if p.strip()] if config.rubrics else []
         self.rubrics = RubricRegistry(extra)
-        self.backend = build_backend(config)
+        self.backend = build_backend(config, [self.rubrics.get(n) for n in self.rubrics.names])
         self.max_chars = config.max_text_chars
 
     async def prepare(self) -> None:
@@ -78,14 +58,33 @@ class JudgeServicer(judge_pb2_grpc.JudgeServicer):
                 f"{what} has {len(text)} characters; the judge takes at most {self.max_chars} "
                 f"(--max-text-chars): send a shorter {what}")
 
-    def item_from_request(self, req: judge_pb2.ScoreRequest) -> ScoreItem:
-        """Validate one request and turn it into a ScoreItem; raises InvalidRequest."""
+    def _rubric_and_method(self, req: Any) -> tuple[Rubric, str]:
+        rubric = self.rubrics.resolve(req.rubric, dimensions_from_proto(req.dimensions))
+        methods = self.backend.methods
+        if req.method and req.method in METHODS and req.method not in methods:
+            raise InvalidRequest(f"method {req.method!r} needs the local backend; the {self.backend.name} backend "
+                                 f"judges by {', '.join(methods)}: leave method empty or use {methods[0]}")
+        method = rubric.resolve_method(req.method) if req.method or rubric.method in methods else methods[0]
+        return rubric, method
+
+    def _checked(self, req: Any, *texts: str) -> tuple[Rubric, str]:
+        """Check the id, the prompt and the named response fields; the request's rubric and method."""
         if len(req.id) > MAX_ID_CHARS:
             raise InvalidRequest(f"id has {len(req.id)} characters; at most {MAX_ID_CHARS}")
-        self._check_text("prompt", req.prompt)
-        self._check_text("response", req.response)
-        rubric = self.rubrics.resolve(req.rubric, dimensions_from_proto(req.dimensions))
-        item = ScoreItem(id=req.id, prompt=req.prompt, response=req.response, rubric=rubric)
+        for what in ("prompt", *texts):
+            self._check_text(what, getattr(req, what))
+        return self._rubric_and_method(req)
+
+    def item_from_request(self, req: judge_pb2.ScoreRequest) -> ScoreItem:
+        """Validate one request and turn it into a ScoreItem; raises InvalidRequest."""
+        rubric, method = self._checked(req, "response")
+        item = ScoreItem(id=req.id, prompt=req.prompt, response=req.response, rubric=rubric, method=method)
+        self.backend.check(item)
+        return item
+
+    def pair_from_request(self, req: judge_pb2.CompareRequest) -> CompareItem:
+        rubric, method = self._checked(req, "response_a", "response_b")
+        item = CompareItem(req.id, req.prompt, req.response_a, req.response_b, rubric, method)
         self.backend.check(item)
         return item
 
@@ -98,15 +97,20 @@ class JudgeServicer(judge_pb2_grpc.JudgeServicer):
         metrics.errors.labels(code).inc()
         await context.abort(getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL), message)
 
-    async def _score(self, items: list[ScoreItem], context: grpc.aio.ServicerContext) -> list[ItemScore]:
+    async def _judge(self, call: Callable[[list], Awaitable[list]], items: list,
+                     context: grpc.aio.ServicerContext) -> list:
+        """Run a backend call; its BackendError becomes the call's status."""
         t0 = time.perf_counter()
         try:
-            results = await self.backend.score(items)
+            results = await call(items)
         except BackendError as exc:
             await self._abort(context, exc.code, str(exc))
         for _ in items:
             metrics.latency.observe(time.perf_counter() - t0)
         return results
+
+    async def _score(self, items: list[ScoreItem], context: grpc.aio.ServicerContext) -> list[ItemScore]:
+        return await self._judge(self.backend.score, items, context)
 
     # ------------------------------------------------------------ RPCs
     async def Score(self, request: judge_pb2.ScoreRequest, context: grpc.aio.ServicerContext):
@@ -116,7 +120,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServicer):
         except InvalidRequest as exc:
             await self._abort(context, "INVALID_ARGUMENT", str(exc))
         (result,) = await self._score([item], context)
-        return result_to_proto(result)
+        return result_to_proto(result, item.method)
 
     async def ScoreBatch(self, request: judge_pb2.ScoreBatchRequest, context: grpc.aio.ServicerContext):
         await self._ready(context)
@@ -132,7 +136,8 @@ class JudgeServicer(judge_pb2_grpc.JudgeServicer):
             except InvalidRequest as exc:
                 await self._abort(context, "INVALID_ARGUMENT", f"items[{i}] (id {req.id!r}): {exc}")
         results = await self._score(items, context)
-        return judge_pb2.ScoreBatchResponse(results=[result_to_proto(r) for r in results])
+        return judge_pb2.ScoreBatchResponse(
+            results=[result_to_proto(r, it.method) for r, it in zip(results, items, strict=True)])
 
     async def ScoreStream(self, request_iterator: Any, context: grpc.aio.ServicerContext):
         """Score each request as it arrives; yield results as they finish (match them by id)."""
@@ -145,6 +150,7 @@ class JudgeServicer(judge_pb2_grpc.JudgeServicer):
         async def one(item: ScoreItem) -> None:
             try:
                 (res,) = await self.backend.score([item])
+                res = result_to_proto(res, item.method)
             except BackendError as exc:
                 res = exc
             await done.put(res)
@@ -189,7 +195,17 @@ class JudgeServicer(judge_pb2_grpc.JudgeServicer):
             await self._abort(context, item.code, str(item))
         if isinstance(item, Exception):
             raise item
-        return result_to_proto(item)
+        return item
+
+    async def Compare(self, request: judge_pb2.CompareRequest, context: grpc.aio.ServicerContext):
+        """Judge the pair with A shown first and with B shown first, in one batch, and average the two."""
+        await self._ready(context)
+        try:
+            item = self.pair_from_request(request)
+        except InvalidRequest as exc:
+            await self._abort(context, "INVALID_ARGUMENT", str(exc))
+        a_first, b_first = await self._judge(self.backend.compare, [item, item.swapped()], context)
+        return combine_orders(a_first, b_first, request, item.rubric.name, item.method)
 
     async def ListRubrics(self, request: judge_pb2.ListRubricsRequest, context: grpc.aio.ServicerContext):
         return judge_pb2.ListRubricsResponse(rubrics=[rubric_to_proto(self.rubrics.get(n)) for n in self.rubrics.names])

@@ -13,6 +13,22 @@ class ScoreItem:
     prompt: str
     response: str
     rubric: Rubric
+    method: str = "geval"  # resolved: likelihood | geval
+
+
+@dataclass(slots=True)
+class CompareItem:
+    """Two responses to one prompt, in the order the judge is shown them (`first`, `second`)."""
+
+    id: str
+    prompt: str
+    first: str
+    second: str
+    rubric: Rubric
+    method: str = "geval"
+
+    def swapped(self) -> CompareItem:
+        return CompareItem(self.id, self.prompt, self.second, self.first, self.rubric, self.method)
 
 
 @dataclass(slots=True)
@@ -20,6 +36,7 @@ class DimScore:
     name: str
     score: float  # in [0, 1]
     rationale: str = ""
+    signal: float | None = None  # likelihood method: the calibrated logit the score comes from
 
 
 @dataclass(slots=True)
@@ -35,6 +52,23 @@ class ItemScore:
     @property
     def overall(self) -> float:
         return sum(s.score for s in self.scores) / len(self.scores) if self.scores else 0.0
+
+
+@dataclass(slots=True)
+class DimVerdict:
+    name: str
+    prob_first: float  # P(the response shown first is the better one on this dimension)
+    rationale: str = ""
+
+
+@dataclass(slots=True)
+class PairVerdict:
+    """One order's verdict: per dimension and overall, the probability that `first` is better."""
+
+    dims: list[DimVerdict]
+    overall: float
+    backend: str
+    rationale: str = ""
 
 
 class BackendError(Exception):

@@ -141,7 +141,7 @@ def check_choices(config: WorkerConfig) -> None:
     from services.common.model_loader import MODEL_IMPLS, QUANTIZATIONS
 
     for flag, value, choices in (("--engine", config.engine, ("paged", "hf-static")),
-                                 ("--quantization", config.quantization, QUANTIZATIONS),
+                                 ("--quantization", config.quantization.partition("/")[0], QUANTIZATIONS),
                                  ("--model-impl", config.model_impl, MODEL_IMPLS)):
         if value not in choices:
             raise SystemExit(f"worker: {flag} {value!r} is not supported; use one of: {', '.join(choices)}")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tokenmill/v1/judge.proto\x12\x0ctokenmill.v1\"T\n\tDimension\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x11\n\tscale_min\x18\x03 \x01(\x05\x12\x11\n\tscale_max\x18\x04 \x01(\x05\"y\n\x0cScoreRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x0e\n\x06rubric\x18\x04 \x01(\t\x12+\n\ndimensions\x18\x05 \x03(\x0b\x32\x17.tokenmill.v1.Dimension\"@\n\x0e\x44imensionScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\trationale\x18\x03 \x01(\t\"\xb0\x01\n\rScoreResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x06scores\x18\x02 \x03(\x0b\x32\x1c.tokenmill.v1.DimensionScore\x12\x0f\n\x07overall\x18\x03 \x01(\x01\x12\x11\n\trationale\x18\x04 \x01(\t\x12\x14\n\x07\x66luency\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06rubric\x18\x07 \x01(\tB\n\n\x08_fluency\">\n\x11ScoreBatchRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.tokenmill.v1.ScoreRequest\"B\n\x12ScoreBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.tokenmill.v1.ScoreResponse\"\x14\n\x12ListRubricsRequest\"<\n\x13ListRubricsResponse\x12%\n\x07rubrics\x18\x01 \x03(\x0b\x32\x14.tokenmill.v1.Rubric\"C\n\x06Rubric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\ndimensions\x18\x02 \x03(\x0b\x32\x17.tokenmill.v1.Dimension2\xba\x02\n\x05Judge\x12@\n\x05Score\x12\x1a.tokenmill.v1.ScoreRequest\x1a\x1b.tokenmill.v1.ScoreResponse\x12O\n\nScoreBatch\x12\x1f.tokenmill.v1.ScoreBatchRequest\x1a .tokenmill.v1.ScoreBatchResponse\x12J\n\x0bScoreStream\x12\x1a.tokenmill.v1.ScoreRequest\x1a\x1b.tokenmill.v1.ScoreResponse(\x01\x30\x01\x12R\n\x0bListRubrics\x12 .tokenmill.v1.ListRubricsRequest\x1a!.tokenmill.v1.ListRubricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tokenmill/v1/judge.proto\x12\x0ctokenmill.v1\"T\n\tDimension\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x11\n\tscale_min\x18\x03 \x01(\x05\x12\x11\n\tscale_max\x18\x04 \x01(\x05\"\x89\x01\n\x0cScoreRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\t\x12\x0e\n\x06rubric\x18\x04 \x01(\t\x12+\n\ndimensions\x18\x05 \x03(\x0b\x32\x17.tokenmill.v1.Dimension\x12\x0e\n\x06method\x18\x06 \x01(\t\"`\n\x0e\x44imensionScore\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\trationale\x18\x03 \x01(\t\x12\x13\n\x06signal\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_signal\"\xc0\x01\n\rScoreResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\x06scores\x18\x02 \x03(\x0b\x32\x1c.tokenmill.v1.DimensionScore\x12\x0f\n\x07overall\x18\x03 \x01(\x01\x12\x11\n\trationale\x18\x04 \x01(\t\x12\x14\n\x07\x66luency\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06rubric\x18\x07 \x01(\t\x12\x0e\n\x06method\x18\x08 \x01(\tB\n\n\x08_fluency\">\n\x11ScoreBatchRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.tokenmill.v1.ScoreRequest\"B\n\x12ScoreBatchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.tokenmill.v1.ScoreResponse\"\x14\n\x12ListRubricsRequest\"<\n\x13ListRubricsResponse\x12%\n\x07rubrics\x18\x01 \x03(\x0b\x32\x14.tokenmill.v1.Rubric\"C\n\x06Rubric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\ndimensions\x18\x02 \x03(\x0b\x32\x17.tokenmill.v1.Dimension\"\xa1\x01\n\x0e\x43ompareRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nresponse_a\x18\x03 \x01(\t\x12\x12\n\nresponse_b\x18\x04 \x01(\t\x12\x0e\n\x06rubric\x18\x05 \x01(\t\x12+\n\ndimensions\x18\x06 \x03(\x0b\x32\x17.tokenmill.v1.Dimension\x12\x0e\n\x06method\x18\x07 \x01(\t\"\x8c\x01\n\x10\x44imensionVerdict\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06prob_a\x18\x02 \x01(\x01\x12\x0e\n\x06winner\x18\x03 \x01(\t\x12\x1a\n\x12prob_a_shown_first\x18\x04 \x01(\x01\x12\x1b\n\x13prob_a_shown_second\x18\x05 \x01(\x01\x12\x11\n\trationale\x18\x06 \x01(\t\"\xcc\x01\n\x0f\x43ompareResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\ndimensions\x18\x02 \x03(\x0b\x32\x1e.tokenmill.v1.DimensionVerdict\x12\x0e\n\x06prob_a\x18\x03 \x01(\x01\x12\x0e\n\x06winner\x18\x04 \x01(\t\x12\x15\n\rposition_bias\x18\x05 \x01(\x01\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06rubric\x18\x07 \x01(\t\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x11\n\trationale\x18\t \x01(\t2\x82\x03\n\x05Judge\x12@\n\x05Score\x12\x1a.tokenmill.v1.ScoreRequest\x1a\x1b.tokenmill.v1.ScoreResponse\x12O\n\nScoreBatch\x12\x1f.tokenmill.v1.ScoreBatchRequest\x1a .tokenmill.v1.ScoreBatchResponse\x12J\n\x0bScoreStream\x12\x1a.tokenmill.v1.ScoreRequest\x1a\x1b.tokenmill.v1.ScoreResponse(\x01\x30\x01\x12R\n\x0bListRubrics\x12 .tokenmill.v1.ListRubricsRequest\x1a!.tokenmill.v1.ListRubricsResponse\x12\x46\n\x07\x43ompare\x12\x1c.tokenmill.v1.CompareRequest\x1a\x1d.tokenmill.v1.CompareResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DIMENSION']._serialized_start=42
   _globals['_DIMENSION']._serialized_end=126
-  _globals['_SCOREREQUEST']._serialized_start=128
-  _globals['_SCOREREQUEST']._serialized_end=249
-  _globals['_DIMENSIONSCORE']._serialized_start=251
-  _globals['_DIMENSIONSCORE']._serialized_end=315
-  _globals['_SCORERESPONSE']._serialized_start=318
-  _globals['_SCORERESPONSE']._serialized_end=494
-  _globals['_SCOREBATCHREQUEST']._serialized_start=496
-  _globals['_SCOREBATCHREQUEST']._serialized_end=558
-  _globals['_SCOREBATCHRESPONSE']._serialized_start=560
-  _globals['_SCOREBATCHRESPONSE']._serialized_end=626
-  _globals['_LISTRUBRICSREQUEST']._serialized_start=628
-  _globals['_LISTRUBRICSREQUEST']._serialized_end=648
-  _globals['_LISTRUBRICSRESPONSE']._serialized_start=650
-  _globals['_LISTRUBRICSRESPONSE']._serialized_end=710
-  _globals['_RUBRIC']._serialized_start=712
-  _globals['_RUBRIC']._serialized_end=779
-  _globals['_JUDGE']._serialized_start=782
-  _globals['_JUDGE']._serialized_end=1096
+  _globals['_SCOREREQUEST']._serialized_start=129
+  _globals['_SCOREREQUEST']._serialized_end=266
+  _globals['_DIMENSIONSCORE']._serialized_start=268
+  _globals['_DIMENSIONSCORE']._serialized_end=364
+  _globals['_SCORERESPONSE']._serialized_start=367
+  _globals['_SCORERESPONSE']._serialized_end=559
+  _globals['_SCOREBATCHREQUEST']._serialized_start=561
+  _globals['_SCOREBATCHREQUEST']._serialized_end=623
+  _globals['_SCOREBATCHRESPONSE']._serialized_start=625
+  _globals['_SCOREBATCHRESPONSE']._serialized_end=691
+  _globals['_LISTRUBRICSREQUEST']._serialized_start=693
+  _globals['_LISTRUBRICSREQUEST']._serialized_end=713
+  _globals['_LISTRUBRICSRESPONSE']._serialized_start=715
+  _globals['_LISTRUBRICSRESPONSE']._serialized_end=775
+  _globals['_RUBRIC']._serialized_start=777
+  _globals['_RUBRIC']._serialized_end=844
+  _globals['_COMPAREREQUEST']._serialized_start=847
+  _globals['_COMPAREREQUEST']._serialized_end=1008
+  _globals['_DIMENSIONVERDICT']._serialized_start=1011
+  _globals['_DIMENSIONVERDICT']._serialized_end=1151
+  _globals['_COMPARERESPONSE']._serialized_start=1154
+  _globals['_COMPARERESPONSE']._serialized_end=1358
+  _globals['_JUDGE']._serialized_start=1361
+  _globals['_JUDGE']._serialized_end=1747
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,11 @@ class JudgeStub:
                 request_serializer=tokenmill_dot_v1_dot_judge__pb2.ListRubricsRequest.SerializeToString,
                 response_deserializer=tokenmill_dot_v1_dot_judge__pb2.ListRubricsResponse.FromString,
                 _registered_method=True)
+        self.Compare = channel.unary_unary(
+                '/tokenmill.v1.Judge/Compare',
+                request_serializer=tokenmill_dot_v1_dot_judge__pb2.CompareRequest.SerializeToString,
+                response_deserializer=tokenmill_dot_v1_dot_judge__pb2.CompareResponse.FromString,
+                _registered_method=True)
 
 
 class JudgeServicer:
@@ -85,6 +90,14 @@ class JudgeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compare(self, request, context):
+        """Which of two responses to one prompt is better, per dimension, with a probability. The judge is asked
+        in both orders (A first, then B first) and the two verdicts are averaged, cancelling position bias.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JudgeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +120,11 @@ def add_JudgeServicer_to_server(servicer, server):
                     servicer.ListRubrics,
                     request_deserializer=tokenmill_dot_v1_dot_judge__pb2.ListRubricsRequest.FromString,
                     response_serializer=tokenmill_dot_v1_dot_judge__pb2.ListRubricsResponse.SerializeToString,
+            ),
+            'Compare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compare,
+                    request_deserializer=tokenmill_dot_v1_dot_judge__pb2.CompareRequest.FromString,
+                    response_serializer=tokenmill_dot_v1_dot_judge__pb2.CompareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +235,33 @@ class Judge:
             '/tokenmill.v1.Judge/ListRubrics',
             tokenmill_dot_v1_dot_judge__pb2.ListRubricsRequest.SerializeToString,
             tokenmill_dot_v1_dot_judge__pb2.ListRubricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenmill.v1.Judge/Compare',
+            tokenmill_dot_v1_dot_judge__pb2.CompareRequest.SerializeToString,
+            tokenmill_dot_v1_dot_judge__pb2.CompareResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,8 @@
 """Judge backends: `local` (a causal LM in-process, G-Eval scoring) and `openai` (an OpenAI-compatible API).
 
-A backend has `name`, `model_name`, `ready`, `async start()`, `check(item)` (raises InvalidRequest),
-`async score(items) -> list[ItemScore]` (raises BackendError) and `async close()`.
+A backend has `name`, `methods` (the rubric methods it can judge by, preferred first), `model_name`, `ready`,
+`async start()`, `check(item)` (raises InvalidRequest), `async score(items) -> list[ItemScore]` and
+`async compare(pairs) -> list[PairVerdict]` (one order per pair; both raise BackendError), `async close()`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from services.common.config import JudgeConfig
 BACKENDS = ("local", "openai")
 
 
-def build_backend(config: JudgeConfig) -> Any:
+def build_backend(config: JudgeConfig, rubrics: list | None = None) -> Any:
     if config.judge_backend == "local":
         from services.judge.backends.local import LocalBackend
 
-        return LocalBackend(config)
+        return LocalBackend(config, rubrics)
     if config.judge_backend == "openai":
         from services.judge.backends.openai_compat import OpenAIBackend
 

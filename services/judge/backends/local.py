@@ -1,8 +1,8 @@
 """Local backend: the judge model in-process, with a micro-batcher in front of it.
 
-Every item (from Score, ScoreBatch or ScoreStream, from any number of clients) joins one queue; a single
-loop takes everything waiting (up to `max_batch_items`) and scores it in one call of LocalScorer on a
-worker thread, so concurrent requests share forward passes while the event loop keeps serving.
+Every item (from Score, ScoreBatch, ScoreStream or Compare, from any number of clients) joins one queue; a
+single loop takes everything waiting (up to `max_batch_items`) and judges it in one call of LocalScorer on
+a worker thread, so concurrent requests share forward passes while the event loop keeps serving.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ from typing import Any
 from services.common.config import JudgeConfig
 from services.judge import metrics
 from services.judge.rubrics import Dimension, Rubric
-from services.judge.types import BackendError, ItemScore, ScoreItem
+from services.judge.types import BackendError, CompareItem, ItemScore, PairVerdict, ScoreItem
 
 log = logging.getLogger("tokenmill.judge.local")
 
 
 class LocalBackend:
     name = "local"
+    methods = ("likelihood", "geval")
 
-    def __init__(self, config: JudgeConfig) -> None:
+    def __init__(self, config: JudgeConfig, rubrics: list[Rubric] | None = None) -> None:
         self.config = config
+        self.rubrics = rubrics or []
         self.scorer: Any = None
-        self.queue: asyncio.Queue[tuple[ScoreItem, asyncio.Future]] | None = None
+        self.queue: asyncio.Queue[tuple[ScoreItem | CompareItem, asyncio.Future]] | None = None
         self._loop_task: asyncio.Task | None = None
         self.max_batch_items = max(1, config.max_batch_items)
 
@@ -53,6 +55,12 @@ class LocalBackend:
         scorer = LocalScorer(loaded, max_batch_tokens=self.config.max_batch_tokens)
         warm = Rubric("warmup", (Dimension("quality", "overall quality"),))
         scorer.score([ScoreItem("warmup", "Say hello.", "Hello there!", warm)])  # first pass allocates
+        for rubric in self.rubrics:
+            cal = rubric.calibration
+            if rubric.method == "likelihood" and (cal is None or cal.model != self.config.model):
+                log.warning("rubric %s: %s; its likelihood scores are not calibrated for %s (run tokenmill judge "
+                            "calibrate --model %s)", rubric.name, f"calibrated for {cal.model}" if cal else
+                            "no calibration", self.config.model, self.config.model)
         log.info("judge model %s ready on %s (%s, %s template) in %.1fs (pid %d)", self.config.model,
                  loaded.device, str(loaded.dtype).removeprefix("torch."), "chat" if scorer.chat else "plain",
                  time.perf_counter() - t0, os.getpid())
@@ -62,11 +70,17 @@ class LocalBackend:
     def ready(self) -> bool:
         return self.scorer is not None and self.queue is not None
 
-    def check(self, item: ScoreItem) -> None:
+    def check(self, item: ScoreItem | CompareItem) -> None:
         """Raise InvalidRequest for an item the model cannot take (too long, unreadable scale)."""
         self.scorer.check(item)
 
     async def score(self, items: list[ScoreItem]) -> list[ItemScore]:
+        return await self._submit(items)
+
+    async def compare(self, items: list[CompareItem]) -> list[PairVerdict]:
+        return await self._submit(items)
+
+    async def _submit(self, items: list[Any]) -> list[Any]:
         assert self.queue is not None
         loop = asyncio.get_running_loop()
         futures = []
@@ -92,7 +106,7 @@ class LocalBackend:
                 continue
             metrics.batch_items.observe(len(batch))
             try:
-                results = await asyncio.to_thread(self.scorer.score, [item for item, _ in batch])
+                results = await asyncio.to_thread(self.scorer.run, [item for item, _ in batch])
             except Exception as exc:
                 log.exception("scoring a batch of %d failed", len(batch))
                 err = BackendError("INTERNAL", f"the local judge failed on this batch: {type(exc).__name__}: {exc}")

@@ -18,8 +18,8 @@ from typing import Any
 
 log = logging.getLogger("tokenmill.kernels")
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("bindings.cpp", "quant_gemm.cpp", "attention.cpp", "elementwise.cpp")
-HEADERS = ("simd.h",)
+SOURCES = ("bindings.cpp", "quant_gemm.cpp", "attention.cpp", "elementwise.cpp", "decoder.cpp")
+HEADERS = ("simd.h", "ops.h", "decoder.h")
 NEEDED_FLAGS = {"avx2", "fma", "f16c"}
 
 

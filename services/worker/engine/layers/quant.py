@@ -7,9 +7,11 @@ and output row, plus a float16 min (asymmetric formats) or a 16-entry code book 
 |--------|------|-------|-------------------------------|-----------------------------------------|
 | q4_1   | 4    | 32    | scale * code + min            | GGUF blocks as stored, or quantised here |
 | q8_0   | 8    | 32    | scale * code (code signed)    | GGUF blocks as stored, or quantised here |
-| int4   | 4    | 32-128| scale * code + min            | any float checkpoint (round to nearest)  |
+| int4   | 4    | 32*   | scale * code + min            | any float checkpoint (round to nearest)  |
 | int8   | 8    | K     | scale * code (per out channel)| any float checkpoint                     |
 | nf4    | 4    | 64    | scale * NF4[code]             | any float checkpoint (bitsandbytes' book)|
+
+*int4/64, int4/128, int8/32, ...: another group size (a multiple of 2 dividing the input width).
 
 Packing (the kernels' layout): output rows in panels of 16; inside a panel, for each input column
 (8-bit) or pair of columns (4-bit, low nibble = even column), the codes of the 16 rows side by side.
@@ -107,6 +109,17 @@ def pack(fmt: str, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | Non
                         None if mins is None else panel(mins), table)
 
 
+DEFAULT_GROUP = {"q4_1": 32, "q8_0": 32, "int4": 32, "int8": 0, "nf4": 64}  # int8: 0 = one group per row
+
+
+def split_format(spec: str) -> tuple[str, int]:
+    """'int4' -> ('int4', 32); 'int4/128' -> ('int4', 128): a format and its group size (0 = per output row)."""
+    fmt, _, group = spec.partition("/")
+    if fmt not in FORMATS or (group and not group.isdigit()):
+        raise ValueError(f"unknown weight format {spec!r}: supported are {', '.join(FORMATS)} (int4/64: a group size)")
+    return fmt, int(group) if group else DEFAULT_GROUP[fmt]
+
+
 def check_shape(fmt: str, k: int, group: int) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}: supported are {', '.join(FORMATS)}")
@@ -114,10 +127,12 @@ def check_shape(fmt: str, k: int, group: int) -> None:
         raise ValueError(f"{fmt}: in_features {k} is not a multiple of the group size {group}")
 
 
-def quantize(weight: torch.Tensor, fmt: str, group: int = 0) -> PackedWeight:
-    """Quantize a float [N, K] weight (round to nearest, as llama.cpp / bitsandbytes do)."""
+def quantize(weight: torch.Tensor, fmt: str) -> PackedWeight:
+    """Quantize a float [N, K] weight to `fmt` (optionally with its group size: int4/128), rounding to nearest
+    as llama.cpp and bitsandbytes do."""
     n, k = weight.shape
-    group = group or {"q4_1": 32, "q8_0": 32, "int4": 64, "int8": k, "nf4": 64}[fmt]
+    fmt, group = split_format(fmt)
+    group = group or k
     check_shape(fmt, k, group)
     w = weight.detach().float().cpu().numpy().reshape(n, k // group, group)
     if fmt in ("q4_1", "int4"):

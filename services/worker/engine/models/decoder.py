@@ -3,7 +3,11 @@
 One packed row of T tokens per step (decodes first, then prefill chunks); per layer: fused RMSNorm
 (+ residual), one QKV projection, rotary in place, paged attention, output projection, fused RMSNorm,
 one gate-up projection, SiLU * up, down projection. The step's metadata (StepContext) is built once
-by the model runner; the layers add no Python beyond their own calls.
+by the model runner.
+
+On a CPU in float32 the same layer loop runs as one C++ call (layers/csrc/decoder.cpp: the same kernels
+in the same order, so the same numbers; no Python per layer). The loop below is that path's reference
+and serves every other device and dtype.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from services.worker.engine.attention import StepContext, attend
-from services.worker.engine.layers import ops
+from services.worker.engine.layers import kernels, ops
 from services.worker.engine.layers.linear import Embedding, Linear
 from services.worker.engine.models.spec import DecoderSpec, rotary_tables
 
@@ -70,6 +74,8 @@ class DecoderModel(nn.Module):
         cos, sin = rotary_tables(config, spec.max_position_embeddings)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.use_fused = True  # the C++ layer loop where it applies (tests turn it off to compare)
+        self._fused: Any = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,6 +100,12 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
         """input_ids [T] -> final-normed hidden states [T, hidden] (after the first num_layers layers)."""
         h = self.embed(input_ids).to(self.dtype)
+        fused = self._fused_decoder() if self.use_fused else None
+        if fused is not None:
+            ops_ = kernels.load()
+            step = ops_.Step(ctx.positions, ctx.slot_mapping, ctx.block_tables, ctx.token_seq, ctx.token_pos,
+                             self.cos, self.sin)
+            return fused.forward(h, step, ctx.kv.k, ctx.kv.v, self.norm, num_layers or 0)
         residual = None
         cos, sin = self.cos, self.sin
         for i, layer in enumerate(self.layers):
@@ -102,6 +114,27 @@ class DecoderModel(nn.Module):
             h, residual = layer.forward(h, residual, ctx, cos, sin)
         return ops.rms_norm(h, self.norm, self.spec.rms_norm_eps, residual)
 
+    def _fused_decoder(self) -> Any:
+        """The C++ layer loop, built on first use: CPU, float32, attention shapes the kernel takes."""
+        if self._fused is None:
+            spec, k = self.spec, kernels.load()
+            self._fused = False
+            if (k is not None and self.device.type == "cpu" and self.dtype == torch.float32
+                    and spec.head_dim % 16 == 0 and spec.num_heads // spec.num_kv_heads <= 8):
+                self._fused = k.Decoder(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps,
+                                        spec.head_dim**-0.5)
+                for layer in self.layers:
+                    self._fused.add_layer(layer.input_norm, layer.post_norm, *(_kernel_linear(k, lin) for lin in (
+                        layer.qkv, layer.o, layer.gate_up, layer.down)), layer.q_norm, layer.k_norm, layer.window or 0)
+        return self._fused or None
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> [rows, vocab]."""
         return self.lm_head(hidden)
+
+
+def _kernel_linear(k: Any, layer: Linear) -> Any:
+    p = layer.packed
+    if p is None:
+        return k.Linear(layer.weight, None, None, None, None, layer.bias, 0, 0, layer.out_features)
+    return k.Linear(None, p.codes, p.scales, p.mins, p.table, layer._kernel_bias, p.bits, p.group, layer.out_features)

@@ -69,17 +69,32 @@ def native_model(config: Any, generation: Any, get: Callable[[str], Weight | Non
     return model.eval()
 
 
-def native_from_hf(model: nn.Module, fmt: str = "none") -> DecoderModel:
+def quantized_state(model: nn.Module, fmt: str) -> Callable[[str], Weight | None]:
+    """`model`'s tensors by name, its linear layers' weights quantized to `fmt` once (the embedding and LM
+    head to their 8-bit format): feed it to both builders and they share the same packed values."""
+    state = model.state_dict()
+    if fmt == "none":
+        return state.get
+    embed = {n + ".weight" for n, m in model.named_modules() if m in (model.get_input_embeddings(),
+                                                                        model.get_output_embeddings())}
+    linear = {n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    packed = {n: convert([state[n]], embedding_format(fmt) if n in embed else fmt, state[n].dtype)
+              for n in linear | embed if n in state}
+    return lambda name: packed.get(name, state.get(name))
+
+
+def native_from_hf(model: nn.Module, fmt: str = "none",
+                   get: Callable[[str], Weight | None] | None = None) -> DecoderModel:
     """tokenmill's forward over an in-memory transformers model's weights (tests and benchmarks)."""
-    device = next(model.parameters()).device
-    return native_model(model.config, model.generation_config, model.state_dict().get, fmt, device.type,
-                        next(model.parameters()).dtype)
+    p = next(model.parameters())
+    return native_model(model.config, model.generation_config, get or quantized_state(model, fmt), fmt,
+                        p.device.type, p.dtype)
 
 
-def hf_from_hf(model: nn.Module, fmt: str) -> nn.Module:
+def hf_from_hf(model: nn.Module, fmt: str, get: Callable[[str], Weight | None] | None = None) -> nn.Module:
     """transformers' model over tokenmill's layers with `model`'s weights quantized to `fmt`: the reference
-    for a quantized engine (the same packed values as `native_from_hf(model, fmt)`)."""
-    ref = hf_model(model.config, model.state_dict().get, fmt, next(model.parameters()).dtype)
+    for a quantized engine (pass the same `get` to native_from_hf for the same packed values)."""
+    ref = hf_model(model.config, get or quantized_state(model, fmt), fmt, next(model.parameters()).dtype)
     ref.generation_config = model.generation_config
     return ref
 

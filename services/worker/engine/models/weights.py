@@ -87,8 +87,10 @@ def checkpoint_tensors(folder: Path) -> Callable[[str], torch.Tensor | None]:
 
 
 def convert(parts: list[Weight], fmt: str, dtype: torch.dtype) -> Weight:
-    """One linear layer's weight (several parts fused along the rows) in `fmt`; floats in `dtype`."""
-    if fmt == "gguf" and all(isinstance(p, PackedWeight) for p in parts):
+    """One linear layer's weight (several parts fused along the rows) in `fmt`; floats in `dtype`. Weights
+    already packed in `fmt` (or any GGUF blocks, for `gguf`) are kept as they are."""
+    if all(isinstance(p, PackedWeight) and (fmt == "gguf" or (p.fmt, p.group) == _format_group(fmt, p))
+           for p in parts):
         return parts[0] if len(parts) == 1 else concat_rows(parts)
     w = torch.cat([to_float(p, dtype) for p in parts]) if len(parts) > 1 else to_float(parts[0], dtype)
     if fmt in ("none", "gguf"):  # a float tensor inside a GGUF stays float
@@ -96,17 +98,26 @@ def convert(parts: list[Weight], fmt: str, dtype: torch.dtype) -> Weight:
     return quant.quantize(w, fmt)
 
 
+def _format_group(fmt: str, p: PackedWeight) -> tuple[str, int]:
+    if fmt in ("none", "gguf"):
+        return "", 0
+    base, group = quant.split_format(fmt)
+    return base, group or p.in_features
+
+
 def to_float(w: Weight, dtype: torch.dtype) -> torch.Tensor:
     return (w.dequantize() if isinstance(w, PackedWeight) else w).to(dtype)
 
 
 def embedding_format(fmt: str) -> str:
-    return fmt if fmt in ("none", "gguf", "int8") else "q8_0"
+    return fmt if fmt in ("none", "gguf") or fmt.startswith("int8") else "q8_0"
 
 
 def check_quantization(fmt: str) -> None:
-    if fmt not in QUANTIZATIONS:
-        raise ValueError(f"--quantization {fmt!r}: use one of {', '.join(QUANTIZATIONS)}")
+    """none, gguf, int8, int4 or nf4; a quantizing format may name its group size (int4/128)."""
+    base, _, group = fmt.partition("/")
+    if base not in QUANTIZATIONS or (group and (base in ("none", "gguf") or not group.isdigit())):
+        raise ValueError(f"--quantization {fmt!r}: use one of {', '.join(QUANTIZATIONS)} (int4/128: a group size)")
 
 
 def assemble(spec: DecoderSpec, get: Callable[[str], Weight | None], fmt: str, dtype: torch.dtype) -> dict[str, Any]:

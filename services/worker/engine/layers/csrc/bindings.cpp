@@ -1,16 +1,7 @@
 // Python bindings of tokenmill's CPU kernels (one extension module; see layers/kernels.py).
 #include <torch/extension.h>
 
-torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                           c10::optional<torch::Tensor> table, c10::optional<torch::Tensor> bias, int64_t bits,
-                           int64_t group);
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
-                              torch::Tensor token_seq, torch::Tensor token_pos, int64_t num_heads, int64_t window,
-                              double scale);
-void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual);
-void rotary(torch::Tensor x, int64_t heads, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin);
-torch::Tensor silu_mul(torch::Tensor gate_up);
+#include "decoder.h"
 
 static std::string isa() {
 #if defined(__AVX512F__)
@@ -28,4 +19,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary, "rotary embedding in place (rotate-half convention)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("isa", &isa, "the vector ISA of this build");
+  py::class_<Linear>(m, "Linear")
+      .def(py::init([](c10::optional<at::Tensor> weight, c10::optional<at::Tensor> codes,
+                       c10::optional<at::Tensor> scales, c10::optional<at::Tensor> mins,
+                       c10::optional<at::Tensor> table, c10::optional<at::Tensor> bias, int64_t bits, int64_t group,
+                       int64_t out) {
+        Linear l;
+        if (weight) l.weight = *weight;
+        if (codes) l.codes = *codes;
+        if (scales) l.scales = *scales;
+        l.mins = mins, l.table = table, l.bias = bias, l.bits = bits, l.group = group, l.out = out;
+        return l;
+      }));
+  py::class_<Step>(m, "Step")
+      .def(py::init([](at::Tensor positions, at::Tensor slots, at::Tensor block_tables, at::Tensor token_seq,
+                       at::Tensor token_pos, at::Tensor cos, at::Tensor sin) {
+        return Step{positions, slots, block_tables, token_seq, token_pos, cos, sin};
+      }));
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<int64_t, int64_t, int64_t, double, double>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("forward", &Decoder::forward, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,0 +1,253 @@
+"""`tokenmill bench quality`: what each weight format costs in quality, against the fp32 model.
+
+Per model and format (`none` = the fp32 reference, `gguf` = the embedded GGUF's own Q4_1/Q8_0 blocks, `int8`,
+`int4`, `nf4` quantized from the fp32 weights by tokenmill's layers; embedding and LM head stay 8-bit):
+- perplexity of the text;
+- KL(fp32 || format) of the next-token distributions: mean, median, 99th percentile and max over the scored
+  positions (as llama.cpp's `perplexity --kl-divergence` reports them);
+- top-1 agreement: the fraction of positions whose argmax equals the fp32 model's.
+Every format runs transformers' model over tokenmill's Linear/Embedding modules (the same modules the engine
+uses), one forward per non-overlapping chunk of `--chunk` tokens, no cache, no sampling. In a chunk, positions
+1..chunk-1 are scored (each predicts the next token of the chunk from the chunk's own prefix only).
+
+Text: the prose paragraphs of the Python Language Reference that CPython ships as `pydoc_data/topics.py`
+(indented code and grammar blocks, headings and short or non-sentence paragraphs dropped; topics in sorted
+order; repeated paragraphs once), so nothing is downloaded. The tiny random Qwen2 reads the same token ids
+modulo its vocabulary: its perplexity is meaningless, only its KL and top-1 agreement mean something. Its
+weights are transformers' default initialisation (std 0.02), so its next-token distribution is nearly uniform
+(entropy close to ln(vocab)): its KL values are small and its top-1 agreement counts near ties. Compare its
+formats with each other, not with the trained model's numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMATS = ("none", "gguf", "int8", "int4", "int4/64", "nf4")  # int4 = groups of 32, int4/64 = groups of 64
+MODELS = ("smollm2-135m", "tiny-qwen2")
+TINY_QWEN2 = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+TINY_SEED = 0
+SOURCE = "CPython's pydoc_data/topics.py (Python Language Reference topics), prose paragraphs"
+
+
+@dataclass(slots=True)
+class Options:
+    models: tuple[str, ...] = MODELS
+    formats: tuple[str, ...] = FORMATS
+    tokens: int = 20480
+    chunk: int = 512
+    threads: int = 0
+    quick: bool = False
+    out: Path = Path("results/quality.json")
+
+
+@dataclass(slots=True)
+class Row:
+    model: str
+    format: str
+    weights_MiB: float
+    positions: int
+    perplexity: float
+    ppl_ratio: float
+    kl_mean: float
+    kl_median: float
+    kl_p99: float
+    kl_max: float
+    top1: float
+    entropy: float
+    forward_s: float
+
+
+@dataclass(slots=True)
+class Tally:
+    nll: list[torch.Tensor] = field(default_factory=list)
+    kl: list[torch.Tensor] = field(default_factory=list)
+    same: list[torch.Tensor] = field(default_factory=list)
+    entropy: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def prose_paragraphs() -> list[str]:
+    """The Language Reference's prose: unindented paragraphs of >= 80 characters that read as sentences."""
+    from pydoc_data.topics import topics
+
+    seen: set[str] = set()
+    out: list[str] = []
+    for key in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[key]):
+            lines = block.split("\n")
+            if any(line.startswith(" ") for line in lines):  # code, grammar, nested list items
+                continue
+            text = " ".join(line.strip() for line in lines)
+            if len(text) >= 80 and text[0].isupper() and text.endswith(".") and text not in seen:
+                seen.add(text)
+                out.append(text)
+    return out
+
+
+def tiny_qwen2() -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(TINY_SEED)
+    return Qwen2ForCausalLM(Qwen2Config(**TINY_QWEN2)).eval()
+
+
+def weight_bytes(model: Any) -> int:
+    """Parameters plus packed weights, each stored object once (a tied head shares the embedding's)."""
+    packed = {id(m.packed): m.packed.nbytes for m in model.modules() if getattr(m, "packed", None) is not None}
+    return sum(packed.values()) + sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def format_model(name: str, ref: Any, fmt: str) -> Any:
+    from services.common.model_loader import load_model
+    from services.worker.engine.models.loader import hf_from_hf
+
+    if fmt == "none":
+        return ref
+    if fmt == "gguf":
+        return load_model(name, "gguf", "cpu", "float32").model
+    return hf_from_hf(ref, fmt)
+
+
+def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str]) -> list[Row]:
+    """One model: every format over the same chunks, each chunk compared with the fp32 logits at once."""
+    from services.common.model_loader import EMBEDDED, load_model
+
+    ref = load_model(name, "none", "cpu", "float32").model if name in EMBEDDED else tiny_qwen2()
+    ids = ids % ref.config.vocab_size
+    models: dict[str, Any] = {}
+    for fmt in opts.formats:
+        if fmt == "gguf" and name not in EMBEDDED:
+            skipped[f"{name}/gguf"] = "no GGUF file: gguf keeps a GGUF's own blocks (embedded model only)"
+            continue
+        models[fmt] = format_model(name, ref, fmt)
+    tallies = {fmt: Tally() for fmt in models}
+    chunks = ids[: len(ids) // opts.chunk * opts.chunk].view(-1, opts.chunk)
+    with torch.inference_mode():
+        for i, chunk in enumerate(chunks):
+            x, target = chunk[None], chunk[1:, None]
+            t0 = time.perf_counter()
+            ref_logp = torch.log_softmax(ref(x, use_cache=False).logits[0, :-1].float(), -1)
+            ref_s, ref_p = time.perf_counter() - t0, ref_logp.exp()
+            for fmt, model in models.items():
+                t0 = time.perf_counter()
+                logp = ref_logp if fmt == "none" else torch.log_softmax(
+                    model(x, use_cache=False).logits[0, :-1].float(), -1)
+                tally = tallies[fmt]
+                tally.seconds += ref_s if fmt == "none" else time.perf_counter() - t0
+                tally.nll.append(-logp.gather(1, target)[:, 0].double())
+                tally.kl.append((ref_p * (ref_logp - logp)).sum(-1).double())
+                tally.same.append(logp.argmax(-1) == ref_logp.argmax(-1))
+                tally.entropy.append(-(logp.exp() * logp).sum(-1).double())
+            print(f"  {name}: chunk {i + 1}/{len(chunks)}", end="\r", flush=True)
+    print()
+    ref_ppl = math.exp(torch.cat(tallies["none"].nll).mean().item()) if "none" in tallies else float("nan")
+    rows = []
+    for fmt, tally in tallies.items():
+        kl = torch.cat(tally.kl)
+        ppl = math.exp(torch.cat(tally.nll).mean().item())
+        rows.append(Row(name, fmt, weight_bytes(models[fmt]) / 2**20, len(kl), ppl, ppl / ref_ppl,
+                        kl.mean().item(), kl.median().item(), torch.quantile(kl, 0.99).item(), kl.max().item(),
+                        torch.cat(tally.same).double().mean().item(), torch.cat(tally.entropy).mean().item(),
+                        tally.seconds))
+        print(f"  {name} {fmt}: ppl {ppl:.3f}, KL mean {rows[-1].kl_mean:.5f}, top-1 {rows[-1].top1:.4f}")
+    return rows
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+
+    from bench.results import environment as machine
+    from services.worker.engine.layers import kernels
+
+    return {**machine(), "transformers": transformers.__version__, "tokenmill_kernels": kernels.load() is not None}
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| model | format | weights MiB | PPL | PPL / fp32 | KL mean | KL median | KL p99 | KL max | top-1 "
+             "| entropy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.format} | {r.weights_MiB:.1f} | {r.perplexity:.3f} | {r.ppl_ratio:.4f} | "
+                     f"{r.kl_mean:.3g} | {r.kl_median:.3g} | {r.kl_p99:.3g} | {r.kl_max:.3g} | "
+                     f"{100 * r.top1:.2f}% | {r.entropy:.2f} |")
+    return "\n".join(lines)
+
+
+def main(opts: Options) -> dict[str, Any]:
+    from services.common.model_loader import load_tokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from services.worker.engine.models.weights import check_quantization
+
+    for fmt in opts.formats:
+        check_quantization(fmt)
+    if set(opts.models) - set(MODELS):
+        raise ValueError(f"unknown model {sorted(set(opts.models) - set(MODELS))}: use {', '.join(MODELS)}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    from services.worker.engine.layers import kernels
+
+    kernels.load()  # built (or loaded from the cache) here, not inside the first quantized format's timing
+    paragraphs = prose_paragraphs()
+    text = "\n\n".join(paragraphs)
+    tokenizer = load_tokenizer("smollm2-135m")
+    all_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(all_ids) < opts.tokens:
+        raise ValueError(f"--tokens {opts.tokens}: the text has only {len(all_ids)} tokens")
+    ids = torch.tensor(all_ids[: opts.tokens])
+    print(f"text: {len(paragraphs)} paragraphs, {len(all_ids)} tokens; using {opts.tokens} in chunks of "
+          f"{opts.chunk}; models {opts.models}, formats {opts.formats}", flush=True)
+    t0 = time.perf_counter()
+    rows: list[Row] = []
+    skipped: dict[str, str] = {}
+    for name in opts.models:
+        rows += evaluate(name, ids, opts, skipped)
+    total_s = time.perf_counter() - t0
+    report = {
+        "benchmark": "quality", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join(["tokenmill bench quality", *sys.argv[sys.argv.index("quality") + 1:]])
+        if "quality" in sys.argv else " ".join(sys.argv),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "environment": environment(),
+        "text": {"source": SOURCE, "python": sys.version.split()[0], "paragraphs": len(paragraphs),
+                 "chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                 "tokenizer": "smollm2-135m", "tokens_available": len(all_ids), "tokens_used": opts.tokens,
+                 "chunk": opts.chunk, "chunks": opts.tokens // opts.chunk,
+                 "positions_scored": opts.tokens // opts.chunk * (opts.chunk - 1)},
+        "models": {"smollm2-135m": "embedded SmolLM2-135M-Instruct; fp32 reference = its Q4_1 GGUF dequantised",
+                   "tiny-qwen2": {"config": TINY_QWEN2, "seed": TINY_SEED, "ids": "the text's ids modulo vocab_size",
+                                  "note": "random weights (std 0.02): perplexity meaningless, only KL and top-1 "
+                                          "matter; near-uniform outputs, so top-1 agreement counts near ties"}},
+        "skipped": skipped, "total_s": total_s, "rows": [asdict(r) for r in rows],
+    }
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=2) + "\n")
+    t = report["text"]
+    md = [f"# Quality per weight format ({report['date']})", "", f"Command: `{report['command']}`", "",
+          f"Text: {SOURCE}, Python {t['python']}: {t['tokens_used']} tokens (SmolLM2 tokenizer) in "
+          f"{t['chunks']} non-overlapping chunks of {t['chunk']}, {t['positions_scored']} positions scored. "
+          "KL = KL(fp32 || format) per position; top-1 = argmax equals fp32's. tiny-qwen2 = random weights "
+          f"(seed {TINY_SEED}, hidden {TINY_QWEN2['hidden_size']}, {TINY_QWEN2['num_hidden_layers']} layers, "
+          f"vocab {TINY_QWEN2['vocab_size']}): its perplexity is meaningless and its outputs are nearly uniform "
+          "(entropy column), so its top-1 agreement counts near ties.", "", markdown_table(rows), ""]
+    md += [f"- skipped {k}: {v}" for k, v in skipped.items()]
+    md.append(f"- total {total_s:.0f} s, {report['environment']['cpu']}, {torch.get_num_threads()} torch threads")
+    opts.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print()
+    print(markdown_table(rows))
+    print(f"wrote {opts.out} and {opts.out.with_suffix('.md')} ({total_s:.0f} s)")
+    return report

@@ -1,0 +1,40 @@
+// The decoder stack as one C++ call (decoder.cpp): weights by reference, the step's metadata as tensors.
+#pragma once
+
+#include "ops.h"
+
+#include <vector>
+
+struct Linear {  // packed (bits > 0: codes, scales, mins / table, padded bias) or float (weight, bias)
+  at::Tensor weight, codes, scales;
+  c10::optional<at::Tensor> mins, table, bias;
+  int64_t bits = 0, group = 0, out = 0;
+  at::Tensor operator()(const at::Tensor& x) const;
+};
+
+struct Step {  // models/attention.py's StepContext, the tensors only
+  at::Tensor positions, slots, block_tables, token_seq, token_pos, cos, sin;
+};
+
+struct Layer {
+  at::Tensor in_norm, post_norm;
+  Linear qkv, o, gate_up, down;
+  c10::optional<at::Tensor> q_norm, k_norm;
+  int64_t window;
+};
+
+class Decoder {
+ public:
+  Decoder(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, double scale)
+      : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(eps), scale_(scale) {}
+  void add_layer(at::Tensor in_norm, at::Tensor post_norm, Linear qkv, Linear o, Linear gate_up, Linear down,
+                 c10::optional<at::Tensor> q_norm, c10::optional<at::Tensor> k_norm, int64_t window);
+  // h [T, hidden] (embedded tokens) -> final-normed hidden states after the first num_layers layers (0 = all)
+  at::Tensor forward(at::Tensor h, const Step& step, const std::vector<at::Tensor>& k_caches,
+                     const std::vector<at::Tensor>& v_caches, at::Tensor final_norm, int64_t num_layers) const;
+
+ private:
+  int64_t heads_, kv_heads_, head_dim_;
+  double eps_, scale_;
+  std::vector<Layer> layers_;
+};

@@ -1,0 +1,39 @@
+"""`tokenmill bench quality --quick` on the tiny random Qwen2: the files it writes, their fields, and sane values
+(the fp32 reference agrees with itself exactly; int8 is closer to fp32 than int4). No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from typer.testing import CliRunner
+
+ROW = {"model", "format", "weights_MiB", "positions", "perplexity", "ppl_ratio", "kl_mean", "kl_median", "kl_p99",
+       "kl_max", "top1", "entropy", "forward_s"}
+
+
+def test_quality_quick_on_tiny_qwen2(tmp_path):
+    from bench.cli import app
+
+    out = tmp_path / "quality.json"
+    result = CliRunner().invoke(app, ["quality", "--quick", "--models", "tiny-qwen2", "--formats", "int8,int4,nf4",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert {"benchmark", "date", "command", "options", "environment", "text", "models", "rows", "total_s"} <= set(doc)
+    assert {"torch", "cpu_flags", "cpu_capability"} <= set(doc["environment"])
+    text = doc["text"]
+    assert "pydoc_data/topics.py" in text["source"] and text["tokens_available"] >= 20000
+    assert text["tokens_used"] == 1024 and text["positions_scored"] == 4 * 255
+    rows = {r["format"]: r for r in doc["rows"]}
+    assert list(rows) == ["none", "int8", "int4", "nf4"]
+    for r in rows.values():
+        assert set(r) == ROW and r["model"] == "tiny-qwen2" and r["positions"] == 1020
+        assert all(math.isfinite(r[k]) for k in ROW - {"model", "format"})
+        assert r["kl_mean"] >= -1e-6 and 0 <= r["top1"] <= 1
+    ref = rows["none"]
+    assert ref["kl_mean"] == ref["kl_max"] == 0 and ref["top1"] == 1 and ref["ppl_ratio"] == 1
+    assert rows["int8"]["kl_mean"] < rows["int4"]["kl_mean"] and rows["int8"]["kl_mean"] < rows["nf4"]["kl_mean"]
+    assert rows["int4"]["weights_MiB"] < rows["int8"]["weights_MiB"] < ref["weights_MiB"]
+    md = out.with_suffix(".md").read_text()
+    assert "| tiny-qwen2 | int4 |" in md and "pydoc_data" in md
