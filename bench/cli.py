@@ -136,6 +136,18 @@ def quality(
     main(opts)
 
 
+@app.command("structured")
+def structured(
+    batches: str = typer.Option("1,32", help="Batch sizes (concurrent requests), comma separated."),
+    max_tokens: int = typer.Option(48, help="max_tokens per request of the engine runs."),
+    out: Path = typer.Option(Path("results/structured.json"), help="JSON result file."),
+) -> None:
+    """Constrained decoding's cost: per-step mask work per library, engine tok/s with and without a JSON schema."""
+    from bench.structured import main
+
+    main(_ints(batches), max_tokens, out)
+
+
 from bench.phases import register; register(app)  # noqa: E402, E702, I001  phases 1-8 (bench/phases)
 from bench.compare import register_compare; register_compare(app)  # noqa: E402, E702, I001  bench compare
 

@@ -17,7 +17,7 @@ def _run_worker(config: WorkerConfig) -> None:
 
 
 def _run_gateway(config: GatewayConfig) -> None:
-    from services.gateway.server import run
+    from services.gateway.main import run
 
     run(config)
 

@@ -35,7 +35,14 @@ def launch(name: str, args: list[str], address: str, log_dir: Path) -> Service:
     return Service(name, address, proc, path)
 
 
-def wait_serving(services: list[Service], timeout_s: float) -> None:
+def open_channel(address: str, credentials=None):
+    """A blocking channel to a service: TLS with `credentials` (grpc.ChannelCredentials), else plaintext."""
+    import grpc
+
+    return grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+
+
+def wait_serving(services: list[Service], timeout_s: float, credentials=None) -> None:
     """Block until every service's grpc.health.v1 says SERVING; raise with its log tail if one dies."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -47,7 +54,7 @@ def wait_serving(services: list[Service], timeout_s: float) -> None:
             if svc.proc.poll() is not None:
                 tail = svc.log.read_text()[-3000:]
                 raise RuntimeError(f"{svc.name} exited with {svc.proc.returncode}; its log ({svc.log}):\n{tail}")
-            with grpc.insecure_channel(svc.address) as channel:
+            with open_channel(svc.address, credentials) as channel:
                 try:
                     status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
                     if status.status == health_pb2.HealthCheckResponse.SERVING:
@@ -198,11 +205,14 @@ def generate(
     seed: int = typer.Option(None, help="Sampling seed."),
     gateway: str = typer.Option("127.0.0.1:50051", envvar="TOKENMILL_GATEWAY", help="Gateway address."),
     api_key: str = typer.Option("", envvar="TOKENMILL_API_KEY", help="API key, if the gateway needs one."),
+    tls_ca: str = typer.Option("", envvar="TOKENMILL_TLS_CA", help="PEM CA of the gateway's certificate: connect "
+                               "over TLS (for a gateway run with --tls-cert)."),
 ) -> None:
     """Send one request to the gateway and print the completion."""
     import grpc
 
     from services.common.pb import inference_pb2, inference_pb2_grpc
+    from services.common.tls import channel_credentials
 
     sampling = inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     if seed is not None:
@@ -213,7 +223,7 @@ def generate(
     else:
         request.prompt = prompt
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
-    with grpc.insecure_channel(gateway) as channel:
+    with open_channel(gateway, channel_credentials(tls_ca) if tls_ca else None) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
             if stream:

@@ -26,9 +26,12 @@ def setting(default: Any, help: str) -> Any:
 
 @dataclass(slots=True)
 class WorkerConfig:
-    host: str = setting("127.0.0.1", "Address to bind the gRPC server to.")
+    host: str = setting("127.0.0.1", "Address to bind the gRPC server (and the metrics port) to.")
     port: int = setting(50061, "gRPC port.")
-    metrics_port: int = setting(0, "Prometheus /metrics HTTP port; 0 = off.")
+    metrics_port: int = setting(0, "Prometheus /metrics HTTP port on --host; 0 = off.")
+    tls_cert: str = setting("", "PEM certificate (chain): serve TLS only. With --tls-key.")
+    tls_key: str = setting("", "PEM private key of --tls-cert.")
+    tls_ca: str = setting("", "PEM CA: require client certificates signed by it (mTLS with the gateway).")
     worker_id: str = setting("", "Name reported to the gateway; default host:port.")
     model: str = setting("smollm2-135m", "smollm2-135m (embedded), a local folder, or a hub id.")
     quantization: str = setting("auto", "auto (the embedded GGUF's own blocks on a CPU, else none) | none (float) | "
@@ -62,10 +65,17 @@ class WorkerConfig:
 
 @dataclass(slots=True)
 class GatewayConfig:
-    host: str = setting("127.0.0.1", "Address to bind the gRPC and HTTP servers to.")
+    host: str = setting("127.0.0.1", "Address to bind the gRPC, HTTP and metrics servers to.")
     port: int = setting(50051, "gRPC port of the public Inference API.")
     http_port: int = setting(0, "OpenAI-compatible HTTP port (/v1/*, /health, /metrics); 0 = off.")
-    metrics_port: int = setting(0, "Separate Prometheus /metrics port; 0 = off.")
+    metrics_port: int = setting(0, "Separate Prometheus /metrics port on --host; 0 = off.")
+    tls_cert: str = setting("", "PEM certificate (chain): gRPC and HTTP serve TLS only; also the client "
+                            "certificate shown to workers. With --tls-key.")
+    tls_key: str = setting("", "PEM private key of --tls-cert.")
+    tls_ca: str = setting("", "PEM CA of the workers' certificates: talk to workers over TLS (mTLS when "
+                          "--tls-cert is set).")
+    tokenizer_threads: int = setting(0, "Threads that template and tokenise prompts off the event loop; "
+                                     "0 = one per core.")
     workers: str = setting("127.0.0.1:50061", "Worker addresses, comma separated host:port.")
     workers_dns: str = setting("", "DNS name whose A records are workers (headless Service), host:port.")
     max_batch_size: int = setting(32, "Most requests in one batch sent to a worker.")
@@ -93,9 +103,9 @@ class GatewayConfig:
 
 @dataclass(slots=True)
 class JudgeConfig:
-    host: str = setting("127.0.0.1", "Address to bind the gRPC server to.")
+    host: str = setting("127.0.0.1", "Address to bind the gRPC server (and the metrics port) to.")
     port: int = setting(50071, "gRPC port.")
-    metrics_port: int = setting(0, "Prometheus /metrics HTTP port; 0 = off.")
+    metrics_port: int = setting(0, "Prometheus /metrics HTTP port on --host; 0 = off.")
     judge_backend: str = setting("local", "local (a causal LM in-process) | openai (an OpenAI-compatible API).")
     model: str = setting("smollm2-135m", "local backend: the judge model.")
     quantization: str = setting("none", "local backend: none | nf4.")

@@ -88,14 +88,17 @@ async def serve(
     grace_period_s: float,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> None:
-    """Run a gRPC server until a signal; `register` adds the servicers, `prepare` loads the model."""
+    """Run a gRPC server until a signal; `register` adds the servicers, `prepare` loads the model.
+    With `credentials` the port speaks TLS only (services/common/tls.py)."""
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[DecodeErrorInterceptor(), *interceptors])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     register(server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise SystemExit(f"{name}: cannot bind {host}:{port} (port in use?)")
 
@@ -126,17 +129,23 @@ async def serve(
     else:
         prepare_task.cancel()
 
-    log.info("%s draining (grace %.0fs)", name, grace_period_s)
+    # NOT_SERVING first: gateways watching the health stream stop routing here at once, while the
+    # requests already running get the grace period to finish
     await set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.info("%s draining (grace %.0fs)", name, grace_period_s)
     await server.stop(grace_period_s)
     if on_shutdown is not None:
         await on_shutdown()
     log.info("%s stopped", name)
 
 
-def start_metrics_server(port: int) -> None:
+def start_metrics_server(port: int, host: str) -> None:
+    """Prometheus /metrics on host:port (the service's own --host: a laptop run exposes nothing)."""
     if port:
         from prometheus_client import start_http_server
 
-        start_http_server(port)
-        log.info("metrics on :%d/metrics", port)
+        try:
+            start_http_server(port, addr=host)
+        except OSError as exc:
+            raise SystemExit(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+        log.info("metrics on %s:%d/metrics", host, port)

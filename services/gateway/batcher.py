@@ -220,16 +220,19 @@ class Batcher:
     def _on_event(self, worker: WorkerHandle, p: Pending, ev: worker_pb2.WorkerEvent) -> None:
         if p.done:
             return
+        if ev.prompt_logprobs:  # before the first chunk goes out: it carries them
+            p.prompt_logprobs = list(ev.prompt_logprobs)
         if ev.token_ids:
             if not p.first_token:
                 p.first_token = time.monotonic()
                 metrics.ttft.observe(p.first_token - p.received)
             p.token_ids.extend(ev.token_ids)
             p.text.append(ev.text)
+            p.logprobs.extend(ev.logprobs)
             worker.inflight[p.request_id] = max(0, worker.inflight.get(p.request_id, 0) - len(ev.token_ids))
             if p.streaming:
                 p.committed = True
-                p.out.put_nowait(Chunk(ev.text, list(ev.token_ids)))
+                p.out.put_nowait(Chunk(ev.text, list(ev.token_ids), logprobs=list(ev.logprobs)))
         if ev.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED:
             return
         p.usage = ev.usage
@@ -250,6 +253,7 @@ class Batcher:
             p.attempts += 1
             p.token_ids.clear()
             p.text.clear()
+            p.logprobs.clear()
             p.worker, p.first_token = None, 0.0
             metrics.retries.inc()
             log.info("retrying %s (attempt %d)", p.request_id, p.attempts + 1)

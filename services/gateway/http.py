@@ -1,11 +1,18 @@
-"""OpenAI-compatible HTTP front on the gateway: /v1/chat/completions, /v1/completions, /v1/models,
-/health, /metrics. Same queue, batcher and validation as the gRPC API; errors in OpenAI's JSON shape."""
+"""OpenAI-compatible HTTP front on the gateway core: /v1/chat/completions, /v1/completions, /v1/models,
+/health, /metrics. Bodies are validated by pydantic models of OpenAI's schema (openai_schema.py); every error
+is OpenAI's error JSON with a 4xx for bad input, and anything unexpected is a JSON 500 logged with the
+request's id (never aiohttp's plain-text page).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import ssl
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -13,7 +20,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.common.pb import inference_pb2
-from services.gateway.server import Gateway, GatewayError
+from services.common.sampling import InvalidRequest
+from services.gateway.core import Gateway, GatewayError
+from services.gateway.openai_format import add_usage, chat_logprobs, completion_logprobs, usage
+from services.gateway.openai_schema import ChatRequest, CompletionRequest, parse
+from services.gateway.pending import Chunk, Pending
+
+log = logging.getLogger("tokenmill.http")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # larger than any prompt that fits: such bodies get a clear 400, not a 413
 HTTP_STATUS = {
@@ -25,50 +38,14 @@ HTTP_STATUS = {
 }
 
 
-def error_response(code: grpc.StatusCode, message: str) -> web.Response:
+def error_response(status: int, kind: str, message: str, code: str, request_id: str = "") -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers={"x-request-id": request_id} if request_id else None)
+
+
+def status_response(code: grpc.StatusCode, message: str, request_id: str = "") -> web.Response:
     status, kind = HTTP_STATUS.get(code, (500, "internal_error"))
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code.name.lower()}}
-    return web.json_response(body, status=status)
-
-
-def invalid(message: str) -> GatewayError:
-    return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def _field(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any:
-    value = body.get(name, default)
-    if value is None or value is default:
-        return value
-    if isinstance(value, bool) and kind is not bool:  # bool is an int in Python; not in JSON
-        raise invalid(f"'{name}' must be a {getattr(kind, '__name__', 'number')}, got a boolean")
-    if not isinstance(value, kind):
-        raise invalid(f"'{name}' has the wrong type: got {type(value).__name__}")
-    return value
-
-
-def sampling_from_json(body: dict) -> inference_pb2.SamplingParams:
-    number = (int, float)
-    pb = inference_pb2.SamplingParams(ignore_eos=bool(_field(body, "ignore_eos", bool, False)))
-    max_tokens = _field(body, "max_completion_tokens", int) or _field(body, "max_tokens", int)
-    if max_tokens is not None:
-        pb.max_tokens = max_tokens
-    for name in ("temperature", "top_p"):
-        value = _field(body, name, number)
-        if value is not None:
-            setattr(pb, name, float(value))
-    if (top_k := _field(body, "top_k", int)) is not None:
-        pb.top_k = max(0, top_k) if top_k != -1 else 0
-    if (seed := _field(body, "seed", int)) is not None:
-        pb.seed = seed & 0xFFFFFFFFFFFFFFFF
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise invalid("'stop' must be a string or a list of strings")
-    pb.stop.extend(stop or [])
-    if _field(body, "n", int, 1) != 1:
-        raise invalid("only n=1 is supported")
-    return pb
+    return error_response(status, kind, message, code.name.lower(), request_id)
 
 
 class OpenAIFront:
@@ -86,76 +63,118 @@ class OpenAIFront:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
+        rid = request["request_id"] = uuid.uuid4().hex[:24]
         key = self.gw.config.api_key
         if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
-            return error_response(grpc.StatusCode.UNAUTHENTICATED,
-                                  "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+            return status_response(grpc.StatusCode.UNAUTHENTICATED,
+                                   "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
         try:
             return await handler(request)
         except GatewayError as exc:
-            return error_response(exc.code, exc.message)
+            return status_response(exc.code, exc.message, rid)
+        except InvalidRequest as exc:
+            return status_response(grpc.StatusCode.INVALID_ARGUMENT, str(exc), rid)
+        except web.HTTPException as exc:  # aiohttp's own 404 / 405 / 413: the same JSON shape
+            if exc.status < 400:
+                raise
+            return error_response(exc.status, "invalid_request_error", f"{exc.reason}: {request.method} "
+                                  f"{request.path}", str(exc.status), rid)
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("request %s (%s %s) failed", rid, request.method, request.path)
+            return error_response(500, "internal_error", f"internal error; request id {rid} (in the gateway log)",
+                                  "internal", rid)
 
-    async def _body(self, request: web.Request) -> dict:
+    async def _body(self, request: web.Request) -> Any:
         raw = await request.read()
         try:
-            body = json.loads(raw.decode("utf-8"))
+            return json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise invalid(f"request body is not valid UTF-8 (byte {exc.start})") from None
+            raise InvalidRequest(f"request body is not valid UTF-8 (byte {exc.start})") from None
         except json.JSONDecodeError as exc:
-            raise invalid(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
-        if not isinstance(body, dict):
-            raise invalid("request body must be a JSON object")
-        return body
+            raise InvalidRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise invalid("'messages' must be a non-empty list of {role, content} objects")
-        pairs = []
-        for i, m in enumerate(messages):
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            if not isinstance(content, str) or not isinstance(m.get("role"), str):
-                raise invalid(f"messages[{i}] must have a string 'role' and a string 'content'")
-            pairs.append((m["role"], content))
-        return await self._run(request, body, prompt="", messages=pairs, chat=True)
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise invalid("'prompt' must be a string")
-        body.setdefault("max_tokens", 16)  # OpenAI's default for completions
-        return await self._run(request, body, prompt=prompt, messages=[], chat=False)
-
-    async def _run(self, request: web.Request, body: dict, *, prompt: str, messages: list, chat: bool):
-        stream = bool(body.get("stream", False))
+    async def _admit(self, request: web.Request, req: Any, *, prompt: str | list[int] = "",
+                     messages: list | None = None) -> Pending:
         # a conversation id pins its requests to one worker: the x-session-id header, else OpenAI's `user`
-        session = request.headers.get("x-session-id") or _field(body, "user", str, "") or ""
-        p = self.gw.admit(request_id="", model=_field(body, "model", str, "") or "", prompt=prompt,
-                          messages=messages, sampling=sampling_from_json(body), priority=0, streaming=stream,
-                          session_id=session)
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        meta = {"id": ident, "created": int(time.time()), "model": self.gw.validator.model}
-        if stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await self._stream(request, p, meta, chat, include_usage)
+        session = request.headers.get("x-session-id") or req.user or ""
+        return await self.gw.admit(request_id="", model=req.model, prompt=prompt, messages=messages or [],
+                                   sampling=req.to_sampling(), priority=0, streaming=req.stream, session_id=session)
+
+    def _meta(self, chat: bool) -> dict:
+        return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
+                "model": self.gw.model}
+
+    async def _final(self, p: Pending) -> Chunk:
         async for chunk in self.gw.chunks(p):
             if chunk.final:
-                text = "".join(p.text)
-                choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
-                          else {"index": 0, "text": text, "logprobs": None})
-                choice["finish_reason"] = chunk.finish_reason
-                return web.json_response({**meta, "object": "chat.completion" if chat else "text_completion",
-                                          "choices": [choice], "usage": _usage(p.usage)})
+                return chunk
         raise GatewayError(grpc.StatusCode.INTERNAL, "request ended without a result")
 
-    async def _stream(self, request, p, meta: dict, chat: bool, include_usage: bool) -> web.StreamResponse:
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        req = parse(ChatRequest, await self._body(request))
+        p = await self._admit(request, req, messages=[(m.role, m.text()) for m in req.messages])
+        meta, text = self._meta(chat=True), self.gw.token_text
+
+        def choice(chunk: Chunk, first: bool, whole: bool) -> dict:
+            body = "".join(p.text) if whole else chunk.text
+            lps = (p.logprobs if whole else chunk.logprobs) if req.logprobs else None
+            out = {"index": 0, "logprobs": chat_logprobs(lps, text) if lps is not None else None,
+                   "finish_reason": chunk.finish_reason}
+            if whole:
+                return {**out, "message": {"role": "assistant", "content": body}}
+            return {**out, "delta": {"role": "assistant", "content": body} if first else {"content": body}}
+
+        if req.stream:
+            return await self._stream(request, p, meta, "chat.completion.chunk", choice, req)
+        chunk = await self._final(p)
+        return web.json_response({**meta, "object": "chat.completion", "choices": [choice(chunk, True, True)],
+                                  "usage": usage(p.usage)})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = parse(CompletionRequest, await self._body(request))
+        prompts = req.prompts()
+        if req.stream and len(prompts) > 1:
+            raise InvalidRequest("stream takes one prompt; send several prompts without stream")
+        pendings: list[Pending] = []
+        try:
+            for prompt in prompts:
+                pendings.append(await self._admit(request, req, prompt=prompt))
+            meta = self._meta(chat=False)
+            if req.stream:
+                return await self._stream(request, pendings[0], meta, "text_completion",
+                                          self._completion_choice(req, prompts[0], pendings[0]), req)
+            finals = await asyncio.gather(*(self._final(p) for p in pendings))
+        finally:
+            for p in pendings:
+                self.gw.batcher.cancel(p)  # no-op for the finished; frees the others when one failed
+        total = inference_pb2.Usage()
+        choices = []
+        for i, (prompt, p, chunk) in enumerate(zip(prompts, pendings, finals, strict=True)):
+            add_usage(total, p.usage)
+            choices.append({**self._completion_choice(req, prompt, p)(chunk, True, True), "index": i})
+        return web.json_response({**meta, "object": "text_completion", "choices": choices, "usage": usage(total)})
+
+    def _completion_choice(self, req: CompletionRequest, prompt: str | list[int], p: Pending
+                           ) -> Callable[[Chunk, bool, bool], dict]:
+        def choice(chunk: Chunk, first: bool, whole: bool) -> dict:
+            text = "".join(p.text) if whole else chunk.text
+            echo = ""
+            if req.echo and first:
+                echo = prompt if isinstance(prompt, str) else self.gw.validator.tokenizer.decode(prompt)
+            lps = None
+            if req.logprobs is not None:
+                echoed = req.echo and first
+                lps = completion_logprobs(p.prompt_ids if echoed else [], p.prompt_logprobs if echoed else [],
+                                          p.logprobs if whole else chunk.logprobs, self.gw.token_text)
+            return {"index": 0, "text": echo + text, "logprobs": lps, "finish_reason": chunk.finish_reason}
+
+        return choice
+
+    async def _stream(self, request: web.Request, p: Pending, meta: dict, obj: str,
+                      choice: Callable[[Chunk, bool, bool], dict], req: Any) -> web.StreamResponse:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = self.gw.chunks(p)
         try:
             first = await anext(chunks)  # errors before the first token still get a proper HTTP status
@@ -168,22 +187,20 @@ class OpenAIFront:
             data = payload if isinstance(payload, str) else json.dumps(payload)
             await resp.write(f"data: {data}\n\n".encode())
 
-        def choice(text: str, finish: str | None, role: bool = False) -> dict:
-            if chat:
-                delta = {"role": "assistant", "content": text} if role else {"content": text}
-                return {"index": 0, "delta": delta, "finish_reason": finish}
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-
         try:
-            chunk, role = first, True
+            chunk, is_first = first, True
             while chunk is not None:
-                await send({**meta, "object": obj, "choices": [choice(chunk.text, chunk.finish_reason, role)]})
-                role = False
+                await send({**meta, "object": obj, "choices": [choice(chunk, is_first, False)]})
+                is_first = False
                 chunk = None if chunk.final else await anext(chunks, None)
             if include_usage:
-                await send({**meta, "object": obj, "choices": [], "usage": _usage(p.usage)})
+                await send({**meta, "object": obj, "choices": [], "usage": usage(p.usage)})
         except GatewayError as exc:
             await send({"error": {"message": exc.message, "type": "server_error", "code": exc.code.name.lower()}})
+        except Exception:  # headers are out: the error goes in the stream
+            log.exception("stream %s failed", request.get("request_id"))
+            await send({"error": {"message": f"internal error; request id {request.get('request_id')}",
+                                  "type": "server_error", "code": "internal"}})
         finally:
             await chunks.aclose()
         await send("[DONE]")
@@ -191,9 +208,9 @@ class OpenAIFront:
         return resp
 
     async def models(self, request: web.Request) -> web.Response:
-        info = self.gw.pool.info()
+        info = self.gw.pool.info()  # the last worker seen while none is live: its model, with workers 0
         data = [{"id": info.model, "object": "model", "created": 0, "owned_by": "tokenmill",
-                 "max_model_len": info.context_length}] if info else []
+                 "max_model_len": info.context_length, "workers": len(self.gw.pool.live())}] if info else []
         return web.json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -205,15 +222,10 @@ class OpenAIFront:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _usage(u: inference_pb2.Usage) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
-
-
-async def start_http(gateway: Gateway, host: str, port: int) -> web.AppRunner:
+async def start_http(gateway: Gateway, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+                     ) -> web.AppRunner:
     # handler_cancellation: a client that disconnects cancels its request (and frees the worker's KV blocks)
     runner = web.AppRunner(OpenAIFront(gateway).app(), access_log=None, handler_cancellation=True)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     return runner

@@ -24,6 +24,7 @@ class Chunk:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: tuple[grpc.StatusCode, str] | None = None
+    logprobs: list = field(default_factory=list)  # TokenLogprob per token, when the request asked
 
     @property
     def final(self) -> bool:
@@ -42,6 +43,8 @@ class Pending:
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     usage: inference_pb2.Usage = field(default_factory=inference_pb2.Usage)
+    logprobs: list = field(default_factory=list)  # TokenLogprob per generated token, when asked
+    prompt_logprobs: list = field(default_factory=list)  # prompt tokens 2..n, when asked
     committed: bool = False  # tokens reached the client: it can no longer be retried elsewhere
     done: bool = False
     worker: WorkerHandle | None = None

@@ -3,7 +3,9 @@
 Workers come from a static list and/or a DNS name (a Kubernetes headless
 Service: every A record is a worker), re-resolved periodically. Each worker is
 polled for health and `Load`; one that stops answering is taken out, one that
-comes (back) is taken in, without a restart.
+comes (back) is taken in, without a restart. Each worker's health is also
+watched as a stream: a draining worker (SIGTERM) turns NOT_SERVING and is taken
+out at that message, before its connections close, so nothing new is sent there.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class WorkerHandle:
     sent: int = 0  # requests ever dispatched to it
     external: int = 0  # requests the worker reported beyond this gateway's own (other gateways, direct clients)
     eviction_serial: int = 0  # the newest prefix-cache eviction of this worker the index has taken in
+    draining: bool = False  # its health stream said NOT_SERVING last
 
     @property
     def capacity(self) -> int:
@@ -82,20 +85,24 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, static: list[str], dns: str = "", index: PrefixIndex | None = None) -> None:
+    def __init__(self, static: list[str], dns: str = "", index: PrefixIndex | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.static = [a.strip() for a in static if a.strip()]
         self.dns = dns
         self.index = index  # kept in step with each worker's evictions and liveness
+        self.credentials = credentials  # TLS to the workers (services/common/tls.py); None = plaintext
         self.workers: dict[str, WorkerHandle] = {}
         self.changed = asyncio.Event()  # set when a worker comes up or frees room
         self.first_info = asyncio.Event()
+        self.last_info: worker_pb2.InfoResponse | None = None  # what the last live worker served
         self._tasks: list[asyncio.Task] = []
+        self._watches: dict[str, asyncio.Task] = {}
 
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._poll_loop()))
 
     async def close(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._watches.values()]:
             t.cancel()
         for w in self.workers.values():
             await w.channel.close()
@@ -104,8 +111,9 @@ class WorkerPool:
         return [w for w in self.workers.values() if w.live]
 
     def info(self) -> worker_pb2.InfoResponse | None:
+        """A live worker's Info, else the last one seen (the model is still ours while no worker is up)."""
         return next((w.info for w in self.live() if w.info), None) or next(
-            (w.info for w in self.workers.values() if w.info), None)
+            (w.info for w in self.workers.values() if w.info), None) or self.last_info
 
     def candidates(self) -> list[WorkerHandle]:
         """Live workers with room for another request."""
@@ -132,12 +140,15 @@ class WorkerPool:
             try:
                 addresses = await self._addresses()
                 for addr in addresses - self.workers.keys():
-                    channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-                    self.workers[addr] = WorkerHandle(addr, channel, worker_pb2_grpc.WorkerStub(channel),
-                                                      health_pb2_grpc.HealthStub(channel))
+                    channel = (grpc.aio.secure_channel(addr, self.credentials, options=CHANNEL_OPTIONS)
+                               if self.credentials else grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS))
+                    w = self.workers[addr] = WorkerHandle(addr, channel, worker_pb2_grpc.WorkerStub(channel),
+                                                          health_pb2_grpc.HealthStub(channel))
+                    self._watches[addr] = asyncio.create_task(self._watch(w))
                 for addr in list(self.workers.keys() - addresses):
                     w = self.workers[addr]
                     if not w.inflight:
+                        self._watches.pop(addr).cancel()
                         await w.channel.close()
                         del self.workers[addr]
                         self._forget(addr, "down")
@@ -153,12 +164,14 @@ class WorkerPool:
             if check.status != health_pb2.HealthCheckResponse.SERVING:
                 raise ConnectionError("NOT_SERVING")
             if w.info is None:
-                w.info = await w.stub.Info(worker_pb2.InfoRequest(), timeout=PROBE_TIMEOUT_S)
+                w.info = self.last_info = await w.stub.Info(worker_pb2.InfoRequest(), timeout=PROBE_TIMEOUT_S)
                 self.first_info.set()
             # the most of ours the worker's count can include: in flight now, plus any sent during the call
             ours, sent = len(w.inflight), w.sent
             load = await w.stub.Load(worker_pb2.LoadRequest(evictions_after=w.eviction_serial), timeout=PROBE_TIMEOUT_S)
             self._take_load(w, load, ours + w.sent - sent)
+            if w.draining:  # it turned NOT_SERVING while this probe was out
+                raise ConnectionError("NOT_SERVING")
             w.failures = 0
             if not w.live:
                 log.info("worker %s is up (%s, engine %s)", w.address, w.info.model, w.info.engine)
@@ -170,6 +183,21 @@ class WorkerPool:
                 reason = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 log.warning("worker %s is down: %s", w.address, reason)
                 self.mark_down(w)
+
+    async def _watch(self, w: WorkerHandle) -> None:
+        """Follow the worker's health stream; NOT_SERVING (a drain) takes it out at once. The poll brings it
+        back when it serves again."""
+        while True:
+            try:
+                async for status in w.health.Watch(health_pb2.HealthCheckRequest()):
+                    w.draining = status.status != health_pb2.HealthCheckResponse.SERVING
+                    if w.draining and w.live:
+                        log.warning("worker %s reports NOT_SERVING (draining): no new requests go there", w.address)
+                        self.mark_down(w)
+                        self.notify()
+            except grpc.aio.AioRpcError:
+                pass  # not up (yet), or gone: the poll decides; watch again shortly
+            await asyncio.sleep(POLL_INTERVAL_S)
 
     def _take_load(self, w: WorkerHandle, load: worker_pb2.LoadResponse, ours: int) -> None:
         w.load = load

@@ -29,9 +29,14 @@ class Validator:
         if requested and requested != self.model:
             raise InvalidRequest(f"unknown model {requested!r}: this deployment serves {self.model!r}")
 
-    def prompt_ids(self, prompt: str, messages: Sequence[tuple[str, str]]) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int], messages: Sequence[tuple[str, str]]) -> list[int]:
         if prompt and messages:
             raise InvalidRequest("send either prompt or messages, not both")
+        if isinstance(prompt, list):  # already token ids (OpenAI's completions accept them)
+            vocab = len(self.tokenizer)
+            if prompt and not all(0 <= t < vocab for t in prompt):
+                raise InvalidRequest(f"prompt token ids must be in 0..{vocab - 1}")
+            return list(prompt) or self.prompt_ids("", ())
         if messages:
             for i, (role, _) in enumerate(messages):
                 if role not in ROLES:
@@ -53,7 +58,8 @@ class Validator:
                 f"prompt is {chars} characters, far more than the model's context of {self.context_length} "
                 "tokens can hold: shorten it")
 
-    def prepare(self, model: str, prompt: str, messages: Sequence[tuple[str, str]], sampling_pb: Any) -> Prepared:
+    def prepare(self, model: str, prompt: str | list[int], messages: Sequence[tuple[str, str]], sampling_pb: Any
+                ) -> Prepared:
         """Validate everything and tokenise; raises InvalidRequest with a message a person can act on."""
         self.check_model(model)
         params = SamplingParams.from_proto(sampling_pb, self.default_max_tokens)

@@ -216,7 +216,7 @@ def run(config: JudgeConfig) -> None:
     from services.common.server import serve, start_metrics_server
 
     setup_logging("judge")
-    start_metrics_server(config.metrics_port)
+    start_metrics_server(config.metrics_port, config.host)
     try:
         servicer = JudgeServicer(config)
     except ValueError as exc:  # a broken rubric file

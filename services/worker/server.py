@@ -43,7 +43,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if not r.request_id:
                     raise InvalidRequest("request_id is required")
                 params = SamplingParams.from_proto(r.sampling)
-                reqs.append(Request(r.request_id, list(r.prompt_token_ids), params, r.priority))
+                req = Request(r.request_id, list(r.prompt_token_ids), params, r.priority)
+                if params.structured is not None:
+                    compile_grammar = getattr(engine.engine, "compile_grammar", None)
+                    if compile_grammar is None:
+                        raise InvalidRequest("structured output needs the paged engine; this worker runs "
+                                             f"--engine {engine.engine.name}")
+                    await asyncio.to_thread(compile_grammar, req)  # ms to seconds: not on the engine thread
+                reqs.append(req)
             except InvalidRequest as exc:
                 rejected.append(worker_pb2.WorkerEvent(
                     request_id=r.request_id, finish_reason=inference_pb2.FINISH_REASON_ERROR,
@@ -61,6 +68,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 batch_size=ev.batch_size,
                 error_code=code_number(ev.error_code) if ev.error_code else 0,
                 error_message=ev.error_message,
+                logprobs=logprobs_pb(ev.logprobs),
+                prompt_logprobs=logprobs_pb(ev.prompt_logprobs),
             )
 
     async def Cancel(self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext):
@@ -88,6 +97,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             model_impl="native" if type(m.model).__name__ == "DecoderModel" else "transformers",
             prefix_caching=getattr(getattr(engine.engine, "block_manager", None), "enable_prefix_caching", False),
         )
+
+
+def logprobs_pb(logprobs: list | None) -> list[inference_pb2.TokenLogprob]:
+    """Engine Logprobs as wire messages (token texts are the gateway's to add: it has the tokenizer)."""
+    return [inference_pb2.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, top=[
+        inference_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]) for lp in logprobs or ()]
 
 
 def recent_evictions(engine: Any, after: int) -> tuple[list[int], int, bool]:
@@ -150,10 +165,12 @@ def check_choices(config: WorkerConfig) -> None:
 def run(config: WorkerConfig) -> None:
     from services.common.log import setup_logging
     from services.common.server import serve, start_metrics_server
+    from services.common.tls import server_credentials
 
     check_choices(config)
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
     setup_logging("worker")
-    start_metrics_server(config.metrics_port)
+    start_metrics_server(config.metrics_port, config.host)
     servicer = WorkerServicer(config)
 
     async def shutdown() -> None:
@@ -164,5 +181,5 @@ def run(config: WorkerConfig) -> None:
         name="worker", host=config.host, port=config.port,
         service_names=[worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name],
         register=lambda server: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server),
-        prepare=servicer.load, grace_period_s=config.grace_period_s, on_shutdown=shutdown,
+        prepare=servicer.load, grace_period_s=config.grace_period_s, on_shutdown=shutdown, credentials=credentials,
     ))

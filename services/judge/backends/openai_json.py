@@ -2,7 +2,8 @@
 
 Replies are parsed as raw JSON, else a fenced ```json block, else the first {...} object in the text, else
 `name: 4` patterns; a reply with no usable answer for some dimension is FAILED_PRECONDITION, quoting it.
-Requests carry a JSON schema (`response_format`) so a server with structured output constrains the reply.
+Requests carry a JSON schema (`response_format`) so a server with structured output constrains the reply
+(scores as integer enums of each scale, confidences as numbers).
 """
 
 from __future__ import annotations
@@ -159,7 +160,10 @@ def parse_scores(text: str, rubric: Rubric) -> tuple[list[DimScore], str]:
 
 
 def score_schema(rubric: Rubric) -> dict[str, Any]:
-    props = {d.name: {"type": "number"} for d in rubric.dimensions}
+    # whole numbers on each dimension's scale: a server that constrains decoding (tokenmill's gateway, vLLM)
+    # then cannot answer out of range, nor ramble through an endless number
+    props = {d.name: {"type": "integer", "enum": list(range(d.scale_min, d.scale_max + 1))}
+             for d in rubric.dimensions}
     return _schema("rubric_scores", {"scores": {"type": "object", "properties": props, "required": list(props),
                                                 "additionalProperties": False}, "rationale": {"type": "string"}})
 

@@ -10,12 +10,13 @@ import torch
 from services.common.sampling import InvalidRequest, SamplingParams
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.detokenizer import IncrementalDetokenizer
+from services.worker.engine.logprobs import SampledLogprobs, add_prompt_logprobs
 from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.sampler import Sampler
 from services.worker.engine.scheduler import Scheduler
 from services.worker.engine.sequence import Sequence
 from services.worker.engine.speculative import SpecConfig, Speculator
-from services.worker.engine.types import FINISH_LENGTH, FINISH_STOP, Event, Request, Stats
+from services.worker.engine.types import FINISH_LENGTH, FINISH_STOP, Event, Logprob, Request, Stats
 
 log = logging.getLogger("tokenmill.engine")
 
@@ -45,6 +46,22 @@ class PagedEngine:
         self._seq_no = 0
         spec = speculative or SpecConfig()
         self.speculator = Speculator(spec, self.runner, self.max_model_len) if spec.method != "off" else None
+        self._grammars: Any = None
+
+    @property
+    def grammars(self) -> Any:
+        """Structured-output compiler and masks, built at the first constrained request (xgrammar import and
+        the tokenizer's vocabulary scan cost ~1 s)."""
+        if self._grammars is None:
+            from services.worker.engine.structured import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammars
+
+    def compile_grammar(self, request: Request) -> None:
+        """Compile the request's constraint (call off the engine thread); InvalidRequest if it has none."""
+        if request.params.structured is not None and request.grammar is None:
+            request.grammar = self.grammars.compile(request.params.structured)
 
     # ---- Engine protocol -----------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -67,10 +84,15 @@ class PagedEngine:
         if p.seed is not None:
             generator = torch.Generator().manual_seed(p.seed)
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
+        self.compile_grammar(request)
         self._seq_no += 1
         seq = Sequence(request.request_id, list(prompt), len(prompt), p, request.priority, self._seq_no,
                        request.arrival_time, IncrementalDetokenizer(self.tokenizer, prompt, p.stop), generator,
                        stop_ids)
+        if request.grammar is not None:
+            seq.matcher = self.grammars.matcher(request.grammar)
+        if p.prompt_logprobs:
+            seq.prompt_logprobs = []
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -112,17 +134,25 @@ class PagedEngine:
         for seq in batch.seqs:
             if not seq.spec_token_ids:  # drafted ones advance once verified
                 self._advance(seq, seq.num_new_tokens)
+        for seq, first, rows in self.runner.prompt_logits:
+            add_prompt_logprobs(seq, first, rows)
         if logits is None:
             return []
+        rows_per_seq = [1 + len(s.spec_token_ids) for s in samplers]
+        logprobs = SampledLogprobs(logits, samplers, rows_per_seq) if any(s.params.logprobs for s in samplers) \
+            else None
+        if any(s.matcher is not None for s in samplers):  # constrained rows never carry drafts
+            starts = [sum(rows_per_seq[:i]) for i in range(len(samplers))]
+            self.grammars.mask(logits, [(starts[i], s) for i, s in enumerate(samplers) if s.matcher is not None])
         if spec and any(s.spec_token_ids for s in samplers):
             tokens = spec.accept(logits, samplers, self.sampler)
         else:
             tokens = [[t] for t in self.sampler(logits, samplers)]
         events = []
-        for seq, toks in zip(samplers, tokens, strict=True):
+        for i, (seq, toks) in enumerate(zip(samplers, tokens, strict=True)):
             drafted = bool(seq.spec_token_ids)
             seq.spec_token_ids = []
-            events.append(self._append(seq, toks, len(batch.seqs)))
+            events.append(self._append(seq, toks, len(batch.seqs), logprobs.take(i, seq, toks) if logprobs else None))
             if drafted and seq.request_id in self.seqs:  # the fed token and the kept drafts are in the cache
                 self._advance(seq, len(toks))
                 self.block_manager.truncate(seq, seq.num_computed_tokens + 1)
@@ -136,7 +166,8 @@ class PagedEngine:
         if window := self.runner.window:  # the next query (at num_computed_tokens) sees keys after it - window
             self.block_manager.release_before(seq, max(0, seq.num_computed_tokens - window + 1) // self.block_size)
 
-    def _append(self, seq: Sequence, tokens: list[int], batch_size: int) -> Event:
+    def _append(self, seq: Sequence, tokens: list[int], batch_size: int, logprobs: list[Logprob] | None = None
+                ) -> Event:
         """Append the step's tokens (several when drafts were accepted) up to the first that finishes."""
         reason = None
         text = ""
@@ -144,6 +175,11 @@ class PagedEngine:
         for token in tokens:
             seq.token_ids.append(token)
             taken.append(token)
+            if seq.matcher is not None and (not self.grammars.accept(seq, token) or self.grammars.finished(seq)):
+                reason = FINISH_STOP  # the grammar is complete (it took a stop token), or refused the token
+                if token not in seq.stop_ids:
+                    text += seq.detok.add([token])
+                break
             if token in seq.stop_ids:
                 reason = FINISH_STOP
                 break
@@ -158,9 +194,13 @@ class PagedEngine:
             text += seq.detok.flush()
             del self.seqs[seq.request_id]
             self.scheduler.remove(seq)
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         return Event(seq.request_id, taken, text, finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
                      completion_tokens=seq.num_output_tokens, cached_tokens=seq.num_cached_tokens,
-                     batch_size=batch_size)
+                     batch_size=batch_size, logprobs=logprobs[: len(taken)] if logprobs is not None else None,
+                     prompt_logprobs=prompt_logprobs)
 
     def warmup(self) -> None:
         """One short request through every path, so the first real request does not pay for lazy init."""

@@ -37,6 +37,11 @@ class HFStaticEngine:
         self.running_tokens = 0
 
     def add_request(self, request: Request) -> None:
+        p = request.params
+        asked = [name for name, on in (("logprobs", p.logprobs or p.prompt_logprobs),
+                                       ("structured output", p.structured is not None)) if on]
+        if asked:
+            raise InvalidRequest(f"{' and '.join(asked)} need the paged engine; this worker runs --engine hf-static")
         request.params.check_fits(len(request.prompt_token_ids), self.max_model_len)
         if max(request.prompt_token_ids) >= self.model.config.vocab_size:
             raise InvalidRequest("prompt has token ids outside the model's vocabulary")

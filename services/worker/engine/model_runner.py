@@ -29,6 +29,8 @@ class ModelRunner:
         self.dtype = model.dtype if self.native else _compute_dtype(model)
         self.block_size = block_size
         self.num_layers, self.num_kv_heads, self.head_dim = kv_shape(model.config)
+        self.prompt_rows: list[tuple[Sequence, int, int, int]] = []  # (seq, first row, rows, first position)
+        self.prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = []
         self.window = model_window(model.config)  # set: blocks behind the window are freed
         per_block = KVCache.bytes_per_block(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
         if not num_blocks:
@@ -66,6 +68,7 @@ class ModelRunner:
         rows = [i for i, s in enumerate(decodes) if s.samples_this_step]
         token_seq = list(range(len(decodes)))
         prefills = []
+        self.prompt_rows = []
         for seq in batch.seqs[batch.num_decodes :]:
             c, n, start = seq.num_computed_tokens, seq.num_new_tokens, len(ids)
             ids.extend(seq.step_token_ids(n))
@@ -76,6 +79,10 @@ class ModelRunner:
             if seq.samples_this_step:
                 samplers.append(seq)
                 rows.extend(range(start + n - 1 - len(seq.spec_token_ids), start + n))
+            if seq.wants_prompt_rows:  # position p's logits score prompt token p + 1 (echo / prompt logprobs)
+                count = min(c + n, seq.num_prompt_tokens - 1) - c
+                if count > 0:
+                    self.prompt_rows.append((seq, start, count, c))
         ctx = self._context(pos, token_seq, tables, len(decodes), prefills)
         return torch.tensor(ids, dtype=torch.long, device=self.device), ctx, samplers, rows
 
@@ -109,13 +116,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Forward one step; returns the sequences that sample now and their last-token logits (float32)."""
+        """Forward one step; returns the sequences that sample now and their last-token logits (float32).
+        Prefill rows of requests that asked for prompt logprobs go through the LM head too (only theirs):
+        `prompt_logits` holds (sequence, first position, [count, vocab] logits) for each."""
         input_ids, ctx, samplers, rows = self.prepare(batch)
         hidden = self.forward(input_ids, ctx)
-        if not rows:
+        extra = [r for _, start, count, _ in self.prompt_rows for r in range(start, start + count)]
+        self.prompt_logits = []
+        if not rows and not extra:
             return samplers, None
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        return samplers, self.logits(hidden.index_select(0, index)).float()
+        index = torch.tensor(rows + extra, dtype=torch.long, device=self.device)
+        logits = self.logits(hidden.index_select(0, index)).float()
+        at = len(rows)
+        for seq, _, count, first in self.prompt_rows:
+            self.prompt_logits.append((seq, first, logits[at : at + count]))
+            at += count
+        return samplers, logits[: len(rows)] if rows else None
 
     @torch.inference_mode()
     def draft(self, tokens: list[int], positions: list[int], tables: list[list[int]], num_layers: int

@@ -40,6 +40,15 @@ class Sequence:
     spec_drafted: int = 0  # this sequence's drafted / accepted tokens so far: its own acceptance rate
     spec_accepted: int = 0
     spec_idle_steps: int = 0  # decode steps without drafts since its rate fell below the minimum
+    matcher: Any = None  # grammar matcher of a constrained request (structured output), advanced per token
+    prompt_logprobs: list | None = None  # Logprob of prompt tokens 2..n so far, when the request asked
+    prompt_logprobs_sent: bool = False  # they went out with the first event
+
+    @property
+    def wants_prompt_rows(self) -> bool:
+        """Its prompt logprobs are incomplete: the runner keeps its prefill rows' logits (and the prefix cache
+        must not skip any of them)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def num_tokens(self) -> int:

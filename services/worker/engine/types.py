@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.common.sampling import SamplingParams
 
@@ -21,6 +21,16 @@ class Request:
     params: SamplingParams
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    grammar: Any = None  # the compiled grammar of params.structured (compiled off the engine thread)
+
+
+@dataclass(slots=True)
+class Logprob:
+    """A position's chosen token, its log-probability, and the most likely tokens there (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -37,6 +47,8 @@ class Event:
     batch_size: int = 0
     error_code: str = ""  # grpc.StatusCode name when finish_reason == "error"
     error_message: str = ""
+    logprobs: list[Logprob] | None = None  # one per token_ids entry when the request asked
+    prompt_logprobs: list[Logprob] | None = None  # prompt tokens 2..n, on the request's first event
 
 
 @dataclass(slots=True)

@@ -1,0 +1,137 @@
+"""`tokenmill bench structured`: what constrained decoding costs.
+
+1. libraries: per decode step, fill one token bitmask per sequence, apply them to a [batch, vocab] float32
+   logits tensor and advance each matcher by a token, for xgrammar and llguidance (whichever are installed),
+   at batch 1 and 32, walking the tokens of a JSON document valid against SCHEMA. This picked xgrammar.
+2. engine: decode throughput of the paged engine (embedded model, CPU) at batch 1 and 32, greedy, with and
+   without `json_schema` = SCHEMA, measured side by side in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"},
+    "mood": {"type": "string", "enum": ["happy", "sad", "calm"]},
+    "friends": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "years": {"type": "integer"}}, "required": ["name", "years"]}}},
+    "required": ["name", "age", "mood", "friends"]}
+DOCUMENT = {"name": "Olive the owl", "age": 7, "mood": "calm",
+            "friends": [{"name": "Fred", "years": 3}, {"name": "Lily", "years": 5}, {"name": "Tom", "years": 2}]}
+PROMPT = "Describe a small forest animal and its friends as JSON with name, age, mood and friends."
+
+
+def _timed(step, n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        step(i)
+    return (time.perf_counter() - start) / n
+
+
+def library_overhead(tokenizer: Any, vocab: int, batch: int) -> dict[str, float]:
+    """Mean seconds per step (fill + apply + accept) for each installed library at this batch size."""
+    import torch
+
+    tokens = tokenizer.encode(json.dumps(DOCUMENT, separators=(",", ":")), add_special_tokens=False)
+    logits = torch.randn(batch, vocab)
+    out: dict[str, float] = {}
+    try:
+        import xgrammar as xgr
+
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
+        compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
+        matchers = [xgr.GrammarMatcher(compiled) for _ in range(batch)]
+        mask = xgr.allocate_token_bitmask(batch, vocab)
+
+        def xgr_step(i: int) -> None:
+            for j, m in enumerate(matchers):
+                m.fill_next_token_bitmask(mask, j)
+            xgr.apply_token_bitmask_inplace(logits, mask, indices=list(range(batch)))
+            for m in matchers:
+                m.accept_token(tokens[i])
+
+        out["xgrammar"] = _timed(xgr_step, len(tokens))
+    except ImportError:
+        pass
+    try:
+        import llguidance
+        import llguidance.hf
+        import llguidance.torch as lltorch
+
+        lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            json.dumps(SCHEMA), defaults={"whitespace_flexible": False})
+        lms = [llguidance.LLMatcher(lltok, grammar) for _ in range(batch)]
+        executor = llguidance.LLExecutor()
+        lmask = lltorch.allocate_token_bitmask(batch, vocab)
+
+        def ll_step(i: int) -> None:
+            lltorch.fill_next_token_bitmask_par(executor, [(m, j) for j, m in enumerate(lms)], lmask)
+            lltorch.apply_token_bitmask_inplace(logits, lmask)
+            for m in lms:
+                m.consume_token(tokens[i])
+
+        ll_step(0)  # its apply kernel compiles (torch.compile) on first use: not a per-step cost
+        for m in lms:
+            m.reset()
+        out["llguidance"] = _timed(ll_step, len(tokens))
+    except ImportError:
+        pass
+    return out
+
+
+def engine_throughput(batch: int, constrained: bool, max_tokens: int) -> dict[str, float]:
+    """Output tokens per second of `batch` concurrent greedy requests through the paged engine."""
+    from services.common.model_loader import load_engine_model
+    from services.common.sampling import SamplingParams, Structured
+    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.types import Request
+
+    global _LOADED
+    if _LOADED is None:
+        _LOADED = load_engine_model("smollm2-135m")
+    loaded = _LOADED
+    engine = PagedEngine(loaded.model, loaded.tokenizer, kv_cache_memory="512MiB", max_num_seqs=64)
+    engine.warmup()
+    prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    structured = Structured("json_schema", json.dumps(SCHEMA)) if constrained else None
+    requests = [Request(str(i), prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, structured=structured))
+                for i in range(batch)]
+    for r in requests:  # compiled before the clock starts, as the worker compiles off the engine thread
+        engine.compile_grammar(r)
+    tokens = 0
+    start = time.perf_counter()
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_work():
+        tokens += sum(len(ev.token_ids) for ev in engine.step())
+    elapsed = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": round(elapsed, 3), "tok_s": round(tokens / elapsed, 2)}
+
+
+_LOADED: Any = None
+
+
+def main(batches: tuple[int, ...], max_tokens: int, out: Path) -> dict:
+    from services.common.model_loader import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    vocab = 49152
+    result: dict[str, Any] = {"schema": SCHEMA, "libraries": {}, "engine": {}}
+    for b in batches:
+        result["libraries"][str(b)] = {k: round(v * 1e3, 4) for k, v in library_overhead(tokenizer, vocab, b).items()}
+        print(f"batch {b}: ms per step (fill + apply + accept): {result['libraries'][str(b)]}", flush=True)
+    for b in batches:
+        free = engine_throughput(b, False, max_tokens)
+        json_ = engine_throughput(b, True, max_tokens)
+        result["engine"][str(b)] = {"free": free, "json_schema": json_,
+                                    "ratio": round(json_["tok_s"] / free["tok_s"], 3)}
+        print(f"batch {b}: free {free['tok_s']} tok/s, json_schema {json_['tok_s']} tok/s", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return result

@@ -1,0 +1,211 @@
+"""OpenAI's request bodies as pydantic models: types are strict (no "yes" for a boolean, no 2.5 for an
+integer), integers fit their wire fields, floats are finite. A parameter tokenmill does not honour is refused
+by name (OPTIONAL_NEUTRAL lists those that pass when they carry their no-op value), never ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from services.common.pb import inference_pb2
+from services.common.sampling import MAX_TOP_LOGPROBS, InvalidRequest
+
+INT32 = 2**31 - 1
+MAX_PROMPTS = 64  # prompts in one /v1/completions call (each becomes a choice)
+Int32 = Annotated[StrictInt, Field(ge=-INT32 - 1, le=INT32)]
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]  # negative: its 64-bit two's complement
+TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+# accepted only with these values, which change nothing; anything else is refused by name
+OPTIONAL_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "n": (1,), "best_of": (1,), "logit_bias": ({},),
+    "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (False, True), "functions": ([],),
+    "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"), "suffix": ("",),
+    "modalities": (["text"],), "min_tokens": (0,), "repetition_penalty": (1, 1.0),
+}
+TYPE_NAMES = {"str", "int", "bool", "float", "dict", "list", "none"}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Part(Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(Strict):
+    role: StrictStr
+    content: StrictStr | list[Part] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(Strict):
+    include_usage: StrictBool = False
+
+
+class JsonSchema(Strict):
+    name: StrictStr = "output"
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | StrictBool = Field(alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+class Common(BaseModel):
+    """Fields both endpoints take; unknown ones land in model_extra and are judged by `refuse_unsupported`."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model: StrictStr = ""
+    max_tokens: Int32 | None = None
+    temperature: Float | None = None
+    top_p: Float | None = None
+    top_k: Int32 | None = None
+    seed: Seed | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0, le=INT32)]] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: StrictBool = False
+    user: StrictStr | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None  # vLLM's extras
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    n: Int32 | None = None
+
+    def refuse_unsupported(self) -> None:
+        bad = sorted(k for k, v in (self.model_extra or {}).items()
+                     if v is not None and v not in OPTIONAL_NEUTRAL.get(k, ()))
+        if self.n not in (None, 1):
+            bad.insert(0, "n")
+        if bad:
+            raise InvalidRequest(f"unsupported parameter{'s' if len(bad) > 1 else ''}: {', '.join(bad)} "
+                                 "(tokenmill does not honour them; leave them out)")
+
+    def structured(self, pb: inference_pb2.StructuredOutput) -> None:
+        kinds = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            pb.json_object = True
+            kinds.append("response_format")
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise InvalidRequest("response_format of type json_schema needs a json_schema object with a schema")
+            pb.json_schema = json.dumps(fmt.json_schema.schema_)
+            kinds.append("response_format")
+        if self.guided_json is not None:
+            schema = self.guided_json
+            pb.json_schema = schema if isinstance(schema, str) else json.dumps(schema)
+            kinds.append("guided_json")
+        if self.guided_regex is not None:
+            pb.regex = self.guided_regex
+            kinds.append("guided_regex")
+        if self.guided_choice is not None:
+            if not self.guided_choice:
+                raise InvalidRequest("guided_choice must list at least one string")
+            pb.choice.extend(self.guided_choice)
+            kinds.append("guided_choice")
+        if len(kinds) > 1:
+            raise InvalidRequest(f"{' and '.join(kinds)} each constrain the output: send one of them")
+
+    def sampling(self, max_tokens: int | None) -> inference_pb2.SamplingParams:
+        pb = inference_pb2.SamplingParams(ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids or [])
+        if max_tokens is not None:
+            pb.max_tokens = max_tokens
+        if self.temperature is not None:
+            pb.temperature = self.temperature
+        if self.top_p is not None:
+            pb.top_p = self.top_p
+        if self.top_k is not None:
+            pb.top_k = 0 if self.top_k == -1 else self.top_k  # -1 = off, as vLLM has it
+        if self.seed is not None:
+            pb.seed = self.seed % 2**64
+        pb.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
+        self.structured(pb.structured)
+        if not pb.structured.ListFields():
+            pb.ClearField("structured")
+        return pb
+
+
+class ChatRequest(Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Int32 | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: TopK | None = None
+
+    def to_sampling(self) -> inference_pb2.SamplingParams:
+        pb = self.sampling(self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens)
+        pb.logprobs = bool(self.logprobs)
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise InvalidRequest("top_logprobs needs logprobs: true")
+            pb.top_logprobs = self.top_logprobs
+        return pb
+
+
+TokenIds = list[Annotated[StrictInt, Field(ge=0, le=INT32)]]
+
+
+class CompletionRequest(Common):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    max_tokens: Int32 | None = 16  # OpenAI's default for completions
+    logprobs: TopK | None = None  # legacy: the top-k to return; 0 = the chosen tokens' only
+    echo: StrictBool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p or len(p) > MAX_PROMPTS:
+            raise InvalidRequest(f"prompt must be a string, token ids, or a list of 1..{MAX_PROMPTS} of them")
+        return list(p)
+
+    def to_sampling(self) -> inference_pb2.SamplingParams:
+        pb = self.sampling(self.max_tokens)
+        if self.logprobs is not None:
+            pb.logprobs, pb.top_logprobs = True, self.logprobs
+            pb.prompt_logprobs = self.echo
+        return pb
+
+
+def parse(model: type[Common], body: Any) -> Common:
+    """The request model from a decoded JSON body; InvalidRequest naming each bad field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        req = model.model_validate(body)
+    except ValidationError as exc:
+        first: dict[str, str] = {}  # a union reports each alternative: say the first per field
+        for e in exc.errors():
+            first.setdefault(_where(e["loc"]), _describe(e))
+        raise InvalidRequest("; ".join(list(first.values())[:5])) from None
+    req.refuse_unsupported()
+    return req
+
+
+def _where(loc: tuple) -> str:
+    """('messages', 0, 'role') -> messages.0.role, without the union branches pydantic names in between."""
+    return ".".join(str(x) for x in loc if isinstance(x, int) or (x.isidentifier() and x not in TYPE_NAMES))
+
+
+def _describe(error: dict) -> str:
+    where = _where(error["loc"])
+    value = error.get("input")
+    shown = json.dumps(value)[:60] if isinstance(value, int | float | str | bool) else type(value).__name__
+    if error["type"] == "extra_forbidden":
+        return f"unsupported field '{where}'"
+    return f"'{where or 'body'}': {error['msg']} (got {shown})"
