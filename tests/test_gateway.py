@@ -69,25 +69,69 @@ def test_openai_client_chat_stream_and_completions(gateway):
     assert "tokenmill:gateway_queue_depth" in httpx.get(gateway["http"] + "/metrics").text
 
 
-BAD_HTTP = [
-    ({"messages": []}, "non-empty list"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "role is 'robot'"),
-    ({"messages": [{"role": "user", "content": "word " * 9000}]}, "context"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens must be at least 1"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature must be >= 0"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p must be in (0, 1]"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p must be in (0, 1]"),
-    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x"] * 100}, "stop strings"),
-    ({"messages": [{"role": "user", "content": "x" * 10_000_000}]}, "shorten it"),
+HI = [{"role": "user", "content": "hi"}]
+BAD_HTTP = [  # (path, raw body, status, fragment of the message)
+    ("chat", {"messages": []}, 400, "at least 1 item"),
+    ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role is 'robot'"),
+    ("chat", {"messages": [{"role": "user", "content": "word " * 9000}]}, 400, "context"),
+    ("chat", {"messages": HI, "max_tokens": 0}, 400, "max_tokens must be at least 1"),
+    ("chat", {"messages": HI, "max_tokens": 2**40}, 400, "'max_tokens'"),
+    ("chat", {"messages": HI, "top_k": 2**40}, 400, "'top_k'"),
+    ("chat", {"messages": HI, "seed": 2**70}, 400, "'seed'"),
+    ("chat", {"messages": HI, "max_tokens": 2.5}, 400, "'max_tokens'"),
+    ("chat", {"messages": HI, "temperature": -1}, 400, "temperature must be >= 0"),
+    ("chat", '{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "'temperature'"),
+    ("chat", '{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400, "'temperature'"),
+    ("chat", '{"messages": [{"role": "user", "content": "hi"}], "top_p": 1e999}', 400, "'top_p'"),
+    ("chat", {"messages": HI, "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    ("chat", {"messages": HI, "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ("chat", {"messages": HI, "stop": ["x"] * 100}, 400, "stop strings"),
+    ("chat", {"messages": HI, "stop": 5}, 400, "'stop'"),
+    ("chat", {"messages": HI, "stream": "yes"}, 400, "'stream'"),
+    ("chat", {"messages": HI, "temperature": "hot"}, 400, "'temperature'"),
+    ("chat", {"messages": "hi"}, 400, "'messages'"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
+     "messages.0.content"),
+    ("chat", {"messages": HI, "n": 2}, 400, "unsupported parameter: n"),
+    ("chat", {"messages": HI, "presence_penalty": 0.5, "logit_bias": {"5": 1}}, 400,
+     "unsupported parameters: logit_bias, presence_penalty"),
+    ("chat", {"messages": HI, "frobnicate": True}, 400, "unsupported parameter: frobnicate"),
+    ("chat", {"messages": HI, "top_logprobs": 3}, 400, "top_logprobs needs logprobs"),
+    ("chat", {"messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "'top_logprobs'"),
+    ("chat", {"messages": HI, "response_format": {"type": "xml"}}, 400, "'response_format.type'"),
+    ("chat", {"messages": HI, "response_format": {"type": "json_schema"}}, 400, "needs a json_schema"),
+    ("chat", {"messages": HI, "guided_choice": ["a"], "guided_regex": "b"}, 400, "send one of them"),
+    ("chat", {"messages": [{"role": "user", "content": "x" * 10_000_000}]}, 400, "shorten it"),
+    ("chat", [1, 2], 400, "must be a JSON object"),
+    ("chat", "null", 400, "must be a JSON object"),
+    ("chat", '"just a string"', 400, "must be a JSON object"),
+    ("chat", "{not json", 400, "not valid JSON"),
+    ("completions", {"prompt": 5}, 400, "'prompt'"),
+    ("completions", {"prompt": [[1, 2], "text"]}, 400, "'prompt"),
+    ("completions", {"prompt": [-1, 2]}, 400, "'prompt"),
+    ("completions", {"prompt": [10**9]}, 400, "token ids must be in"),
+    ("completions", {"prompt": "hi", "echo": 1}, 400, "'echo'"),
+    ("completions", {"prompt": "hi", "logprobs": 50}, 400, "'logprobs'"),
+    ("completions", {"prompt": "hi", "suffix": "x"}, 400, "unsupported parameter: suffix"),
+    ("completions", {"prompt": ["a", "b"], "stream": True}, 400, "stream takes one prompt"),
+    ("nowhere", {}, 404, "Not Found"),
 ]
 
 
-@pytest.mark.parametrize("body, fragment", BAD_HTTP)
-def test_bad_input_http(gateway, body, fragment):
-    r = httpx.post(gateway["http"] + "/v1/chat/completions", content=json.dumps(body), timeout=60)
-    assert r.status_code == 400, r.text
+@pytest.mark.parametrize("path, body, status, fragment", BAD_HTTP)
+def test_bad_input_http_is_a_4xx_json_error(gateway, path, body, status, fragment):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(f"{gateway['http']}/v1/{path}", content=content, timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
     error = r.json()["error"]
-    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+    assert fragment in error["message"] and error["type"] == "invalid_request_error", error
+
+
+def test_neutral_values_of_unsupported_parameters_pass(gateway):
+    body = {"messages": HI, "max_tokens": 2, "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0,
+            "logit_bias": {}, "seed": -5, "top_k": -1, "stream": False}
+    assert httpx.post(gateway["http"] + "/v1/chat/completions", json=body, timeout=60).status_code == 200
 
 
 def test_invalid_utf8_http_and_grpc(gateway):
@@ -109,7 +153,13 @@ def test_invalid_utf8_http_and_grpc(gateway):
     (chat("word " * 9000), "context"),
     (chat(max_tokens=0), "max_tokens"),
     (chat(temperature=-1.0), "temperature"),
+    (chat(temperature=float("inf")), "temperature must be >= 0 and finite"),
+    (chat(temperature=float("nan")), "temperature"),
     (chat(top_p=1.5), "top_p"),
+    (chat(top_p=float("nan")), "top_p"),
+    (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (chat(structured=inference_pb2.StructuredOutput(regex="a", json_object=True)), "set exactly one"),
+    (chat(structured=inference_pb2.StructuredOutput(json_schema="{not json")), "json_schema is not valid JSON"),
     (inference_pb2.GenerateRequest(prompt="hi", sampling=inference_pb2.SamplingParams(stop=["x"] * 100)), "stop"),
     (inference_pb2.GenerateRequest(prompt="x" * 10_000_000), "shorten it"),
 ])

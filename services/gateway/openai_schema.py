@@ -93,8 +93,9 @@ class Common(BaseModel):
         if self.n not in (None, 1):
             bad.insert(0, "n")
         if bad:
+            them = "them" if len(bad) > 1 else "it"
             raise InvalidRequest(f"unsupported parameter{'s' if len(bad) > 1 else ''}: {', '.join(bad)} "
-                                 "(tokenmill does not honour them; leave them out)")
+                                 f"(tokenmill does not honour {them}; leave {them} out)")
 
     def structured(self, pb: inference_pb2.StructuredOutput) -> None:
         kinds = []
