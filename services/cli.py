@@ -38,6 +38,7 @@ def _register_commands() -> None:
     """Commands owned by other modules (each keeps its heavy imports inside the command)."""
     from bench.cli import app as bench_app
     from loadtest.cli import loadtest
+    from services.healthcheck import health
     from services.judge.cli import app as judge_app
     from services.judge.eval import eval_command
     from services.k8s.cli import app as k8s_app
@@ -45,6 +46,7 @@ def _register_commands() -> None:
 
     app.command("up")(up)
     app.command("generate")(generate)
+    app.command("health")(health)
     app.command("eval")(eval_command)
     app.command("loadtest")(loadtest)
     app.add_typer(judge_app, name="judge", help="Run the judge (default), or calibrate / report / compare.")

@@ -35,11 +35,13 @@ def launch(name: str, args: list[str], address: str, log_dir: Path) -> Service:
     return Service(name, address, proc, path)
 
 
-def open_channel(address: str, credentials=None):
+def open_channel(address: str, credentials=None, options=()):
     """A blocking channel to a service: TLS with `credentials` (grpc.ChannelCredentials), else plaintext."""
     import grpc
 
-    return grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    if credentials:
+        return grpc.secure_channel(address, credentials, options=list(options))
+    return grpc.insecure_channel(address, options=list(options))
 
 
 def wait_serving(services: list[Service], timeout_s: float, credentials=None) -> None:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RENDERED = ("k8s/overlays/gpu", "k8s/overlays/cpu", "k8s/jobs", "k8s/jobs/cpu")
+RENDERED = ("k8s/overlays/gpu", "k8s/overlays/cpu", "k8s/overlays/gpu-tls", "k8s/jobs", "k8s/jobs/cpu")
 WORKLOADS = ("Deployment", "Job", "StatefulSet", "DaemonSet", "CronJob", "Pod")
 
 

@@ -391,3 +391,24 @@ def test_dockerfile_builds_cpu_and_cuda_targets_non_root():
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignore and ".git" in ignore
     assert Path(ROOT / "README.md").exists() and "README.md" not in ignore, "pyproject's readme is needed to build"
+
+
+def test_tls_overlay_mounts_the_secret_and_probes_over_tls():
+    objects = kustomize("k8s/overlays/gpu-tls")
+    for service, port in (("worker", 50061), ("gateway", 50051)):
+        deployment = one(objects, "Deployment", f"tokenmill-{service}")
+        spec = pod_template(deployment)["spec"]
+        (c,) = spec["containers"]
+        volume = next(v for v in spec["volumes"] if v["name"] == "tls")
+        assert volume["secret"]["secretName"] == "tokenmill-tls"
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "tls")
+        assert mount["readOnly"] is True
+        env = effective_env(objects, c)
+        files = {env[f"TOKENMILL_{service.upper()}_TLS_{k}"] for k in ("CERT", "KEY", "CA")}
+        assert files == {f"{mount['mountPath']}/{name}" for name in ("tls.crt", "tls.key", "ca.crt")}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            command = c[probe]["exec"]["command"]
+            assert "grpc" not in c[probe] and command[:3] == ["tokenmill", "health", f"127.0.0.1:{port}"]
+            assert {"--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name"} <= set(command)
+    gateway = pod_template(one(objects, "Deployment", "tokenmill-gateway"))["spec"]["containers"][0]
+    assert effective_env(objects, gateway)["TOKENMILL_GATEWAY_TLS_SERVER_NAME"].startswith("tokenmill-worker.")

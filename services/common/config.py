@@ -74,6 +74,8 @@ class GatewayConfig:
     tls_key: str = setting("", "PEM private key of --tls-cert.")
     tls_ca: str = setting("", "PEM CA of the workers' certificates: talk to workers over TLS (mTLS when "
                           "--tls-cert is set).")
+    tls_server_name: str = setting("", "Name the workers' certificates are issued for, checked instead of the "
+                                   "address dialled (workers found by DNS are dialled by pod IP); empty = address.")
     tokenizer_threads: int = setting(0, "Threads that template and tokenise prompts off the event loop; "
                                      "0 = one per core.")
     workers: str = setting("127.0.0.1:50061", "Worker addresses, comma separated host:port.")

@@ -48,7 +48,8 @@ class Gateway:
         workers = [a for a in config.workers.split(",") if a.strip()]
         index = PrefixIndex(config.routing_index_blocks) if config.routing == "prefix-aware" else None
         self.picker = Picker(config, index)
-        self.pool = WorkerPool(workers, config.workers_dns, index, channel_credentials(config))
+        self.pool = WorkerPool(workers, config.workers_dns, index, channel_credentials(config),
+                               config.tls_server_name)
         self.batcher = Batcher(self.pool, self.picker, config)
         self.validator: Validator | None = None
         self.tokenizer_pool = ThreadPoolExecutor(config.tokenizer_threads or os.cpu_count() or 1,

@@ -86,11 +86,12 @@ class WorkerHandle:
 
 class WorkerPool:
     def __init__(self, static: list[str], dns: str = "", index: PrefixIndex | None = None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str = "") -> None:
         self.static = [a.strip() for a in static if a.strip()]
         self.dns = dns
         self.index = index  # kept in step with each worker's evictions and liveness
         self.credentials = credentials  # TLS to the workers (services/common/tls.py); None = plaintext
+        self.tls_options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
         self.workers: dict[str, WorkerHandle] = {}
         self.changed = asyncio.Event()  # set when a worker comes up or frees room
         self.first_info = asyncio.Event()
@@ -140,7 +141,7 @@ class WorkerPool:
             try:
                 addresses = await self._addresses()
                 for addr in addresses - self.workers.keys():
-                    channel = (grpc.aio.secure_channel(addr, self.credentials, options=CHANNEL_OPTIONS)
+                    channel = (grpc.aio.secure_channel(addr, self.credentials, CHANNEL_OPTIONS + self.tls_options)
                                if self.credentials else grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS))
                     w = self.workers[addr] = WorkerHandle(addr, channel, worker_pb2_grpc.WorkerStub(channel),
                                                           health_pb2_grpc.HealthStub(channel))

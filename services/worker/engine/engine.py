@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -47,15 +49,17 @@ class PagedEngine:
         spec = speculative or SpecConfig()
         self.speculator = Speculator(spec, self.runner, self.max_model_len) if spec.method != "off" else None
         self._grammars: Any = None
+        self._grammars_lock = threading.Lock()  # the worker compiles off the engine thread
 
     @property
     def grammars(self) -> Any:
         """Structured-output compiler and masks, built at the first constrained request (xgrammar import and
         the tokenizer's vocabulary scan cost ~1 s)."""
-        if self._grammars is None:
-            from services.worker.engine.structured import Grammars
+        with self._grammars_lock:
+            if self._grammars is None:
+                from services.worker.engine.structured import Grammars
 
-            self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
+                self._grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_ids)
         return self._grammars
 
     def compile_grammar(self, request: Request) -> None:
@@ -142,8 +146,9 @@ class PagedEngine:
         logprobs = SampledLogprobs(logits, samplers, rows_per_seq) if any(s.params.logprobs for s in samplers) \
             else None
         if any(s.matcher is not None for s in samplers):  # constrained rows never carry drafts
-            starts = [sum(rows_per_seq[:i]) for i in range(len(samplers))]
-            self.grammars.mask(logits, [(starts[i], s) for i, s in enumerate(samplers) if s.matcher is not None])
+            starts = list(itertools.accumulate(rows_per_seq, initial=0))[:-1]
+            rows = [(row, s) for row, s in zip(starts, samplers, strict=True) if s.matcher is not None]
+            self.grammars.mask(logits, rows)
         if spec and any(s.spec_token_ids for s in samplers):
             tokens = spec.accept(logits, samplers, self.sampler)
         else:
