@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string"}, "age": {"type": "integer"},
+    "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 99},
     "mood": {"type": "string", "enum": ["happy", "sad", "calm"]},
     "friends": {"type": "array", "items": {"type": "object", "properties": {
-        "name": {"type": "string"}, "years": {"type": "integer"}}, "required": ["name", "years"]}}},
+        "name": {"type": "string", "maxLength": 16}, "years": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["name", "years"]}, "maxItems": 4}},
     "required": ["name", "age", "mood", "friends"]}
 DOCUMENT = {"name": "Olive the owl", "age": 7, "mood": "calm",
             "friends": [{"name": "Fred", "years": 3}, {"name": "Lily", "years": 5}, {"name": "Tom", "years": 2}]}

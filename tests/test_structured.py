@@ -21,7 +21,7 @@ from services.common.pb import inference_pb2, inference_pb2_grpc, judge_pb2, jud
 PET = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 20},
     "kind": {"type": "string", "enum": ["cat", "dog", "owl"]},
-    "age": {"type": "integer"},
+    "age": {"type": "integer", "minimum": 0, "maximum": 30},
     "owner": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "city": {"type": "string", "maxLength": 20}},
               "required": ["name", "city"]},
@@ -43,7 +43,7 @@ def valid(kind: str, text: str) -> bool:
     if kind == "json_object":
         return isinstance(doc, dict)
     owner, toys = doc.get("owner"), doc.get("toys")
-    return (set(doc) == set(PET["properties"]) and doc["kind"] in ("cat", "dog", "owl") and isinstance(doc["age"], int)
+    return (set(doc) == set(PET["properties"]) and doc["kind"] in ("cat", "dog", "owl") and 0 <= doc["age"] <= 30
             and isinstance(owner, dict) and set(owner) == {"name", "city"} and isinstance(toys, list)
             and all(isinstance(t, str) for t in toys))
 
@@ -73,7 +73,7 @@ async def _run(address: str, jobs: list[tuple[str, float, int]]) -> list[tuple[s
         stub = inference_pb2_grpc.InferenceStub(channel)
 
         async def one(kind: str, temperature: float, seed: int) -> tuple[str, str]:
-            sampling = inference_pb2.SamplingParams(max_tokens=120, temperature=temperature, seed=seed,
+            sampling = inference_pb2.SamplingParams(max_tokens=160, temperature=temperature, seed=seed,
                                                     structured=structured(kind))
             request = inference_pb2.GenerateRequest(
                 messages=[inference_pb2.ChatMessage(role="user", content=PROMPTS[kind])], sampling=sampling)

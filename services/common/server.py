@@ -77,6 +77,33 @@ class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(unary, safe, handler.response_serializer)
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's health servicer whose Watch streams can be ended: a draining server tells its watchers
+    NOT_SERVING, then closes their streams so they do not hold the drain for the whole grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches: set[asyncio.Task] = set()
+        self._ending = False
+
+    async def Watch(self, request, context) -> None:
+        task = asyncio.ensure_future(super().Watch(request, context))
+        self._watches.add(task)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not self._ending:  # the RPC itself was cancelled (the watcher left)
+                raise
+        finally:
+            self._watches.discard(task)
+
+    async def end_watches(self) -> None:
+        await asyncio.sleep(0.1)  # the NOT_SERVING just set goes out on every stream first
+        self._ending = True
+        for task in list(self._watches):
+            task.cancel()
+
+
 async def serve(
     *,
     name: str,
@@ -93,7 +120,7 @@ async def serve(
     """Run a gRPC server until a signal; `register` adds the servicers, `prepare` loads the model.
     With `credentials` the port speaks TLS only (services/common/tls.py)."""
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[DecodeErrorInterceptor(), *interceptors])
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     register(server)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -132,6 +159,7 @@ async def serve(
     # NOT_SERVING first: gateways watching the health stream stop routing here at once, while the
     # requests already running get the grace period to finish
     await set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.end_watches()
     log.info("%s draining (grace %.0fs)", name, grace_period_s)
     await server.stop(grace_period_s)
     if on_shutdown is not None:
