@@ -108,9 +108,9 @@ def test_http_logprobs_read_by_the_openai_client(fleet, loaded, reference):
         assert e.bytes == list(e.token.encode())
 
 
-LL_DOCS = [{"question": "The sky on a clear day is", "choices": [" blue", " green", " loud"], "answer": 0},
-           {"question": "Fish live in the", "choices": [" water", " desert"], "answer": 0},
-           {"question": "Two plus two equals", "choices": [" four", " seven"], "answer": 0}]
+LL_DOCS = [{"question": "The sky on a clear day is", "choices": ["blue", "green", "loud"], "answer": 0},
+           {"question": "Fish live in the", "choices": ["water", "desert"], "answer": 0},
+           {"question": "Two plus two equals", "choices": ["four", "seven"], "answer": 0}]
 GEN_DOCS = [{"question": "Q: What do bees make?\nA:", "answer": "honey"},
             {"question": "Q: What colour is snow?\nA:", "answer": "white"}]
 
@@ -142,10 +142,11 @@ def test_lm_eval_local_completions_matches_the_model(fleet, loaded, reference, t
     tok = loaded.tokenizer
     compared = 0
     for sample in results["samples"]["tokenmill_ll"]:
-        doc = sample["doc"]
-        for choice, resp in zip(doc["choices"], sample["resps"], strict=True):
+        args = sample["arguments"]  # (context, continuation) per choice; newer lm-eval keeps them in dicts
+        pairs = [tuple(a.values()) for a in args.values()] if isinstance(args, dict) else args
+        assert len(pairs) == len(sample["doc"]["choices"])
+        for (context, cont), resp in zip(pairs, sample["resps"], strict=True):
             ll = resp[0][0]
-            context, cont = doc["question"], choice
             ctx_ids = tok.encode(context, add_special_tokens=False)
             whole = tok.encode(context + cont, add_special_tokens=False)
             ref = reference(whole)

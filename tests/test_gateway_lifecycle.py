@@ -45,7 +45,7 @@ def test_drained_worker_gets_nothing_new_and_no_worker_is_unavailable_at_once(cl
         draining = next(w for w in workers if w.address == first)
         other = next(w for w in workers if w is not draining)
 
-        long = chat_request("Tell me a very long story.", max_tokens=300, ignore_eos=True)
+        long = chat_request("Tell me a very long story.", max_tokens=150, ignore_eos=True)
         long.session_id = "conversation-1"
         held = threading.Thread(target=lambda: list(_quietly(stub, long)), daemon=True)
         held.start()

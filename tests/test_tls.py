@@ -61,9 +61,10 @@ def test_both_fronts_need_the_ca_and_work_with_it(tls):
     r = httpx.post(tls["https"] + "/v1/chat/completions", json=body, timeout=120, verify=pki["ca"])
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
 
-    cli = subprocess.run([sys.executable, "-m", "services.cli", "generate", "--gateway", tls["grpc"], "--tls-ca",
-                          pki["ca"], "--max-tokens", "4", "Say hello."], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "TOKENMILL_TLS_CA": ""})
+    command = [sys.executable, "-m", "services.cli", "generate", "--gateway", tls["grpc"], "--tls-ca", pki["ca"],
+               "--max-tokens", "4", "--chat", "Say hello."]
+    cli = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TOKENMILL_TLS_CA": ""})
     assert cli.returncode == 0 and cli.stdout.strip(), cli.stderr
 
 
