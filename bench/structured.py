@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,17 @@ def library_overhead(tokenizer: Any, vocab: int, batch: int) -> dict[str, float]
                 m.accept_token(tokens[i])
 
         out["xgrammar"] = _timed(xgr_step, len(tokens))
+        for m in matchers:
+            m.reset()
+        batch_fill = xgr.BatchGrammarMatcher(max_threads=os.cpu_count() or 1)
+
+        def xgr_batch_step(i: int) -> None:
+            batch_fill.batch_fill_next_token_bitmask(matchers, mask)
+            xgr.apply_token_bitmask_inplace(logits, mask, indices=list(range(batch)))
+            for m in matchers:
+                m.accept_token(tokens[i])
+
+        out["xgrammar (batch fill)"] = _timed(xgr_batch_step, len(tokens))
     except ImportError:
         pass
     try:
@@ -69,16 +81,16 @@ def library_overhead(tokenizer: Any, vocab: int, batch: int) -> dict[str, float]
         lms = [llguidance.LLMatcher(lltok, grammar) for _ in range(batch)]
         executor = llguidance.LLExecutor()
         lmask = lltorch.allocate_token_bitmask(batch, vocab)
+        bits = torch.arange(32, dtype=torch.int32)
 
         def ll_step(i: int) -> None:
             lltorch.fill_next_token_bitmask_par(executor, [(m, j) for j, m in enumerate(lms)], lmask)
-            lltorch.apply_token_bitmask_inplace(logits, lmask)
+            # its own apply kernel is torch.compile'd (seconds on first use per shape): plain torch ops instead
+            allowed = ((lmask[:, :, None] >> bits) & 1).bool().view(batch, -1)[:, :vocab]
+            logits.masked_fill_(~allowed, float("-inf"))
             for m in lms:
                 m.consume_token(tokens[i])
 
-        ll_step(0)  # its apply kernel compiles (torch.compile) on first use: not a per-step cost
-        for m in lms:
-            m.reset()
         out["llguidance"] = _timed(ll_step, len(tokens))
     except ImportError:
         pass

@@ -48,8 +48,8 @@ class Grammars:
             with self._lock:  # one compile at a time: each one already uses every core
                 if spec.kind == "json_schema":
                     return self.compiler.compile_json_schema(spec.value, any_whitespace=False)
-                if spec.kind == "json_object":
-                    return self.compiler.compile_json_schema(JSON_OBJECT, any_whitespace=False)
+                if spec.kind == "json_object":  # any properties: strict mode would allow only {}
+                    return self.compiler.compile_json_schema(JSON_OBJECT, any_whitespace=False, strict_mode=False)
                 if spec.kind == "regex":
                     return self.compiler.compile_regex(spec.value)
                 rule = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choices)
