@@ -221,17 +221,25 @@ def run_direct(models: Models, work: Workload, opts: Options, results: list[Resu
 
     for conc in opts.concurrency:
         for kind in opts.engines:
-            engine = make_engine(kind, models, opts)
-            probe = KVProbe(engine)
-            inner_step = engine.step
+            probes: list[KVProbe] = []
 
-            def step(inner_step=inner_step, probe=probe, engine=engine) -> list:
-                events = inner_step()
-                probe(engine.stats())
-                return events
+            def build(kind: str = kind, probes: list = probes) -> Any:
+                """On the engine's thread, as the worker builds it (one OpenMP team: see AsyncEngine)."""
+                engine = make_engine(kind, models, opts)
+                probe = KVProbe(engine)
+                inner_step = engine.step
 
-            engine.step = step
-            front = AsyncEngine(engine)
+                def step() -> list:
+                    events = inner_step()
+                    probe(engine.stats())
+                    return events
+
+                engine.step = step
+                probes.append(probe)
+                return engine
+
+            front = AsyncEngine(build)
+            engine, probe = front.ready.result(), probes[0]
 
             async def one(i: int, front: AsyncEngine = front) -> Sample:
                 req = Request(f"bench-{i}", work.prompt_ids[i], SamplingParams(max_tokens=work.max_tokens[i],
@@ -262,7 +270,7 @@ def run_direct(models: Models, work: Workload, opts: Options, results: list[Resu
                                  spec_acceptance=stats.spec_accepted_tokens / stats.spec_draft_tokens)
             results.append(res)
             print_row(res)
-            del engine, front, step, one, probe, inner_step
+            del engine, front, one, probe, probes, build
             gc.collect()  # the engine's KV pool: free it before the next run measures its RSS
 
 

@@ -25,8 +25,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.loaded: Any = None
 
     async def load(self) -> None:
-        """Load the model and build the engine (in a thread: the event loop keeps answering health)."""
-        self.engine = await asyncio.to_thread(build_engine, self.config, self)
+        """Load the model and build the engine on the engine's own thread (the event loop keeps answering
+        health meanwhile; see AsyncEngine on why one thread does both)."""
+        from services.worker.engine.async_engine import AsyncEngine
+
+        front = AsyncEngine(lambda: build_engine(self.config, self), step_delay_s=self.config.step_delay_ms / 1000)
+        await asyncio.wrap_future(front.ready)
+        self.engine = front
 
     async def _require_engine(self, context: grpc.aio.ServicerContext) -> Any:
         if self.engine is None:
@@ -126,10 +131,10 @@ def recent_evictions(engine: Any, after: int) -> tuple[list[int], int, bool]:
 
 
 def build_engine(config: WorkerConfig, servicer: WorkerServicer | None = None) -> Any:
+    """The worker's engine per --engine, loaded and warmed up (call it on the thread that will step it)."""
     import torch
 
     from services.common.model_loader import load_model
-    from services.worker.engine.async_engine import AsyncEngine
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -148,7 +153,7 @@ def build_engine(config: WorkerConfig, servicer: WorkerServicer | None = None) -
         servicer.loaded = loaded
     log.info("engine %s ready: model=%s device=%s dtype=%s quantization=%s (pid %d)", engine.name, config.model,
              loaded.device, loaded.dtype, loaded.quantization, os.getpid())
-    return AsyncEngine(engine, step_delay_s=config.step_delay_ms / 1000)
+    return engine
 
 
 def check_choices(config: WorkerConfig) -> None:

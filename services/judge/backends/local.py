@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from services.common.config import JudgeConfig
@@ -32,13 +33,16 @@ class LocalBackend:
         self.queue: asyncio.Queue[tuple[ScoreItem | CompareItem, asyncio.Future]] | None = None
         self._loop_task: asyncio.Task | None = None
         self.max_batch_items = max(1, config.max_batch_items)
+        # every torch call (load, warm-up, scoring) on one thread: GNU OpenMP keeps a thread team per calling
+        # thread, and a second team makes its workers sleep between kernels (2x slower; see AsyncEngine)
+        self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge-torch")
 
     @property
     def model_name(self) -> str:
         return self.config.model
 
     async def start(self) -> None:
-        self.scorer = await asyncio.to_thread(self._load)
+        self.scorer = await asyncio.get_running_loop().run_in_executor(self._torch, self._load)
         self.queue = asyncio.Queue()
         self._loop_task = asyncio.create_task(self._run(), name="judge-batcher")
 
@@ -106,7 +110,8 @@ class LocalBackend:
                 continue
             metrics.batch_items.observe(len(batch))
             try:
-                results = await asyncio.to_thread(self.scorer.run, [item for item, _ in batch])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._torch, self.scorer.run, [item for item, _ in batch])
             except Exception as exc:
                 log.exception("scoring a batch of %d failed", len(batch))
                 err = BackendError("INTERNAL", f"the local judge failed on this batch: {type(exc).__name__}: {exc}")
@@ -120,5 +125,6 @@ class LocalBackend:
                     fut.set_result(res)
 
     async def close(self) -> None:
+        self._torch.shutdown(wait=False)
         if self._loop_task is not None:
             self._loop_task.cancel()
