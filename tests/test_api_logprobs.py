@@ -95,8 +95,8 @@ def test_http_logprobs_read_by_the_openai_client(fleet, loaded, reference):
         assert abs(max(lp.top_logprobs[pos].values()) - float(ref[pos - 1].max())) < TOL
 
     messages = [{"role": "user", "content": "Name a colour."}]
-    ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    ids = list(loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False))
     out = greedy(loaded, ids, 4)
     ref = reference(ids + out)
     chat = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=4, temperature=0,

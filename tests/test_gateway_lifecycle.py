@@ -47,9 +47,10 @@ def test_drained_worker_gets_nothing_new_and_no_worker_is_unavailable_at_once(cl
 
         long = chat_request("Tell me a very long story.", max_tokens=150, ignore_eos=True)
         long.session_id = "conversation-1"
-        held = threading.Thread(target=lambda: list(_quietly(stub, long)), daemon=True)
+        streaming = threading.Event()
+        held = threading.Thread(target=lambda: list(_quietly(stub, long, streaming)), daemon=True)
         held.start()
-        time.sleep(1.0)  # the long request is on the pinned worker now
+        assert streaming.wait(120)  # the long request streams from the pinned worker now
         before = retries(metrics_url)
         os.kill(draining.proc.pid, signal.SIGTERM)
         time.sleep(0.5)
@@ -68,8 +69,10 @@ def test_drained_worker_gets_nothing_new_and_no_worker_is_unavailable_at_once(cl
     assert [(m["id"], m["workers"]) for m in listed] == [("smollm2-135m", 0)]
 
 
-def _quietly(stub, request):
+def _quietly(stub, request, streaming: threading.Event):
     try:
-        yield from stub.GenerateStream(request, timeout=300)
+        for response in stub.GenerateStream(request, timeout=300):
+            streaming.set()
+            yield response
     except grpc.RpcError:
         return

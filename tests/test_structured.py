@@ -55,7 +55,7 @@ def structured(kind: str) -> inference_pb2.StructuredOutput:
             "choice": inference_pb2.StructuredOutput(choice=MOODS)}[kind]
 
 
-PROMPTS = {"json_schema": "Describe a pet as JSON.", "json_object": "Give me a JSON object about the moon.",
+PROMPTS = {"json_schema": "Describe a pet as JSON.", "json_object": "Return a JSON object with two keys, name and colour, for an apple.",
            "regex": "When is the next holiday? Answer with a date.", "choice": "How does the cat feel?"}
 
 
@@ -85,7 +85,7 @@ async def _run(address: str, jobs: list[tuple[str, float, int]]) -> list[tuple[s
 
 def test_fifty_constrained_requests_all_valid(gateways):
     kinds = ["json_schema"] * 4 + ["json_object", "regex", "regex", "choice"]
-    jobs = [(kinds[i % len(kinds)], (0.0, 0.8)[i % 2], i) for i in range(25)]
+    jobs = [(kinds[i % len(kinds)], (0.0, 0.8)[i // len(kinds) % 2], i) for i in range(25)]  # each kind at both
     outputs = asyncio.run(_run(gateways["plain"], jobs)) + asyncio.run(_run(gateways["spec"], jobs))
     bad = [(kind, text) for kind, text in outputs if not valid(kind, text)]
     print(f"{len(outputs)} constrained outputs, e.g. {outputs[0][1]!r} / {outputs[5][1]!r} / {outputs[7][1]!r}")

@@ -9,6 +9,7 @@ to finish.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -63,7 +64,11 @@ class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
             async def stream(request, context):
                 if isinstance(request, _Undecodable):
                     await reject(request, context)
-                async for item in inner_stream(request, context):
+                responses = inner_stream(request, context)
+                if inspect.isawaitable(responses):  # a handler that writes with context.write (health Watch)
+                    await responses
+                    return
+                async for item in responses:
                     yield item
 
             return grpc.unary_stream_rpc_method_handler(stream, safe, handler.response_serializer)
