@@ -55,7 +55,8 @@ def structured(kind: str) -> inference_pb2.StructuredOutput:
             "choice": inference_pb2.StructuredOutput(choice=MOODS)}[kind]
 
 
-PROMPTS = {"json_schema": "Describe a pet as JSON.", "json_object": "Return a JSON object with two keys, name and colour, for an apple.",
+PROMPTS = {"json_schema": "Describe a pet as JSON.",
+           "json_object": "Return a JSON object with two keys, name and colour, for an apple.",
            "regex": "When is the next holiday? Answer with a date.", "choice": "How does the cat feel?"}
 
 
