@@ -121,7 +121,8 @@ BAD_HTTP = [  # (path, raw body, status, fragment of the message)
 @pytest.mark.parametrize("path, body, status, fragment", BAD_HTTP)
 def test_bad_input_http_is_a_4xx_json_error(gateway, path, body, status, fragment):
     content = body if isinstance(body, str) else json.dumps(body)
-    r = httpx.post(f"{gateway['http']}/v1/{path}", content=content, timeout=60,
+    route = {"chat": "chat/completions"}.get(path, path)
+    r = httpx.post(f"{gateway['http']}/v1/{route}", content=content, timeout=60,
                    headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
