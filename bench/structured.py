@@ -135,7 +135,10 @@ def main(batches: tuple[int, ...], max_tokens: int, out: Path) -> dict:
 
     tokenizer = load_tokenizer("smollm2-135m")
     vocab = 49152
-    result: dict[str, Any] = {"schema": SCHEMA, "libraries": {}, "engine": {}}
+    from bench.results import environment
+
+    result: dict[str, Any] = {"benchmark": "structured", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                              "environment": environment(), "schema": SCHEMA, "libraries": {}, "engine": {}}
     for b in batches:
         result["libraries"][str(b)] = {k: round(v * 1e3, 4) for k, v in library_overhead(tokenizer, vocab, b).items()}
         print(f"batch {b}: ms per step (fill + apply + accept): {result['libraries'][str(b)]}", flush=True)
