@@ -105,12 +105,6 @@ def tiny_qwen2() -> Any:
     return Qwen2ForCausalLM(Qwen2Config(**TINY_QWEN2)).eval()
 
 
-def weight_bytes(model: Any) -> int:
-    """Parameters plus packed weights, each stored object once (a tied head shares the embedding's)."""
-    packed = {id(m.packed): m.packed.nbytes for m in model.modules() if getattr(m, "packed", None) is not None}
-    return sum(packed.values()) + sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 def format_model(name: str, ref: Any, fmt: str) -> Any:
     from services.common.model_loader import load_model
     from services.worker.engine.models.loader import hf_from_hf
@@ -154,6 +148,8 @@ def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str
                 tally.entropy.append(-(logp.exp() * logp).sum(-1).double())
             print(f"  {name}: chunk {i + 1}/{len(chunks)}", end="\r", flush=True)
     print()
+    from services.worker.engine.layers.linear import weight_bytes
+
     ref_ppl = math.exp(torch.cat(tallies["none"].nll).mean().item()) if "none" in tallies else float("nan")
     rows = []
     for fmt, tally in tallies.items():

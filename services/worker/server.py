@@ -99,7 +99,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             block_size=engine.engine.block_size, quantization=m.quantization, engine=engine.engine.name,
             device=m.device, dtype=str(m.dtype).removeprefix("torch."), worker_id=self.worker_id,
             eos_token_id=m.tokenizer.eos_token_id if m.tokenizer.eos_token_id is not None else -1,
-            model_impl="native" if type(m.model).__name__ == "DecoderModel" else "transformers",
+            model_impl="native" if getattr(getattr(engine.engine, "runner", None), "native", False) else "transformers",
             prefix_caching=getattr(getattr(engine.engine, "block_manager", None), "enable_prefix_caching", False),
         )
 

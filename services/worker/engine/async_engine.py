@@ -50,6 +50,7 @@ class AsyncEngine:
         self.step_delay_s = step_delay_s
         self._tracked: dict[str, _Tracked] = {}
         self._inbox = _Inbox()
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}  # engine thread only
         self._wake = threading.Condition()
         self._stopping = False
         self.ready: Future[Engine] = Future()
@@ -138,6 +139,7 @@ class AsyncEngine:
                 self._step()
             else:
                 self._publish_stats()
+            self._flush()  # cancels and refused admissions when no step ran
 
     def _admit(self, req: Request) -> None:
         if req.request_id not in self._tracked:
@@ -164,6 +166,7 @@ class AsyncEngine:
         self._publish_stats()  # before the events, so Load never lags the requests a caller saw finish
         for event in events:
             self._deliver(event)
+        self._flush()
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
 
@@ -185,7 +188,13 @@ class AsyncEngine:
             metrics.prompt_tokens.inc(tracked.prompt_tokens)
             if tracked.tokens > 1:
                 metrics.tpot.observe((now - tracked.first_token) / (tracked.tokens - 1))
-        tracked.loop.call_soon_threadsafe(tracked.queue.put_nowait, event)
+        self._outbox.setdefault(tracked.loop, []).append((tracked.queue, event))
+
+    def _flush(self) -> None:
+        """Hand the iteration's events to their event loops: one wake-up per loop, not one per event."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _publish_stats(self) -> None:
         old, new = self._stats, self.engine.stats()
@@ -204,3 +213,8 @@ class AsyncEngine:
 def _error(req: Request, code: str, message: str) -> Event:
     return Event(req.request_id, [], "", finish_reason=FINISH_ERROR, prompt_tokens=len(req.prompt_token_ids),
                  error_code=code, error_message=message)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)

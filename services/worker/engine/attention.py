@@ -81,7 +81,6 @@ class StepContext:
     token_seq: torch.Tensor  # [T] int32: the token's row in block_tables
     token_pos: torch.Tensor  # [T] int32
     block_tables: torch.Tensor  # [sequences, max blocks] int32
-    num_decodes: int  # the first num_decodes tokens are single-token decodes (longest context first)
     decode_positions: list[int]
     decode_tables: list[list[int]]
     prefill_specs: list[tuple[int, int, int, list[int]]]  # (start, end, context_start, block table)
@@ -144,15 +143,15 @@ def build_context(kv: KVCache, pos: list[int], token_seq: list[int], tables: lis
         kv, torch.tensor(slots, dtype=torch.long, device=dev), positions,
         torch.tensor(token_seq, dtype=torch.int32, device=dev), positions.to(torch.int32),
         torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-        num_decodes, pos[:num_decodes], tables[:num_decodes], prefills)
+        pos[:num_decodes], tables[:num_decodes], prefills)
 
 
 def attend(ctx: StepContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
            window: int | None, scale: float) -> torch.Tensor:
     """Store k, v [T, kv_heads * D] in the cache, then attend: q [T, heads * D] -> [T, heads * D]."""
     kv = ctx.kv
-    ops = kernels.load() if q.device.type == "cpu" and q.dtype == torch.float32 else None
-    if ops is not None and kv.head_dim % 16 == 0 and num_heads // kv.num_kv_heads <= 8:
+    ops = kernels.cpu_ops(q.device, q.dtype)
+    if ops is not None and kernels.attention_fits(kv.head_dim, num_heads, kv.num_kv_heads):
         ops.write_kv(k, v, kv.k[layer], kv.v[layer], ctx.slot_mapping)
         return ops.paged_attention(q, kv.k[layer], kv.v[layer], ctx.block_tables, ctx.token_seq, ctx.token_pos,
                                    num_heads, window or 0, scale)

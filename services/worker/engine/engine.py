@@ -180,7 +180,8 @@ class PagedEngine:
         for token in tokens:
             seq.token_ids.append(token)
             taken.append(token)
-            if seq.matcher is not None and (not self.grammars.accept(seq, token) or self.grammars.finished(seq)):
+            # a sequence with a matcher means _grammars exists: no lock per token
+            if seq.matcher is not None and (not self._grammars.accept(seq, token) or self._grammars.finished(seq)):
                 reason = FINISH_STOP  # the grammar is complete (it took a stop token), or refused the token
                 if token not in seq.stop_ids:
                     text += seq.detok.add([token])

@@ -14,6 +14,7 @@ import torch
 from services.worker.engine import attention
 from services.worker.engine.attention import StepContext
 from services.worker.engine.kv_cache import KVCache, kv_shape, model_window, parse_kv_memory
+from services.worker.engine.layers.linear import Linear
 from services.worker.engine.models import DecoderModel
 from services.worker.engine.scheduler import SchedulerOutput
 from services.worker.engine.sequence import Sequence
@@ -50,7 +51,7 @@ class ModelRunner:
             head = model.get_output_embeddings()
             # CPU: W @ h^T runs the vocabulary projection 1.3x (32 rows) to 3x (2-4 rows) faster than h @ W^T
             stationary = type(head) is torch.nn.Linear and head.bias is None and self.device.type == "cpu"
-            self._head = (lambda h: torch.mm(head.weight, h.t()).t()) if stationary else head
+            self._head = Linear(head.weight, weight_stationary=True) if stationary else head
 
     @property
     def num_blocks(self) -> int:
@@ -83,12 +84,8 @@ class ModelRunner:
                 count = min(c + n, seq.num_prompt_tokens - 1) - c
                 if count > 0:
                     self.prompt_rows.append((seq, start, count, c))
-        ctx = self._context(pos, token_seq, tables, len(decodes), prefills)
+        ctx = attention.build_context(self.kv, pos, token_seq, tables, len(decodes), prefills)
         return torch.tensor(ids, dtype=torch.long, device=self.device), ctx, samplers, rows
-
-    def _context(self, pos: list[int], token_seq: list[int], tables: list[list[int]], num_decodes: int,
-                 prefills: list[tuple[int, int, int, list[int]]]) -> StepContext:
-        return attention.build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
         """[T] token ids -> [T, hidden] after the final norm (after the first num_layers layers: the draft)."""
@@ -140,7 +137,7 @@ class ModelRunner:
         norm and the LM head. Those layers' K/V are the target's own (same inputs, same weights), so the
         draft writes into the target's cache and the verifying pass rewrites the same values.
         Returns the greedy draft token of each sequence."""
-        ctx = self._context(positions, list(range(len(tokens))), tables, len(tokens), [])
+        ctx = attention.build_context(self.kv, positions, list(range(len(tokens))), tables, len(tokens), [])
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return self.logits(self.forward(ids, ctx, num_layers)).argmax(dim=-1)
 

@@ -85,9 +85,8 @@ class Scheduler:
     def _admit(self, scheduled: list[Sequence], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hits, hashes = self.bm.match_prefix(seq)
-            if seq.wants_prompt_rows:  # every prompt position needs its logits: none may come from the cache
-                hits, hashes = [], []
+            # every prompt position of a prompt-logprobs request needs its logits: none may come from the cache
+            hits, hashes = ([], []) if seq.wants_prompt_rows else self.bm.match_prefix(seq)
             n = min(seq.num_tokens - len(hits) * self.bm.block_size, budget)
             if not self.bm.can_admit(hits, len(hits) * self.bm.block_size + n):
                 break

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 log = logging.getLogger("tokenmill.kernels")
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("bindings.cpp", "quant_gemm.cpp", "attention.cpp", "elementwise.cpp", "decoder.cpp")
@@ -80,3 +82,13 @@ def load() -> Any | None:
         return None
     log.info("CPU kernels: %s build %s", module.isa(), key)
     return module
+
+
+def cpu_ops(device: torch.device, dtype: torch.dtype) -> Any | None:
+    """The compiled ops where they apply (float32 on a CPU), else None: the PyTorch path."""
+    return load() if device.type == "cpu" and dtype == torch.float32 else None
+
+
+def attention_fits(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Shapes the C++ paged attention takes: head_dim in whole AVX-512 vectors, at most 8 query heads per KV head."""
+    return head_dim % 16 == 0 and num_heads // num_kv_heads <= 8

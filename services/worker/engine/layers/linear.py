@@ -40,21 +40,16 @@ class Linear(nn.Module):
         fmt = self.packed.fmt if self.packed is not None else str(self.weight.dtype).removeprefix("torch.")
         return f"in={self.in_features}, out={self.out_features}, weight={fmt}, bias={self.bias is not None}"
 
-    @property
-    def weight_bytes(self) -> int:
-        own = self.packed.nbytes if self.packed is not None else self.weight.numel() * self.weight.element_size()
-        return own + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.packed
         if p is None:
             if self.weight_stationary and x.device.type == "cpu" and self.bias is None:
                 return torch.mm(self.weight, x.reshape(-1, self.in_features).t()).t().reshape(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
-        if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":  # the engine's hot path
-            ops = kernels.load()
+        if x.dim() == 2:  # the engine's hot path
+            ops = kernels.cpu_ops(x.device, x.dtype)
             if ops is not None:
-                y = ops.quant_linear(x if x.is_contiguous() else x.contiguous(), p.codes, p.scales, p.mins, p.table,
+                y = ops.quant_linear(x.contiguous(), p.codes, p.scales, p.mins, p.table,
                                      self._kernel_bias, p.bits, p.group)
                 return y if y.shape[1] == self.out_features else y[:, : self.out_features]
         if x.dim() != 2:
@@ -80,3 +75,15 @@ class Embedding(nn.Module):
             return F.embedding(ids, self.weight)
         rows = self.packed.dequantize(ids.reshape(-1).cpu()).to(device=ids.device, dtype=self.dtype)
         return rows.reshape(*ids.shape, self.embedding_dim)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of a model's weights (packed or float), each stored tensor once (a tied head is the embedding)."""
+    seen: dict[int, int] = {}
+    for mod in model.modules():
+        packed = getattr(mod, "packed", None)
+        if packed is not None:
+            seen[id(packed.codes)] = packed.nbytes
+    for p in model.parameters():
+        seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())

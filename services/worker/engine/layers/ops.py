@@ -10,7 +10,7 @@ from services.worker.engine.layers import kernels
 
 
 def _ops(x: torch.Tensor):
-    return kernels.load() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    return kernels.cpu_ops(x.device, x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from services.worker.engine.attention import StepContext, attend
 from services.worker.engine.layers import kernels, ops
-from services.worker.engine.layers.linear import Embedding, Linear
+from services.worker.engine.layers.linear import Embedding, Linear, weight_bytes
 from services.worker.engine.models.spec import DecoderSpec, rotary_tables
 
 
@@ -87,15 +87,7 @@ class DecoderModel(nn.Module):
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the weights (packed or float), each tensor once (a tied head is the embedding)."""
-        seen: dict[int, int] = {}
-        for mod in self.modules():
-            packed = getattr(mod, "packed", None)
-            if packed is not None:
-                seen[id(packed.codes)] = packed.nbytes
-        for p in self.parameters():
-            seen[p.data_ptr()] = p.numel() * p.element_size()
-        return sum(seen.values())
+        return weight_bytes(self)
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
         """input_ids [T] -> final-normed hidden states [T, hidden] (after the first num_layers layers)."""
@@ -117,10 +109,9 @@ class DecoderModel(nn.Module):
     def _fused_decoder(self) -> Any:
         """The C++ layer loop, built on first use: CPU, float32, attention shapes the kernel takes."""
         if self._fused is None:
-            spec, k = self.spec, kernels.load()
+            spec, k = self.spec, kernels.cpu_ops(self.device, self.dtype)
             self._fused = False
-            if (k is not None and self.device.type == "cpu" and self.dtype == torch.float32
-                    and spec.head_dim % 16 == 0 and spec.num_heads // spec.num_kv_heads <= 8):
+            if k is not None and kernels.attention_fits(spec.head_dim, spec.num_heads, spec.num_kv_heads):
                 self._fused = k.Decoder(spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.rms_norm_eps,
                                         spec.head_dim**-0.5)
                 for layer in self.layers:

@@ -114,9 +114,7 @@ constexpr int kPanelsWide = 1, kRowsWide = 3;
 template <int BITS, bool MIN, bool TABLE, int PN>
 void rows(const Weights& w, int64_t p0, const float* x, int64_t ldx, const float* xsum, float* y, int64_t ldy,
           const float* bias, int64_t mt) {
-  const int64_t ng = w.K / w.G;
   auto run = [&](auto MT) { tile<BITS, MIN, TABLE, PN, decltype(MT)::value>(w, p0, x, ldx, xsum, y, ldy, bias); };
-  (void)ng;
   switch (mt) {
     case 1: run(std::integral_constant<int, 1>{}); break;
     case 2: run(std::integral_constant<int, 2>{}); break;

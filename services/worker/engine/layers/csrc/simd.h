@@ -19,7 +19,6 @@ struct Simd {
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F div(F a, F b) { return _mm512_div_ps(a, b); }
-  static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F min(F a, F b) { return _mm512_min_ps(a, b); }
   static F bcast(const float* p) { return _mm512_set1_ps(*p); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
@@ -27,7 +26,6 @@ struct Simd {
     return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>((1u << n) - 1), p);
   }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static void storen(float* p, F v, int n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
   static float hmax(F v) { return _mm512_reduce_max_ps(v); }
   static I u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -71,7 +69,6 @@ struct Simd {
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F div(F a, F b) { return _mm256_div_ps(a, b); }
-  static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F min(F a, F b) { return _mm256_min_ps(a, b); }
   static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
@@ -81,7 +78,6 @@ struct Simd {
     return _mm256_blendv_ps(set1(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
   }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static void storen(float* p, F v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
   static float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
