@@ -24,7 +24,7 @@ def health(
     from services.common.tls import channel_credentials
     from services.local import open_channel
 
-    credentials = channel_credentials(tls_ca, tls_cert, tls_key) if tls_ca else None
+    credentials = channel_credentials(tls_ca, tls_cert, tls_key)
     options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
     with open_channel(address, credentials, options) as channel:
         try:

@@ -159,11 +159,10 @@ WEIGHTS = {"gguf": "4-bit: the GGUF's own Q4_1 blocks (Q8_0 embedding / LM head)
 
 def describe_worker(address: str) -> str:
     """What a worker serves, from its Info RPC: model, engine, forward, weight format, device."""
-    import grpc
 
     from services.common.pb import worker_pb2, worker_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         info = worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
     weights = WEIGHTS.get(info.quantization, info.quantization)
     return (f"{info.model}: {info.engine} engine, {info.model_impl} forward, weights {weights}, "
@@ -225,7 +224,7 @@ def generate(
     else:
         request.prompt = prompt
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
-    with open_channel(gateway, channel_credentials(tls_ca) if tls_ca else None) as channel:
+    with open_channel(gateway, channel_credentials(tls_ca)) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
             if stream:

@@ -124,12 +124,11 @@ class LoadedModel:
 
 def pick_quantization(quantization: str, spec: str, device: str) -> str:
     """`auto`: the embedded GGUF's own 4-bit blocks on a CPU (`gguf`), float weights elsewhere."""
-    base, _, group = quantization.partition("/")
-    if base not in QUANTIZATIONS or (group and (base not in ("int8", "int4", "nf4") or not group.isdigit())):
-        raise ValueError(f"unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)} "
-                         "(int4/128: int8, int4 and nf4 take a group size)")
     if quantization == "auto":
         return "gguf" if spec in EMBEDDED and device == "cpu" else "none"
+    from services.worker.engine.models.weights import check_quantization
+
+    check_quantization(quantization)
     return quantization
 
 

@@ -103,7 +103,8 @@ class HealthServicer(health.aio.HealthServicer):
             self._watches.discard(task)
 
     async def end_watches(self) -> None:
-        await asyncio.sleep(0.1)  # the NOT_SERVING just set goes out on every stream first
+        if self._watches:
+            await asyncio.sleep(0.1)  # the NOT_SERVING just set goes out on every stream first
         self._ending = True
         for task in list(self._watches):
             task.cancel()

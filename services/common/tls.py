@@ -41,11 +41,14 @@ def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerC
     return grpc.ssl_server_credentials(pair)
 
 
-def channel_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials:
-    """Trust `ca` (empty: the system's roots); present cert/key as the client certificate when given."""
+def channel_credentials(ca: str, cert: str = "", key: str = "") -> grpc.ChannelCredentials | None:
+    """TLS trusting `ca`, presenting cert/key as the client certificate when given; None (plaintext) without
+    a CA."""
+    if not ca:
+        return None
     check_pair(cert, key)
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(ca, "--tls-ca") if ca else None,
+        root_certificates=_read(ca, "--tls-ca"),
         private_key=_read(key, "--tls-key") if key else None,
         certificate_chain=_read(cert, "--tls-cert") if cert else None,
     )

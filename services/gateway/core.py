@@ -20,6 +20,7 @@ import grpc
 
 from services.common.config import GatewayConfig
 from services.common.sampling import InvalidRequest
+from services.common.tls import channel_credentials
 from services.gateway import metrics
 from services.gateway.batcher import Batcher
 from services.gateway.pending import Chunk, Pending, QueueFull
@@ -48,8 +49,9 @@ class Gateway:
         workers = [a for a in config.workers.split(",") if a.strip()]
         index = PrefixIndex(config.routing_index_blocks) if config.routing == "prefix-aware" else None
         self.picker = Picker(config, index)
-        self.pool = WorkerPool(workers, config.workers_dns, index, channel_credentials(config),
-                               config.tls_server_name)
+        # TLS to the workers when --tls-ca names their CA, with our certificate as the client's if we have one
+        credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
+        self.pool = WorkerPool(workers, config.workers_dns, index, credentials, config.tls_server_name)
         self.batcher = Batcher(self.pool, self.picker, config)
         self.validator: Validator | None = None
         self.tokenizer_pool = ThreadPoolExecutor(config.tokenizer_threads or os.cpu_count() or 1,
@@ -115,6 +117,13 @@ class Gateway:
         finally:
             self.batcher.cancel(p)  # no-op once it has finished
 
+    async def final(self, p: Pending) -> Chunk:
+        """The request's final chunk (a non-streaming call's whole answer)."""
+        async for chunk in self.chunks(p):
+            if chunk.final:
+                return chunk
+        raise GatewayError(grpc.StatusCode.INTERNAL, "request ended without a result")
+
     @property
     def model(self) -> str:
         return self.validator.model if self.validator else ""
@@ -125,12 +134,3 @@ class Gateway:
         if text is None and self.validator is not None:
             text = self._token_texts[token_id] = self.validator.tokenizer.decode([token_id])
         return text or ""
-
-
-def channel_credentials(config: GatewayConfig) -> grpc.ChannelCredentials | None:
-    """TLS to the workers when --tls-ca names their CA (with our certificate as the client's, if we have one)."""
-    if not config.tls_ca:
-        return None
-    from services.common.tls import channel_credentials as credentials
-
-    return credentials(config.tls_ca, config.tls_cert, config.tls_key)

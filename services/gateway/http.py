@@ -95,26 +95,20 @@ class OpenAIFront:
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
 
-    async def _admit(self, request: web.Request, req: Any, *, prompt: str | list[int] = "",
-                     messages: list | None = None) -> Pending:
+    async def _admit(self, request: web.Request, req: Any, sampling: inference_pb2.SamplingParams, *,
+                     prompt: str | list[int] = "", messages: list | None = None) -> Pending:
         # a conversation id pins its requests to one worker: the x-session-id header, else OpenAI's `user`
         session = request.headers.get("x-session-id") or req.user or ""
         return await self.gw.admit(request_id="", model=req.model, prompt=prompt, messages=messages or [],
-                                   sampling=req.to_sampling(), priority=0, streaming=req.stream, session_id=session)
+                                   sampling=sampling, priority=0, streaming=req.stream, session_id=session)
 
     def _meta(self, chat: bool) -> dict:
         return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
                 "model": self.gw.model}
 
-    async def _final(self, p: Pending) -> Chunk:
-        async for chunk in self.gw.chunks(p):
-            if chunk.final:
-                return chunk
-        raise GatewayError(grpc.StatusCode.INTERNAL, "request ended without a result")
-
     async def chat(self, request: web.Request) -> web.StreamResponse:
         req = parse(ChatRequest, await self._body(request))
-        p = await self._admit(request, req, messages=[(m.role, m.text()) for m in req.messages])
+        p = await self._admit(request, req, req.to_sampling(), messages=[(m.role, m.text()) for m in req.messages])
         meta, text = self._meta(chat=True), self.gw.token_text
 
         def choice(chunk: Chunk, first: bool, whole: bool) -> dict:
@@ -128,7 +122,7 @@ class OpenAIFront:
 
         if req.stream:
             return await self._stream(request, p, meta, "chat.completion.chunk", choice, req)
-        chunk = await self._final(p)
+        chunk = await self.gw.final(p)
         return web.json_response({**meta, "object": "chat.completion", "choices": [choice(chunk, True, True)],
                                   "usage": usage(p.usage)})
 
@@ -138,14 +132,15 @@ class OpenAIFront:
         if req.stream and len(prompts) > 1:
             raise InvalidRequest("stream takes one prompt; send several prompts without stream")
         pendings: list[Pending] = []
+        sampling = req.to_sampling()  # the same for every prompt
         try:
             for prompt in prompts:
-                pendings.append(await self._admit(request, req, prompt=prompt))
+                pendings.append(await self._admit(request, req, sampling, prompt=prompt))
             meta = self._meta(chat=False)
             if req.stream:
                 return await self._stream(request, pendings[0], meta, "text_completion",
                                           self._completion_choice(req, prompts[0], pendings[0]), req)
-            finals = await asyncio.gather(*(self._final(p) for p in pendings))
+            finals = await asyncio.gather(*(self.gw.final(p) for p in pendings))
         finally:
             for p in pendings:
                 self.gw.batcher.cancel(p)  # no-op for the finished; frees the others when one failed

@@ -28,9 +28,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request, context):
         p = await self._admit(request, context, streaming=False)
         try:
-            async for chunk in self.gw.chunks(p):
-                if chunk.final:
-                    return self.response(p, chunk, whole=True, first=True)
+            return self.response(p, await self.gw.final(p), whole=True, first=True)
         except GatewayError as exc:
             await context.abort(exc.code, exc.message)
 
