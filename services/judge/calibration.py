@@ -29,6 +29,11 @@ def logit(p: float, eps: float = 1e-6) -> float:
     return math.log(p / (1 - p))
 
 
+def pair_probability(a: float, b: float) -> float:
+    """P(a better than b) from two calibrated probabilities: Bradley-Terry on their logits."""
+    return sigmoid(logit(a) - logit(b))
+
+
 @dataclass(slots=True)
 class DimCalibration:
     features: list[str]

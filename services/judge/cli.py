@@ -45,26 +45,34 @@ OUT = typer.Option(Path("results/judge"), help="Folder for signals.json, report.
 THREADS = typer.Option(0, help="torch threads; 0 = torch's default.")
 
 
-def _setup(rubric: str, model: str, threads: int) -> tuple[Any, Any]:
+def _rubric(rubric: str) -> Any:
+    from services.judge.rubrics import RubricRegistry, load_rubric_file
+
+    if rubric.endswith((".yaml", ".yml", ".json")):
+        return load_rubric_file(Path(rubric))
+    return RubricRegistry().get(rubric)
+
+
+def _scorer(model: str, threads: int) -> Any:
     import torch
 
     from services.common.model_loader import load_model
-    from services.judge.rubrics import RubricRegistry, load_rubric_file
     from services.judge.scorer import LocalScorer
 
     if threads:
         torch.set_num_threads(threads)
-    r = load_rubric_file(Path(rubric)) if rubric.endswith((".yaml", ".yml", ".json")) else RubricRegistry().get(rubric)
-    return r, LocalScorer(load_model(model))
+    return LocalScorer(load_model(model))
 
 
-def _signals(rubric: Any, scorer: Any, pairs: list, model: str, out: Path, reuse: bool) -> dict[str, Any]:
+def _signals(rubric: Any, pairs: list, model: str, threads: int, out: Path, reuse: bool) -> dict[str, Any]:
+    """The labelled set's signals: from <out>/signals.json when reusable, else computed (loading the model)."""
     from services.judge.calibrate import CACHE, compute_signals, load_cached
 
     cached = load_cached(out, rubric, model) if reuse else None
     if cached:
         print(f"reusing signals from {out / CACHE}")
         return cached
+    scorer = _scorer(model, threads)
     print(f"computing signals of rubric {rubric.name} on {len(pairs)} pairs with {model} ...")
     result = {"model": model, **compute_signals(scorer, rubric, pairs)}
     out.mkdir(parents=True, exist_ok=True)
@@ -81,9 +89,9 @@ def calibrate(rubric: str = RUBRIC, data: Path = DATA_OPT, model: str = MODEL, o
     from services.judge.calibration import path_for
     from services.judge.labelled import load_pairs
 
-    r, scorer = _setup(rubric, model, threads)
+    r = _rubric(rubric)
     pairs = load_pairs(data)
-    signals = _signals(r, scorer, pairs, model, out, reuse)
+    signals = _signals(r, pairs, model, threads, out, reuse)
     cal = fit(r, pairs, signals["items"], model, f"{data.name} (fit half)")
     target = path_for(r.path)
     cal.save(target)
@@ -101,11 +109,11 @@ def report(rubric: str = RUBRIC, data: Path = DATA_OPT, model: str = MODEL, out:
     from services.judge import report as rep
     from services.judge.labelled import load_pairs
 
-    r, scorer = _setup(rubric, model, threads)
+    r = _rubric(rubric)
     if r.calibration is None:
         raise SystemExit(f"rubric {r.name} has no calibration: run tokenmill judge calibrate first")
     pairs = load_pairs(data)
-    signals = _signals(r, scorer, pairs, model, out, reuse)
+    signals = _signals(r, pairs, model, threads, out, reuse)
     result = rep.evaluate(r, pairs, signals["items"])
     command = "tokenmill judge " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("report"):])
     text = rep.markdown(result, r, signals["timing"], command)

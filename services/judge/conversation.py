@@ -22,6 +22,7 @@ class Conversation:
     def __init__(self, tokenizer: Any) -> None:
         self.tok = tokenizer
         self.chat = False
+        self.singles: dict[str, list[int]] = {}  # text -> its single-token ids (services.judge.geval), once each
         if getattr(tokenizer, "chat_template", None):
             conv = [{"role": "user", "content": _P}, {"role": "assistant", "content": _R}]
             try:

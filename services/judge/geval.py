@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from services.common.sampling import InvalidRequest
 from services.judge.conversation import Conversation
-from services.judge.lm import Cont, Query, Result
+from services.judge.lm import Cont, Query, Result, longest_sequence
 from services.judge.rubrics import Dimension
 from services.judge.types import CompareItem, DimScore, DimVerdict, ItemScore, PairVerdict, ScoreItem
 
@@ -23,8 +23,11 @@ PAIR_QUESTION = "Which response is better for {title}: {description} Answer with
 
 
 def single_token_ids(conv: Conversation, text: str) -> list[int]:
-    """Ids of the text spelled as one token, bare or after a space."""
-    return sorted({t[0] for t in (conv.ids(text), conv.ids(" " + text)) if len(t) == 1})
+    """Ids of the text spelled as one token, bare or after a space (tokenised once per conversation)."""
+    ids = conv.singles.get(text)
+    if ids is None:
+        ids = conv.singles[text] = sorted({t[0] for t in (conv.ids(text), conv.ids(" " + text)) if len(t) == 1})
+    return ids
 
 
 def digit_ids(conv: Conversation, dim: Dimension) -> list[list[int]]:
@@ -57,8 +60,7 @@ class GEvalPlan:
         self.queries = [Query(head + resp + conv.post, (len(head), len(head) + len(resp)), conts)]
 
     def longest(self) -> int:
-        q = self.queries[0]
-        return len(q.prefix) + max(len(c.tokens) for c in q.conts)
+        return longest_sequence(self.queries)
 
     def finish(self, results: list[Result]) -> ItemScore:
         res, scores = results[0], []
@@ -89,8 +91,7 @@ class PairwisePlan:
         self.queries = [Query(prefix, (0, 0), conts)]
 
     def longest(self) -> int:
-        q = self.queries[0]
-        return len(q.prefix) + max(len(c.tokens) for c in q.conts)
+        return longest_sequence(self.queries)
 
     def finish(self, results: list[Result]) -> PairVerdict:
         dims = []

@@ -17,11 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loadtest.prompts import TEMPLATE
 from services.judge.signals import reorder, sentences
 
 DATA = Path(__file__).resolve().parent / "data" / "labelled_stories.yaml"
-TEMPLATE = ("Write a single paragraph moral story for children about a {character} who learns the value of "
-            "{moral} in a {setting}.")
 WRITTEN = ("opposite_moral", "violent")
 KINDS = ("off_topic", "shuffled", "opposite_moral", "violent", "truncated", "repetitive")
 SPLITS = ("fit", "held-out")
@@ -71,8 +70,8 @@ def load_stories(path: Path = DATA) -> list[dict]:
     return stories
 
 
-def load_pairs(path: Path = DATA, split: str = "") -> list[Pair]:
-    """Every pair of the set (or of one split), in file order, six per prompt."""
+def load_pairs(path: Path = DATA) -> list[Pair]:
+    """Every pair of the set, in file order, six per prompt."""
     stories = load_stories(path)
     pairs = []
     for n, s in enumerate(stories):
@@ -84,4 +83,4 @@ def load_pairs(path: Path = DATA, split: str = "") -> list[Pair]:
         slug = s["character"].replace(" ", "-")
         pairs += [Pair(f"{slug}/{kind}", kind, s["split"], s["prompt"], s["good"], worse[kind])
                   for kind in KINDS]
-    return [p for p in pairs if not split or p.split == split]
+    return pairs

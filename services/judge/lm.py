@@ -41,6 +41,11 @@ class Result:
     nexts: list[list[float]]  # per continuation: probability of each next_ids group (empty when not asked)
 
 
+def longest_sequence(queries: list[Query]) -> int:
+    """Tokens of the longest sequence the queries run: a prefix plus its longest continuation."""
+    return max(len(q.prefix) + max([len(c.tokens) for c in q.conts] + [0]) for q in queries)
+
+
 class LogProbModel:
     """Synchronous batched scorer over a loaded causal LM (services.common.model_loader.LoadedModel)."""
 
@@ -50,7 +55,6 @@ class LogProbModel:
         self.torch = torch
         self.model = loaded.model
         self.device = loaded.device
-        self.context_length = loaded.context_length
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_rows = max_batch_rows
         self.base = self.model.base_model

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from services.judge.calibrate import item_key, labelled_rows
-from services.judge.calibration import expected_calibration_error, logit, sigmoid
+from services.judge.calibration import expected_calibration_error, pair_probability, sigmoid
 from services.judge.labelled import KINDS, SPLITS, Pair
 from services.judge.rubrics import Rubric
 
@@ -22,12 +22,6 @@ def item_scores(rubric: Rubric, values: dict[str, dict[str, float]]) -> dict[str
     out = {d.name: sigmoid(cal.dimensions[d.name].logit(values[d.name])) for d in rubric.dimensions}
     out["overall"] = sum(out.values()) / len(rubric.dimensions)
     return out
-
-
-def pair_probability(a: float, b: float) -> float:
-    """P(a better than b) from two calibrated scores (Bradley-Terry on their logits), as Compare does
-    (services.judge.scorer.verdict_from_scores)."""
-    return sigmoid(logit(a) - logit(b))
 
 
 def _rate(wins: list[float]) -> float | None:

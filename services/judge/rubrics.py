@@ -205,9 +205,3 @@ class RubricRegistry:
             label = name or INLINE_RUBRIC
             return Rubric(name=label, dimensions=check_dimensions(inline, "inline dimensions"))
         return self.get(name)
-
-    def file_of(self, name: str) -> Path:
-        rubric = self.get(name)
-        if rubric.path is None:
-            raise InvalidRequest(f"rubric {name!r} has no file")
-        return rubric.path

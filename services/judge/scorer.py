@@ -15,10 +15,10 @@ import math
 from typing import Any
 
 from services.common.sampling import InvalidRequest
-from services.judge.calibration import logit, sigmoid
+from services.judge.calibration import pair_probability, sigmoid
 from services.judge.conversation import Conversation
 from services.judge.geval import GEvalPlan, PairwisePlan, choice_ids
-from services.judge.lm import Cont, LogProbModel, Query, Result
+from services.judge.lm import Cont, LogProbModel, Query, Result, longest_sequence
 from services.judge.signals import fill, lexicon_rate, prompt_variables, shuffled_sentences
 from services.judge.types import CompareItem, DimScore, DimVerdict, ItemScore, PairVerdict, ScoreItem
 
@@ -69,7 +69,7 @@ class LikelihoodPlan:
         return self._cont(Cont(context + conv.ids(fill(text, variables)), len(context)))
 
     def longest(self) -> int:
-        return max(len(q.prefix) + max([len(c.tokens) for c in q.conts] + [0]) for q in self.queries)
+        return longest_sequence(self.queries)
 
     def features(self, results: list[Result]) -> dict[str, dict[str, float]]:
         """Per dimension, each signal's value (higher = better)."""
@@ -144,12 +144,6 @@ class LocalScorer:
             at += len(p.queries)
         return out
 
-    def score(self, items: list[ScoreItem]) -> list[ItemScore]:
-        return self.run(items)
-
-    def compare(self, items: list[CompareItem]) -> list[PairVerdict]:
-        return self.run(items)
-
     def run(self, items: list[Any]) -> list[Any]:
         """Score items and compare pairs (one order each) in shared passes. A geval pair asks the judge model
         with both responses in view; a likelihood pair scores each response alone and compares the calibrated
@@ -177,8 +171,8 @@ class LocalScorer:
 
 def verdict_from_scores(a: ItemScore, b: ItemScore) -> PairVerdict:
     """P(a better) per dimension = sigmoid(logit a - logit b); overall from the overall means the same way."""
-    dims = [DimVerdict(x.name, round(sigmoid(logit(x.score) - logit(y.score)), 6),
+    dims = [DimVerdict(x.name, round(pair_probability(x.score, y.score), 6),
                        f"score {x.score:.3f} vs {y.score:.3f}") for x, y in zip(a.scores, b.scores, strict=True)]
-    overall = sigmoid(logit(a.overall) - logit(b.overall))
+    overall = pair_probability(a.overall, b.overall)
     return PairVerdict(dims, round(overall, 6), a.backend,
                        f"overall {a.overall:.3f} vs {b.overall:.3f} (each response scored alone)")

@@ -58,7 +58,7 @@ class LocalBackend:
         loaded = load_model(self.config.model, self.config.quantization, self.config.device)
         scorer = LocalScorer(loaded, max_batch_tokens=self.config.max_batch_tokens)
         warm = Rubric("warmup", (Dimension("quality", "overall quality"),))
-        scorer.score([ScoreItem("warmup", "Say hello.", "Hello there!", warm)])  # first pass allocates
+        scorer.run([ScoreItem("warmup", "Say hello.", "Hello there!", warm)])  # first pass allocates
         for rubric in self.rubrics:
             cal = rubric.calibration
             if rubric.method == "likelihood" and (cal is None or cal.model != self.config.model):
