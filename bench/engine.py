@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 
-from bench.results import Result, Sample, SystemSpec, environment, percentile, summarise  # noqa: F401  (re-exported)
+from bench.results import Result, Sample, SystemSpec, environment, summarise
 
 ENGINES = ("hf-static", "paged", "paged:transformers")
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from bench.results import SystemSpec
+
 QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                   num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
                   tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
@@ -61,14 +63,8 @@ def random_prompts(n: int, vocab: int, lo: int, hi: int, seed: int) -> list[list
     return [[rng.randrange(100, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def parity(model: Any, prompts: list[list[int]], tokens: int, spec: Any = None, sampled: bool = False,
-           engine_model: Any = None) -> dict:
-    """Paged engine over `engine_model` (default: `model` itself, i.e. transformers' modules; all prompts at once,
-    staggered by one step each) vs model.generate alone."""
-    from services.common.sampling import SamplingParams
-    from services.worker.engine.engine import PagedEngine
-    from services.worker.engine.types import Request
-
+def reference(model: Any, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    """model.generate on each prompt alone (sdpa attention, greedy, exactly `tokens` new tokens)."""
     model.set_attn_implementation("sdpa")
     dev = next(model.parameters()).device
     ref = []
@@ -78,6 +74,20 @@ def parity(model: Any, prompts: list[list[int]], tokens: int, spec: Any = None, 
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                  min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
             ref.append(out[0, len(p):].tolist())
+    return ref
+
+
+def parity(model: Any, prompts: list[list[int]], tokens: int, spec: Any = None, sampled: bool = False,
+           engine_model: Any = None, ref: list[list[int]] | None = None) -> dict:
+    """Paged engine over `engine_model` (default: `model` itself, i.e. transformers' modules; all prompts at once,
+    staggered by one step each) vs model.generate alone (`ref`: reference(model, prompts, tokens), computed
+    here when not given)."""
+    from services.common.sampling import SamplingParams
+    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.types import Request
+
+    if ref is None:
+        ref = reference(model, prompts, tokens)
     engine = PagedEngine(engine_model or model, IdTokenizer(), kv_cache_memory="2GiB", max_num_batched_tokens=256,
                          speculative=spec)
     got: dict[str, list[int]] = {}
@@ -142,7 +152,7 @@ def step_times(models: Preloaded, batches: tuple[int, ...], vocab: int) -> dict[
 
     out: dict[str, dict[int, float]] = {}
     for impl in ("native", "transformers"):
-        model = models.get(SimpleNamespace(name="paged", model_impl=impl)).model
+        model = models.get(SystemSpec.parse(f"paged:{impl}")).model
         out[impl] = {}
         for b in batches:
             engine = PagedEngine(model, IdTokenizer(), kv_cache_memory="2GiB", max_num_seqs=max(batches))
@@ -193,8 +203,10 @@ def main() -> None:
     if "parity" in parts:
         from services.worker.engine.models.loader import native_from_hf
 
-        result = {"native": parity(model, prompts, 8 if small else 32, engine_model=native_from_hf(model)),
-                  "transformers": parity(model, prompts, 8 if small else 32)}
+        tokens = 8 if small else 32
+        ref = reference(model, prompts, tokens)
+        result = {"native": parity(model, prompts, tokens, engine_model=native_from_hf(model), ref=ref),
+                  "transformers": parity(model, prompts, tokens, ref=ref)}
         save("parity_fp32", result, t0)
         print(json.dumps(report["parity_fp32"]), flush=True)
     if "spec" in parts:

@@ -12,6 +12,7 @@ take bf16 activations). Writes JSON (with the CPU's flags) and a Markdown table.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,7 +100,7 @@ def main(opts: Options) -> dict:
             model = LAYERS * sum(row[s] for s in ("qkv", "o", "gate_up", "down")) + row["lm_head"]
             results.append({"kernel": name, "rows": m, "ms": row, "model_ms": model,
                             "gflops": m * 2 * (LAYERS * sum(n * k for s, (n, k) in SHAPES.items() if s != "lm_head")
-                                               + 49152 * 576) / model / 1e6})
+                                               + math.prod(SHAPES["lm_head"])) / model / 1e6})
             print(f"{name:22s} rows {m:4d}: model {model:8.2f} ms  {results[-1]['gflops']:6.1f} GFLOP/s", flush=True)
     report = {"benchmark": "kernels", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": environment(),
               "options": {"rows": opts.rows, "copies": opts.copies, "repeat": opts.repeat}, "results": results}

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.engine import _free_port, closed_loop, percentile
+from bench.engine import _free_port, closed_loop
+from bench.results import percentile
 from bench.routing_fleet import Fleet
 from bench.routing_workload import conversations, shared_system, uniform_prompts
 

@@ -97,17 +97,13 @@ def library_overhead(tokenizer: Any, vocab: int, batch: int) -> dict[str, float]
     return out
 
 
-def engine_throughput(batch: int, constrained: bool, max_tokens: int) -> dict[str, float]:
-    """Output tokens per second of `batch` concurrent greedy requests through the paged engine."""
-    from services.common.model_loader import load_engine_model
+def engine_throughput(loaded: Any, batch: int, constrained: bool, max_tokens: int) -> dict[str, float]:
+    """Output tokens per second of `batch` concurrent greedy requests through the paged engine over `loaded`
+    (load_engine_model's model and tokenizer)."""
     from services.common.sampling import SamplingParams, Structured
     from services.worker.engine.engine import PagedEngine
     from services.worker.engine.types import Request
 
-    global _LOADED
-    if _LOADED is None:
-        _LOADED = load_engine_model("smollm2-135m")
-    loaded = _LOADED
     engine = PagedEngine(loaded.model, loaded.tokenizer, kv_cache_memory="512MiB", max_num_seqs=64)
     engine.warmup()
     prompt = list(loaded.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
@@ -127,15 +123,12 @@ def engine_throughput(batch: int, constrained: bool, max_tokens: int) -> dict[st
     return {"tokens": tokens, "seconds": round(elapsed, 3), "tok_s": round(tokens / elapsed, 2)}
 
 
-_LOADED: Any = None
-
-
 def main(batches: tuple[int, ...], max_tokens: int, out: Path) -> dict:
-    from services.common.model_loader import load_tokenizer
-
-    tokenizer = load_tokenizer("smollm2-135m")
-    vocab = 49152
     from bench.results import environment
+    from services.common.model_loader import load_engine_model
+
+    loaded = load_engine_model("smollm2-135m")
+    tokenizer, vocab = loaded.tokenizer, loaded.model.config.vocab_size
 
     result: dict[str, Any] = {"benchmark": "structured", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                               "environment": environment(), "schema": SCHEMA, "libraries": {}, "engine": {}}
@@ -143,8 +136,8 @@ def main(batches: tuple[int, ...], max_tokens: int, out: Path) -> dict:
         result["libraries"][str(b)] = {k: round(v * 1e3, 4) for k, v in library_overhead(tokenizer, vocab, b).items()}
         print(f"batch {b}: ms per step (fill + apply + accept): {result['libraries'][str(b)]}", flush=True)
     for b in batches:
-        free = engine_throughput(b, False, max_tokens)
-        json_ = engine_throughput(b, True, max_tokens)
+        free = engine_throughput(loaded, b, False, max_tokens)
+        json_ = engine_throughput(loaded, b, True, max_tokens)
         result["engine"][str(b)] = {"free": free, "json_schema": json_,
                                     "ratio": round(json_["tok_s"] / free["tok_s"], 3)}
         print(f"batch {b}: free {free['tok_s']} tok/s, json_schema {json_['tok_s']} tok/s", flush=True)

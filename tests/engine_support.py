@@ -37,11 +37,18 @@ def one_thread():
 class Reference:
     tokens: list[int]
     top2_gaps: list[float]  # per generated step: reference logit gap between its best and second-best token
+    top: list[dict[int, float]]  # per generated step: token id -> logprob of the top-5
+
+
+def top_logprobs(logits: torch.Tensor, k: int = 5) -> dict[int, float]:
+    lp = torch.log_softmax(logits.float(), dim=-1).topk(k)
+    return dict(zip(lp.indices.tolist(), lp.values.tolist(), strict=True))
 
 
 @torch.inference_mode()
 def reference_greedy(model, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[Reference]:
-    """model.generate(do_sample=False) for each prompt alone; keeps each step's top-2 logit gap."""
+    """model.generate(do_sample=False) for each prompt alone; keeps each step's top-2 logit gap and top-5
+    logprobs."""
     refs = []
     for prompt in prompts:
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -52,7 +59,7 @@ def reference_greedy(model, prompts: list[list[int]], max_new_tokens: int, **kwa
         for step_logits in out.logits:
             top = step_logits[0].float().topk(2).values
             gaps.append(float(top[0] - top[1]))
-        refs.append(Reference(tokens[: len(gaps)], gaps))
+        refs.append(Reference(tokens[: len(gaps)], gaps, [top_logprobs(step[0]) for step in out.logits]))
     return refs
 
 
@@ -131,30 +138,6 @@ def native(model, fmt: str = "none"):
     return native_from_hf(model, fmt)
 
 
-@dataclass
-class TopLogprobs:
-    tokens: list[int]
-    top: list[dict[int, float]]  # per generated step: token id -> logprob of the top-k
-
-
-def top_logprobs(logits: torch.Tensor, k: int = 5) -> dict[int, float]:
-    lp = torch.log_softmax(logits.float(), dim=-1).topk(k)
-    return dict(zip(lp.indices.tolist(), lp.values.tolist(), strict=True))
-
-
-@torch.inference_mode()
-def reference_logprobs(model, prompts: list[list[int]], max_new_tokens: int, k: int = 5) -> list[TopLogprobs]:
-    """model.generate greedy for each prompt alone, with the top-k logprobs of every step."""
-    out = []
-    for prompt in prompts:
-        res = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
-        out.append(TopLogprobs(res.sequences[0, len(prompt):].tolist()[: len(res.logits)],
-                               [top_logprobs(step[0], k) for step in res.logits]))
-    return out
-
-
 def record_logprobs(engine, k: int = 5) -> dict[str, list[dict[int, float]]]:
     """Record, per request, the top-k logprobs of the logits row it samples from at each step (no speculation)."""
     seen: dict[str, list[dict[int, float]]] = {}
@@ -172,7 +155,7 @@ def record_logprobs(engine, k: int = 5) -> dict[str, list[dict[int, float]]]:
 
 
 def check_logprobs_close(name: str, got: dict[str, list[int]], got_top: dict[str, list[dict[int, float]]],
-                         refs: dict[str, TopLogprobs]) -> int:
+                         refs: dict[str, Reference]) -> int:
     """vLLM's rule for quantized models: tokens equal up to the first divergence, and there each side's token
     is among the other's top-k logprobs. Returns how many prompts are identical throughout."""
     identical = 0

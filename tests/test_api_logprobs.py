@@ -14,6 +14,7 @@ import openai
 import pytest
 import torch
 from conftest import free_port
+from engine_support import reference_greedy
 
 from services.common.pb import inference_pb2, inference_pb2_grpc
 
@@ -40,12 +41,6 @@ def reference(loaded):
         return torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0].float(), dim=-1)
 
     return logprobs
-
-
-def greedy(loaded, ids: list[int], n: int) -> list[int]:
-    out = loaded.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
 
 
 def check(entry, token: int, ref_row: torch.Tensor, k: int) -> None:
@@ -82,7 +77,7 @@ def test_grpc_logprobs_of_prompt_and_output_equal_the_fp32_model(fleet, referenc
 def test_http_logprobs_read_by_the_openai_client(fleet, loaded, reference):
     client = openai.OpenAI(base_url=fleet["http"] + "/v1", api_key="unused")
     prompt = loaded.tokenizer.encode(TEXT, add_special_tokens=False)
-    out = greedy(loaded, prompt, 3)
+    out = reference_greedy(loaded.model, [prompt], 3)[0].tokens
     ref = reference(prompt + out)
     c = client.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=3, temperature=0, echo=True,
                                   logprobs=3)
@@ -97,7 +92,7 @@ def test_http_logprobs_read_by_the_openai_client(fleet, loaded, reference):
     messages = [{"role": "user", "content": "Name a colour."}]
     ids = list(loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                     return_dict=False))
-    out = greedy(loaded, ids, 4)
+    out = reference_greedy(loaded.model, [ids], 4)[0].tokens
     ref = reference(ids + out)
     chat = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=4, temperature=0,
                                           logprobs=True, top_logprobs=3)

@@ -14,13 +14,12 @@ import httpx
 import pytest
 from conftest import chat_request, free_port
 
+from services.common.metrics import sample_sum
 from services.common.pb import inference_pb2, inference_pb2_grpc
 
 
 def retries(metrics_url: str) -> float:
-    text = httpx.get(metrics_url, timeout=10).text
-    lines = [line for line in text.splitlines() if line.startswith("tokenmill:gateway_retries_total")]
-    return sum(float(line.split()[-1]) for line in lines)
+    return sample_sum(httpx.get(metrics_url, timeout=10).text, "tokenmill:gateway_retries_total")
 
 
 def listens(host: str, port: int) -> bool:
