@@ -1,0 +1,96 @@
+"""tokenmill's CUDA kernels, written in Triton: paged attention (attention.py), dequantising GEMV/GEMM over
+the packed weight formats (quant.py) and the decoder's fused small ops (elementwise.py).
+
+They run on a CUDA device, or on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, numpy), which
+is how the tests and `python -m bench.gpu --dry-run` check them without a GPU: `interpret()` turns that on
+for this process, and `applies(device)` then says yes for the CPU too.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_interpret = False
+
+
+def interpret() -> None:
+    """Run the Triton kernels on the CPU with the interpreter (call before the first kernel is used)."""
+    global _interpret
+    os.environ["TRITON_INTERPRET"] = "1"
+    _patch_interpreter()
+    _interpret = True
+
+
+def interpreting() -> bool:
+    return _interpret
+
+
+def applies(device: torch.device) -> bool:
+    """The Triton kernels serve this device: CUDA with Triton installed, or the CPU once interpret() ran."""
+    if device.type == "cuda":
+        return available()
+    return _interpret and device.type == "cpu"
+
+
+@functools.cache
+def available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill (an H100/H200's 132 under the interpreter: the same launch shapes)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+@functools.cache
+def _patch_interpreter() -> None:
+    """Two gaps of Triton 3.6's interpreter, filled here (the GPU compiler has neither):
+    - a scalar becomes an int through int(one-element array), which numpy >= 2.4 refuses ("only
+      0-dimensional arrays can be converted"): loops with run-time bounds fail;
+    - bfloat16 lives in numpy as its raw uint16 bits and tl.dot multiplies those bits: bf16 operands are
+      widened to float32 first (exact), as the tensor cores do. The kernels keep other bf16 math in fp32;
+    - float32 -> bfloat16 truncates; the GPU (and torch) round to nearest even, as it does here now."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original_patch = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    original_dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(x):
+            if x.dtype.scalar != tl.bfloat16:
+                return x
+            bits = x.data.astype(np.uint32) << np.uint32(16)
+            return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    original_cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = src.data.astype(np.float32).view(np.uint32)
+            rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            rounded = np.where(np.isnan(src.data), np.uint32(0x7FC0), rounded)
+            return interpreter.TensorHandle(rounded.astype(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
