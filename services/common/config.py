@@ -35,8 +35,9 @@ class WorkerConfig:
     worker_id: str = setting("", "Name reported to the gateway; default host:port.")
     model: str = setting("smollm2-135m", "smollm2-135m (embedded), a local folder, or a hub id.")
     quantization: str = setting("auto", "auto (the embedded GGUF's own blocks on a CPU, else none) | none (float) | "
-                                "gguf (Q4_1/Q8_0 blocks as stored) | int8 (per channel) | int4 (groups of 32) | nf4 "
-                                "(bitsandbytes on CUDA); int4/128 etc. sets the group size.")
+                                "gguf (Q4_1/Q8_0 blocks as stored) | int8 (per channel) | int4 (groups of 32) | nf4; "
+                                "int4/128 etc. sets the group size. CUDA: Triton kernels (--model-impl "
+                                "transformers --quantization nf4: bitsandbytes).")
     device: str = setting("auto", "auto | cpu | cuda.")
     dtype: str = setting("auto", "auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16.")
     model_impl: str = setting("auto", "paged: auto (native where the architecture is covered) | native (tokenmill's "
@@ -50,6 +51,7 @@ class WorkerConfig:
     max_num_seqs: int = setting(64, "paged: most sequences running at once.")
     max_model_len: int = setting(0, "Context length cap; 0 = the model's own.")
     prefix_cache: bool = setting(True, "paged: reuse KV blocks of shared prompt prefixes.")
+    enforce_eager: bool = setting(False, "paged, CUDA: no CUDA graphs (decode steps launch every kernel).")
     speculative: str = setting("off", "paged: speculative decoding, off | ngram (prompt lookup) | draft "
                                "(self-speculative: the model's first --draft-layers layers).")
     num_speculative_tokens: int = setting(4, "paged: most drafted tokens per sequence and step.")

@@ -4,7 +4,9 @@ the layer has one). Two implementations of that one contract:
 
 - kernel (CPU, float32): tokenmill's C++ op reads each sequence's blocks where they lie, decodes and
   prefill chunks alike (layers/csrc/attention.cpp);
-- torch (CUDA, other dtypes, no compiler): decodes in groups of similar context length, gathered into
+- triton (CUDA; the CPU under Triton's interpreter): tokenmill's Triton kernels over the Triton KV layout,
+  a decode kernel for the step's decodes and a prefill kernel for its chunks (layers/gpu/attention.py);
+- torch (CPU with other dtypes or no compiler): decodes in groups of similar context length, gathered into
   one padded batch for a masked SDPA; each prefill chunk attends causally over its prefix plus itself.
 
 The model runner builds one StepContext per step; the native model calls `attend` per layer, and
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.engine.kv_cache import KVCache
-from services.worker.engine.layers import kernels
+from services.worker.engine.layers import gpu, kernels
 
 ATTN_NAME = "tokenmill_paged"
 MAX_DECODE_GROUPS = 6
@@ -84,6 +86,12 @@ class StepContext:
     decode_positions: list[int]
     decode_tables: list[list[int]]
     prefill_specs: list[tuple[int, int, int, list[int]]]  # (start, end, context_start, block table)
+    num_decodes: int = 0
+    # the Triton path's: keys per decode (its position + 1), (first token, count, table row) per prefill
+    # tile, and the decode kernel's context splits
+    decode_lens: torch.Tensor | None = None
+    prefill_tiles: torch.Tensor | None = None
+    decode_splits: int = 1
     _groups: list[DecodeGroup] | None = None
     _prefills: dict = field(default_factory=dict)  # window -> [PrefillChunk]
     _masks: dict = field(default_factory=dict)  # (index, window) -> prefill mask
@@ -139,23 +147,52 @@ def build_context(kv: KVCache, pos: list[int], token_seq: list[int], tables: lis
     slots = [tables[s][p // bs] * bs + p % bs for s, p in zip(token_seq, pos, strict=True)]
     width = max(len(t) for t in tables)
     positions = torch.tensor(pos, dtype=torch.long, device=dev)
-    return StepContext(
+    ctx = StepContext(
         kv, torch.tensor(slots, dtype=torch.long, device=dev), positions,
         torch.tensor(token_seq, dtype=torch.int32, device=dev), positions.to(torch.int32),
         torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-        pos[:num_decodes], tables[:num_decodes], prefills)
+        pos[:num_decodes], tables[:num_decodes], prefills, num_decodes)
+    if kv.triton:
+        from services.worker.engine.layers.gpu import attention as gpu_attention
+
+        ctx.decode_lens = torch.tensor([p + 1 for p in pos[:num_decodes]], dtype=torch.int32, device=dev)
+        ctx.decode_splits = gpu_attention.decode_splits(num_decodes, kv.num_kv_heads, gpu.num_sms(dev))
+        if prefills:
+            tiles = gpu_attention.prefill_tiles([(start, end, token_seq[start]) for start, end, _, _ in prefills])
+            ctx.prefill_tiles = torch.tensor(tiles, dtype=torch.int32, device=dev)
+    return ctx
 
 
-def attend(ctx: StepContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-           window: int | None, scale: float) -> torch.Tensor:
-    """Store k, v [T, kv_heads * D] in the cache, then attend: q [T, heads * D] -> [T, heads * D]."""
+def attend(ctx: StepContext, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+           num_heads: int, window: int | None, scale: float) -> torch.Tensor:
+    """Store k, v [T, kv_heads * D] in the cache (None: written already, by the fused rotary), then attend:
+    q [T, heads * D] -> [T, heads * D]."""
     kv = ctx.kv
+    if kv.triton:
+        return _attend_triton(ctx, layer, q, k, v, num_heads, window, scale)
     ops = kernels.cpu_ops(q.device, q.dtype)
     if ops is not None and kernels.attention_fits(kv.head_dim, num_heads, kv.num_kv_heads):
         ops.write_kv(k, v, kv.k[layer], kv.v[layer], ctx.slot_mapping)
         return ops.paged_attention(q, kv.k[layer], kv.v[layer], ctx.block_tables, ctx.token_seq, ctx.token_pos,
                                    num_heads, window or 0, scale)
     return _attend_torch(ctx, layer, q, k, v, num_heads, window, scale)
+
+
+def _attend_triton(ctx: StepContext, layer: int, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                   num_heads: int, window: int | None, scale: float) -> torch.Tensor:
+    from services.worker.engine.layers.gpu import attention as gpu_attention
+
+    kv, total, nd = ctx.kv, q.shape[0], ctx.num_decodes
+    if k is not None:
+        kv.write(layer, ctx.slot_mapping, k.reshape(total, kv.num_kv_heads, -1), v.reshape(total, kv.num_kv_heads, -1))
+    out = torch.empty((total, q.shape[1]), dtype=q.dtype, device=q.device)
+    if nd:
+        gpu_attention.decode(q[:nd], kv.k[layer], kv.v[layer], ctx.block_tables, ctx.decode_lens, num_heads, window,
+                             scale, ctx.decode_splits, out=out[:nd])
+    if ctx.prefill_tiles is not None:
+        gpu_attention.prefill(q, kv.k[layer], kv.v[layer], ctx.block_tables, ctx.token_pos, ctx.prefill_tiles,
+                              num_heads, window, scale, out)
+    return out
 
 
 def _attend_torch(ctx: StepContext, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,

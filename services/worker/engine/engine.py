@@ -29,7 +29,7 @@ class PagedEngine:
     def __init__(self, model: Any, tokenizer: Any, *, block_size: int = 16, kv_cache_memory: str | int = "0.25",
                  num_blocks: int = 0, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: int = 0, enable_prefix_caching: bool = True, seed: int | None = None,
-                 speculative: SpecConfig | None = None) -> None:
+                 speculative: SpecConfig | None = None, enforce_eager: bool = False) -> None:
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         self.tokenizer = tokenizer
@@ -48,6 +48,8 @@ class PagedEngine:
         self._seq_no = 0
         spec = speculative or SpecConfig()
         self.speculator = Speculator(spec, self.runner, self.max_model_len) if spec.method != "off" else None
+        if not enforce_eager:  # CUDA graphs for decode steps (tokenmill's forward on CUDA), before serving
+            self.runner.enable_graphs(max_num_seqs, self.max_model_len, capture=True)
         self._grammars: Any = None
         self._grammars_lock = threading.Lock()  # the worker compiles off the engine thread
 
@@ -224,6 +226,7 @@ def engine_options(config: Any) -> dict[str, Any]:
     return dict(block_size=config.block_size, kv_cache_memory=config.kv_cache_memory,
                 max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=config.max_model_len, enable_prefix_caching=config.prefix_cache,
+                enforce_eager=config.enforce_eager,
                 speculative=SpecConfig(config.speculative, config.num_speculative_tokens, config.draft_layers,
                                        config.speculative_max_batch, config.speculative_min_acceptance,
                                        config.speculative_token_cost))

@@ -1,6 +1,12 @@
-"""The paged K/V pool: per layer, K as [kv_heads, blocks, head_dim, block_size] (each block stored
-transposed, so one vector load gives one dimension of W consecutive keys: the attention kernel's scores
-need no horizontal sums) and V as [kv_heads, blocks, block_size, head_dim].
+"""The paged K/V pool, one K and one V tensor per layer, in the layout of the kernels that read it:
+
+- CPU (C++ kernels): K as [kv_heads, blocks, head_dim, block_size] (each block stored transposed, so one
+  vector load gives one dimension of W consecutive keys: the attention kernel's scores need no horizontal
+  sums) and V as [kv_heads, blocks, block_size, head_dim];
+- Triton (CUDA): K and V as [blocks, kv_heads, block_size, head_dim] (gpu/attention.py says why).
+
+One block past the pool (`scratch_block`) is never handed out: padded rows of a captured decode step
+write their K/V there.
 """
 
 from __future__ import annotations
@@ -56,16 +62,25 @@ def model_window(config: Any) -> int | None:
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, triton: bool = False) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.triton = dtype, device, triton
+        self.scratch_block = num_blocks
+        blocks = num_blocks + 1
+        self._block_dim = 0 if triton else 1
+        if triton:
+            shape_k = shape_v = (blocks, num_kv_heads, block_size, head_dim)
+        else:
+            shape_k, shape_v = (num_kv_heads, blocks, head_dim, block_size), (num_kv_heads, blocks, block_size, head_dim)
         # torch.empty: pages are only touched (and counted in RSS) once a block is written
-        self.k = [torch.empty((num_kv_heads, num_blocks, head_dim, block_size), dtype=dtype, device=device)
-                  for _ in range(num_layers)]
-        self.v = [torch.empty((num_kv_heads, num_blocks, block_size, head_dim), dtype=dtype, device=device)
-                  for _ in range(num_layers)]
-        self.zero_blocks([0])  # block 0 pads decode batches
+        self.k = [torch.empty(shape_k, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape_v, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.zero_blocks([0, self.scratch_block])  # block 0 pads decode batches of the PyTorch path
+
+    @property
+    def scratch_slot(self) -> int:
+        return self.scratch_block * self.block_size
 
     def zero_blocks(self, block_ids: list[int]) -> None:
         """Clear never-used blocks once: masked attention still multiplies their values by 0, and NaN * 0 = NaN."""
@@ -73,7 +88,7 @@ class KVCache:
             return
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for t in (*self.k, *self.v):
-            t.index_fill_(1, idx, 0.0)
+            t.index_fill_(self._block_dim, idx, 0.0)
 
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -81,14 +96,20 @@ class KVCache:
         return 2 * num_layers * num_kv_heads * head_dim * block_size * torch.finfo(dtype).bits // 8
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [T, kv_heads, head_dim] into their slots (the PyTorch path; the CPU kernel has its own)."""
+        """k, v [T, kv_heads, head_dim] into their slots (the PyTorch path; the kernels have their own)."""
         blocks, offsets = slots // self.block_size, slots % self.block_size
+        if self.triton:
+            self.k[layer][blocks, :, offsets] = k.to(self.dtype)
+            self.v[layer][blocks, :, offsets] = v.to(self.dtype)
+            return
         self.k[layer][:, blocks, :, offsets] = k.to(self.dtype)
         self.v[layer][:, blocks, offsets] = v.transpose(0, 1).to(self.dtype)
 
     def gather(self, layer: int, block_ids: torch.Tensor, which: str) -> torch.Tensor:
         """K or V of the listed blocks as [kv_heads, len(block_ids) * block_size, head_dim] (a copy)."""
-        if which == "k":
+        if self.triton:
+            blocks = (self.k if which == "k" else self.v)[layer].index_select(0, block_ids).transpose(0, 1)
+        elif which == "k":
             blocks = self.k[layer].index_select(1, block_ids).transpose(2, 3)
         else:
             blocks = self.v[layer].index_select(1, block_ids)

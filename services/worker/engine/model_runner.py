@@ -14,6 +14,7 @@ import torch
 from services.worker.engine import attention
 from services.worker.engine.attention import StepContext
 from services.worker.engine.kv_cache import KVCache, kv_shape, model_window, parse_kv_memory
+from services.worker.engine.layers import gpu
 from services.worker.engine.layers.linear import Linear
 from services.worker.engine.models import DecoderModel
 from services.worker.engine.scheduler import SchedulerOutput
@@ -40,8 +41,11 @@ class ModelRunner:
             num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(f"--kv-cache-memory {kv_cache_memory!r} holds no {per_block}-byte KV block")
+        self.triton = gpu.applies(self.device)  # Triton kernels and their KV layout (CUDA)
+        self.graphs: Any = None  # DecodeGraphs, once enable_graphs ran
+        self.graph_capture_s = 0.0
         self.kv = KVCache(self.num_layers, self.num_kv_heads, self.head_dim, num_blocks, block_size, self.dtype,
-                          self.device)
+                          self.device, self.triton)
         self.kv_bytes = num_blocks * per_block
         log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %s); forward: %s", num_blocks, block_size,
                  self.kv_bytes / 2**20, self.dtype, "native" if self.native else "transformers")
@@ -57,10 +61,22 @@ class ModelRunner:
     def num_blocks(self) -> int:
         return self.kv.num_blocks
 
-    def prepare(self, batch: SchedulerOutput) -> tuple[torch.Tensor, StepContext, list[Sequence], list[int]]:
-        """Packed input ids, the step's attention metadata, and the sequences that sample this step with
-        their rows in the packed batch (decodes come first, longest context first; a sequence with drafted
-        tokens samples 1 + len(spec_token_ids) rows, one per position to verify)."""
+    def enable_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
+        """Decode-only steps through DecodeGraphs (tokenmill's forward on the Triton path); captured as CUDA
+        graphs when `capture` and on CUDA, else run eagerly over the same padded buffers."""
+        if not (self.native and self.triton):
+            return
+        from services.worker.engine.cuda_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.kv, max_num_seqs, -(-max_model_len // self.block_size))
+        if capture and self.device.type == "cuda":
+            self.graph_capture_s = self.graphs.capture()
+
+    def _lists(self, batch: SchedulerOutput) -> tuple[list[int], list[int], list[int], list[list[int]], list,
+                                                      list[Sequence], list[int], int]:
+        """The step as plain lists: ids, positions, each token's table row, tables, prefill chunks, the
+        sequences that sample with their rows (decodes come first, longest context first; a sequence with
+        drafted tokens samples 1 + len(spec_token_ids) rows, one per position to verify), and the decode count."""
         decodes = sorted(batch.seqs[: batch.num_decodes], key=lambda s: -s.num_computed_tokens)
         ids = [s.token_ids[s.num_computed_tokens] for s in decodes]
         pos = [s.num_computed_tokens for s in decodes]
@@ -84,7 +100,13 @@ class ModelRunner:
                 count = min(c + n, seq.num_prompt_tokens - 1) - c
                 if count > 0:
                     self.prompt_rows.append((seq, start, count, c))
-        ctx = attention.build_context(self.kv, pos, token_seq, tables, len(decodes), prefills)
+        return ids, pos, token_seq, tables, prefills, samplers, rows, len(decodes)
+
+    def prepare(self, batch: SchedulerOutput) -> tuple[torch.Tensor, StepContext, list[Sequence], list[int]]:
+        """Packed input ids, the step's attention metadata, and the sequences that sample this step with
+        their rows in the packed batch."""
+        ids, pos, token_seq, tables, prefills, samplers, rows, num_decodes = self._lists(batch)
+        ctx = attention.build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
         return torch.tensor(ids, dtype=torch.long, device=self.device), ctx, samplers, rows
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
@@ -116,8 +138,13 @@ class ModelRunner:
         """Forward one step; returns the sequences that sample now and their last-token logits (float32).
         Prefill rows of requests that asked for prompt logprobs go through the LM head too (only theirs):
         `prompt_logits` holds (sequence, first position, [count, vocab] logits) for each."""
-        input_ids, ctx, samplers, rows = self.prepare(batch)
-        hidden = self.forward(input_ids, ctx)
+        ids, pos, token_seq, tables, prefills, samplers, rows, num_decodes = self._lists(batch)
+        graphs = self.graphs
+        if graphs is not None and not prefills and graphs.bucket(num_decodes) is not None:
+            hidden = graphs.run(ids, pos, tables)
+        else:
+            ctx = attention.build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
+            hidden = self.forward(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)
         extra = [r for _, start, count, _ in self.prompt_rows for r in range(start, start + count)]
         self.prompt_logits = []
         if not rows and not extra:

@@ -5,7 +5,9 @@ quantized format is compared with itself. Which kernel runs:
 - packed weights, fp32 activations on a CPU with AVX2/AVX-512: tokenmill's C++ kernel (kernels.py);
   it dequantises in registers and accumulates in fp32, row by row, so a row's result does not depend
   on what else is in the batch;
-- packed weights elsewhere (no compiler, CUDA, bf16 activations): dequantise, then F.linear;
+- packed weights on CUDA (and on the CPU under Triton's interpreter): tokenmill's Triton kernels
+  (gpu/quant.py), reading the same packed tensors;
+- packed weights elsewhere (no compiler, bf16 activations on a CPU): dequantise, then F.linear;
 - float weights: F.linear, except the LM head on a CPU (`weight_stationary`): W @ x^T reads the large
   vocabulary matrix once for all rows (1.3x at 32 rows to 3x at 2-4 rows, measured on the AVX2 machine).
 """
@@ -16,11 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.worker.engine.layers import kernels
+from services.worker.engine.layers import gpu, kernels
 from services.worker.engine.layers.quant import PackedWeight
 
 
-class Linear(nn.Module):
+class _Packed(nn.Module):
+    """A module holding a PackedWeight: model.to(device) moves its tensors, and never casts them (fp16 scales,
+    uint8 codes stay what they are whatever dtype the model is cast to)."""
+
+    packed: PackedWeight | None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.packed is not None:
+            device = fn(torch.empty(0)).device
+            if device != self.packed.codes.device:
+                self.packed = self.packed.to(device)
+        return self
+
+
+class Linear(_Packed):
     def __init__(self, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None,
                  weight_stationary: bool = False) -> None:
         super().__init__()
@@ -46,6 +63,10 @@ class Linear(nn.Module):
             if self.weight_stationary and x.device.type == "cpu" and self.bias is None:
                 return torch.mm(self.weight, x.reshape(-1, self.in_features).t()).t().reshape(*x.shape[:-1], -1)
             return F.linear(x, self.weight, self.bias)
+        if x.dim() == 2 and gpu.applies(x.device):
+            from services.worker.engine.layers.gpu import quant as gpu_quant
+
+            return gpu_quant.matmul(x, p, self.bias)
         if x.dim() == 2:  # the engine's hot path
             ops = kernels.cpu_ops(x.device, x.dtype)
             if ops is not None:
@@ -58,7 +79,7 @@ class Linear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
 
-class Embedding(nn.Module):
+class Embedding(_Packed):
     """Token embeddings; a packed table dequantises only the rows looked up."""
 
     def __init__(self, weight: torch.Tensor | PackedWeight) -> None:
@@ -73,7 +94,8 @@ class Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return F.embedding(ids, self.weight)
-        rows = self.packed.dequantize(ids.reshape(-1).cpu()).to(device=ids.device, dtype=self.dtype)
+        rows = self.packed.dequantize(ids.reshape(-1).to(self.packed.codes.device)).to(device=ids.device,
+                                                                                        dtype=self.dtype)
         return rows.reshape(*ids.shape, self.embedding_dim)
 
 

@@ -1,12 +1,13 @@
-"""The decoder's small ops: the C++ kernel for fp32 on a CPU, else the same math in PyTorch
-(written op for op as transformers' Llama modules, so a float model matches them)."""
+"""The decoder's small ops: the C++ kernel for fp32 on a CPU, the Triton kernel on CUDA (gpu/elementwise.py),
+else the same math in PyTorch (written op for op as transformers' Llama modules, so a float model matches
+them)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from services.worker.engine.layers import kernels
+from services.worker.engine.layers import gpu, kernels
 
 
 def _ops(x: torch.Tensor):
@@ -15,6 +16,10 @@ def _ops(x: torch.Tensor):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
     """weight * normalised(x), x [T, N]; with `residual`, first residual += x (in place) and normalise that."""
+    if x.dim() == 2 and x.stride(-1) == 1 and gpu.applies(x.device):
+        from services.worker.engine.layers.gpu import elementwise
+
+        return elementwise.rms_norm(x, weight, eps, residual)
     ops = _ops(x)
     if ops is not None and x.stride(-1) == 1 and x.dim() == 2:
         return ops.rms_norm(x, weight, eps, residual)
@@ -49,6 +54,10 @@ def rotary(x: torch.Tensor, heads: int, positions: torch.Tensor, cos: torch.Tens
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2 * I] -> silu(gate) * up, [T, I]."""
+    if gate_up.dim() == 2 and gate_up.stride(-1) == 1 and gpu.applies(gate_up.device):
+        from services.worker.engine.layers.gpu import elementwise
+
+        return elementwise.silu_mul(gate_up)
     ops = _ops(gate_up)
     if ops is not None and gate_up.is_contiguous():
         return ops.silu_mul(gate_up)

@@ -5,7 +5,9 @@ One packed row of T tokens per step (decodes first, then prefill chunks); per la
 one gate-up projection, SiLU * up, down projection. The step's metadata (StepContext) is built once
 by the model runner.
 
-On a CPU in float32 the same layer loop runs as one C++ call (layers/csrc/decoder.cpp: the same kernels
+On CUDA the layer's small ops are Triton kernels (rotary fused with the KV-cache write) and a decode step
+is replayed from a CUDA graph (model_runner / cuda_graphs.py). On a CPU in float32 the same layer loop
+runs as one C++ call (layers/csrc/decoder.cpp: the same kernels
 in the same order, so the same numbers; no Python per layer). The loop below is that path's reference
 and serves every other device and dtype.
 """
@@ -51,8 +53,15 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None:
             q = ops.head_rms_norm(q, self.num_heads, self.q_norm, self.eps)
             k = ops.head_rms_norm(k, self.num_kv_heads, self.k_norm, self.eps)
-        q = ops.rotary(q, self.num_heads, ctx.positions, cos, sin)
-        k = ops.rotary(k, self.num_kv_heads, ctx.positions, cos, sin)
+        if ctx.kv.triton:  # rotary and the KV-cache write in one kernel; attention finds k, v in the cache
+            from services.worker.engine.layers.gpu import elementwise
+
+            elementwise.rotary_kv_write(q, k, v, ctx.positions, ctx.slot_mapping, cos, sin, ctx.kv.k[self.index],
+                                        ctx.kv.v[self.index], self.num_heads)
+            k = v = None
+        else:
+            q = ops.rotary(q, self.num_heads, ctx.positions, cos, sin)
+            k = ops.rotary(k, self.num_kv_heads, ctx.positions, cos, sin)
         a = attend(ctx, self.index, q, k, v, self.num_heads, self.window, self.scale)
         h = self.o.forward(a)
         x = ops.rms_norm(h, self.post_norm, self.eps, residual)
@@ -92,7 +101,7 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
         """input_ids [T] -> final-normed hidden states [T, hidden] (after the first num_layers layers)."""
         h = self.embed(input_ids).to(self.dtype)
-        fused = self._fused_decoder() if self.use_fused else None
+        fused = self._fused_decoder() if self.use_fused and not ctx.kv.triton else None
         if fused is not None:
             ops_ = kernels.load()
             step = ops_.Step(ctx.positions, ctx.slot_mapping, ctx.block_tables, ctx.token_seq, ctx.token_pos,

@@ -61,10 +61,11 @@ def weight_source(spec: str, path: str, config: Any, fmt: str) -> Callable[[str]
 
 def native_model(config: Any, generation: Any, get: Callable[[str], Weight | None], fmt: str, device: str,
                  dtype: torch.dtype) -> DecoderModel:
+    from services.worker.engine.layers import gpu
+
     spec = DecoderSpec.from_config(config)
-    if device != "cpu" and fmt not in ("none",):
-        raise Unsupported(f"--quantization {fmt} runs tokenmill's CPU kernels; on {device} the native forward "
-                          "takes float weights (use --model-impl transformers --quantization nf4 for bitsandbytes)")
+    if device != "cpu" and fmt != "none" and not gpu.applies(torch.device(device)):
+        raise Unsupported(f"--quantization {fmt} on {device} needs tokenmill's Triton kernels (CUDA with Triton)")
     model = DecoderModel(config, assemble(spec, get, fmt, dtype), generation).to(device)
     return model.eval()
 

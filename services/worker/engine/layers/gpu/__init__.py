@@ -46,10 +46,11 @@ def available() -> bool:
 
 @functools.cache
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors to fill (an H100/H200's 132 under the interpreter: the same launch shapes)."""
+    """Streaming multiprocessors to fill; under the interpreter a few, so that grids stay small (it runs
+    programs one by one) yet split-K and split-context paths still run."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
+    return 4
 
 
 @functools.cache

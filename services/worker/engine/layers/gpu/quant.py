@@ -67,10 +67,23 @@ def _codes(CODES, SCALES, MINS, TABLE, p, lane, k0, K, N_PANELS, BITS: tl.conste
 
 
 @triton.jit
-def _gemv_kernel(X, CODES, SCALES, MINS, TABLE, OUT, N, K, N_PANELS, k_per_split, BITS: tl.constexpr,
-                 GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_TABLE: tl.constexpr, BLOCK_P: tl.constexpr,
-                 BLOCK_K: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr):
-    """One row: OUT[split, n] = sum over this split's K range of x[k] * W[n, k] (fp32)."""
+def _store(OUT, BIAS, m, n, M, N, stride_om, split, acc, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """One split: the result itself (+ bias, in OUT's dtype); several: fp32 partial sums for the reduce."""
+    ok = (m[:, None] < M) & (n[None, :] < N)
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(BIAS + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + m[:, None] * stride_om + n[None, :], acc.to(OUT.dtype.element_ty), mask=ok)
+    else:
+        tl.store(OUT + (split * M + m[:, None]) * N + n[None, :], acc, mask=ok)
+
+
+@triton.jit
+def _gemv_kernel(X, CODES, SCALES, MINS, TABLE, BIAS, OUT, N, K, N_PANELS, k_per_split, stride_om,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_TABLE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NG: tl.constexpr, GW: tl.constexpr):
+    """One row: sum over this split's K range of x[k] * W[n, k], fp32 FMAs."""
     pid_p = tl.program_id(0)
     split = tl.program_id(1)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -91,16 +104,17 @@ def _gemv_kernel(X, CODES, SCALES, MINS, TABLE, OUT, N, K, N_PANELS, k_per_split
             x1 = tl.load(X + col + 1, mask=col + 1 < K, other=0.0).to(tl.float32)[None, :, :, None]
             prod += odd * x1
         acc += tl.sum(tl.sum(prod, 2), 1)
-    n = p[:, None] * LANES + lane[None, :]
-    tl.store(OUT + split * N + n, acc, mask=n < N)
+    n = tl.reshape(p[:, None] * LANES + lane[None, :], (BLOCK_P * LANES,))
+    _store(OUT, BIAS, tl.zeros([1], tl.int32), n, 1, N, stride_om, split, tl.reshape(acc, (1, BLOCK_P * LANES)),
+           DIRECT, HAS_BIAS)
 
 
 @triton.jit
-def _gemm_kernel(X, CODES, SCALES, MINS, TABLE, OUT, M, N, K, N_PANELS, k_per_split, stride_xm,
+def _gemm_kernel(X, CODES, SCALES, MINS, TABLE, BIAS, OUT, M, N, K, N_PANELS, k_per_split, stride_xm, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_TABLE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr,
-                 GW: tl.constexpr, PRECISION: tl.constexpr):
-    """Tiles of BLOCK_M rows: OUT[split, m, n] = x[m, K range] @ W[n, K range]^T (fp32 accumulators)."""
+                 HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_K: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr, PRECISION: tl.constexpr):
+    """Tiles of BLOCK_M rows: x[m, K range] @ W[n, K range]^T with fp32 accumulators."""
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
     split = tl.program_id(2)
@@ -125,7 +139,7 @@ def _gemm_kernel(X, CODES, SCALES, MINS, TABLE, OUT, M, N, K, N_PANELS, k_per_sp
                             (NG * GW, BLOCK_P * LANES))
             acc += tl.dot(x1, w1.to(x1.dtype), input_precision=PRECISION)
     n = pid_p * BLOCK_P * LANES + tl.arange(0, BLOCK_P * LANES)
-    tl.store(OUT + (split * M + m[:, None]) * N + n[None, :], acc, mask=(m[:, None] < M) & (n[None, :] < N))
+    _store(OUT, BIAS, m, n, M, N, stride_om, split, acc, DIRECT, HAS_BIAS)
 
 
 @triton.jit
@@ -215,28 +229,29 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None, b
     if rows == 1:
         block_p = 4
         block_k, ng, gw = _tile_k(p, 128 if p.bits == 4 else 64)
-        grid_p = triton.cdiv(p.panels, block_p)
-        splits = _splits(grid_p, k, block_k, sms)
-        k_per = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-        part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-        _gemv_kernel[(grid_p, splits)](x, *_args(p), part, n, k, p.panels, k_per, **_flags(p), BLOCK_P=block_p,
-                                       BLOCK_K=block_k, NG=ng, GW=gw, num_warps=4)
+        grid = (triton.cdiv(p.panels, block_p),)
+        splits = _splits(grid[0], k, block_k, sms)
     else:
         block_m = min(64, triton.next_power_of_2(max(rows, 16)))
         block_p = 4 if block_m <= 32 else 8
         block_k, ng, gw = _tile_k(p, 64)
         grid = (triton.cdiv(m, block_m), triton.cdiv(p.panels, block_p))
         splits = _splits(triton.cdiv(rows, block_m) * grid[1], k, block_k, sms)
-        k_per = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-        part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-        _gemm_kernel[(*grid, splits)](x, *_args(p), part, m, n, k, p.panels, k_per, x.stride(0), **_flags(p),
-                                      BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_K=block_k, NG=ng, GW=gw,
-                                      PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                                      num_warps=4, num_stages=3)
-    block = 256
-    _reduce_kernel[(m, triton.cdiv(n, block))](part, bias if bias is not None else part, y, m, n, y.stride(0),
-                                               SPLITS=part.shape[0], HAS_BIAS=bias is not None, BLOCK=block,
-                                               num_warps=2)
+    k_per = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    common = dict(**_flags(p), HAS_BIAS=bias is not None, DIRECT=splits == 1, BLOCK_P=block_p, BLOCK_K=block_k,
+                  NG=ng, GW=gw, num_warps=4)
+    b = bias if bias is not None else out
+    if rows == 1:
+        _gemv_kernel[(*grid, splits)](x, *_args(p), b, out, n, k, p.panels, k_per, y.stride(0), **common)
+    else:
+        _gemm_kernel[(*grid, splits)](x, *_args(p), b, out, m, n, k, p.panels, k_per, x.stride(0), y.stride(0),
+                                      BLOCK_M=block_m, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                                      num_stages=3, **common)
+    if splits > 1:
+        block = 256
+        _reduce_kernel[(m, triton.cdiv(n, block))](out, b, y, m, n, y.stride(0), SPLITS=splits,
+                                                   HAS_BIAS=bias is not None, BLOCK=block, num_warps=2)
     return y
 
 
