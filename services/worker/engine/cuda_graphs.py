@@ -107,6 +107,7 @@ class DecodeGraphs:
         self.replays += 1
         return self.outputs[b][: len(ids)]
 
+    @torch.inference_mode()
     def capture(self) -> float:
         """Capture every bucket's graph (largest first, sharing one memory pool); returns the seconds taken."""
         if self.kv.device.type != "cuda":
@@ -115,8 +116,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for b in reversed(self.buckets):
-            self.fill([], [], [])  # all rows padding: the capture writes only the scratch block
-            self.fill_padding(b)
+            self.fill_padding(b)  # all rows padding: the capture writes only the scratch block
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile the Triton kernels and settle the allocator before capturing

@@ -2,37 +2,62 @@
 the packed weight formats (quant.py) and the decoder's fused small ops (elementwise.py).
 
 They run on a CUDA device, or on the CPU under Triton's interpreter (`TRITON_INTERPRET=1`, numpy), which
-is how the tests and `python -m bench.gpu --dry-run` check them without a GPU: `interpret()` turns that on
-for this process, and `applies(device)` then says yes for the CPU too.
+is how the tests and `python -m bench.gpu --dry-run` check them without a GPU: inside `on_cpu()` the engine
+takes the Triton path on the CPU too (`applies`).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-_interpret = False
+_on_cpu = False
+_disabled = False
 
 
 def interpret() -> None:
-    """Run the Triton kernels on the CPU with the interpreter (call before the first kernel is used)."""
-    global _interpret
+    """Run Triton kernels with the interpreter (numpy, on the CPU). Must precede the first import of a kernel
+    module: `triton.jit` reads TRITON_INTERPRET when it wraps a kernel."""
     os.environ["TRITON_INTERPRET"] = "1"
     _patch_interpreter()
-    _interpret = True
 
 
-def interpreting() -> bool:
-    return _interpret
+@contextmanager
+def on_cpu() -> Iterator[None]:
+    """Inside: the engine built and run on a CPU takes the Triton path (KV layout, attention, GEMM, fused ops)
+    through the interpreter."""
+    global _on_cpu
+    interpret()
+    _on_cpu = True
+    try:
+        yield
+    finally:
+        _on_cpu = False
+_disabled = False
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Inside: the PyTorch versions of the small ops and linear layers, whatever the device (references)."""
+    global _disabled
+    before, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = before
 
 
 def applies(device: torch.device) -> bool:
-    """The Triton kernels serve this device: CUDA with Triton installed, or the CPU once interpret() ran."""
+    """The Triton kernels serve this device: CUDA with Triton installed, or the CPU inside on_cpu()."""
+    if _disabled:
+        return False
     if device.type == "cuda":
         return available()
-    return _interpret and device.type == "cpu"
+    return _on_cpu and device.type == "cpu"
 
 
 @functools.cache
@@ -55,7 +80,7 @@ def num_sms(device: torch.device) -> int:
 
 @functools.cache
 def _patch_interpreter() -> None:
-    """Two gaps of Triton 3.6's interpreter, filled here (the GPU compiler has neither):
+    """Three gaps of Triton 3.6's interpreter, filled here (the GPU compiler has neither):
     - a scalar becomes an int through int(one-element array), which numpy >= 2.4 refuses ("only
       0-dimensional arrays can be converted"): loops with run-time bounds fail;
     - bfloat16 lives in numpy as its raw uint16 bits and tl.dot multiplies those bits: bf16 operands are

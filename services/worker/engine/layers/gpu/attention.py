@@ -33,9 +33,7 @@ def _decode_kernel(Q, K, V, TABLES, LENS, OUT, PART_O, PART_ML, stride_qt, strid
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(LENS + seq)
-    start = 0
-    if window > 0:
-        start = tl.maximum(length - window, 0)
+    start = tl.where(window > 0, tl.maximum(length - window, 0), 0)
     per_split = tl.cdiv(tl.cdiv(length - start, NUM_SPLITS), TILE_N) * TILE_N
     lo = start + split * per_split
     hi = tl.minimum(lo + per_split, length)
@@ -115,9 +113,7 @@ def _prefill_kernel(Q, K, V, TABLES, POS, TILES, OUT, stride_qt, stride_kb, stri
                 other=0.0)
     p0 = tl.load(POS + first)
     hi = p0 + count  # one past the last query's position
-    lo = 0
-    if window > 0:
-        lo = tl.maximum(p0 - window + 1, 0)
+    lo = tl.where(window > 0, tl.maximum(p0 - window + 1, 0), 0)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -158,6 +154,8 @@ def decode_splits(batch: int, num_kv_heads: int, sms: int) -> int:
     """Context splits per (sequence, KV head): enough programs for about two waves of the GPU. A function of
     the batch size the caller gives (the CUDA-graph bucket), so a captured and an eager step split alike."""
     programs = batch * num_kv_heads
+    if not programs:
+        return 1
     return min(16, _pow2(-(-2 * sms // programs))) if programs < 2 * sms else 1
 
 
@@ -166,6 +164,8 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables
            ) -> torch.Tensor:
     """q [B, heads * D] (one token per sequence; row i's blocks in tables[i], lens[i] keys including its own)
     -> [B, heads * D] (into `out` when given)."""
+    if splits & (splits - 1):
+        raise ValueError(f"context splits must be a power of two, not {splits}")
     b = q.shape[0]
     _, kv_heads, block_size, head_dim = k_cache.shape
     group = num_heads // kv_heads
