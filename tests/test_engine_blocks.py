@@ -98,5 +98,15 @@ def test_kv_memory_parsing_and_block_bytes():
         parse_kv_memory("lots", cpu)
     assert KVCache.bytes_per_block(30, 3, 64, 16, torch.float32) == 2 * 30 * 3 * 64 * 16 * 4
     kv = KVCache(2, 3, 8, 5, 4, torch.float32, cpu)
-    assert kv.k[0].shape == (3, 5, 8, 4) and kv.v[0].shape == (3, 5, 4, 8)  # K blocks stored transposed
+    # K blocks stored transposed; one scratch block past the pool (padded rows of captured decode steps)
+    assert kv.k[0].shape == (3, 6, 8, 4) and kv.v[0].shape == (3, 6, 4, 8) and kv.scratch_block == 5
     assert torch.all(kv.k[1][:, 0] == 0) and torch.all(kv.v[1][:, 0] == 0)  # block 0 (padding) is zeroed
+    triton = KVCache(2, 3, 8, 5, 4, torch.float32, cpu, triton=True)  # the Triton kernels' layout
+    assert triton.k[0].shape == triton.v[0].shape == (6, 3, 4, 8)
+    k, v = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    for cache in (kv, triton):  # one contract, either layout: write two tokens, read their blocks back
+        cache.write(0, torch.tensor([5, 18]), k, v)
+        keys = cache.gather(0, torch.tensor([1, 4]), "k")  # [kv_heads, 2 blocks * 4, head_dim]
+        vals = cache.gather(0, torch.tensor([1, 4]), "v")
+        assert torch.equal(keys[:, 1], k[0]) and torch.equal(keys[:, 6], k[1])
+        assert torch.equal(vals[:, 1], v[0]) and torch.equal(vals[:, 6], v[1])
