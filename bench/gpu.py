@@ -61,13 +61,14 @@ class Plan:
         self.spec = TINY if dry else QWEN25_15B
         self.prompt = 16 if dry else 512
         self.output = 3 if dry else 128
-        self.batches = (1, 3) if dry else (1, 2, 4, 8, 16, 32, 64, 128, 256)
+        self.batches = (1, 3) if dry else (1, 2, 8, 32, 64, 128, 256)
         self.concurrency = (1, 3) if dry else (1, 8, 32, 64, 256)
         self.max_num_seqs = 8 if dry else 256
         self.max_batched = 64 if dry else 8192
         self.kv_memory = "16MiB" if dry else "12GiB"
+        self.max_waiting_steps = 2 if dry else 8  # throughput runs: prompts prefilled together (see Scheduler)
         self.graph_sizes = (3, 8, 5, 1) if dry else (3, 8, 5, 17, 9, 1, 33, 2, 64, 40)
-        self.rows = (1, 20) if dry else (1, 16, 64, 256, 1024)
+        self.rows = (1, 20) if dry else (1, 16, 64, 256, 2048)
         self.reps = 1 if dry else 10
 
 
@@ -273,44 +274,49 @@ def part_kernels(plan: Plan, device: torch.device, models: dict[str, Any]) -> di
     out["fused"] = {"rms_norm_residual_rel_err": rel_err(E.rms_norm(x, w, 1e-6, r1), ref_norm),
                     "residual_rel_err": rel_err(r1, r2), "silu_mul_rel_err": rel_err(E.silu_mul(gate_up), ref_silu)}
 
-    # every linear layer of the model, per format and row count: errors, then a timed pass over all of them
+    # the model's matrices one by one, per format and row count: error vs the dequantised matmul, then one
+    # launch timed with CUDA events (several copies of each weight are cycled, so L2 does not hold it):
+    # tokenmill's fused kernel, dequantise + cuBLAS, and bf16 cuBLAS on the float model's matrix
     rows = []
+    dense = {name: m for name, m in models["none"].named_modules() if type(m).__name__ == "Linear"}
     for fmt, model in models.items():
-        linears = [m for m in model.modules() if type(m).__name__ == "Linear"]
-        packed = [m for m in linears if m.packed is not None]
-        for m_rows in plan.rows:
-            xs = {m.in_features: torch.randn(m_rows, m.in_features, device=device, dtype=torch.bfloat16) * 0.5
-                  for m in linears}
-            row: dict[str, Any] = {"format": fmt, "rows": m_rows}
-            if packed:
-                probe = packed[len(packed) // 2]  # a mid-model layer against its dequantised matmul
-                xp = xs[probe.in_features]
-                ref = xp.float() @ probe.packed.dequantize().float().T
-                row["rel_err"] = rel_err(probe(xp), ref)
-            weight_bytes = sum((m.packed.nbytes if m.packed is not None else m.weight.numel() * 2) for m in linears)
+        if fmt == "none":
+            continue
+        for name, lin in model.named_modules():
+            if type(lin).__name__ != "Linear" or not (name.startswith("layers.0.") or name == "lm_head"):
+                continue
+            copies = [lin.packed] + [type(lin.packed)(**{f: getattr(lin.packed, f) if f not in ("codes",) else
+                                                         lin.packed.codes.clone() for f in
+                                                         ("fmt", "out_features", "in_features", "bits", "group",
+                                                          "codes", "scales", "mins", "table")})
+                                     for _ in range(0 if plan.dry else 3)]
+            for m_rows in plan.rows:
+                x = torch.randn(m_rows, lin.in_features, device=device, dtype=torch.bfloat16) * 0.5
+                ref = x.float() @ lin.packed.dequantize().float().T
+                row: dict[str, Any] = {"format": fmt, "matrix": name, "n": lin.out_features, "k": lin.in_features,
+                                       "rows": m_rows, "rel_err": rel_err(lin(x), ref)}
+                turn = iter(range(1 << 30))
 
-            def model_pass(linears=linears, xs=xs) -> None:
-                for m in linears:
-                    m(xs[m.in_features])
+                def fused(x=x, copies=copies, turn=turn) -> None:
+                    Q.matmul(x, copies[next(turn) % len(copies)])
 
-            before = Q.DEQUANT_MIN_ROWS
-            try:
-                if packed:
+                def dequant(x=x, copies=copies, turn=turn) -> None:
+                    torch.nn.functional.linear(x, Q.dequantize(copies[next(turn) % len(copies)], x.dtype))
+
+                before = Q.DEQUANT_MIN_ROWS
+                try:
                     Q.DEQUANT_MIN_ROWS = 1 << 30
-                    row["fused_ms"] = round(time_ms(model_pass, plan.reps), 3)
-                    Q.DEQUANT_MIN_ROWS = 0
-                    row["dequant_cublas_ms"] = round(time_ms(model_pass, plan.reps), 3)
-                else:
-                    row["cublas_ms"] = round(time_ms(model_pass, plan.reps), 3)
-            finally:
-                Q.DEQUANT_MIN_ROWS = before
-            best = min(v for k, v in row.items() if k.endswith("_ms"))
-            row["weights_mb"] = round(weight_bytes / 1e6, 1)
-            row["gb_s_best"] = round(weight_bytes / best / 1e6, 1)
-            row["tflop_s_best"] = round(2 * m_rows * sum(m.in_features * m.out_features for m in linears) / best / 1e9, 2)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    out["linear_pass"] = rows
+                    row["fused_us"] = round(time_ms(fused, plan.reps) * 1e3, 1)
+                finally:
+                    Q.DEQUANT_MIN_ROWS = before
+                row["dequant_cublas_us"] = round(time_ms(dequant, plan.reps) * 1e3, 1)
+                w = dense[name].weight
+                row["bf16_cublas_us"] = round(time_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w), plan.reps)
+                                              * 1e3, 1)
+                row["fused_gb_s"] = round(lin.packed.nbytes / (row["fused_us"] * 1e3), 1)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    out["linear"] = rows
     out["tinygemm"] = tinygemm(plan, device)
     return out
 
@@ -375,9 +381,9 @@ def part_graphs(plan: Plan, device: torch.device, hf_fp32: Any, native_int4: Any
             tables, positions = [t for t, _ in seqs[:n]], [p for _, p in seqs[:n]]
             ids = [rng.randrange(100, plan.spec["vocab_size"]) for _ in range(n)]
             with torch.inference_mode():
-                replay = runner.logits(graphs.run(ids, positions, tables)).float()
+                replay = graphs.run(ids, positions, tables).float()
                 b = graphs.bucket(n)
-                eager = runner.logits(model(graphs.input_ids[:b], graphs.contexts[b])[:n]).float()
+                eager = graphs.forward(b)[:n].float()  # the same padded step, not captured
                 ctx = attention.build_context(kv, positions, list(range(n)), tables, n, [])
                 plain = runner.logits(runner.forward(torch.tensor(ids, device=device), ctx)).float()
             rows.append({"n": n, "bucket": b, "replay_eq_eager_bitwise": bool(torch.equal(replay, eager)),
@@ -487,15 +493,16 @@ def part_throughput(plan: Plan, device: torch.device, models: dict[str, Any], hf
     from services.worker.engine.hf_static import HFStaticEngine
 
     def paged(model):
-        return lambda: engine(model, plan)
+        return lambda: engine(model, plan, max_waiting_steps=plan.max_waiting_steps)
 
     def static():
         hf_int4.set_attn_implementation("sdpa")
         return HFStaticEngine(hf_int4, IdTokenizer(), max_batch_size=64)
 
+    low, high = plan.concurrency[:1], plan.concurrency[-2:]
     systems = [("paged int4", paged(models["int4"]), plan.concurrency, 2),
-               ("paged:transformers int4", paged(hf_int4), plan.concurrency, 1),
-               ("hf-static int4", static, plan.concurrency[:2] + plan.concurrency[3:4], 1),
+               ("paged:transformers int4", paged(hf_int4), tuple(sorted({*low, *high})), 1),
+               ("hf-static int4", static, tuple(sorted({*low, *plan.concurrency[-2:-1]})), 1),
                ("paged bf16", paged(models["none"]), plan.concurrency[3:], 2),
                ("paged nf4", paged(models["nf4"]), plan.concurrency[3:], 2)]
     rows = []

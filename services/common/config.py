@@ -52,6 +52,9 @@ class WorkerConfig:
     max_model_len: int = setting(0, "Context length cap; 0 = the model's own.")
     prefix_cache: bool = setting(True, "paged: reuse KV blocks of shared prompt prefixes.")
     enforce_eager: bool = setting(False, "paged, CUDA: no CUDA graphs (decode steps launch every kernel).")
+    max_waiting_steps: int = setting(0, "paged: while sequences decode, hold new prompts up to this many steps (or "
+                                     "until they fill a step's budget) so that they prefill together, as TGI's "
+                                     "--max-waiting-tokens; 0 = admit at once.")
     speculative: str = setting("off", "paged: speculative decoding, off | ngram (prompt lookup) | draft "
                                "(self-speculative: the model's first --draft-layers layers).")
     num_speculative_tokens: int = setting(4, "paged: most drafted tokens per sequence and step.")

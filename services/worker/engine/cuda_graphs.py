@@ -3,7 +3,7 @@
 A decode-only step of n sequences runs in the smallest bucket b >= n: the step's token ids, positions, cache
 slots, context lengths and block tables are copied into static buffers (one host-to-device copy each), rows
 n..b are padding (token 0 at position 0, one key, writing its K/V to the cache's scratch block), and the
-graph captured for b replays the whole forward with one launch. Everything but capture and replay is
+graph captured for b replays the whole forward and the LM head with one launch. Everything but capture and replay is
 device-agnostic: on a CPU, or with `--enforce-eager`, `run` executes the same forward eagerly over the same
 padded buffers, which is what the CPU tests check (bucket choice, padding, refills, stale rows).
 
@@ -36,8 +36,10 @@ def buckets_for(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Any, kv: KVCache, max_num_seqs: int, max_blocks_per_seq: int) -> None:
+    def __init__(self, model: Any, kv: KVCache, max_num_seqs: int, max_blocks_per_seq: int,
+                 head: Any = None) -> None:
         self.model, self.kv = model, kv
+        self.head = head or (lambda hidden: hidden)  # hidden states -> logits (the model's LM head)
         self.buckets = buckets_for(max_num_seqs)
         size, dev = self.buckets[-1], kv.device
         self.max_blocks = max_blocks_per_seq
@@ -96,13 +98,17 @@ class DecodeGraphs:
         self.tables[:b, :width].copy_(stage["tables"][:b, :width], non_blocking=True)
         return b
 
+    def forward(self, b: int) -> torch.Tensor:
+        """The bucket's step over the static buffers, eagerly: what its graph captures."""
+        return self.head(self.model(self.input_ids[:b], self.contexts[b]))
+
     def run(self, ids: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """Hidden states [n, hidden] of n decodes (one token each): a graph replay where one is captured,
-        else the same forward eagerly over the padded buffers."""
+        """Logits [n, vocab] of n decodes (one token each): a graph replay where one is captured, else the same
+        forward eagerly over the padded buffers."""
         b = self.fill(ids, positions, tables)
         graph = self.graphs.get(b)
         if graph is None:
-            return self.model(self.input_ids[:b], self.contexts[b])[: len(ids)]
+            return self.forward(b)[: len(ids)]
         graph.replay()
         self.replays += 1
         return self.outputs[b][: len(ids)]
@@ -120,11 +126,11 @@ class DecodeGraphs:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile the Triton kernels and settle the allocator before capturing
-                    self.model(self.input_ids[:b], self.contexts[b])
+                    self.forward(b)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = self.model(self.input_ids[:b], self.contexts[b])
+                self.outputs[b] = self.forward(b)
             self.graphs[b] = graph
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

@@ -29,7 +29,8 @@ class PagedEngine:
     def __init__(self, model: Any, tokenizer: Any, *, block_size: int = 16, kv_cache_memory: str | int = "0.25",
                  num_blocks: int = 0, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: int = 0, enable_prefix_caching: bool = True, seed: int | None = None,
-                 speculative: SpecConfig | None = None, enforce_eager: bool = False) -> None:
+                 speculative: SpecConfig | None = None, enforce_eager: bool = False,
+                 max_waiting_steps: int = 0) -> None:
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         self.tokenizer = tokenizer
@@ -37,7 +38,7 @@ class PagedEngine:
         self.max_num_seqs = max_num_seqs = min(max_num_seqs, max_num_batched_tokens)  # every decode fits a step
         self.runner = ModelRunner(model, block_size, kv_cache_memory, num_blocks)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_waiting_steps)
         self.sampler = Sampler(seed)
         own = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.max_model_len = min(max_model_len, own) if max_model_len else own
@@ -226,7 +227,7 @@ def engine_options(config: Any) -> dict[str, Any]:
     return dict(block_size=config.block_size, kv_cache_memory=config.kv_cache_memory,
                 max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=config.max_model_len, enable_prefix_caching=config.prefix_cache,
-                enforce_eager=config.enforce_eager,
+                enforce_eager=config.enforce_eager, max_waiting_steps=config.max_waiting_steps,
                 speculative=SpecConfig(config.speculative, config.num_speculative_tokens, config.draft_layers,
                                        config.speculative_max_batch, config.speculative_min_acceptance,
                                        config.speculative_token_cost))

@@ -68,7 +68,8 @@ class ModelRunner:
             return
         from services.worker.engine.cuda_graphs import DecodeGraphs
 
-        self.graphs = DecodeGraphs(self.model, self.kv, max_num_seqs, -(-max_model_len // self.block_size))
+        self.graphs = DecodeGraphs(self.model, self.kv, max_num_seqs, -(-max_model_len // self.block_size),
+                                   head=self.logits)
         if capture and self.device.type == "cuda":
             self.graph_capture_s = self.graphs.capture()
 
@@ -141,10 +142,14 @@ class ModelRunner:
         ids, pos, token_seq, tables, prefills, samplers, rows, num_decodes = self._lists(batch)
         graphs = self.graphs
         if graphs is not None and not prefills and graphs.bucket(num_decodes) is not None:
-            hidden = graphs.run(ids, pos, tables)
-        else:
-            ctx = attention.build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
-            hidden = self.forward(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)
+            logits = graphs.run(ids, pos, tables)  # forward and LM head, one graph replay
+            self.prompt_logits = []
+            if not rows:
+                return samplers, None
+            # a copy: the graph's output buffer is overwritten by the next replay
+            return samplers, (logits if len(rows) == len(ids) else logits[rows]).to(torch.float32, copy=True)
+        ctx = attention.build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
+        hidden = self.forward(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)
         extra = [r for _, start, count, _ in self.prompt_rows for r in range(start, start + count)]
         self.prompt_logits = []
         if not rows and not extra:

@@ -7,6 +7,11 @@ none is free, the newest lowest-priority running sequence is preempted: its bloc
 are released (full ones stay in the prefix cache) and it is recomputed later.
 Waiting sequences are admitted only in steps without preemption. A decode may carry drafted
 tokens (speculation): they count against the budget and are dropped rather than preempt.
+
+`max_waiting_steps` (TGI's max-waiting-tokens): while sequences run, new prompts wait up to that many
+steps, or until they would fill the step's budget, and are then prefilled together. On a GPU a step
+with any prefill runs eagerly while a decode-only step replays a CUDA graph, so a few full prefill
+steps cost far less than a small one in every step; an idle engine admits at once.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_waiting_steps: int = 0) -> None:
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_waiting_steps = max_waiting_steps
+        self._held_steps = 0  # steps the waiting prompts have been held back (max_waiting_steps)
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key; the tail is preempted first
         self.num_preemptions = 0
@@ -72,7 +80,7 @@ class Scheduler:
             scheduled.append(seq)
             budget -= n
             i += 1
-        if not out.preempted:
+        if not out.preempted and self._admission_due(budget):
             self._admit(scheduled, budget)
         for seq in scheduled:
             seq.first_scheduled = True
@@ -81,6 +89,17 @@ class Scheduler:
         out.num_decodes = len(decodes)
         out.num_tokens = sum(s.num_new_tokens for s in scheduled)
         return out
+
+    def _admission_due(self, budget: int) -> bool:
+        if not self.waiting or self.max_waiting_steps <= 0 or not self.running:
+            self._held_steps = 0
+            return True
+        if self._held_steps >= self.max_waiting_steps or \
+                sum(s.num_tokens - s.num_computed_tokens for s in self.waiting) >= budget:
+            self._held_steps = 0
+            return True
+        self._held_steps += 1
+        return False
 
     def _admit(self, scheduled: list[Sequence], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

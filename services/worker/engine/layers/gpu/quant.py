@@ -4,13 +4,13 @@ The CPU's panel layout suits the GPU as it is: output rows in panels of 16, and 
 (8-bit) or pair of columns (4-bit) the 16 rows' codes side by side, so one panel's share of a K tile is one
 contiguous run of bytes. A program takes BLOCK_P panels (16 * BLOCK_P output rows) and a K range, dequantises
 each code in registers (scale * code + min, scale * NF4[code], or scale * int8) and
-- one row (batch-1 decode): multiplies by the activations with fp32 FMAs and sums over K: no tensor-core
-  padding, a pure stream of weight bytes; split over K so that even a 1536-row matrix fills the GPU;
-- more rows: tl.dot on tiles of BLOCK_M rows, weights cast to the activations' dtype (what a dequantise +
+- one row (batch-1 decode): multiplies by the activations with fp32 FMAs, accumulating in registers: no
+  tensor-core padding, a pure stream of weight bytes; small programs, split over K, so that many are in
+  flight on every multiprocessor even for a 1536-row matrix;
+- a few rows: tl.dot on tiles of BLOCK_M rows, weights cast to the activations' dtype (what a dequantise +
   F.linear computes), split over K when the tile grid is small;
-- many rows (prefill): dequantise the whole matrix once into the activations' dtype, then cuBLAS
-  (`DEQUANT_MIN_ROWS`): at that size the product is compute-bound and the extra pass over the weights is
-  a small share of it.
+- more rows (`DEQUANT_MIN_ROWS`: large decode batches, prefill): dequantise the whole matrix into the
+  activations' dtype, then cuBLAS.
 Split-K partial sums go to an fp32 workspace and one reduce kernel adds them in order: deterministic, so a
 CUDA-graph replay and an eager call of the same shape give the same bits.
 """
@@ -26,7 +26,10 @@ from services.worker.engine.layers import gpu
 from services.worker.engine.layers.quant import PANEL, PackedWeight
 
 LANES = tl.constexpr(PANEL)  # output rows per panel
-DEQUANT_MIN_ROWS = 512  # from this many rows, dequantise + cuBLAS (a prefill step); below, the fused kernel
+# From this many rows, dequantise + cuBLAS; below, the fused kernels. Measured on the H200 (bench.gpu,
+# 2026-12-04): the fused tl.dot kernel's decode step grew from 4.2 ms at 16 rows to 6.7 at 32 and 25 at 256,
+# where a dequantise pass (~1 ms a step for 1.5B weights) + cuBLAS costs a fraction of that.
+DEQUANT_MIN_ROWS = 32
 
 
 @triton.jit
@@ -83,14 +86,15 @@ def _gemv_kernel(X, CODES, SCALES, MINS, TABLE, BIAS, OUT, N, K, N_PANELS, k_per
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_TABLE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
                  NG: tl.constexpr, GW: tl.constexpr):
-    """One row: sum over this split's K range of x[k] * W[n, k], fp32 FMAs."""
+    """One row: sum over this split's K range of x[k] * W[n, k]. Products accumulate elementwise in registers
+    (fp32 FMAs); the sum across the tile happens once, after the loop."""
     pid_p = tl.program_id(0)
     split = tl.program_id(1)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     lane = tl.arange(0, LANES)
     g = tl.arange(0, NG)
     w = tl.arange(0, GW)
-    acc = tl.zeros([BLOCK_P, LANES], tl.float32)
+    acc = tl.zeros([BLOCK_P, NG, GW, LANES], tl.float32)
     lo = split * k_per_split
     hi = tl.minimum(lo + k_per_split, K)
     for k0 in range(lo, hi, BLOCK_K):
@@ -99,13 +103,13 @@ def _gemv_kernel(X, CODES, SCALES, MINS, TABLE, BIAS, OUT, N, K, N_PANELS, k_per
         slot = (k0 * BITS // 8) + g[:, None] * GW + w[None, :]
         col = slot * 8 // BITS
         x0 = tl.load(X + col, mask=col < K, other=0.0).to(tl.float32)[None, :, :, None]
-        prod = even * x0
+        acc += even * x0
         if BITS == 4:
             x1 = tl.load(X + col + 1, mask=col + 1 < K, other=0.0).to(tl.float32)[None, :, :, None]
-            prod += odd * x1
-        acc += tl.sum(tl.sum(prod, 2), 1)
+            acc += odd * x1
+    total = tl.sum(tl.sum(acc, 2), 1)
     n = tl.reshape(p[:, None] * LANES + lane[None, :], (BLOCK_P * LANES,))
-    _store(OUT, BIAS, tl.zeros([1], tl.int32), n, 1, N, stride_om, split, tl.reshape(acc, (1, BLOCK_P * LANES)),
+    _store(OUT, BIAS, tl.zeros([1], tl.int32), n, 1, N, stride_om, split, tl.reshape(total, (1, BLOCK_P * LANES)),
            DIRECT, HAS_BIAS)
 
 
@@ -193,10 +197,10 @@ def _tile_k(p: PackedWeight, block_k: int) -> tuple[int, int, int]:
     return block_k, ng, int(block_k * slots_per_col) // ng
 
 
-def _splits(programs: int, k: int, block_k: int, sms: int) -> int:
-    """Split K until there are about two waves of programs (at most one K tile each)."""
+def _splits(programs: int, k: int, block_k: int, target: int) -> int:
+    """Split K until there are `target` programs (each keeping at least one K tile)."""
     splits = 1
-    while programs * splits < 2 * sms and splits * 2 * block_k <= k:
+    while programs * splits < target and splits * 2 * block_k <= k:
         splits *= 2
     return splits
 
@@ -211,14 +215,11 @@ def _flags(p: PackedWeight) -> dict:
     return dict(BITS=p.bits, GROUP=p.group, HAS_MIN=p.mins is not None, HAS_TABLE=p.table is not None)
 
 
-def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None, block_rows: int | None = None
-           ) -> torch.Tensor:
-    """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype; W packed (its tensors on x's device). `block_rows`
-    picks the kernel by another row count than M (a CUDA-graph bucket's), so an eager call and a replay of
-    the padded bucket run the same kernel on every row."""
+def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T (+ bias) -> [M, N] in x's dtype; W packed (its tensors on x's device)."""
     m, k = x.shape
     n = p.out_features
-    rows = block_rows or m
+    rows = m
     if rows >= DEQUANT_MIN_ROWS and x.device.type == "cuda":
         return F.linear(x, dequantize(p, x.dtype), None if bias is None else bias.to(x.dtype))
     x = x.contiguous()
@@ -226,21 +227,21 @@ def matmul(x: torch.Tensor, p: PackedWeight, bias: torch.Tensor | None = None, b
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    if rows == 1:
-        block_p = 4
+    if rows == 1:  # memory-bound: about eight programs of two warps per multiprocessor
+        block_p, warps = 2, 2
         block_k, ng, gw = _tile_k(p, 128 if p.bits == 4 else 64)
         grid = (triton.cdiv(p.panels, block_p),)
-        splits = _splits(grid[0], k, block_k, sms)
+        splits = _splits(grid[0], k, block_k, 8 * sms)
     else:
-        block_m = min(64, triton.next_power_of_2(max(rows, 16)))
+        block_m, warps = min(64, triton.next_power_of_2(max(rows, 16))), 4
         block_p = 4 if block_m <= 32 else 8
         block_k, ng, gw = _tile_k(p, 64)
         grid = (triton.cdiv(m, block_m), triton.cdiv(p.panels, block_p))
-        splits = _splits(triton.cdiv(rows, block_m) * grid[1], k, block_k, sms)
+        splits = _splits(triton.cdiv(rows, block_m) * grid[1], k, block_k, 2 * sms)
     k_per = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
     out = y if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     common = dict(**_flags(p), HAS_BIAS=bias is not None, DIRECT=splits == 1, BLOCK_P=block_p, BLOCK_K=block_k,
-                  NG=ng, GW=gw, num_warps=4)
+                  NG=ng, GW=gw, num_warps=warps)
     b = bias if bias is not None else out
     if rows == 1:
         _gemv_kernel[(*grid, splits)](x, *_args(p), b, out, n, k, p.panels, k_per, y.stride(0), **common)
