@@ -67,6 +67,8 @@ class Plan:
         self.max_batched = 64 if dry else 8192
         self.kv_memory = "16MiB" if dry else "12GiB"
         self.max_waiting_steps = 2 if dry else 8  # throughput runs: prompts prefilled together (see Scheduler)
+        self.step_formats: tuple[str, ...] = FORMATS
+        self.skip: tuple[str, ...] = ()  # "system@concurrency" throughput runs left out
         self.graph_sizes = (3, 8, 5, 1) if dry else (3, 8, 5, 17, 9, 1, 33, 2, 64, 40)
         self.rows = (1, 20) if dry else (1, 16, 64, 256, 2048)
         self.reps = 1 if dry else 10
@@ -99,6 +101,21 @@ def time_ms(fn, reps: int, warmup: int = 2) -> float:
             fn()
             times.append((time.perf_counter() - t) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def time_graph_ms(fn, reps: int, inner: int = 20) -> float:
+    """Milliseconds per call of fn() with the host out of the way: `inner` calls captured in one CUDA graph,
+    replayed (an eager call of a small kernel times Python's launch, not the GPU). fn() as it is on a CPU."""
+    if not torch.cuda.is_available():
+        return time_ms(fn, reps)
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    return time_ms(graph.replay, reps) / inner
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -274,8 +291,8 @@ def part_kernels(plan: Plan, device: torch.device, models: dict[str, Any]) -> di
     out["fused"] = {"rms_norm_residual_rel_err": rel_err(E.rms_norm(x, w, 1e-6, r1), ref_norm),
                     "residual_rel_err": rel_err(r1, r2), "silu_mul_rel_err": rel_err(E.silu_mul(gate_up), ref_silu)}
 
-    # the model's matrices one by one, per format and row count: error vs the dequantised matmul, then one
-    # launch timed with CUDA events (several copies of each weight are cycled, so L2 does not hold it):
+    # the model's matrices one by one, per format and row count: error vs the dequantised matmul, then the
+    # call timed inside a CUDA graph (several copies of each weight are cycled, so L2 does not hold it):
     # tokenmill's fused kernel, dequantise + cuBLAS, and bf16 cuBLAS on the float model's matrix
     rows = []
     dense = {name: m for name, m in models["none"].named_modules() if type(m).__name__ == "Linear"}
@@ -306,13 +323,13 @@ def part_kernels(plan: Plan, device: torch.device, models: dict[str, Any]) -> di
                 before = Q.DEQUANT_MIN_ROWS
                 try:
                     Q.DEQUANT_MIN_ROWS = 1 << 30
-                    row["fused_us"] = round(time_ms(fused, plan.reps) * 1e3, 1)
+                    row["fused_us"] = round(time_graph_ms(fused, plan.reps) * 1e3, 1)
                 finally:
                     Q.DEQUANT_MIN_ROWS = before
-                row["dequant_cublas_us"] = round(time_ms(dequant, plan.reps) * 1e3, 1)
+                row["dequant_cublas_us"] = round(time_graph_ms(dequant, plan.reps) * 1e3, 1)
                 w = dense[name].weight
-                row["bf16_cublas_us"] = round(time_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w), plan.reps)
-                                              * 1e3, 1)
+                row["bf16_cublas_us"] = round(time_graph_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w),
+                                                            plan.reps) * 1e3, 1)
                 row["fused_gb_s"] = round(lin.packed.nbytes / (row["fused_us"] * 1e3), 1)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -404,7 +421,7 @@ def part_steps(plan: Plan, device: torch.device, models: dict[str, Any], copy_gb
     from services.worker.engine.types import Request
 
     out: dict[str, Any] = {}
-    runs = [(fmt, False) for fmt in models] + [("int4", True)]
+    runs = [(fmt, False) for fmt in models if fmt in plan.step_formats] + [("int4", True)]
     for fmt, eager in runs:
         if time.perf_counter() > deadline:
             out[f"{fmt}{' eager' if eager else ''}"] = "skipped: time budget"
@@ -507,6 +524,9 @@ def part_throughput(plan: Plan, device: torch.device, models: dict[str, Any], hf
                ("paged nf4", paged(models["nf4"]), plan.concurrency[3:], 2)]
     rows = []
     for label, build, concs, waves in systems:
+        concs = tuple(c for c in concs if f"{label}@{c}" not in plan.skip)
+        if not concs:
+            continue
         if time.perf_counter() > deadline:
             rows.extend({"system": label, "concurrency": c, "skipped": "time budget"} for c in concs)
             continue
@@ -514,6 +534,8 @@ def part_throughput(plan: Plan, device: torch.device, models: dict[str, Any], hf
         eng = build()
         built = time.perf_counter() - t0
         for c in concs:
+            if f"{label}@{c}" in plan.skip:
+                continue
             if time.perf_counter() > deadline:
                 rows.append({"system": label, "concurrency": c, "skipped": "time budget"})
                 continue
@@ -567,6 +589,8 @@ def main() -> None:
     ap.add_argument("--parts", default="kernels,graphs,steps,throughput")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this many seconds")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/measured/gpu-<device>-<date>.json)")
+    ap.add_argument("--step-formats", default=",".join(FORMATS), help="weights of the steps part (none = bf16)")
+    ap.add_argument("--skip", default="", help="throughput runs to leave out: 'system@concurrency,...'")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from services.worker.engine.layers import gpu
@@ -589,6 +613,8 @@ def run(args: argparse.Namespace, device: torch.device, dry: bool) -> None:
     start = time.perf_counter()
     deadline = start + args.budget_s
     plan = Plan(dry)
+    plan.step_formats = tuple(args.step_formats.split(","))
+    plan.skip = tuple(x for x in args.skip.split(",") if x)
     tag = "dry" if dry else ("h200" if "H200" in (torch.cuda.get_device_name() if device.type == "cuda" else "") else
                              device.type)
     out_path = args.out or Path("bench/measured") / f"gpu-{tag}-{datetime.date.today().isoformat()}.json"
