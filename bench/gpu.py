@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import gc
 import json
@@ -127,20 +128,19 @@ def environment(device: torch.device) -> dict[str, Any]:
                            "date": datetime.date.today().isoformat()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(device=props.name, sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+        env.update(device=props.name, sms=props.multi_processor_count,
+                   memory_gib=round(props.total_memory / 2**30, 1))
+        query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm"
         try:
-            env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                                                "--format=csv,noheader"], capture_output=True, text=True,
-                                               timeout=20).stdout.strip()
+            env["nvidia_smi"] = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True,
+                                               text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.TimeoutExpired) as exc:
             env["nvidia_smi"] = f"unavailable: {exc}"
     else:
         env["device"] = "cpu (Triton interpreter)"
-    try:
+    with contextlib.suppress(OSError):
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        timeout=10).stdout.strip()
-    except OSError:
-        pass
     return env
 
 
@@ -197,10 +197,10 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def part_kernels(plan: Plan, device: torch.device, models: dict[str, Any]) -> dict[str, Any]:
+    from services.worker.engine.layers import gpu, ops
     from services.worker.engine.layers.gpu import attention as A
     from services.worker.engine.layers.gpu import elementwise as E
     from services.worker.engine.layers.gpu import quant as Q
-    from services.worker.engine.layers import gpu, ops
 
     spec, out = plan.spec, {}
     heads, kv_heads = spec["num_attention_heads"], spec["num_key_value_heads"]
@@ -236,11 +236,12 @@ def part_kernels(plan: Plan, device: torch.device, models: dict[str, Any]) -> di
                 qh = q[i].float().view(kv_heads, heads // kv_heads, d)
                 refs.append(torch.nn.functional.scaled_dot_product_attention(qh, k, v, scale=d**-0.5).reshape(-1))
             ref = torch.stack(refs)
-            ms = time_ms(lambda q=q, k_cache=k_cache, v_cache=v_cache, tab=tab, lens_t=lens_t, splits=splits:
+            ms = time_graph_ms(lambda q=q, k_cache=k_cache, v_cache=v_cache, tab=tab, lens_t=lens_t, splits=splits:
                          A.decode(q, k_cache, v_cache, tab, lens_t, heads, None, d**-0.5, splits), plan.reps)
             kv_bytes = 2 * sum(lens) * kv_heads * d * k_cache.element_size()
             rows.append({"dtype": str(dtype).removeprefix("torch."), "batch": batch, "context_max": ctx,
-                         "splits": splits, "rel_err": rel_err(got, ref), "max_abs_err": float((got.float() - ref).abs().max()),
+                         "splits": splits, "rel_err": rel_err(got, ref),
+                         "max_abs_err": float((got.float() - ref).abs().max()),
                          "us": round(ms * 1e3, 1), "kv_gb_s": round(kv_bytes / ms / 1e6, 1)})
     out["attention_decode"] = rows
 
@@ -263,7 +264,7 @@ def part_kernels(plan: Plan, device: torch.device, models: dict[str, Any]) -> di
         got = torch.empty_like(q)
         A.prefill(q, k_cache, v_cache, tab, pos, tiles, heads, None, d**-0.5, got)
         refs = []
-        for i, (s, e, c) in enumerate(specs):
+        for i, (s, e, _) in enumerate(specs):
             keys = torch.arange(lens[i], device=device)
             blk = torch.tensor(tables[i], device=device)[keys // bs]
             k = k_cache[blk, :, keys % bs].float().transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
@@ -273,7 +274,8 @@ def part_kernels(plan: Plan, device: torch.device, models: dict[str, Any]) -> di
             refs.append(torch.nn.functional.scaled_dot_product_attention(qh, k, v, attn_mask=mask, scale=d**-0.5)
                         .transpose(0, 1).reshape(e - s, -1))
         ref = torch.cat(refs)
-        ms = time_ms(lambda: A.prefill(q, k_cache, v_cache, tab, pos, tiles, heads, None, d**-0.5, got), plan.reps)
+        ms = time_graph_ms(lambda q=q, k_cache=k_cache, v_cache=v_cache, tab=tab, pos=pos, tiles=tiles, got=got:
+                           A.prefill(q, k_cache, v_cache, tab, pos, tiles, heads, None, d**-0.5, got), plan.reps)
         flops = 4 * heads * d * sum((e - s) * (c + (e - s) / 2) for s, e, c in specs)
         rows.append({"dtype": str(dtype).removeprefix("torch."), "tokens": 2 * chunk, "rel_err": rel_err(got, ref),
                      "us": round(ms * 1e3, 1), "tflop_s": round(flops / ms / 1e9, 2)})
@@ -363,8 +365,8 @@ def tinygemm(plan: Plan, device: torch.device) -> Any:
         for m_rows in plan.rows:
             x = torch.randn(m_rows, k, device=device, dtype=torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm(x, weight, 32, sz)
-            ms = time_ms(lambda x=x: torch.ops.aten._weight_int4pack_mm(x, weight, 32, sz), plan.reps)
-            ours = time_ms(lambda x=x: Q.matmul(x, packed), plan.reps)
+            ms = time_graph_ms(lambda x=x: torch.ops.aten._weight_int4pack_mm(x, weight, 32, sz), plan.reps)
+            ours = time_graph_ms(lambda x=x: Q.matmul(x, packed), plan.reps)
             out.append({"rows": m_rows, "tinygemm_us": round(ms * 1e3, 1), "tokenmill_us": round(ours * 1e3, 1),
                         "rel_err_vs_tokenmill": rel_err(y, Q.matmul(x, packed).float())})
         return out
@@ -430,7 +432,8 @@ def part_steps(plan: Plan, device: torch.device, models: dict[str, Any], copy_gb
         t0 = time.perf_counter()
         eng = engine(model, plan, enforce_eager=eager)
         built = time.perf_counter() - t0
-        res: dict[str, Any] = {"engine_build_s": round(built, 1), "graph_capture_s": round(eng.runner.graph_capture_s, 1)}
+        res: dict[str, Any] = {"engine_build_s": round(built, 1),
+                               "graph_capture_s": round(eng.runner.graph_capture_s, 1)}
         for b in plan.batches if not eager else plan.batches[:: 3]:
             prompts = random_prompts(b, plan.spec["vocab_size"], plan.prompt, seed=b)
             for i, p in enumerate(prompts):
@@ -483,7 +486,8 @@ def run_clients(eng: Any, n: int, concurrency: int, plan: Plan, label: str) -> d
     front = AsyncEngine(eng)
 
     async def one(i: int) -> Sample:
-        req = Request(f"c{concurrency}-{i}", prompts[i], SamplingParams(max_tokens=plan.output, temperature=0.0, ignore_eos=True))
+        params = SamplingParams(max_tokens=plan.output, temperature=0.0, ignore_eos=True)
+        req = Request(f"c{concurrency}-{i}", prompts[i], params)
         t0 = time.perf_counter()
         first, tokens = 0.0, 0
         async for ev in front.generate([req]):
@@ -501,7 +505,8 @@ def run_clients(eng: Any, n: int, concurrency: int, plan: Plan, label: str) -> d
         front.shutdown()
     r = asdict(summarise(label, "direct", f"{plan.prompt}+{plan.output} ignore_eos", concurrency, samples, wall, 0))
     r.pop("peak_rss_mib", None)
-    print(json.dumps({k: r[k] for k in ("system", "concurrency", "requests", "output_tok_s", "ttft_p50_s")}), flush=True)
+    keys = ("system", "concurrency", "requests", "output_tok_s", "ttft_p50_s")
+    print(json.dumps({k: r[k] for k in keys}), flush=True)
     return r
 
 
@@ -560,7 +565,8 @@ def markdown(report: dict[str, Any]) -> str:
     steps = report.get("steps", {})
     if isinstance(steps, dict) and steps:
         batches = sorted({b for v in steps.values() if isinstance(v, dict) for b in v if isinstance(b, int)})
-        lines += ["Decode step (engine.step wall ms; graph replay ms) at ~%d tokens of context" % report["plan"]["prompt"],
+        context = report["plan"]["prompt"]
+        lines += [f"Decode step (engine.step wall ms; graph replay ms) at ~{context} tokens of context",
                   "", "| weights | " + " | ".join(str(b) for b in batches) + " |",
                   "|---|" + "---|" * len(batches)]
         for fmt, v in steps.items():
@@ -588,7 +594,8 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, a few seconds a part: rehearse the run")
     ap.add_argument("--parts", default="kernels,graphs,steps,throughput")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip what would start after this many seconds")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/measured/gpu-<device>-<date>.json)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default bench/measured/gpu-<device>-<date>.json)")
     ap.add_argument("--step-formats", default=",".join(FORMATS), help="weights of the steps part (none = bf16)")
     ap.add_argument("--skip", default="", help="throughput runs to leave out: 'system@concurrency,...'")
     args = ap.parse_args()

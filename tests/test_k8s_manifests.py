@@ -121,7 +121,7 @@ def test_gpu_workers_request_a_gpu_on_gpu_nodes():
     one(objects, "PersistentVolumeClaim", cache["persistentVolumeClaim"]["claimName"])
     env = effective_env(objects, c)
     assert env["TOKENMILL_WORKER_MODEL"] == "Qwen/Qwen2.5-1.5B-Instruct"
-    assert env["TOKENMILL_WORKER_QUANTIZATION"] == "nf4"
+    assert env["TOKENMILL_WORKER_QUANTIZATION"] == "int4"
     assert env["HF_HOME"].startswith("/var/cache/tokenmill")
     # Nothing else in the deployment asks for a GPU.
     for d in by_kind(objects, "Deployment"):

@@ -72,7 +72,8 @@ class KVCache:
         if triton:
             shape_k = shape_v = (blocks, num_kv_heads, block_size, head_dim)
         else:
-            shape_k, shape_v = (num_kv_heads, blocks, head_dim, block_size), (num_kv_heads, blocks, block_size, head_dim)
+            shape_k = (num_kv_heads, blocks, head_dim, block_size)
+            shape_v = (num_kv_heads, blocks, block_size, head_dim)
         # torch.empty: pages are only touched (and counted in RSS) once a block is written
         self.k = [torch.empty(shape_k, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape_v, dtype=dtype, device=device) for _ in range(num_layers)]

@@ -92,8 +92,10 @@ def compile_launches(launches: list[dict[str, Any]], arch: int = 90) -> list[dic
             compiled = triton.compile(ASTSource(fn, signature, launch["constexprs"]), target=target,
                                       options=launch["options"])
             shared = compiled.metadata.shared
-            results.append({"kernel": name, "ok": shared <= SHARED_LIMIT, "shared_bytes": shared,
-                            **({} if shared <= SHARED_LIMIT else {"error": f"shared memory {shared} > {SHARED_LIMIT}"})})
+            result = {"kernel": name, "ok": shared <= SHARED_LIMIT, "shared_bytes": shared}
+            if shared > SHARED_LIMIT:
+                result["error"] = f"shared memory {shared} > {SHARED_LIMIT}"
+            results.append(result)
         except Exception as exc:
             results.append({"kernel": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]})
     return results

@@ -46,7 +46,7 @@ def _decode_kernel(Q, K, V, TABLES, LENS, OUT, PART_O, PART_ML, stride_qt, strid
     q = tl.load(Q + seq * stride_qt + head[:, None] * HEAD_DIM + d[None, :], mask=g_ok[:, None] & d_ok[None, :],
                 other=0.0)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
+    denom = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for n0 in range(lo, hi, TILE_N):
         n = n0 + tl.arange(0, TILE_N)
@@ -61,18 +61,18 @@ def _decode_kernel(Q, K, V, TABLES, LENS, OUT, PART_O, PART_ML, stride_qt, strid
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         v = tl.load(V + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     if NUM_SPLITS == 1:
-        out = acc / l[:, None]
+        out = acc / denom[:, None]
         tl.store(OUT + seq * stride_ot + head[:, None] * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
                  mask=g_ok[:, None] & d_ok[None, :])
     else:
         at = (seq * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_G]
         tl.store(PART_O + at[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None])
         tl.store(PART_ML + at * 2, m, mask=g_ok)
-        tl.store(PART_ML + at * 2 + 1, l, mask=g_ok)
+        tl.store(PART_ML + at * 2 + 1, denom, mask=g_ok)
 
 
 @triton.jit
@@ -84,11 +84,11 @@ def _reduce_kernel(OUT, PART_O, PART_ML, stride_ot, NUM_HEADS: tl.constexpr, HEA
     d = tl.arange(0, BLOCK_D)
     at = (seq * NUM_HEADS + head) * NUM_SPLITS + s
     m = tl.load(PART_ML + at * 2)
-    l = tl.load(PART_ML + at * 2 + 1)
+    denom = tl.load(PART_ML + at * 2 + 1)
     top = tl.max(m, 0)
     w = tl.where(m > float("-inf"), tl.exp2(m - top), 0.0)  # an empty split (past the context) weighs 0
     acc = tl.load(PART_O + at[:, None] * BLOCK_D + d[None, :])
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(denom * w, 0)
     tl.store(OUT + seq * stride_ot + head * HEAD_DIM + d, out.to(OUT.dtype.element_ty), mask=d < HEAD_DIM)
 
 
@@ -115,7 +115,7 @@ def _prefill_kernel(Q, K, V, TABLES, POS, TILES, OUT, stride_qt, stride_kb, stri
     hi = p0 + count  # one past the last query's position
     lo = tl.where(window > 0, tl.maximum(p0 - window + 1, 0), 0)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    denom = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(lo, hi, TILE_N):
         n = n0 + tl.arange(0, TILE_N)
@@ -134,10 +134,10 @@ def _prefill_kernel(Q, K, V, TABLES, POS, TILES, OUT, stride_qt, stride_kb, stri
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         v = tl.load(V + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     tl.store(OUT + tok[:, None] * stride_ot + head * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
              mask=r_ok[:, None] & d_ok[None, :])
 

@@ -7,10 +7,10 @@ each code in registers (scale * code + min, scale * NF4[code], or scale * int8) 
 - one row (batch-1 decode): multiplies by the activations with fp32 FMAs, accumulating in registers: no
   tensor-core padding, a pure stream of weight bytes; small programs, split over K, so that many are in
   flight on every multiprocessor even for a 1536-row matrix;
-- a few rows: tl.dot on tiles of BLOCK_M rows, weights cast to the activations' dtype (what a dequantise +
-  F.linear computes), split over K when the tile grid is small;
-- more rows (`DEQUANT_MIN_ROWS`: large decode batches, prefill): dequantise the whole matrix into the
-  activations' dtype, then cuBLAS.
+- more rows on CUDA (`DEQUANT_MIN_ROWS`): dequantise the whole matrix into the activations' dtype, then
+  cuBLAS (measured faster than the fused tile kernel from 16 rows on, and far faster for prefill);
+- more rows elsewhere (the interpreter): tl.dot on tiles of BLOCK_M rows, weights cast to the activations'
+  dtype (what a dequantise + F.linear computes), split over K when the tile grid is small.
 Split-K partial sums go to an fp32 workspace and one reduce kernel adds them in order: deterministic, so a
 CUDA-graph replay and an eager call of the same shape give the same bits.
 """
@@ -26,10 +26,12 @@ from services.worker.engine.layers import gpu
 from services.worker.engine.layers.quant import PANEL, PackedWeight
 
 LANES = tl.constexpr(PANEL)  # output rows per panel
-# From this many rows, dequantise + cuBLAS; below, the fused kernels. Measured on the H200 (bench.gpu,
-# 2026-12-04): the fused tl.dot kernel's decode step grew from 4.2 ms at 16 rows to 6.7 at 32 and 25 at 256,
-# where a dequantise pass (~1 ms a step for 1.5B weights) + cuBLAS costs a fraction of that.
-DEQUANT_MIN_ROWS = 32
+# From this many rows, dequantise + cuBLAS; one row takes the fused GEMV. Measured on the H200 (bench.gpu,
+# 2026-12-04, each call timed inside a CUDA graph, Qwen2.5-1.5B int4): at one row the GEMV beats both others
+# (gate-up 21 us vs 39 dequantise + cuBLAS; the q8_0 LM head 104 us, 2.4 TB/s, vs 114 for bf16 cuBLAS); at
+# 16 rows dequantise + cuBLAS is ahead on every matrix (a layer 76 vs 114 us, the LM head 315 vs 376), and
+# far ahead from 64 rows on. The tl.dot kernel stays for other devices and as the CPU-checked reference.
+DEQUANT_MIN_ROWS = 2
 
 
 @triton.jit
