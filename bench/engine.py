@@ -214,6 +214,20 @@ def _until_eos(tokens: list[int], eos: set[int]) -> int:
     return next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
 
 
+async def timed(front: Any, request: Any) -> Sample:
+    """One request through an AsyncEngine: its time to first token, latency and output tokens."""
+    t0 = time.perf_counter()
+    first, tokens = 0.0, 0
+    async for ev in front.generate([request]):
+        if ev.token_ids and not first:
+            first = time.perf_counter()
+        tokens += len(ev.token_ids)
+        if ev.error_message:
+            raise RuntimeError(ev.error_message)
+    end = time.perf_counter()
+    return Sample((first or end) - t0, end - t0, tokens)
+
+
 def run_direct(models: Models, work: Workload, opts: Options, results: list[Result]) -> None:
     from services.common.sampling import SamplingParams
     from services.worker.engine.async_engine import AsyncEngine
@@ -242,18 +256,8 @@ def run_direct(models: Models, work: Workload, opts: Options, results: list[Resu
             engine, probe = front.ready.result(), probes[0]
 
             async def one(i: int, front: AsyncEngine = front) -> Sample:
-                req = Request(f"bench-{i}", work.prompt_ids[i], SamplingParams(max_tokens=work.max_tokens[i],
-                                                                                  temperature=0.0))
-                t0 = time.perf_counter()
-                first, tokens = 0.0, 0
-                async for ev in front.generate([req]):
-                    if ev.token_ids and not first:
-                        first = time.perf_counter()
-                    tokens += len(ev.token_ids)
-                    if ev.error_message:
-                        raise RuntimeError(ev.error_message)
-                end = time.perf_counter()
-                return Sample((first or end) - t0, end - t0, tokens)
+                return await timed(front, Request(f"bench-{i}", work.prompt_ids[i], SamplingParams(
+                    max_tokens=work.max_tokens[i], temperature=0.0)))
 
             try:
                 with Sampler([os.getpid()]) as mem:

@@ -476,7 +476,7 @@ def part_steps(plan: Plan, device: torch.device, models: dict[str, Any], copy_gb
 def run_clients(eng: Any, n: int, concurrency: int, plan: Plan, label: str) -> dict[str, Any]:
     """`concurrency` closed-loop clients over an AsyncEngine around `eng` (built once per system: CUDA graphs are
     captured once), n requests of plan.prompt random tokens and plan.output tokens each."""
-    from bench.engine import closed_loop
+    from bench.engine import closed_loop, timed
     from bench.results import Sample, summarise
     from services.common.sampling import SamplingParams
     from services.worker.engine.async_engine import AsyncEngine
@@ -487,17 +487,7 @@ def run_clients(eng: Any, n: int, concurrency: int, plan: Plan, label: str) -> d
 
     async def one(i: int) -> Sample:
         params = SamplingParams(max_tokens=plan.output, temperature=0.0, ignore_eos=True)
-        req = Request(f"c{concurrency}-{i}", prompts[i], params)
-        t0 = time.perf_counter()
-        first, tokens = 0.0, 0
-        async for ev in front.generate([req]):
-            if ev.token_ids and not first:
-                first = time.perf_counter()
-            tokens += len(ev.token_ids)
-            if ev.error_message:
-                raise RuntimeError(ev.error_message)
-        end = time.perf_counter()
-        return Sample((first or end) - t0, end - t0, tokens)
+        return await timed(front, Request(f"c{concurrency}-{i}", prompts[i], params))
 
     try:
         samples, wall = asyncio.run(closed_loop(n, concurrency, one))

@@ -25,6 +25,31 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_kv(K, V, TABLES, seq, stride_tab, kvh, stride_kb, stride_kh, stride_kt, n, valid, d, d_ok,
+             BLOCK_SIZE: tl.constexpr):
+    """Keys and values at positions n of sequence `seq` (its row of the block tables), [len(n), BLOCK_D] each."""
+    block = tl.load(TABLES + seq * stride_tab + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    row = block * stride_kb + kvh * stride_kh + (n % BLOCK_SIZE) * stride_kt
+    mask = valid[:, None] & d_ok[None, :]
+    return (tl.load(K + row[:, None] + d[None, :], mask=mask, other=0.0),
+            tl.load(V + row[:, None] + d[None, :], mask=mask, other=0.0))
+
+
+@triton.jit
+def _online_softmax(q, k, v, keep, m, denom, acc, qk_scale, PRECISION: tl.constexpr):
+    """One tile of keys into each query row's running max, sum and weighted values (base 2, masked by `keep`);
+    a row that has seen no key yet keeps max -inf and adds nothing."""
+    s = tl.where(keep, tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m - m_safe)
+    denom = denom * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, denom, acc
+
+
+@triton.jit
 def _decode_kernel(Q, K, V, TABLES, LENS, OUT, PART_O, PART_ML, stride_qt, stride_kb, stride_kh, stride_kt,
                    stride_tab, stride_ot, qk_scale, window, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr,
                    BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -51,19 +76,9 @@ def _decode_kernel(Q, K, V, TABLES, LENS, OUT, PART_O, PART_ML, stride_qt, strid
     for n0 in range(lo, hi, TILE_N):
         n = n0 + tl.arange(0, TILE_N)
         valid = n < hi
-        block = tl.load(TABLES + seq * stride_tab + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        row = block * stride_kb + kvh * stride_kh + (n % BLOCK_SIZE) * stride_kt
-        kv_mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(K + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        v = tl.load(V + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        denom = denom * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        k, v = _load_kv(K, V, TABLES, seq, stride_tab, kvh, stride_kb, stride_kh, stride_kt, n, valid, d, d_ok,
+                        BLOCK_SIZE)
+        m, denom, acc = _online_softmax(q, k, v, valid[None, :], m, denom, acc, qk_scale, PRECISION)
     if NUM_SPLITS == 1:
         out = acc / denom[:, None]
         tl.store(OUT + seq * stride_ot + head[:, None] * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
@@ -120,23 +135,12 @@ def _prefill_kernel(Q, K, V, TABLES, POS, TILES, OUT, stride_qt, stride_kb, stri
     for n0 in range(lo, hi, TILE_N):
         n = n0 + tl.arange(0, TILE_N)
         valid = n < hi
-        block = tl.load(TABLES + seq * stride_tab + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        row = block * stride_kb + kvh * stride_kh + (n % BLOCK_SIZE) * stride_kt
-        kv_mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(K + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        keep = valid[None, :] & (n[None, :] <= qpos[:, None])
+        k, v = _load_kv(K, V, TABLES, seq, stride_tab, kvh, stride_kb, stride_kh, stride_kt, n, valid, d, d_ok,
+                        BLOCK_SIZE)
+        keep = valid[None, :] & (n[None, :] <= qpos[:, None])  # causal; padded rows (past count) see nothing
         if window > 0:
             keep = keep & (n[None, :] > qpos[:, None] - window)
-        s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a padded row (past count) sees no key at all
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m - m_safe)
-        v = tl.load(V + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        denom = denom * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, denom, acc = _online_softmax(q, k, v, keep, m, denom, acc, qk_scale, PRECISION)
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     tl.store(OUT + tok[:, None] * stride_ot + head * HEAD_DIM + d[None, :], out.to(OUT.dtype.element_ty),
              mask=r_ok[:, None] & d_ok[None, :])
