@@ -140,7 +140,8 @@ def load_model(
     attn_implementation: str | None = None,
 ) -> LoadedModel:
     """transformers' model and the tokenizer. `none`: the float checkpoint; `nf4` on CUDA: bitsandbytes;
-    gguf / int8 / int4 (and nf4 on a CPU): tokenmill's quantized layers inside transformers' model."""
+    gguf / int8 / int4 (and nf4 on a CPU): tokenmill's quantized layers inside transformers' model (on CUDA
+    their Triton kernels)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve(spec)
@@ -167,16 +168,25 @@ def load_model(
     else:
         from services.worker.engine.models.loader import hf_model, load_config, weight_source
 
-        if dev != "cpu":
-            raise ValueError(f"--quantization {quantization} runs on a CPU; on {dev} use nf4 (bitsandbytes) or none")
+        if dev != "cpu" and not _triton_serves(dev):
+            raise ValueError(f"--quantization {quantization} on {dev} needs tokenmill's Triton kernels (CUDA with "
+                             "Triton); use nf4 (bitsandbytes) or none")
         config, generation = load_config(path)
         if attn_implementation:
             config._attn_implementation = attn_implementation
-        model = hf_model(config, weight_source(spec, path, config, quantization), quantization, torch_dtype)
+        model = hf_model(config, weight_source(spec, path, config, quantization), quantization, torch_dtype).to(dev)
         model.generation_config = generation
     model.eval()
     tokenizer = load_tokenizer(spec)
     return LoadedModel(model, tokenizer, spec, path, dev, torch_dtype, quantization)
+
+
+def _triton_serves(device: str) -> bool:
+    import torch
+
+    from services.worker.engine.layers import gpu
+
+    return gpu.applies(torch.device(device))
 
 
 def load_engine_model(spec: str, quantization: str = "auto", device: str = "auto", dtype: str = "auto",

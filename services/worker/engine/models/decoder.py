@@ -5,11 +5,10 @@ One packed row of T tokens per step (decodes first, then prefill chunks); per la
 one gate-up projection, SiLU * up, down projection. The step's metadata (StepContext) is built once
 by the model runner.
 
-On CUDA the layer's small ops are Triton kernels (rotary fused with the KV-cache write) and a decode step
-is replayed from a CUDA graph (model_runner / cuda_graphs.py). On a CPU in float32 the same layer loop
-runs as one C++ call (layers/csrc/decoder.cpp: the same kernels
-in the same order, so the same numbers; no Python per layer). The loop below is that path's reference
-and serves every other device and dtype.
+On CUDA the loop below runs Triton kernels (rotary fused with the KV-cache write; layers/gpu/) and a
+decode-only step is replayed from a CUDA graph (cuda_graphs.py). On a CPU in float32 the same layer loop
+runs as one C++ call (layers/csrc/decoder.cpp: the same kernels in the same order, so the same numbers; no
+Python per layer); the loop below is that path's reference and serves every other device and dtype.
 """
 
 from __future__ import annotations
