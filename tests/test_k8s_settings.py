@@ -18,7 +18,7 @@ from services.common.config import SERVICE_CONFIGS, env_name, from_env
 from services.k8s import settings
 
 GPU_WORKER = {"model": "Qwen/Qwen2.5-1.5B-Instruct", "quantization": "int4", "device": "cuda", "max_num_seqs": 256,
-              "max_num_batched_tokens": 8192, "max_waiting_steps": 8}
+              "max_num_batched_tokens": 8192}
 
 
 def test_generated_env_files_are_up_to_date():
