@@ -69,6 +69,32 @@ def test_scheduler_budget_chunks_prefill_and_mixes_decodes():
     assert out.num_decodes == 1 and out.seqs[0] is a and out.seqs[1].num_new_tokens == 9
 
 
+def test_scheduler_holds_new_prompts_while_others_decode():
+    """max_waiting_steps: a prompt arriving while a sequence decodes waits that many steps (an idle scheduler
+    admits at once; prompts that fill the step's budget go at once)."""
+    bm = BlockManager(64, 4)
+    sch = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16, max_waiting_steps=2)
+    first = seq(1, list(range(3)))
+    sch.add(first)
+    assert sch.schedule().seqs == [first]  # nothing running: admitted at once
+
+    def step(out):
+        for s in out.seqs:
+            s.num_computed_tokens += s.num_new_tokens
+            if s.num_computed_tokens == s.num_tokens:
+                s.token_ids.append(9)
+        return out
+
+    step(sch.schedule())
+    late = seq(2, list(range(10, 14)))
+    sch.add(late)
+    held = [step(sch.schedule()).seqs for _ in range(3)]
+    assert held[0] == [first] and held[1] == [first] and late in held[2]  # two steps held, then admitted
+    big = seq(3, list(range(20, 40)))  # 20 prompt tokens: more than the step's budget left
+    sch.add(big)
+    assert big in step(sch.schedule()).seqs
+
+
 def test_scheduler_preempts_newest_and_honours_priority():
     bm = BlockManager(4, 4)
     sch = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
