@@ -166,27 +166,12 @@ def load_model(
         if quantization == "none":
             model.to(dev)
     else:
-        from services.worker.engine.models.loader import hf_model, load_config, weight_source
+        from services.worker.engine.models.loader import quantized_hf_model
 
-        if dev != "cpu" and not _triton_serves(dev):
-            raise ValueError(f"--quantization {quantization} on {dev} needs tokenmill's Triton kernels (CUDA with "
-                             "Triton); use nf4 (bitsandbytes) or none")
-        config, generation = load_config(path)
-        if attn_implementation:
-            config._attn_implementation = attn_implementation
-        model = hf_model(config, weight_source(spec, path, config, quantization), quantization, torch_dtype).to(dev)
-        model.generation_config = generation
+        model = quantized_hf_model(spec, path, quantization, dev, torch_dtype, attn_implementation)
     model.eval()
     tokenizer = load_tokenizer(spec)
     return LoadedModel(model, tokenizer, spec, path, dev, torch_dtype, quantization)
-
-
-def _triton_serves(device: str) -> bool:
-    import torch
-
-    from services.worker.engine.layers import gpu
-
-    return gpu.applies(torch.device(device))
 
 
 def load_engine_model(spec: str, quantization: str = "auto", device: str = "auto", dtype: str = "auto",

@@ -59,13 +59,19 @@ def weight_source(spec: str, path: str, config: Any, fmt: str) -> Callable[[str]
     return checkpoint_tensors(folder)
 
 
-def native_model(config: Any, generation: Any, get: Callable[[str], Weight | None], fmt: str, device: str,
-                 dtype: torch.dtype) -> DecoderModel:
+def check_device(fmt: str, device: str) -> None:
+    """tokenmill's formats run its C++ kernels on a CPU and its Triton kernels on CUDA; nothing else."""
     from services.worker.engine.layers import gpu
 
+    if device != "cpu" and fmt not in ("none", "auto") and not gpu.applies(torch.device(device)):
+        raise Unsupported(f"--quantization {fmt} on {device} needs tokenmill's Triton kernels (CUDA with Triton); "
+                          "use none, or nf4 with --model-impl transformers (bitsandbytes)")
+
+
+def native_model(config: Any, generation: Any, get: Callable[[str], Weight | None], fmt: str, device: str,
+                 dtype: torch.dtype) -> DecoderModel:
     spec = DecoderSpec.from_config(config)
-    if device != "cpu" and fmt != "none" and not gpu.applies(torch.device(device)):
-        raise Unsupported(f"--quantization {fmt} on {device} needs tokenmill's Triton kernels (CUDA with Triton)")
+    check_device(fmt, device)
     if device != "cpu":  # quantise on the device: seconds for a 1.5B model on a GPU, minutes on a few cores
         read = get
 
@@ -105,6 +111,19 @@ def hf_from_hf(model: nn.Module, fmt: str, get: Callable[[str], Weight | None] |
     ref = hf_model(model.config, get or quantized_state(model, fmt), fmt, next(model.parameters()).dtype)
     ref.generation_config = model.generation_config
     return ref
+
+
+def quantized_hf_model(spec: str, path: str, fmt: str, device: str, dtype: torch.dtype,
+                       attn_implementation: str | None = None) -> nn.Module:
+    """transformers' model of a checkpoint over tokenmill's layers in `fmt`, on `device` (the worker's
+    `--model-impl transformers` and `--engine hf-static` with gguf / int8 / int4 / nf4 weights)."""
+    check_device(fmt, device)
+    config, generation = load_config(path)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    model = hf_model(config, weight_source(spec, path, config, fmt), fmt, dtype).to(device)
+    model.generation_config = generation
+    return model
 
 
 def hf_model(config: Any, get: Callable[[str], Weight | None], fmt: str, dtype: torch.dtype) -> nn.Module:
