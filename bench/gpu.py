@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -120,12 +121,15 @@ def time_graph_ms(fn, reps: int, inner: int = 20) -> float:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
+    """The stack, the GPU (nvidia-smi) and the host (bench.results.environment: CPU model and flags)."""
     import transformers
     import triton
 
+    from bench.results import environment as host
+
     env: dict[str, Any] = {"torch": torch.__version__, "triton": triton.__version__,
                            "transformers": transformers.__version__, "python": platform.python_version(),
-                           "date": datetime.date.today().isoformat()}
+                           "date": datetime.date.today().isoformat(), "host": host()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(device=props.name, sms=props.multi_processor_count,
@@ -304,10 +308,7 @@ def part_kernels(plan: Plan, device: torch.device, models: dict[str, Any]) -> di
         for name, lin in model.named_modules():
             if type(lin).__name__ != "Linear" or not (name.startswith("layers.0.") or name == "lm_head"):
                 continue
-            copies = [lin.packed] + [type(lin.packed)(**{f: getattr(lin.packed, f) if f not in ("codes",) else
-                                                         lin.packed.codes.clone() for f in
-                                                         ("fmt", "out_features", "in_features", "bits", "group",
-                                                          "codes", "scales", "mins", "table")})
+            copies = [lin.packed] + [dataclasses.replace(lin.packed, codes=lin.packed.codes.clone(), copies={})
                                      for _ in range(0 if plan.dry else 3)]
             for m_rows in plan.rows:
                 x = torch.randn(m_rows, lin.in_features, device=device, dtype=torch.bfloat16) * 0.5

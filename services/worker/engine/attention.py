@@ -86,9 +86,8 @@ class StepContext:
     decode_positions: list[int]
     decode_tables: list[list[int]]
     prefill_specs: list[tuple[int, int, int, list[int]]]  # (start, end, context_start, block table)
-    num_decodes: int = 0
-    # the Triton path's: keys per decode (its position + 1), (first token, count, table row) per prefill
-    # tile, and the decode kernel's context splits
+    # the Triton path's: keys per decode (its position + 1; one per decode, which come first), (first token,
+    # count, table row) per prefill tile, and the decode kernel's context splits
     decode_lens: torch.Tensor | None = None
     prefill_tiles: torch.Tensor | None = None
     decode_splits: int = 1
@@ -151,7 +150,7 @@ def build_context(kv: KVCache, pos: list[int], token_seq: list[int], tables: lis
         kv, torch.tensor(slots, dtype=torch.long, device=dev), positions,
         torch.tensor(token_seq, dtype=torch.int32, device=dev), positions.to(torch.int32),
         torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
-        pos[:num_decodes], tables[:num_decodes], prefills, num_decodes)
+        pos[:num_decodes], tables[:num_decodes], prefills)
     if kv.triton:
         from services.worker.engine.layers.gpu import attention as gpu_attention
 
@@ -182,7 +181,7 @@ def _attend_triton(ctx: StepContext, layer: int, q: torch.Tensor, k: torch.Tenso
                    num_heads: int, window: int | None, scale: float) -> torch.Tensor:
     from services.worker.engine.layers.gpu import attention as gpu_attention
 
-    kv, total, nd = ctx.kv, q.shape[0], ctx.num_decodes
+    kv, total, nd = ctx.kv, q.shape[0], ctx.decode_lens.shape[0]
     if k is not None:
         kv.write(layer, ctx.slot_mapping, k.reshape(total, kv.num_kv_heads, -1), v.reshape(total, kv.num_kv_heads, -1))
     out = torch.empty((total, q.shape[1]), dtype=q.dtype, device=q.device)

@@ -48,6 +48,7 @@ class DecodeGraphs:
         self.slots = torch.full((size,), kv.scratch_slot, dtype=torch.long, device=dev)
         self.lens = torch.ones(size, dtype=torch.int32, device=dev)
         self.tables = torch.full((size, max_blocks_per_seq), kv.scratch_block, dtype=torch.int32, device=dev)
+        self.rows = torch.arange(size, dtype=torch.int32, device=dev)  # decode i is table row i
         pin = dev.type == "cuda"  # page-locked staging: the copies to the device are asynchronous
         self._stage = {name: torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin) for name, t in (
             ("ids", self.input_ids), ("pos", self.positions), ("slots", self.slots), ("lens", self.lens),
@@ -62,18 +63,19 @@ class DecodeGraphs:
         from services.worker.engine.layers.gpu import attention as gpu_attention
 
         kv = self.kv
-        return StepContext(kv, self.slots[:b], self.positions[:b], self.lens[:b], self.lens[:b], self.tables[:b],
-                           [], [], [], num_decodes=b, decode_lens=self.lens[:b],
+        # token_pos is read by the prefill and CPU kernels only; the host lists serve the PyTorch path only
+        return StepContext(kv, self.slots[:b], self.positions[:b], self.rows[:b], self.positions[:b], self.tables[:b],
+                           [], [], [], decode_lens=self.lens[:b],
                            decode_splits=gpu_attention.decode_splits(b, kv.num_kv_heads, gpu.num_sms(kv.device)))
 
     def bucket(self, n: int) -> int | None:
         """The smallest bucket that holds n decodes, or None when n is larger than every bucket."""
         return next((b for b in self.buckets if b >= n), None)
 
-    def fill(self, ids: list[int], positions: list[int], tables: list[list[int]]) -> int:
-        """Stage the step's n decodes and pad to their bucket; returns the bucket."""
+    def fill(self, ids: list[int], positions: list[int], tables: list[list[int]], bucket: int | None = None) -> int:
+        """Stage the step's n decodes and pad to their bucket (or `bucket`); returns the bucket."""
         n = len(ids)
-        b = self.bucket(n)
+        b = bucket or self.bucket(n)
         if b is None:
             raise ValueError(f"{n} decodes exceed the largest CUDA-graph bucket {self.buckets[-1]}")
         bs, kv, st = self.kv.block_size, self.kv, self._np
@@ -122,7 +124,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for b in reversed(self.buckets):
-            self.fill_padding(b)  # all rows padding: the capture writes only the scratch block
+            self.fill([], [], [], bucket=b)  # all rows padding: the capture writes only the scratch block
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # compile the Triton kernels and settle the allocator before capturing
@@ -136,12 +138,3 @@ class DecodeGraphs:
         seconds = time.perf_counter() - t0
         log.info("captured %d CUDA graphs for decode batches %s in %.1f s", len(self.graphs), self.buckets, seconds)
         return seconds
-
-    def fill_padding(self, b: int) -> None:
-        """Rows 0..b all padding (capture, and tests of stale rows)."""
-        kv = self.kv
-        self.input_ids[:b] = 0
-        self.positions[:b] = 0
-        self.slots[:b] = kv.scratch_slot
-        self.lens[:b] = 1
-        self.tables[:b, 0] = kv.scratch_block

@@ -107,8 +107,12 @@ class ModelRunner:
         """Packed input ids, the step's attention metadata, and the sequences that sample this step with
         their rows in the packed batch."""
         ids, pos, token_seq, tables, prefills, samplers, rows, num_decodes = self._lists(batch)
+        return *self._inputs(ids, pos, token_seq, tables, num_decodes, prefills), samplers, rows
+
+    def _inputs(self, ids: list[int], pos: list[int], token_seq: list[int], tables: list[list[int]],
+                num_decodes: int, prefills: list) -> tuple[torch.Tensor, StepContext]:
         ctx = attention.build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
-        return torch.tensor(ids, dtype=torch.long, device=self.device), ctx, samplers, rows
+        return torch.tensor(ids, dtype=torch.long, device=self.device), ctx
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
         """[T] token ids -> [T, hidden] after the final norm (after the first num_layers layers: the draft)."""
@@ -148,8 +152,7 @@ class ModelRunner:
                 return samplers, None
             # a copy: the graph's output buffer is overwritten by the next replay
             return samplers, (logits if len(rows) == len(ids) else logits[rows]).to(torch.float32, copy=True)
-        ctx = attention.build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
-        hidden = self.forward(torch.tensor(ids, dtype=torch.long, device=self.device), ctx)
+        hidden = self.forward(*self._inputs(ids, pos, token_seq, tables, num_decodes, prefills))
         extra = [r for _, start, count, _ in self.prompt_rows for r in range(start, start + count)]
         self.prompt_logits = []
         if not rows and not extra:
