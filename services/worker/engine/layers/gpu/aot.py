@@ -41,8 +41,8 @@ def _arg_type(value: Any) -> str:
 
 
 @contextmanager
-def record(launches: list[dict[str, Any]], execute: bool = False) -> Iterator[None]:
-    """Inside: every interpreted kernel launch is appended to `launches` (and run only when `execute`)."""
+def record(launches: list[dict[str, Any]]) -> Iterator[None]:
+    """Inside: every interpreted kernel launch is appended to `launches` instead of running."""
     from triton.runtime.interpreter import InterpretedFunction
 
     original = InterpretedFunction.run
@@ -54,9 +54,6 @@ def record(launches: list[dict[str, Any]], execute: bool = False) -> Iterator[No
         launches.append({"module": self.fn.__module__, "kernel": self.fn.__name__, "options": options,
                          "constexprs": constexprs,
                          "signature": {names[i]: _arg_type(a) for i, a in enumerate(args)}})
-        if execute:
-            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-        return None
 
     InterpretedFunction.run = run
     try:
