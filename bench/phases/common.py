@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-SCHEMA = 1
+SCHEMA = 2  # 2: "setup" (format, forward, kernels, threads) added
 
 
 @dataclass
@@ -190,6 +190,147 @@ def load(opts: Options, quantization: str = "none", dtype: str = "auto") -> Any:
     return lm
 
 
+# ---- the engine as the worker runs it -------------------------------------------------------------
+def worker_settings(**overrides: Any) -> Any:
+    """The worker's settings: config.py's defaults, then TOKENMILL_WORKER_* variables (the benchmark Job's
+    ConfigMap sets them in a cluster), then `overrides`. Every engine phase builds from these."""
+    from services.common.config import WorkerConfig, from_env
+
+    return from_env(WorkerConfig, "worker", **overrides)
+
+
+def load_engine(opts: Options, quantization: str | None = None, model_impl: str | None = None) -> Any:
+    """The paged engine's model as the worker loads it (`--quantization`, `--model-impl`, `--dtype` from
+    worker_settings unless given), cached per process."""
+    from services.common.model_loader import load_engine_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    cfg = worker_settings()
+    quant, impl = quantization or cfg.quantization, model_impl or cfg.model_impl
+    key = ("engine", opts.model, quant, impl, opts.device, cfg.dtype)
+    if key not in _MODELS:
+        _MODELS[key] = load_engine_model(opts.model, quant, opts.device, cfg.dtype, impl)
+    return _MODELS[key]
+
+
+def is_native(model: Any) -> bool:
+    """tokenmill's own forward (services/worker/engine/models), not transformers' modules."""
+    return type(model).__module__.startswith("services.worker.engine.models")
+
+
+def kernel_isa(device: str, dtype: Any) -> str:
+    """Which kernels a step runs on: tokenmill's C++ build (its ISA and quantized matmul unit), Triton, PyTorch."""
+    if device.startswith("cuda"):
+        return "Triton (CUDA)"
+    from services.worker.engine.layers import kernels
+
+    ops = kernels.cpu_ops(torch.device(device), dtype)
+    if ops is None:
+        return "PyTorch (no C++ kernels for this dtype / CPU)"
+    isa = f"C++ {ops.isa()}"
+    with contextlib.suppress(Exception):  # the integer matmul unit, where this build has one
+        isa += f", quantized matmul on {kernels.matrix_unit()}"
+    return isa
+
+
+def setup_of(lm: Any = None, *, fmt: str | None = None, forward: str | None = None, kernels: str | None = None,
+             device: str = "cpu", dtype: Any = torch.float32) -> dict[str, Any]:
+    """The configuration a phase measured: weight format, forward, kernel ISA, threads (JSON and caption)."""
+    if lm is not None:
+        device, dtype = str(lm.device), lm.dtype
+        fmt = fmt or lm.quantization
+        forward = forward or ("native (tokenmill's forward, paged engine)" if is_native(lm.model)
+                              else "transformers' modules")
+    return {"format": fmt or "n/a", "forward": forward or "n/a",
+            "kernels": kernels or kernel_isa(device, dtype), "dtype": str(dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads()}
+
+
+def caption(setup: dict[str, Any]) -> str:
+    return (f"format {setup['format']}, forward {setup['forward']}, kernels {setup['kernels']}, "
+            f"{setup['dtype']}, {setup['threads']} threads")
+
+
+def make_engine(lm: Any, **overrides: Any) -> Any:
+    """A warmed-up PagedEngine built from the worker's settings (engine_options), with `overrides`."""
+    from services.worker.engine.engine import PagedEngine, engine_options
+
+    kw = engine_options(worker_settings())
+    kw.update(overrides)
+    engine = PagedEngine(lm.model, lm.tokenizer, **kw)
+    engine.warmup()
+    return engine
+
+
+def run_requests(engine: Any, prompts: list[list[int]], new_tokens: int, device: str) -> dict[str, Any]:
+    """All prompts at once, greedy, `ignore_eos`, stepped to the end. Returns the seconds to each request's
+    first token, the steps in which every sequence decoded (seconds, tokens), prefill seconds, KV blocks peak."""
+    from services.common.sampling import SamplingParams
+    from services.worker.engine.types import Request
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    ids = [f"r{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts, strict=True):
+        engine.add_request(Request(rid, p, params))
+    bm, sch = engine.block_manager, engine.scheduler
+    first: dict[str, float] = {}
+    decode: list[tuple[float, int]] = []
+    prefill_s, used_peak, out_tokens, ctx = 0.0, 0, 0, 0
+    t_start = time.perf_counter()
+    while engine.has_work():
+        pure = not sch.waiting and all(s.num_computed_tokens == s.num_tokens - 1 for s in sch.running)
+        n = len(sch.running)
+        t0 = time.perf_counter()
+        events = engine.step()
+        sync(device)
+        t1 = time.perf_counter()
+        used_peak = max(used_peak, bm.num_blocks - bm.num_free_blocks)
+        got = sum(len(e.token_ids) for e in events)
+        out_tokens += got
+        for e in events:
+            if e.token_ids and e.request_id not in first:
+                first[e.request_id] = t1 - t_start
+        if pure and n == len(prompts) and got == n:
+            decode.append((t1 - t0, n))
+            ctx = max(s.num_tokens for s in sch.running) if sch.running else ctx
+        else:
+            prefill_s += t1 - t0
+    total = time.perf_counter() - t_start
+    per_block = engine.runner.kv_bytes // engine.runner.num_blocks
+    return {"ttft": [first[r] for r in ids if r in first], "decode": decode, "prefill_s": prefill_s,
+            "total_s": total, "out_tokens": out_tokens, "kv_used_bytes": used_peak * per_block,
+            "ctx": ctx or max(len(p) for p in prompts) + new_tokens}
+
+
+def text_prompts(tokenizer: Any, batch: int, length: int, vocab_size: int = 0) -> list[list[int]]:
+    """`batch` distinct prompts of `length` tokens cut from the held-out text (ids folded into `vocab_size`
+    when given: a tiny test model with a smaller vocabulary)."""
+    ids = tokenizer(heldout_text())["input_ids"]
+    ids = [i % vocab_size for i in ids] if vocab_size else ids
+    return [[ids[(i * 7 + j) % len(ids)] for j in range(length)] for i in range(batch)]
+
+
+def roofs(device: str, quick: bool) -> dict[str, Any]:
+    """This machine's measured roofs, in this process with the engine's threads: read bandwidth (a sum over
+    a buffer far larger than the caches) and the best matrix rate (fp32 and bf16 GEMM; the best counts).
+    bench/kernels.py has no shared roof probe (yet), so this small one lives here."""
+    cuda = device.startswith("cuda")
+    numel = (256 if cuda else (64 if quick else 128)) * 2**20  # float32: 256 / 512 MiB on a CPU
+    buf = torch.ones(numel, device=device, dtype=torch.float32)
+    read = buf.nbytes / timeit(buf.sum, device, repeat=5)
+    buf = None  # free it before the matrices
+    n = 8192 if cuda else (1024 if quick else 2048)
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        rates[str(dtype).removeprefix("torch.")] = 2 * n**3 / timeit(lambda a=a, b=b: a @ b, device, repeat=5)
+    best = max(rates, key=rates.get)
+    return {"read_bytes_per_s": read, "read_buffer_MiB": numel * 4 / 2**20, "matmul_n": n,
+            "matmul_flops": rates, "best_matrix": best, "best_matrix_flops": rates[best]}
+
+
 def sdpa(model: Any) -> None:
     """Undo the paged engine's attention hook (PagedEngine installs it on the model it is given)."""
     if getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
@@ -250,9 +391,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 def write_results(phase: str, title: str, opts: Options, *, config: dict[str, Any], rows: list[dict[str, Any]],
                   columns: Sequence[str], summary: dict[str, Any], plot: Callable[[Any], None],
                   notes: Sequence[str] = (), tables: dict[str, tuple[list[dict], Sequence[str]]] | None = None,
-                  table_rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                  table_rows: list[dict[str, Any]] | None = None, setup: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
     """Write <out>/<phase>.json, .png and .md; return the JSON document. The Markdown's main table shows
-    `table_rows` (a pivot, say) when given, else `rows`; `tables` are extra (name -> rows, columns) tables."""
+    `table_rows` (a pivot, say) when given, else `rows`; `tables` are extra (name -> rows, columns) tables;
+    `setup` (setup_of) is the configuration measured: it goes into the JSON and the table's caption."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,7 +405,7 @@ def write_results(phase: str, title: str, opts: Options, *, config: dict[str, An
     out.mkdir(parents=True, exist_ok=True)
     opts_doc = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}
     doc = {"schema": SCHEMA, "phase": phase, "title": title, "options": opts_doc, "env": env_info(opts),
-           "config": config, "rows": rows, "summary": summary, "notes": list(notes)}
+           "setup": setup or {}, "config": config, "rows": rows, "summary": summary, "notes": list(notes)}
     if tables:
         doc["tables"] = {name: r for name, (r, _) in tables.items()}
     (out / f"{phase}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
@@ -279,7 +422,8 @@ def write_results(phase: str, title: str, opts: Options, *, config: dict[str, An
           f"`{opts.command or f'tokenmill bench {phase}'}` — {env['date']}, {env['device_name']}, "
           f"torch {env['torch']}, {env['torch_threads']} threads"
           + (f", load average {env['load_avg_1m']} (shared machine: timings are noisy)"
-             if env["shared_machine"] else ""), "",
+             if env["shared_machine"] else "")
+          + (f". Measured: {caption(setup)}" if setup else ""), "",
           markdown_table(table_rows if table_rows is not None else rows, columns), ""]
     for name, (trows, tcols) in (tables or {}).items():
         md += [f"**{name}**", "", markdown_table(trows, tcols), ""]
