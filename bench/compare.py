@@ -14,6 +14,19 @@ Systems
 Workloads
 - story:    story prompts, chat template, greedy, max_tokens drawn from min..max with a fixed seed (EOS may stop early).
 - fixed128: the same prompts, max_tokens 128 and ignore_eos: every system produces exactly the same token count.
+- long:     ~1,000-token prompts (--long-tokens): an excerpt of the docstrings of Python's own standard library (text
+            that ships with every Python, so every machine builds the same prompts from the same interpreter) and a
+            question about it, max_tokens 128 and ignore_eos. Each excerpt starts at its own offset and each
+            concurrency level (and each warm-up) gets its own excerpts, so no prompt's prefix is cached by an
+            earlier run: the prefill is measured, not a prefix-cache hit.
+
+Every row reports prompt tokens/s: the summed prompt tokens over the summed TTFTs (the prefill rate a client sees,
+queueing included; at concurrency 1 the server's prefill speed), beside TTFT p50/p95.
+
+A peer that dies is reported as crashed, with how (exit code or signal, e.g. SIGSEGV), where (workload and
+concurrency) and the last lines of its log, in the JSON (`crashed`) and the printed table. llama.cpp's build record
+(<binary>.build.json, written by bench/peers/install_llama_cpp.sh: cmake flags, server args such as --no-repack,
+probe attempts) is copied into the JSON (`peers`), and its server args are used.
 
 Peak memory is the summed RSS of the system's server processes (gateway + worker for tokenmill; for the in-process
 transformers-cb it is this whole process, client included). Writes results/compare.{json,md,png}.
@@ -37,10 +50,22 @@ from typing import Any
 
 from bench.engine import Options as EngineOptions
 from bench.engine import Sampler, _free_port, build_workload, closed_loop
+from bench.peers.llama_probe import describe_exit, log_tail, read_build_info, signal_name
 from bench.results import Result, Sample, SystemSpec, environment, summarise
 
 SYSTEMS = ("tokenmill", "hf-static", "transformers-cb", "llama.cpp", "vllm")
-WORKLOADS = ("story", "fixed128")
+WORKLOADS = ("story", "fixed128", "long")
+# The long workload's text: docstrings of these standard-library modules, their public classes, functions and methods.
+CORPUS_MODULES = ("argparse", "asyncio", "collections", "concurrent.futures", "configparser", "contextlib", "csv",
+                  "dataclasses", "datetime", "decimal", "difflib", "doctest", "email.message", "enum", "fractions",
+                  "functools", "gettext", "heapq", "http.client", "imaplib", "inspect", "ipaddress", "itertools",
+                  "json", "logging", "mailbox", "optparse", "pathlib", "pickle", "random", "re", "shutil", "smtplib",
+                  "socket", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "typing",
+                  "unittest", "urllib.parse", "uuid", "zipfile")
+QUESTIONS = ("Summarise the text above in three sentences.", "What are the main points of the text above?",
+             "Explain the text above to a new Python programmer.", "Which functions or classes does the text above "
+             "describe, and what does each do?", "Write a short example that uses what the text above describes.",
+             "What could go wrong when using what the text above describes?")
 
 
 def peers_dir() -> Path:
@@ -57,6 +82,7 @@ class Options:
     min_tokens: int = 32
     max_tokens: int = 256
     fixed_tokens: int = 128
+    long_tokens: int = 1000  # long: prompt length (chat template included) aimed at
     seed: int = 0
     model: str = "smollm2-135m"
     threads: int = 0  # torch / llama.cpp threads; 0 = each system's default (llama.cpp: all cores)
@@ -72,18 +98,113 @@ class Work:
     prompt_ids: list[list[int]]
     max_tokens: list[int]
     ignore_eos: bool
+    fresh: bool = False  # each concurrency level its own prompts (long: no prefix-cache hit across levels)
+    source: str = ""
+
+    def level(self, k: int, n: int) -> tuple[Work, Work]:
+        """The k-th concurrency level's n timed requests and its warm-up request (a prompt of its own)."""
+        start = k * (n + 1) if self.fresh else 0
+
+        def part(a: int, b: int) -> Work:
+            return replace(self, prompts=self.prompts[a:b], prompt_ids=self.prompt_ids[a:b],
+                           max_tokens=self.max_tokens[a:b])
+
+        return part(start, start + n), part(start + n, start + n + 1)
+
+
+def corpus() -> tuple[str, str]:
+    """The long workload's text (the docstrings of CORPUS_MODULES, in a fixed order) and where it came from."""
+    import importlib
+    import inspect
+
+    parts, seen = [], set()
+
+    def add(title: str, obj: Any) -> None:
+        doc = getattr(obj, "__doc__", None)
+        if isinstance(doc, str) and len(doc) > 80 and id(obj) not in seen:
+            seen.add(id(obj))
+            parts.append(f"{title}\n\n{inspect.cleandoc(doc)}")
+
+    for name in CORPUS_MODULES:
+        mod = importlib.import_module(name)
+        add(f"Module {name}", mod)
+        for attr in sorted(set(getattr(mod, "__all__", None) or [a for a in vars(mod) if not a.startswith("_")])):
+            obj = getattr(mod, attr, None)
+            if inspect.isclass(obj) or inspect.isroutine(obj):
+                add(f"{name}.{attr}", obj)
+            if inspect.isclass(obj):
+                for meth, fn in sorted(vars(obj).items()):
+                    if not meth.startswith("_") and inspect.isroutine(fn):
+                        add(f"{name}.{attr}.{meth}", fn)
+    return "\n\n".join(parts), (f"docstrings of {len(CORPUS_MODULES)} standard-library modules of Python "
+                                 f"{sys.version.split()[0]} ({', '.join(CORPUS_MODULES)})")
+
+
+def long_prompts(tokenizer: Any, count: int, target_tokens: int) -> tuple[list[str], list[list[int]], str]:
+    """`count` prompts of about `target_tokens` (chat template included): an excerpt of the corpus starting at its
+    own line, then a question. Excerpts are spread evenly over the corpus (overlapping once it is too short)."""
+    from loadtest.prompts import chat_messages
+
+    def ids_of(prompt: str) -> list[int]:
+        return tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
+
+    def prompt(excerpt: str, i: int) -> str:
+        return f"Here is part of the Python documentation.\n\n{excerpt}\n\n{QUESTIONS[i % len(QUESTIONS)]}"
+
+    text, source = corpus()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    length = max(16, target_tokens - len(ids_of(prompt("", 0))))
+    stride = max(1, min(length, (len(ids) - length) // max(1, count)))
+    prompts = []
+    for i in range(count):
+        excerpt = tokenizer.decode(ids[i * stride % max(1, len(ids) - length):][:length])
+        head, newline, rest = excerpt.partition("\n")  # start at a line, not inside a word
+        prompts.append(prompt(rest if newline and len(head) < 200 else excerpt, i).strip())
+    return prompts, [ids_of(p) for p in prompts], source
 
 
 def build_works(tokenizer: Any, opts: Options) -> dict[str, Work]:
-    n = max(opts.requests, opts.requests_c1)
-    base = build_workload(tokenizer, EngineOptions(requests=n, seed=opts.seed, min_tokens=opts.min_tokens,
-                                                   max_tokens=opts.max_tokens))
-    works = {"story": Work("story", base.prompts, base.prompt_ids, base.max_tokens, False),
-             "fixed128": Work("fixed128", base.prompts, base.prompt_ids, [opts.fixed_tokens] * n, True)}
+    n = max(opts.requests, opts.requests_c1) + 1  # + the warm-up request
+    works: dict[str, Work] = {}
+    if {"story", "fixed128"} & set(opts.workloads):
+        base = build_workload(tokenizer, EngineOptions(requests=n, seed=opts.seed, min_tokens=opts.min_tokens,
+                                                       max_tokens=opts.max_tokens))
+        works["story"] = Work("story", base.prompts, base.prompt_ids, base.max_tokens, False)
+        works["fixed128"] = Work("fixed128", base.prompts, base.prompt_ids, [opts.fixed_tokens] * n, True)
+    if "long" in opts.workloads:
+        count = n * len(opts.concurrency)
+        prompts, ids, source = long_prompts(tokenizer, count, opts.long_tokens)
+        works["long"] = Work("long", prompts, ids, [opts.fixed_tokens] * count, True, fresh=True, source=source)
+    unknown = set(opts.workloads) - set(WORKLOADS)
+    if unknown:
+        raise ValueError(f"unknown workload(s) {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
     return {w: works[w] for w in opts.workloads}
 
 
 # ---- systems ------------------------------------------------------------------------------------------------
+def exited(process: str, proc: subprocess.Popen | None, log: Path | None) -> dict[str, Any] | None:
+    """How a server process ended (a dying one gets 2 s to finish), or None while it runs."""
+    if proc is None:
+        return None
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(2)
+    if proc.returncode is None:
+        return None
+    rc = proc.returncode
+    return {"process": process, "returncode": rc, "signal": signal_name(rc),
+            "exit": describe_exit(rc), "log": str(log) if log else None, "log_tail": log_tail(log)}
+
+
+class Crashed(RuntimeError):
+    """A system's server process died under the benchmark: where (workload, concurrency, phase), how, its log."""
+
+    def __init__(self, where: dict[str, Any], error: BaseException, crash: dict[str, Any]) -> None:
+        self.record = {**where, **crash, "error": f"{type(error).__name__}: {error}"[:1000]}
+        at = f"{where['workload']} c={where['concurrency']}" if where["workload"] else f"c={where['concurrency']}"
+        super().__init__(f"{crash['process']} {crash['exit']} during {where['phase']} ({at})")
+
+
 class System:
     """start(conc) -> serve requests via one(work, i) -> stop(). restart_per_concurrency: llama.cpp's slots."""
 
@@ -98,6 +219,14 @@ class System:
     def stop(self) -> None: ...
     def pids(self) -> list[int]:
         return []
+
+    def crash(self) -> dict[str, Any] | None:
+        """How the system's server process died (see exited), or None while it runs or when it has none."""
+        return None
+
+    def describe(self) -> dict[str, Any] | None:
+        """What the JSON records about the system's build (llama.cpp: binary, version, build flags)."""
+        return None
 
     async def session(self, work: Work, n: int, conc: int) -> tuple[list[Sample], float]:
         raise NotImplementedError
@@ -135,6 +264,10 @@ class GrpcSuite(System):
 
     def pids(self) -> list[int]:
         return [s.proc.pid for s in self.services]
+
+    def crash(self) -> dict[str, Any] | None:
+        dead = (exited(s.name, s.proc, s.log) for s in self.services if s.proc.poll() is not None)
+        return next(dead, None)
 
     async def session(self, work: Work, n: int, conc: int) -> tuple[list[Sample], float]:
         import grpc
@@ -232,6 +365,7 @@ class OpenAIHTTP(System):
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log: Path | None = None
+        self.cmd: list[str] = []
 
     def _wait_http(self, timeout_s: float) -> None:
         import urllib.request
@@ -239,8 +373,8 @@ class OpenAIHTTP(System):
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                tail = self.log.read_text()[-3000:] if self.log else ""
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
+                tail = "\n".join(log_tail(self.log))
+                raise RuntimeError(f"{self.name} {describe_exit(self.proc.returncode)}:\n{tail}")
             with contextlib.suppress(OSError), urllib.request.urlopen(
                     f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
                 if r.status == 200:
@@ -249,7 +383,7 @@ class OpenAIHTTP(System):
         raise TimeoutError(f"{self.name} not healthy after {timeout_s:.0f}s")
 
     def _spawn(self, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
+        self.log, self.cmd = log, cmd
         with log.open("w") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                          env={**os.environ, **(env or {})})
@@ -272,6 +406,9 @@ class OpenAIHTTP(System):
         with contextlib.suppress(psutil.Error):
             return [self.proc.pid] + [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
         return [self.proc.pid]
+
+    def crash(self) -> dict[str, Any] | None:
+        return exited(Path(self.cmd[0]).name if self.cmd else self.name, self.proc, self.log)
 
     def model_name(self) -> str:
         return "default"
@@ -321,6 +458,7 @@ class LlamaServer(OpenAIHTTP):
         super().__init__()
         self.opts, self.log_dir, self.page_tokens = opts, log_dir, page_tokens
         self.binary = Path(opts.llama_server) if opts.llama_server else peers_dir() / "llama-server"
+        self.build = read_build_info(self.binary)  # install_llama_cpp.sh's record: cmake flags, server args
 
     def skip_reason(self) -> str | None:
         if not (self.binary.is_file() and os.access(self.binary, os.X_OK)):
@@ -336,18 +474,32 @@ class LlamaServer(OpenAIHTTP):
 
         return embedded_gguf(self.opts.model)
 
+    def server_args(self) -> list[str]:
+        return list((self.build or {}).get("server_args", []))
+
+    def describe(self) -> dict[str, Any]:
+        try:
+            ran = subprocess.run([str(self.binary), "--version"], capture_output=True, text=True, timeout=30)
+            version = (ran.stdout + ran.stderr).strip().splitlines()
+        except (OSError, subprocess.SubprocessError) as exc:
+            version = [f"{type(exc).__name__}: {exc}"]
+        return {"binary": str(self.binary), "version": version, "server_args": self.server_args(),
+                "build": self.build or "no build record beside the binary (install_llama_cpp.sh writes "
+                                       "llama-server.build.json; rebuild with FORCE=1 to get one)"}
+
     def start(self, conc: int) -> None:
         self.port = _free_port()
         ctx = conc * (self.page_tokens + 64)
         cmd = [str(self.binary), "-m", str(self.gguf()), "--host", "127.0.0.1", "--port", str(self.port),
                "-np", str(conc), "-c", str(ctx), "-t", str(self.opts.threads or os.cpu_count() or 2),
-               "--no-webui", "--log-disable"]
+               *self.server_args(), "--no-webui"]
         self._spawn(cmd, self.log_dir / f"llama-server-c{conc}.log")
         try:
             self._wait_http(120)
         except RuntimeError:
-            # older builds lack a flag: retry with the minimal command line
-            self._spawn(cmd[:-2], self.log_dir / f"llama-server-c{conc}.log")
+            if self.proc is None or (self.proc.returncode or 0) <= 0:
+                raise  # a crash (a signal), not a flag an older build lacks
+            self._spawn(cmd[:-1], self.log_dir / f"llama-server-c{conc}.log")  # retry without --no-webui
             self._wait_http(120)
 
 
@@ -407,62 +559,95 @@ def make_system(spec: str, opts: Options, log_dir: Path, page_tokens: int) -> Sy
 
 
 def run_system(system: System, works: dict[str, Work], opts: Options, rows: list[Result]) -> None:
-    def measure(conc: int) -> None:
+    """Every workload at every concurrency; a server process that dies raises Crashed (where, how, its log)."""
+    where: dict[str, Any] = {}
+
+    def measure(k: int, conc: int) -> None:
         for work in works.values():
             n = opts.requests_c1 if (conc == 1 and opts.requests_c1) else opts.requests
-            asyncio.run(system.session(work, 1, 1))  # warm the path (first request pays lazy init)
+            timed, warm = work.level(k, max(opts.requests, opts.requests_c1))
+            timed = replace(timed, prompts=timed.prompts[:n], prompt_ids=timed.prompt_ids[:n],
+                            max_tokens=timed.max_tokens[:n])
+            where.update(workload=work.name, concurrency=conc, phase="warm-up")
+            asyncio.run(system.session(warm, 1, 1))  # warm the path (first request pays lazy init)
+            where["phase"] = "timed run"
             with Sampler(system.pids(), period=0.2) as mem:
-                samples, wall = asyncio.run(system.session(work, n, conc))
+                samples, wall = asyncio.run(system.session(timed, n, conc))
             row = summarise(system.name, system.transport, work.name, conc, samples, wall, mem.peak_rss)
+            prompt_tokens = sum(map(len, timed.prompt_ids))
+            row.extra.update(prompt_tokens=prompt_tokens,
+                             prompt_tok_s=prompt_tokens / max(1e-9, sum(s.ttft for s in samples)))
             rows.append(row)
             print_row(row)
 
-    if system.restart_per_concurrency:
-        for conc in opts.concurrency:
-            system.start(conc)
-            try:
-                measure(conc)
-            finally:
-                system.stop()
-    else:
-        system.start(max(opts.concurrency))
+    levels = list(enumerate(opts.concurrency))
+    runs = ([(conc, [(k, conc)]) for k, conc in levels] if system.restart_per_concurrency
+            else [(max(opts.concurrency), levels)])
+    for start_conc, group in runs:
+        where.update(workload=None, concurrency=start_conc, phase="start")
         try:
-            for conc in opts.concurrency:
-                measure(conc)
+            system.start(start_conc)
+            for k, conc in group:
+                measure(k, conc)
+        except Exception as exc:
+            crash = system.crash()
+            if crash is None:
+                raise
+            raise Crashed(dict(where), exc, crash) from exc
         finally:
             system.stop()
 
 
-COLUMNS = ("system", "workload", "conc", "reqs", "tok/s", "req/h", "TTFT p50", "TTFT p95", "lat p50", "lat p95",
-           "lat p99", "peak RSS MiB", "load")
+COLUMNS = ("system", "workload", "conc", "reqs", "tok/s", "prompt tok/s", "req/h", "TTFT p50", "TTFT p95", "lat p50",
+           "lat p95", "lat p99", "peak RSS MiB", "load")
 
 
 def cells(r: Result) -> list[str]:
     return [r.system, r.workload, str(r.concurrency), str(r.requests), f"{r.output_tok_s:.1f}",
-            f"{r.requests_per_hour:.0f}", f"{r.ttft_p50_s:.2f}s", f"{r.ttft_p95_s:.2f}s", f"{r.latency_p50_s:.2f}s",
-            f"{r.latency_p95_s:.2f}s", f"{r.latency_p99_s:.2f}s", f"{r.peak_rss_mib:.0f}", f"{r.load_avg_1m:.1f}"]
+            f"{r.extra.get('prompt_tok_s', 0.0):.0f}", f"{r.requests_per_hour:.0f}", f"{r.ttft_p50_s:.2f}s",
+            f"{r.ttft_p95_s:.2f}s", f"{r.latency_p50_s:.2f}s", f"{r.latency_p95_s:.2f}s", f"{r.latency_p99_s:.2f}s",
+            f"{r.peak_rss_mib:.0f}", f"{r.load_avg_1m:.1f}"]
+
+
+def crash_cells(system: str, crash: dict[str, Any]) -> list[str]:
+    """A crashed system's row: where it died, CRASHED and the signal (or exit code) in place of numbers."""
+    how = crash["signal"] or f"exit {crash['returncode']}"
+    out = [system, crash["workload"] or "(start)", str(crash["concurrency"]), "-", "CRASHED", how]
+    return out + ["-"] * (len(COLUMNS) - len(out))
+
+
+def crash_lines(crashed: dict[str, dict[str, Any]], indent: str = "") -> list[str]:
+    lines = []
+    for name, c in crashed.items():
+        at = f"{c['workload']} c={c['concurrency']}" if c["workload"] else f"c={c['concurrency']}"
+        lines.append(f"{indent}crashed {name}: {c['process']} {c['exit']} during {c['phase']} ({at}); "
+                     f"last lines of its log ({c['log']}):")
+        lines += [f"{indent}    {line}" for line in c["log_tail"][-10:]] or [f"{indent}    (empty)"]
+    return lines
 
 
 def print_row(r: Result) -> None:
     print("  " + " | ".join(f"{c}={v}" for c, v in zip(COLUMNS, cells(r), strict=True)), flush=True)
 
 
-def table(rows: list[Result]) -> str:
-    data = [list(COLUMNS)] + [cells(r) for r in rows]
+def table(rows: list[Result], crashed: dict[str, dict[str, Any]] | None = None) -> str:
+    data = [list(COLUMNS)] + [cells(r) for r in rows] + [crash_cells(k, c) for k, c in (crashed or {}).items()]
     widths = [max(len(x[i]) for x in data) for i in range(len(COLUMNS))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(x, widths, strict=True)) for x in data]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def markdown_table(rows: list[Result]) -> str:
+def markdown_table(rows: list[Result], crashed: dict[str, dict[str, Any]] | None = None) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    lines += ["| " + " | ".join(crash_cells(k, c)) + " |" for k, c in (crashed or {}).items()]
     return "\n".join(lines)
 
 
 def ratios(rows: list[Result]) -> dict[str, float]:
-    """Each tokenmill row (any dtype) over each peer's row of the same workload and concurrency."""
+    """Each tokenmill row (any dtype) over each peer's row of the same workload and concurrency: output tok/s and
+    prompt tok/s (higher is better), TTFT p50 (lower is better)."""
     by = {(r.system, r.workload, r.concurrency): r for r in rows}
     ours = [r for r in rows if r.system.partition(":")[0] == "tokenmill"]
     peers = list(dict.fromkeys(r.system for r in rows if r.system.partition(":")[0] != "tokenmill"))
@@ -470,11 +655,14 @@ def ratios(rows: list[Result]) -> dict[str, float]:
     for r in ours:
         for peer in peers:
             p = by.get((peer, r.workload, r.concurrency))
-            if p and p.output_tok_s:
-                out[f"{r.system}/{peer} tok/s {r.workload} c={r.concurrency}"] = r.output_tok_s / p.output_tok_s
-        p = by.get(("llama.cpp", r.workload, r.concurrency))
-        if r.concurrency == 1 and p and p.ttft_p50_s:
-            out[f"{r.system}/llama.cpp TTFT p50 {r.workload} c=1"] = r.ttft_p50_s / p.ttft_p50_s
+            if p is None:
+                continue
+            at = f"{r.workload} c={r.concurrency}"
+            for metric, ours_v, peer_v in (("tok/s", r.output_tok_s, p.output_tok_s),
+                                           ("prompt tok/s", r.extra.get("prompt_tok_s"), p.extra.get("prompt_tok_s")),
+                                           ("TTFT p50", r.ttft_p50_s, p.ttft_p50_s)):
+                if ours_v and peer_v:
+                    out[f"{r.system}/{peer} {metric} {at}"] = ours_v / peer_v
     return out
 
 
@@ -506,27 +694,42 @@ def plot(rows: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(opts: Options, works: dict[str, Work], rows: list[Result], skipped: dict[str, str],
-                 failed: dict[str, str], total_s: float) -> dict[str, Any]:
+@dataclass
+class Outcome:
+    """What became of each system besides its rows: skipped (absent), failed (an error), crashed (its server process
+    died: Crashed.record), and what each peer is (System.describe: llama.cpp's binary and build flags)."""
+
+    skipped: dict[str, str]
+    failed: dict[str, str]
+    crashed: dict[str, dict[str, Any]]
+    peers: dict[str, dict[str, Any]]
+
+
+def write_report(opts: Options, works: dict[str, Work], rows: list[Result], outcome: Outcome,
+                 total_s: float) -> dict[str, Any]:
     """compare.{json,md,png} as they stand: written after every system, so a long run that dies keeps its rows."""
+    skipped, failed, crashed = outcome.skipped, outcome.failed, outcome.crashed
     report = {
         "benchmark": "compare", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(["tokenmill bench compare", *sys.argv[3:]]) if sys.argv[1:3] == ["bench", "compare"]
         else " ".join(sys.argv),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
         "environment": environment(),
-        "workloads": {w.name: {"requests": len(w.prompts), "prompt_tokens": sum(map(len, w.prompt_ids)),
-                               "max_tokens_sum": sum(w.max_tokens), "ignore_eos": w.ignore_eos}
+        "workloads": {w.name: {"prompts": len(w.prompts), "prompt_tokens": sum(map(len, w.prompt_ids)),
+                               "prompt_tokens_mean": sum(map(len, w.prompt_ids)) / max(1, len(w.prompt_ids)),
+                               "max_tokens_sum": sum(w.max_tokens), "ignore_eos": w.ignore_eos,
+                               "fresh_prompts_per_concurrency": w.fresh, "source": w.source or None}
                       for w in works.values()},
-        "total_s": total_s, "skipped": skipped, "failed": failed,
+        "total_s": total_s, "skipped": skipped, "failed": failed, "crashed": crashed, "peers": outcome.peers,
         "results": [asdict(r) for r in rows], "ratios": ratios(rows),
     }
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     (opts.out_dir / "compare.json").write_text(json.dumps(report, indent=2))
     md = [f"# tokenmill vs peers ({report['date']})", "", f"Command: `{report['command']}`", "",
-          markdown_table(rows), ""]
+          markdown_table(rows, crashed), ""]
     md += [f"- {k}: {v:.2f}x" for k, v in report["ratios"].items()]
     md += [f"- skipped {k}: {v}" for k, v in skipped.items()] + [f"- failed {k}: {v}" for k, v in failed.items()]
+    md += ["", "```", *crash_lines(crashed), "```"] if crashed else []
     (opts.out_dir / "compare.md").write_text("\n".join(md) + "\n")
     if rows:
         plot(rows, opts.out_dir / "compare.png")
@@ -544,33 +747,39 @@ def main(opts: Options) -> dict[str, Any]:
     print(f"workloads {list(works)}: {opts.requests} requests ({opts.requests_c1 or opts.requests} at c=1), "
           f"concurrency {opts.concurrency}, systems {opts.systems}, load avg {os.getloadavg()[0]:.1f}", flush=True)
     rows: list[Result] = []
-    skipped: dict[str, str] = {}
-    failed: dict[str, str] = {}
+    outcome = Outcome({}, {}, {}, {})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as logs:
         for name in opts.systems:
             system = make_system(name, opts, Path(logs), page_tokens)
             reason = system.skip_reason()
             if reason:
-                skipped[name] = reason
+                outcome.skipped[name] = reason
                 print(f"skip {name}: {reason}", flush=True)
                 continue
+            described = system.describe()
+            if described is not None:
+                outcome.peers[name] = described
             print(f"{name} ({system.transport}):", flush=True)
             try:
                 run_system(system, works, opts, rows)
+            except Crashed as exc:
+                outcome.crashed[name] = exc.record
+                print("\n".join(crash_lines({name: exc.record})), flush=True)
             except Exception as exc:  # one broken peer must not lose the others' results
-                failed[name] = f"{type(exc).__name__}: {exc}"[:2000]
-                print(f"FAILED {name}: {failed[name]}", flush=True)
-            write_report(opts, works, rows, skipped, failed, time.perf_counter() - t0)
-    report = write_report(opts, works, rows, skipped, failed, time.perf_counter() - t0)
+                outcome.failed[name] = f"{type(exc).__name__}: {exc}"[:2000]
+                print(f"FAILED {name}: {outcome.failed[name]}", flush=True)
+            write_report(opts, works, rows, outcome, time.perf_counter() - t0)
+    report = write_report(opts, works, rows, outcome, time.perf_counter() - t0)
     print()
-    print(table(rows))
+    print(table(rows, outcome.crashed))
     for k, v in report["ratios"].items():
         print(f"{k}: {v:.2f}x")
-    for k, v in skipped.items():
+    for k, v in outcome.skipped.items():
         print(f"skipped {k}: {v}")
-    for k, v in failed.items():
+    for k, v in outcome.failed.items():
         print(f"failed {k}: {v}")
+    print("\n".join(crash_lines(outcome.crashed)))
     print(f"wrote {opts.out_dir / 'compare.json'}, compare.md, compare.png")
     return report
 
@@ -591,10 +800,13 @@ def register_compare(app: Any) -> None:
         concurrency: str = typer.Option("1,8,32", help="Closed-loop client counts, comma separated."),
         requests: int = typer.Option(64, help="Requests per run (story prompt set, chat template)."),
         requests_c1: int = typer.Option(0, help="Requests at concurrency 1; 0 = --requests."),
-        workloads: str = typer.Option(",".join(WORKLOADS), help="story (max_tokens drawn) and/or fixed128."),
+        workloads: str = typer.Option(",".join(WORKLOADS), help="story (max_tokens drawn), fixed128 (the story "
+                                      "prompts, --fixed-tokens each) and/or long (~--long-tokens prompts of "
+                                      "stdlib docs + a question, --fixed-tokens each)."),
         min_tokens: int = typer.Option(32, help="story: smallest max_tokens drawn."),
         max_tokens: int = typer.Option(256, help="story: largest max_tokens drawn."),
-        fixed_tokens: int = typer.Option(128, help="fixed128: max_tokens of every request (ignore_eos)."),
+        fixed_tokens: int = typer.Option(128, help="fixed128 and long: max_tokens of every request (ignore_eos)."),
+        long_tokens: int = typer.Option(1000, help="long: prompt tokens aimed at (chat template included)."),
         seed: int = typer.Option(0, help="Seed of the prompt sample and max_tokens draws."),
         model: str = typer.Option("smollm2-135m", help="Model served by every system."),
         threads: int = typer.Option(0, help="Threads per system; 0 = each system's default."),
@@ -606,9 +818,9 @@ def register_compare(app: Any) -> None:
         """tokenmill vs hf-static vs transformers CB vs llama.cpp (vs vLLM): tok/s, req/h, TTFT, latency, RSS."""
         opts = Options(systems=_names(systems), concurrency=_ints(concurrency), requests=requests,
                        requests_c1=requests_c1, workloads=_names(workloads), min_tokens=min_tokens,
-                       max_tokens=max_tokens, fixed_tokens=fixed_tokens, seed=seed, model=model, threads=threads,
-                       dtype=dtype, llama_server=llama_server, out_dir=out_dir)
+                       max_tokens=max_tokens, fixed_tokens=fixed_tokens, long_tokens=long_tokens, seed=seed,
+                       model=model, threads=threads, dtype=dtype, llama_server=llama_server, out_dir=out_dir)
         if quick:
             opts.requests, opts.requests_c1, opts.concurrency = 4, 0, (1, 2)
-            opts.min_tokens, opts.max_tokens, opts.fixed_tokens = 8, 16, 16
+            opts.min_tokens, opts.max_tokens, opts.fixed_tokens, opts.long_tokens = 8, 16, 16, 256
         main(opts)
