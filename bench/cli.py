@@ -101,14 +101,15 @@ def kernels(
     kernels: str = typer.Option("", help="Kernels, comma separated; empty = all."),
     out: Path = typer.Option(Path("results/kernels.json"), help="JSON result file (and .md beside it)."),
 ) -> None:
-    """Linear-layer kernels on this CPU per shape and batch rows: tokenmill's per format vs PyTorch's."""
+    """Linear-layer kernels on this CPU per shape and batch rows: tokenmill's per format vs PyTorch's, and each one's
+    share of the machine's roofs measured in the same run (read bandwidth; fp32, bf16, int8 GEMM)."""
     from bench.kernels import Options, main
 
     opts = Options(rows=_ints(rows), copies=copies, out=out)
     if kernels:
         opts.kernels = _names(kernels)
     if quick:
-        opts.rows, opts.copies, opts.repeat = (1, 32), 2, 2
+        opts.rows, opts.copies, opts.repeat, opts.quick = (1, 32), 2, 2, True
     main(opts)
 
 

@@ -6,13 +6,23 @@ in a real forward instead of sitting in cache. "model" = 30 x (qkv + o + gate_up
 
 Kernels: tokenmill's own (C++, per format, fp32 activations) against PyTorch's: fp32 F.linear and
 W @ x^T on dequantised weights, bf16 F.linear, and torch's int8 / int4 weight-only kernels (which
-take bf16 activations). Writes JSON (with the CPU's flags) and a Markdown table.
+take bf16 activations). Writes JSON (with the CPU's flags, lscpu's included) and a Markdown table.
+
+Roofs: the machine's own, measured in the same run with the same threads (`roofs`): read bandwidth (a sum
+over a buffer far larger than the caches: 1 GiB, 256 MiB with --quick), and the matrix rates of square
+GEMMs: fp32, bf16 (oneDNN; AMX tiles where the CPU has them) and int8 (torch._int_mm, int32 accumulate).
+Each kernel row gets its share of them: the weight bytes it streams per pass over the GB/s it reached
+(% of the read roof), its GFLOP/s over the best matrix rate (% of the matrix roof), and which of the two
+bounds it by the roofline (arithmetic intensity x read bandwidth below the matrix rate: "read", else
+"matrix") with its share of that one: batch-1 decode is read-bound, prefill rows are matrix-bound.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,28 +44,34 @@ class Options:
                                 "tokenmill-nf4", "fp32-linear", "fp32-mm-wxT", "bf16-linear", "torch-int8pack-bf16",
                                 "torch-int4pack-bf16")
     out: Path = Path("results/kernels.json")
+    quick: bool = False  # smaller roof probes (256 MiB read, 1024^3 GEMMs)
 
 
-def make_kernel(name: str, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable x -> y for weight w [N, K] under kernel `name` (packing done here, outside the timing)."""
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_kernel(name: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """A callable x -> y for weight w [N, K] under kernel `name` (packing done here, outside the timing), and the
+    bytes of the weight it reads (codes and scales as stored)."""
     from services.worker.engine.layers import quant
-    from services.worker.engine.layers.linear import Linear
+    from services.worker.engine.layers.linear import Linear, weight_bytes
 
     if name.startswith("tokenmill-"):
         layer = Linear(quant.quantize(w, name.removeprefix("tokenmill-")))
-        return layer.forward
+        return layer.forward, weight_bytes(layer)
     if name == "fp32-linear":
-        return lambda x: F.linear(x, w)
+        return (lambda x: F.linear(x, w)), nbytes(w)
     if name == "fp32-mm-wxT":
-        return lambda x: torch.mm(w, x.t()).t()
+        return (lambda x: torch.mm(w, x.t()).t()), nbytes(w)
     if name == "bf16-linear":
         wb = w.bfloat16()
-        return lambda x: F.linear(x.bfloat16(), wb).float()
+        return (lambda x: F.linear(x.bfloat16(), wb).float()), nbytes(wb)
     if name == "torch-int8pack-bf16":
         scale = w.abs().amax(1) / 127
         q = torch.round(w / scale[:, None]).to(torch.int8)
         s = scale.bfloat16()
-        return lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s).float()
+        return (lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s).float()), nbytes(q, s)
     if name == "torch-int4pack-bf16":
         group = 64
         g = w.reshape(w.shape[0], -1, group)
@@ -65,7 +81,8 @@ def make_kernel(name: str, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Te
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         zero = lo + 8 * scale  # torch's convention: w = (q - 8) * scale + zero
         sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()
-        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, group, sz).float()
+        return ((lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, group, sz).float()),
+                nbytes(packed, sz))
     raise ValueError(f"unknown kernel {name!r}")
 
 
@@ -82,33 +99,124 @@ def time_calls(fns: list[Callable], x: torch.Tensor, repeat: int) -> float:
     return best * 1e3
 
 
+def best_seconds(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def roofs(quick: bool = False, repeat: int = 5) -> dict:
+    """This machine's roofs with this process's threads: read bandwidth (torch.sum over a buffer far larger than
+    the caches) and the matrix rates of square GEMMs per element type (int8: torch._int_mm, where torch offers it
+    on this CPU); the best of `repeat` runs each. Rates in FLOP/s (int8: multiply-adds x 2 as well)."""
+    numel = (64 if quick else 256) * 2**20  # float32: 256 MiB / 1 GiB
+    buf = torch.ones(numel, dtype=torch.float32)
+    read = buf.nbytes / best_seconds(buf.sum, repeat)
+    del buf
+    n = 1024 if quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    rates: dict[str, float] = {"float32": 2 * n**3 / best_seconds(lambda: a @ b, repeat)}
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    rates["bfloat16"] = 2 * n**3 / best_seconds(lambda: a16 @ b16, repeat)
+    notes = {}
+    a8, b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8), torch.randint(-127, 128, (n, n), dtype=torch.int8)
+    try:
+        rates["int8"] = 2 * n**3 / best_seconds(lambda: torch._int_mm(a8, b8), repeat)
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:
+        notes["int8"] = f"torch._int_mm unavailable on this CPU: {type(exc).__name__}: {str(exc)[:200]}"
+    best = max(rates, key=rates.__getitem__)
+    return {"read_bytes_per_s": read, "read_buffer_MiB": numel * 4 / 2**20, "matmul_n": n, "matmul_flops": rates,
+            "best_matrix": best, "best_matrix_flops": rates[best], "notes": notes, "threads": torch.get_num_threads()}
+
+
+def shares(flops: float, weight_bytes: int, seconds: float, roof: dict) -> dict:
+    """A kernel pass's rates and its share of the roofs (see the module's docstring)."""
+    read, best = roof["read_bytes_per_s"], roof["best_matrix_flops"]
+    intensity = flops / weight_bytes
+    bound = "read" if intensity * read < best else "matrix"
+    return {"weight_bytes": weight_bytes, "gb_s": weight_bytes / seconds / 1e9,
+            "pct_read_roof": 100 * weight_bytes / seconds / read, "pct_matrix_roof": 100 * flops / seconds / best,
+            "flops_per_byte": intensity, "bound": bound,
+            "pct_roof": 100 * flops / seconds / min(best, intensity * read)}
+
+
+def lscpu() -> dict:
+    """lscpu's model name and full flag list (environment() keeps only the vector ones); /proc/cpuinfo without it."""
+    fields: dict[str, str] = {}
+    if shutil.which("lscpu"):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+    else:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                fields.setdefault({"flags": "Flags", "model name": "Model name"}.get(k.strip(), k.strip()), v.strip())
+    return {"model": fields.get("Model name", ""), "flags": fields.get("Flags", "").split()}
+
+
 def main(opts: Options) -> dict:
     from bench.results import environment
 
     torch.manual_seed(0)
+    roof = roofs(quick=opts.quick)
+    print(roofs_line(roof), flush=True)
     results = []
     for name in opts.kernels:
         per_shape: dict[str, dict[int, float]] = {}
+        shape_bytes: dict[str, int] = {}
         for shape, (n, k) in SHAPES.items():
             copies = 1 if shape == "lm_head" else opts.copies
             kernel = name if shape != "lm_head" or not name.startswith("tokenmill-") else (
                 "tokenmill-int8" if name == "tokenmill-int8" else "tokenmill-q8_0")  # the head stays 8-bit
-            fns = [make_kernel(kernel, torch.randn(n, k) * 0.02) for _ in range(copies)]
-            per_shape[shape] = {m: time_calls(fns, torch.randn(m, k), opts.repeat) for m in opts.rows}
+            made = [make_kernel(kernel, torch.randn(n, k) * 0.02) for _ in range(copies)]
+            shape_bytes[shape] = made[0][1]
+            per_shape[shape] = {m: time_calls([f for f, _ in made], torch.randn(m, k), opts.repeat)
+                                for m in opts.rows}
+        model_bytes = LAYERS * sum(shape_bytes[s] for s in SHAPES if s != "lm_head") + shape_bytes["lm_head"]
         for m in opts.rows:
             row = {s: per_shape[s][m] for s in SHAPES}
             model = LAYERS * sum(row[s] for s in ("qkv", "o", "gate_up", "down")) + row["lm_head"]
-            results.append({"kernel": name, "rows": m, "ms": row, "model_ms": model,
-                            "gflops": m * 2 * (LAYERS * sum(n * k for s, (n, k) in SHAPES.items() if s != "lm_head")
-                                               + math.prod(SHAPES["lm_head"])) / model / 1e6})
-            print(f"{name:22s} rows {m:4d}: model {model:8.2f} ms  {results[-1]['gflops']:6.1f} GFLOP/s", flush=True)
-    report = {"benchmark": "kernels", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": environment(),
-              "options": {"rows": opts.rows, "copies": opts.copies, "repeat": opts.repeat}, "results": results}
+            flops = m * 2 * (LAYERS * sum(n * k for s, (n, k) in SHAPES.items() if s != "lm_head")
+                             + math.prod(SHAPES["lm_head"]))
+            results.append({"kernel": name, "rows": m, "ms": row, "model_ms": model, "gflops": flops / model / 1e6,
+                            **shares(flops, model_bytes, model / 1e3, roof)})
+            r = results[-1]
+            print(f"{name:22s} rows {m:4d}: model {model:8.2f} ms  {r['gflops']:6.1f} GFLOP/s  {r['gb_s']:5.1f} GB/s"
+                  f"  {r['pct_roof']:5.1f} % of the {r['bound']} roof", flush=True)
+    env = environment()
+    env["lscpu"] = lscpu()
+    report = {"benchmark": "kernels", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": env,
+              "options": {"rows": opts.rows, "copies": opts.copies, "repeat": opts.repeat, "quick": opts.quick},
+              "roofs": roof, "results": results}
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2))
-    opts.out.with_suffix(".md").write_text(markdown(results, opts.rows) + "\n")
-    print(markdown(results, opts.rows))
+    text = "\n\n".join((roofs_line(roof), markdown(results, opts.rows), roof_table(results, opts.rows)))
+    opts.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
     return report
+
+
+def roofs_line(roof: dict) -> str:
+    rates = ", ".join(f"{k} GEMM {v / 1e9:,.0f} GFLOP/s" for k, v in roof["matmul_flops"].items())
+    return (f"Roofs ({roof['threads']} threads): read {roof['read_bytes_per_s'] / 1e9:.1f} GB/s "
+            f"(torch.sum over {roof['read_buffer_MiB']:.0f} MiB); {rates} ({roof['matmul_n']}^3); "
+            f"best matrix rate: {roof['best_matrix']}" + "".join(f"; {v}" for v in roof["notes"].values()))
+
+
+def roof_table(results: list[dict], rows: tuple[int, ...]) -> str:
+    """Each kernel's share of the roof that bounds it (R: read bandwidth, M: the best matrix rate)."""
+    by = {(r["kernel"], r["rows"]): r for r in results}
+    kernels = list(dict.fromkeys(r["kernel"] for r in results))
+    lines = ["| % of roof (R read, M matrix) | " + " | ".join(f"{m} rows" for m in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for k in kernels:
+        cells = [f"{by[(k, m)]['pct_roof']:.0f} % {by[(k, m)]['bound'][0].upper()}" for m in rows]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(results: list[dict], rows: tuple[int, ...]) -> str:
