@@ -266,8 +266,7 @@ class GrpcSuite(System):
         return [s.proc.pid for s in self.services]
 
     def crash(self) -> dict[str, Any] | None:
-        dead = (exited(s.name, s.proc, s.log) for s in self.services if s.proc.poll() is not None)
-        return next(dead, None)
+        return next((dead for s in self.services if (dead := exited(s.name, s.proc, s.log))), None)
 
     async def session(self, work: Work, n: int, conc: int) -> tuple[list[Sample], float]:
         import grpc
