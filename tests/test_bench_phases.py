@@ -83,3 +83,58 @@ def test_cli_command(tmp_path, phase):
     result = CliRunner().invoke(app, [phase, "--quick", "--device", "cpu", "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     assert {p.suffix for p in (tmp_path / "r").iterdir()} == {".json", ".png", ".md"}
+
+
+def test_quantization_counts_resident_weights_of_every_format(tmp_path):
+    """Phase 7 on the tiny random Qwen2: a row per tokenmill format whose weights (weight_bytes of the engine's
+    model) match the format's definition, quality from bench.quality, speed from the paged engine."""
+    from bench.phases.quantization import FORMATS
+    from bench.quality import tiny_qwen2
+    from services.worker.engine.layers.linear import weight_bytes
+    from services.worker.engine.models.loader import native_from_hf
+
+    opts = make_options(True, "cpu", tmp_path, "tiny-qwen2", 0, "quantization")
+    opts.extra.update(batches=[1, 2], prompt_len=8, new_tokens=3, ppl_tokens=128, chunk=64)
+    doc = run_phase("quantization", opts)
+    rows = {r["format"]: r for r in doc["rows"]}
+    assert list(rows) == list(FORMATS)
+    assert "GGUF" in rows["gguf"]["error"]  # the tiny model has no GGUF file; the embedded model's run has the row
+    ok = {f: r for f, r in rows.items() if f != "gguf"}
+    for fmt, r in ok.items():
+        assert abs(r["weights_vs_expected"] - 1) < 0.02, (fmt, r["weights_MiB"], r["expected_MiB"])
+        assert r["decode_tok_s_b1"] > 0 and r["decode_tok_s_b2"] > 0 and r["ttft_ms_b1"] > 0
+    sizes = [ok[f]["weights_MiB"] for f in ("none", "int8", "int4", "int4/64", "nf4")]
+    assert sizes == sorted(sizes, reverse=True)  # fewer bits, then larger groups, then no mins: smaller
+    assert 3.5 < ok["none"]["weights_MiB"] / ok["int8"]["weights_MiB"] < 4.5
+    assert 4.5 < ok["none"]["weights_MiB"] / ok["int4"]["weights_MiB"] < 5.5
+    assert ok["none"]["kl_mean"] == 0 and ok["none"]["top1"] == 1 and ok["int8"]["kl_mean"] < ok["int4"]["kl_mean"]
+    # what the phase used to read (parameters only) misses the packed codes: the counting matters
+    int4 = native_from_hf(tiny_qwen2(), "int4")
+    params_only = sum(p.numel() * p.element_size() for p in int4.parameters())
+    assert params_only < 0.2 * weight_bytes(int4) and abs(weight_bytes(int4) / 2**20 - ok["int4"]["weights_MiB"]) < 1e-9
+    setup = doc["setup"]
+    assert setup["forward"].startswith("native") and setup["threads"] >= 1 and setup["kernels"]
+    assert "forward native" in (tmp_path / "quantization.md").read_text()
+
+
+def test_bench_job_configmap_holds_the_worker_defaults(monkeypatch):
+    """The benchmark Job's ConfigMap is config.py's engine defaults, the rendered Jobs (GPU and CPU) read it,
+    and the phases build their engines from those variables."""
+    import yaml
+
+    from bench.phases.common import ENGINE_SETTINGS, bench_config_data, worker_settings
+    from services.k8s.jobs import default_jobs_dir, overlay_dir, render
+
+    committed = yaml.safe_load((default_jobs_dir() / "base" / "bench-config.yaml").read_text())
+    assert committed["data"] == bench_config_data()
+    assert committed["data"]["TOKENMILL_WORKER_QUANTIZATION"] == "auto" == worker_settings().quantization
+    assert committed["data"]["TOKENMILL_WORKER_MODEL_IMPL"] == "auto"
+    assert len(committed["data"]) == len(ENGINE_SETTINGS)
+    for overlay in ("gpu", "cpu"):
+        objects = render(overlay_dir(overlay))
+        assert any(o["kind"] == "ConfigMap" and o["metadata"]["name"] == "tokenmill-bench-config" for o in objects)
+        job = next(o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] == "tokenmill-bench")
+        run = job["spec"]["template"]["spec"]["initContainers"][0]
+        assert run["envFrom"] == [{"configMapRef": {"name": "tokenmill-bench-config", "optional": True}}]
+    monkeypatch.setenv("TOKENMILL_WORKER_QUANTIZATION", "int8")
+    assert worker_settings().quantization == "int8"  # a ConfigMap value reaches the phases

@@ -4,9 +4,13 @@ Shapes are the embedded model's (9 query heads, 3 KV heads, head_dim 64). Two wo
 - prefill: one causal sequence of L tokens attending to itself;
 - decode: a batch of sequences, one new token each, attending to L cached tokens.
 Implementations: naive (QKᵀ, mask, softmax, ·V, fp32: materialises the L×L scores), SDPA forced to each backend
-(math, memory-efficient, flash, cuDNN) and unrestricted, and `services.worker.engine.attention.paged_attention`
-(the engine's function: writes K/V into paged slots, gathers a sequence's blocks, masked SDPA). The profiler
-names the aten kernel that actually ran, so a silent fallback (the seed's T4 lesson) shows in the table.
+(math, memory-efficient, flash, cuDNN) and unrestricted, and the engine's paged attention in both of its paths:
+`tokenmill-paged` is `services.worker.engine.attention.paged_attention` as the engine calls it (writes K/V into
+the paged slots, then on a CPU in fp32 tokenmill's C++ kernel attends over each sequence's blocks in place;
+on CUDA the Triton kernels, elsewhere the PyTorch path), `tokenmill-paged-gather` the PyTorch path itself (each
+decode group's blocks gathered into one padded batch, one masked SDPA). The profiler names the aten kernel that
+actually ran, so a silent fallback (the seed's T4 lesson) shows in the table; the C++ kernel is not an aten op,
+so its row names the path the engine's dispatch took.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.phases.common import Options, ops_that_ran, tensor_peak_bytes, timeit, write_results
+from bench.phases.common import Options, ops_that_ran, setup_of, tensor_peak_bytes, timeit, write_results
 
 PHASE, TITLE = "attention", "Phase 4 — attention kernels"
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
@@ -88,12 +92,24 @@ def _cases(device: str, dtype: torch.dtype, ctx: int, batch: int, decode: bool) 
         finally:
             paged.current = None
     cases["tokenmill-paged"] = paged_fn  # the C++ kernel on a CPU in fp32 (reads the blocks in place)
+    cases["tokenmill-paged"].path = _engine_path(device, dtype)
     flat = [t[0].transpose(0, 1).reshape(t.shape[2], -1) for t in (pq, pk, pv)]
 
     def gather_fn():  # the PyTorch path (CUDA, no compiler): gather each group's blocks, one masked SDPA
         return paged._attend_torch(ctx_obj, 0, *flat, HEADS, None, DIM**-0.5)
     cases["tokenmill-paged-gather"] = gather_fn
     return cases
+
+
+def _engine_path(device: str, dtype: torch.dtype) -> str:
+    """The branch attention.attend takes for these shapes (the C++ kernel is no aten op: the profiler misses it)."""
+    from services.worker.engine.layers import kernels
+
+    if device.startswith("cuda"):
+        return "Triton paged attention (layers/gpu/attention.py)"
+    if kernels.cpu_ops(torch.device(device), dtype) is not None and kernels.attention_fits(DIM, HEADS, KV_HEADS):
+        return "C++ paged attention (layers/csrc/attention.cpp), blocks in place"
+    return "PyTorch path: gather + masked SDPA"
 
 
 def _kernel(names: list[str]) -> str:
@@ -121,7 +137,7 @@ def run(opts: Options) -> dict:
                 try:
                     row["ms"] = 1e3 * timeit(fn, dev, repeat=repeat)
                     row["peak_MiB"] = tensor_peak_bytes(fn, dev) / 2**20
-                    row["kernel_ran"] = _kernel(ops_that_ran(fn)) if impl.startswith("sdpa") else (
+                    row["kernel_ran"] = getattr(fn, "path", None) or (
                         "matmul+softmax" if impl == "naive-fp32" else _kernel(ops_that_ran(fn)))
                 except RuntimeError as exc:  # the forced backend has no kernel for this device / shape / dtype
                     row.update(ms=float("nan"), peak_MiB=float("nan"),
@@ -171,8 +187,12 @@ def run(opts: Options) -> dict:
              "Forced sdpa-* backends get K/V expanded to all 9 heads (some kernels refuse enable_gqa); "
              "sdpa-default gets the 3 grouped KV heads with enable_gqa=True, as the engine calls it.",
              "peak_MiB: CUDA allocator peak on a GPU; on CPU the profiler's replay of tensor allocations.",
-             "tokenmill-paged includes writing the new K/V into the paged pool (and, for decode, gathering each "
-             "sequence's blocks), as in the engine."]
+             "tokenmill-paged includes writing the new K/V into the paged pool, as in the engine; "
+             "tokenmill-paged-gather is the PyTorch fallback (CPU without the C++ kernels, other dtypes): it "
+             "copies each decode group's blocks into a padded batch first."]
     return write_results(PHASE, TITLE, opts, config=config, rows=rows, summary=summary, plot=plot, notes=notes,
+                         setup=setup_of(fmt="n/a (random q, k, v at the embedded model's head shapes)",
+                                        forward="attention only", kernels=_engine_path(dev, dtype), device=dev,
+                                        dtype=dtype),
                          columns=["workload", "seq_len", *impls], table_rows=pivot,
                          tables={"which kernel actually ran": (ran, ["impl", "dtype", "kernel_ran"])})

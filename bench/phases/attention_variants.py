@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.phases.common import Options, timeit, write_results
+from bench.phases.common import Options, setup_of, timeit, write_results
 
 PHASE, TITLE = "attention-variants", "Phase 8 — attention variants: KV bytes per token"
 D, HEADS, DIM, LAYERS = 576, 9, 64, 30
@@ -137,6 +137,8 @@ def run(opts: Options) -> dict:
              "MLA trades memory for compute: without weight absorption every step up-projects the whole latent "
              "cache (decode_ms_layer); absorbing W_uk into W_q and W_uv into W_o removes that."]
     return write_results(PHASE, TITLE, opts, config=config, rows=rows, summary=summary, plot=plot, notes=notes,
+                         setup=setup_of(fmt="n/a (random fp32 layers)", forward="plain PyTorch decode layers",
+                                        kernels="PyTorch", device=opts.device, dtype=dtype),
                          columns=["variant", "kv_heads", "cached_values_per_token_layer", "bytes_per_token_layer",
                                   "measured_bytes_per_token_layer", "KiB_per_token_model", "x_vs_MHA",
                                   f"max_batch_{context}ctx", "decode_ms_layer", "params_M"])

@@ -191,6 +191,22 @@ def load(opts: Options, quantization: str = "none", dtype: str = "auto") -> Any:
 
 
 # ---- the engine as the worker runs it -------------------------------------------------------------
+# The worker settings that shape an engine phase's engine; the benchmark Job's ConfigMap
+# (k8s/jobs/base/bench-config.yaml) carries exactly these, at config.py's defaults (a test holds it).
+ENGINE_SETTINGS = ("quantization", "dtype", "model_impl", "block_size", "kv_cache_memory", "max_num_batched_tokens",
+                   "max_num_seqs", "max_model_len", "prefix_cache", "enforce_eager", "max_waiting_steps", "speculative",
+                   "num_speculative_tokens", "draft_layers", "speculative_max_batch", "speculative_min_acceptance",
+                   "speculative_token_cost")
+
+
+def bench_config_data() -> dict[str, str]:
+    """The benchmark Job ConfigMap's data: ENGINE_SETTINGS as TOKENMILL_WORKER_* at config.py's defaults."""
+    from services.k8s.settings import settings
+
+    data = settings("worker")
+    return {k: data[k] for k in (f"TOKENMILL_WORKER_{n.upper()}" for n in ENGINE_SETTINGS)}
+
+
 def worker_settings(**overrides: Any) -> Any:
     """The worker's settings: config.py's defaults, then TOKENMILL_WORKER_* variables (the benchmark Job's
     ConfigMap sets them in a cluster), then `overrides`. Every engine phase builds from these."""

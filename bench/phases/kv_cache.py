@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.phases.common import Options, load, sync, write_results
+from bench.phases.common import Options, load, setup_of, sync, write_results
 
 PHASE, TITLE = "kv-cache", "Phase 1 — KV cache vs recomputation"
 
@@ -104,5 +104,8 @@ def run(opts: Options) -> dict:
     notes = ["Same model, same greedy tokens; the only difference is whether past K/V are kept.",
              "Step 1 of both runs includes the prompt's prefill."]
     return write_results(PHASE, TITLE, opts, config=config, rows=rows, summary=summary, plot=plot, notes=notes,
+                         setup=setup_of(lm, fmt="none (fp32: the lesson needs a plain model, not the served format)",
+                                        forward="transformers' modules (DynamicCache vs recompute)",
+                                        kernels="PyTorch (F.linear, SDPA)"),
                          columns=["new_tokens", "context", "recompute_s", "cached_s", "speedup",
                                   "recompute_last_step_ms", "cached_last_step_ms"])

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from bench.phases.common import Options, heldout_text, load, write_results
+from bench.phases.common import Options, heldout_text, load_engine, make_engine, setup_of, write_results
 
 PHASE, TITLE = "paged-memory", "Phase 5 — paged KV memory"
 STORIES = [("curious fox", "honesty", "enchanted forest"), ("shy turtle", "courage", "busy city"),
@@ -34,14 +34,11 @@ def _story_prompts(n: int) -> list[str]:
 def _run(lm, prompts: list[list[int]], max_tokens: list[int], block_size: int, prefix: bool) -> dict:
     """Run the requests (the first alone for one step), return peak blocks and prefix-cache counters."""
     from services.common.sampling import SamplingParams
-    from services.worker.engine.engine import PagedEngine
     from services.worker.engine.types import Request
 
     need = sum(-(-(len(p) + m) // block_size) for p, m in zip(prompts, max_tokens, strict=True))
-    engine = PagedEngine(lm.model, lm.tokenizer, block_size=block_size, num_blocks=need + 4,
-                         max_num_seqs=len(prompts), max_num_batched_tokens=max(2048, sum(map(len, prompts))),
-                         enable_prefix_caching=prefix)
-    engine.warmup()
+    engine = make_engine(lm, block_size=block_size, num_blocks=need + 4, max_num_seqs=len(prompts),
+                         max_num_batched_tokens=max(2048, sum(map(len, prompts))), enable_prefix_caching=prefix)
     bm = engine.block_manager
     peak, first = 0, True
     schedule = engine.scheduler.schedule
@@ -73,7 +70,7 @@ def run(opts: Options) -> dict:
     from services.worker.engine.block_manager import BlockManager
     from services.worker.engine.sequence import Sequence
 
-    lm = load(opts)
+    lm = load_engine(opts)  # the worker's model: its format, forward and kernels
     tok = lm.tokenizer
     bs = 16
     # 1. variable-length batch
@@ -149,6 +146,7 @@ def run(opts: Options) -> dict:
              "Prefix cache: the first request runs one step alone, so its full blocks are hashed before the "
              "others arrive; requests admitted in the same step cannot share (nothing is cached yet)."]
     return write_results(PHASE, TITLE, opts, config=config, rows=rows, summary=summary, plot=plot, notes=notes,
+                         setup=setup_of(lm),
                          columns=["workload", "strategy", "kv_MiB", "x_of_paged", "prefill_tokens_computed",
                                   "prefix_hit_rate"],
                          tables={"block-size sweep (same sequences, production BlockManager)":

@@ -1,11 +1,13 @@
 """Phase 3 — sliding window: KV memory and time per token vs window size, over sequence length.
 
-The engine's paged attention honours a layer's `sliding_window` (masking keys older than the window, in both
-prefill and decode). SmolLM2 (Llama) has no window of its own, so the benchmark sets `sliding_window` on every
-attention module of the embedded model, runs one request per (sequence length, window) through `PagedEngine`
-(prefill of L tokens, then timed decode steps) and records:
-- the KV the engine holds (its block manager's blocks in use) and the KV a window needs (min(L, w) tokens,
-  rounded up to whole blocks: what a block manager that frees blocks leaving the window would hold);
+The engine's paged attention honours a layer's sliding window (keys older than the window are skipped, in both
+prefill and decode), and when every layer has the same window the engine frees the blocks that leave it
+(`BlockManager.release_before`). SmolLM2 (Llama) has no window of its own, so the benchmark sets one on the
+worker's model (`--quantization auto`, `--model-impl auto`: tokenmill's forward over the GGUF blocks; its
+layers' window and the config's `sliding_window`, which the engine reads), runs one request per (sequence
+length, window) through `PagedEngine` (prefill of L tokens, then timed decode steps) and records:
+- the KV the engine holds (its block manager's peak blocks in use) and the KV a window needs (min(L, w)
+  tokens, rounded up to whole blocks, plus the one a window straddles);
 - the engine's decode ms per token, and the attention alone over a window-bounded (ring-buffer) cache;
 - how many greedy tokens equal those of full attention (the cost of forgetting).
 """
@@ -17,26 +19,44 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.phases.common import Options, heldout_text, load, sync, timeit, write_results
+from bench.phases.common import (
+    Options,
+    heldout_text,
+    is_native,
+    load_engine,
+    make_engine,
+    setup_of,
+    sync,
+    timeit,
+    write_results,
+)
 
 PHASE, TITLE = "sliding-window", "Phase 3 — sliding-window attention"
 
 
 def _set_window(model, window: int | None) -> None:
-    for layer in model.model.layers:
-        layer.self_attn.sliding_window = window
+    """The same window on every layer, where the engine reads it: the config (the model runner frees blocks
+    behind a window every layer shares) and the layers (tokenmill's forward, or transformers' attention)."""
+    model.config.sliding_window = window
+    if getattr(model.config, "layer_types", None) is not None:
+        model.config.layer_types = ["sliding_attention" if window else "full_attention"] * len(model.config.layer_types)
+    if is_native(model):
+        for layer in model.layers:
+            layer.window = window
+        model._fused = None  # the C++ layer loop holds each layer's window: rebuilt at the next step
+    else:
+        for layer in model.model.layers:
+            layer.self_attn.sliding_window = window
 
 
 def _engine_run(lm, prompt: list[int], new_tokens: int, device: str) -> dict:
     from services.common.sampling import SamplingParams
-    from services.worker.engine.engine import PagedEngine
     from services.worker.engine.types import Request
 
     bs = 16
     blocks = -(-(len(prompt) + new_tokens) // bs) + 2
-    engine = PagedEngine(lm.model, lm.tokenizer, block_size=bs, num_blocks=blocks, max_num_seqs=1,
+    engine = make_engine(lm, block_size=bs, num_blocks=blocks, max_num_seqs=1,
                          max_num_batched_tokens=len(prompt), enable_prefix_caching=False)
-    engine.warmup()
     engine.add_request(Request("w", prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)))
     bm = engine.block_manager
     tokens, decode_times, used = [], [], 0
@@ -74,7 +94,7 @@ def run(opts: Options) -> dict:
     lengths = opts.pick([64, 128, 256], [512, 1024, 2048, 4096], "lengths")
     windows = opts.pick([32, 64, 128, 256], [32, 64, 128, 256, 512, 1024], "windows")
     new_tokens = opts.pick(8, 32, "new_tokens")
-    lm = load(opts)
+    lm = load_engine(opts)
     cfg = lm.model.config
     text_ids = lm.tokenizer(heldout_text())["input_ids"]
     rows = []
@@ -97,7 +117,7 @@ def run(opts: Options) -> dict:
                              "window_kv_needed_MiB": need * r["per_block"] / 2**20,
                              "kv_saving_x": (-(-ctx // 16)) / need,
                              "ring_attention_ms": _ring_attention_ms(cfg, min(ctx, w or ctx), opts.device,
-                                                                     lm.model.dtype),
+                                                                     lm.dtype),
                              "tokens_equal_full": same})
     finally:
         _set_window(lm.model, None)
@@ -109,7 +129,8 @@ def run(opts: Options) -> dict:
         f"KV needed at {longest + new_tokens} tokens, w={smallest['window']} vs full (MiB)":
             f"{smallest['window_kv_needed_MiB']:.2f} vs {at_long[0]['window_kv_needed_MiB']:.2f} "
             f"({smallest['kv_saving_x']:.1f}x)",
-        "engine KV held (MiB), any window": at_long[0]["engine_kv_held_MiB"],
+        "engine KV held (MiB), full vs smallest window": f"{at_long[0]['engine_kv_held_MiB']:.2f} vs "
+                                                         f"{smallest['engine_kv_held_MiB']:.2f}",
         "engine ms/token full vs smallest window": f"{at_long[0]['engine_ms_per_token']:.1f} vs "
                                                    f"{smallest['engine_ms_per_token']:.1f}",
         "seed (T4, toy model)": "2048 tokens: 32 MB (w=128) vs 512 MB (full) = 16x",
@@ -121,24 +142,22 @@ def run(opts: Options) -> dict:
             sel = [r for r in rows if r["window"] == w]
             if sel:
                 xs, c = [r["seq_len"] for r in sel], f"C{i}"
-                ax1.plot(xs, [r["window_kv_needed_MiB"] for r in sel], "o-", color=c, label=f"w={w}")
+                ax1.plot(xs, [r["window_kv_needed_MiB"] for r in sel], "o-", color=c, label=f"needed w={w}")
+                ax1.plot(xs, [r["engine_kv_held_MiB"] for r in sel], "x:", color=c, label=f"engine holds w={w}")
                 ax2.plot(xs, [r["engine_ms_per_token"] for r in sel], "o-", color=c, label=f"engine w={w}")
                 ax2.plot(xs, [r["ring_attention_ms"] for r in sel], "x:", color=c, label=f"attn only w={w}")
-        full_rows = [r for r in rows if r["window"] == "full"]
-        ax1.plot([r["seq_len"] for r in full_rows], [r["engine_kv_held_MiB"] for r in full_rows], "k--",
-                 label="engine holds (any w)")
         ax1.set(xlabel="sequence length (prompt)", ylabel="KV MiB", title="KV memory a window needs")
         ax2.set(xlabel="sequence length (prompt)", ylabel="ms", yscale="log", title="time per decode token")
         ax1.legend(fontsize=7)
         ax2.legend(fontsize=6, ncol=2)
 
     config = {"lengths": lengths, "windows": windows, "new_tokens": new_tokens, "block_size": 16,
-              "dtype": str(lm.model.dtype), "engine": "PagedEngine + paged_attention sliding_window"}
+              "engine": "PagedEngine (the worker's engine_options), window on every layer"}
     notes = ["Windows at least as long as the sequence are skipped (identical to full attention).",
-             "Engine gap: the block manager keeps every block of a sequence and decode gathers them all, masking "
-             "the old ones; so the window changes the output but not the engine's memory or time. "
-             "window_kv_needed is what freeing blocks that leave the window would hold; ring_attention_ms is the "
-             "attention cost over a window-sized cache (all layers)."]
+             "The engine frees the blocks a window has left (every layer shares the window here), so "
+             "engine_kv_held follows window_kv_needed instead of the sequence length; tokens_equal_full is the "
+             "cost of forgetting (greedy tokens equal to full attention's). ring_attention_ms is SDPA over a "
+             "window-sized cache (all layers), for scale."]
     return write_results(PHASE, TITLE, opts, config=config, rows=rows, summary=summary, plot=plot, notes=notes,
-                         columns=["seq_len", "window", "engine_ms_per_token", "engine_kv_held_MiB",
+                         setup=setup_of(lm), columns=["seq_len", "window", "engine_ms_per_token", "engine_kv_held_MiB",
                                   "window_kv_needed_MiB", "kv_saving_x", "ring_attention_ms", "tokens_equal_full"])
