@@ -1,5 +1,11 @@
 """The seed notebook's experiments (phases 1–8) as `tokenmill bench <phase>` commands.
 
+The engine phases (2, 3, 5, 6, 7) run the engine as the worker runs it by default: the model from
+`load_engine_model` with the worker's `--quantization` / `--model-impl` / `--dtype`, a `PagedEngine` from its
+engine settings (common.worker_settings: config.py's defaults, then TOKENMILL_WORKER_* variables, which the
+benchmark Job's ConfigMap sets). Each records what it measured (format, forward, kernel ISA, threads) in its
+JSON's "setup" and its table's caption.
+
 `register(app)` adds one command per phase to the `tokenmill bench` typer app (bench/cli.py), plus `all` when
 that app has none. Each phase module has `run(opts) -> dict` and writes <out>/<phase>.{json,png,md}.
 """
@@ -16,12 +22,14 @@ from typing import Any
 # phase name (as in services/k8s/jobs.py BENCH_PHASES) -> (module, one-line help)
 PHASES: dict[str, tuple[str, str]] = {
     "kv-cache": ("kv_cache", "Phase 1: decode with full recomputation vs a KV cache, over output length."),
-    "batching": ("batching", "Phase 2: engine tokens/s and memory vs batch size, with the measured roofline."),
+    "batching": ("batching", "Phase 2: engine tokens/s and memory vs batch size, against the measured roofs."),
     "sliding-window": ("sliding_window", "Phase 3: KV memory and time per token vs sliding-window size."),
     "attention": ("attention", "Phase 4: naive attention vs SDPA backends vs tokenmill's paged attention."),
     "paged-memory": ("paged_memory", "Phase 5: KV bytes, per-sequence max-length vs the block manager + prefix cache."),
-    "speculative": ("speculative", "Phase 6: speculative decoding at batch 1, HF assisted generation vs the engine."),
-    "quantization": ("quantization", "Phase 7: fp32/bf16 vs int8 vs NF4: memory, speed, perplexity."),
+    "speculative": ("speculative", "Phase 6: speculative decoding at batch 1, HF assisted generation vs the engine; "
+                                   "the step cost behind --speculative-token-cost."),
+    "quantization": ("quantization", "Phase 7: tokenmill's weight formats (none, gguf, int8, int4, int4/64, nf4): "
+                                     "resident weights, PPL/KL/top-1 vs fp32, TTFT and decode tok/s at batch 1, 32."),
     "attention-variants": ("attention_variants", "Phase 8: KV bytes per token of MHA, GQA, MQA and MLA."),
 }
 

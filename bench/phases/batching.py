@@ -9,8 +9,9 @@ decodes are timed apart from the prefill.
 The roofline: per decode step the model does ≈ 2·(linear weights)·B + 4·layers·ctx·heads·head_dim·B FLOPs and
 reads its resident weights once (`weight_bytes`: the packed codes, scales and mins) plus B·ctx tokens of K/V;
 FLOPs / bytes is the arithmetic intensity. The machine's roofs are measured in the same process with the
-engine's threads (common.roofs): read bandwidth over a buffer far larger than the caches, and the best matrix
-rate of fp32 and bf16 GEMM. Batch 1 sits far left (memory-bound), large batches move toward compute.
+engine's threads by the probes `tokenmill bench kernels` uses (bench.kernels.roofs): read bandwidth over a
+buffer far larger than the caches, and the best matrix rate of fp32, bf16 and int8 GEMM. Batch 1 sits far
+left (memory-bound), large batches move toward compute.
 """
 
 from __future__ import annotations
@@ -116,9 +117,10 @@ def run(opts: Options) -> dict:
               "roofs": roof, "prefix_caching": False}
     notes = ["Decode FLOPs = B·(2·linear weights + 4·layers·ctx·heads·head_dim); bytes = resident weights "
              "(weight_bytes: packed codes + scales + mins + float tensors, the tied head once) + B·ctx·KV/token.",
-             "Roofs measured in this process: read bandwidth = sum over a buffer far larger than the caches; "
-             "matrix roof = the best of fp32 and bf16 GEMM. The quantized kernels multiply in fp32 (or int8 "
-             "where the build has an integer unit), so the matrix roof is an upper bound, not their own peak.",
+             "Roofs measured in this process by bench kernels' probes (bench.kernels.roofs): read bandwidth = "
+             "torch.sum over a buffer far larger than the caches; matrix roof = the best of fp32, bf16 and int8 "
+             "GEMM. The quantized kernels multiply in fp32, or in int8 where the build has VNNI/AMX, so the best "
+             "rate is an upper bound, not their own peak.",
              "peak_mem_delta is the CUDA allocator's peak on a GPU, the RSS increase on CPU (KV blocks are "
              "allocated lazily, so it tracks what the batch actually touched)."]
     return write_results(PHASE, TITLE, opts, config=config, rows=rows, summary=summary, plot=plot, notes=notes,

@@ -328,23 +328,24 @@ def text_prompts(tokenizer: Any, batch: int, length: int, vocab_size: int = 0) -
 
 
 def roofs(device: str, quick: bool) -> dict[str, Any]:
-    """This machine's measured roofs, in this process with the engine's threads: read bandwidth (a sum over
-    a buffer far larger than the caches) and the best matrix rate (fp32 and bf16 GEMM; the best counts).
-    bench/kernels.py has no shared roof probe (yet), so this small one lives here."""
-    cuda = device.startswith("cuda")
-    numel = (256 if cuda else (64 if quick else 128)) * 2**20  # float32: 256 / 512 MiB on a CPU
-    buf = torch.ones(numel, device=device, dtype=torch.float32)
+    """This machine's measured roofs in this process, with the engine's threads: on a CPU the probes of
+    `tokenmill bench kernels` (bench.kernels.roofs: read bandwidth of torch.sum over a buffer far larger than
+    the caches; fp32, bf16 and int8 GEMM, the best rate counts); on CUDA the same two probes on the device."""
+    if not device.startswith("cuda"):
+        from bench.kernels import roofs as cpu_roofs
+
+        return cpu_roofs(quick)
+    buf = torch.ones(256 * 2**20, device=device, dtype=torch.float32)
     read = buf.nbytes / timeit(buf.sum, device, repeat=5)
     buf = None  # free it before the matrices
-    n = 8192 if cuda else (1024 if quick else 2048)
-    rates = {}
+    n, rates = 8192, {}
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         rates[str(dtype).removeprefix("torch.")] = 2 * n**3 / timeit(lambda a=a, b=b: a @ b, device, repeat=5)
-    best = max(rates, key=rates.get)
-    return {"read_bytes_per_s": read, "read_buffer_MiB": numel * 4 / 2**20, "matmul_n": n,
-            "matmul_flops": rates, "best_matrix": best, "best_matrix_flops": rates[best]}
+    best = max(rates, key=rates.__getitem__)
+    return {"read_bytes_per_s": read, "read_buffer_MiB": 1024.0, "matmul_n": n, "matmul_flops": rates,
+            "best_matrix": best, "best_matrix_flops": rates[best], "notes": {}, "threads": torch.get_num_threads()}
 
 
 def sdpa(model: Any) -> None:
