@@ -24,6 +24,8 @@ import pytest
 from judge_support import JudgeProcess
 
 from services.common.pb import judge_pb2, judge_pb2_grpc
+from services.judge.calibration import combine
+from services.judge.rubrics import RubricRegistry
 from services.judge.signals import reorder, sentences
 
 EVAL_SET = Path(__file__).resolve().parents[1] / "services" / "judge" / "data" / "eval_set.json"
@@ -84,7 +86,9 @@ def test_score_shape_range_and_determinism(judge):
     assert first.method == "likelihood"  # the rubric file's method
     assert [s.name for s in first.scores] == DIMS
     assert all(0.0 <= s.score <= 1.0 and s.HasField("signal") for s in first.scores)
-    assert first.overall == pytest.approx(sum(s.score for s in first.scores) / 4, abs=1e-6)
+    floor = RubricRegistry().get("children-story").calibration.overall_floor
+    assert floor > 0  # overall respects a failed dimension (calibration.combine)
+    assert first.overall == pytest.approx(combine([s.score for s in first.scores], floor), abs=1e-6)
     assert first.HasField("fluency") and first.fluency < 0
     rationale = {s.name: s.rationale for s in first.scores}
     assert "pmi" in rationale["relevance"] and "order" in rationale["narrative_coherence"]

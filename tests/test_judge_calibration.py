@@ -21,7 +21,14 @@ import numpy as np
 import pytest
 
 from services.judge.calibrate import item_key
-from services.judge.calibration import Calibration, expected_calibration_error, fit_dimension, path_for, sigmoid
+from services.judge.calibration import (
+    Calibration,
+    combine,
+    expected_calibration_error,
+    fit_dimension,
+    path_for,
+    sigmoid,
+)
 from services.judge.labelled import KINDS, load_pairs, load_stories
 from services.judge.report import evaluate, plot
 from services.judge.rubrics import BUILTIN_DIR, RubricRegistry
@@ -130,3 +137,28 @@ def test_judge_cli_serves_by_default():
     group = helped()
     assert all(c in group for c in ("serve", "calibrate", "report", "compare"))
     assert "--max-batch-items" in helped("--threads", "1")  # = judge serve --threads 1
+
+
+def test_overall_respects_a_failed_dimension():
+    """Issue 27: an off-topic story with a clear moral must not outscore a plain on-topic one. The mean lets it;
+    the floor does not, and a story with no dimension under the floor keeps its mean."""
+    on_topic, off_topic = [0.7, 0.7, 0.7, 0.7], [0.95, 0.95, 0.95, 0.1]
+    assert combine(off_topic, 0.0) > combine(on_topic, 0.0)  # the old overall: the mean
+    assert combine(off_topic, 0.4) < combine(on_topic, 0.4)
+    assert combine(on_topic, 0.4) == pytest.approx(0.7)
+    assert combine(off_topic, 0.4) == pytest.approx(0.7375 * 0.1 / 0.4)
+    assert combine([], 0.4) == 0.0
+
+
+def test_committed_floor_on_the_labelled_signals():
+    """The committed calibration's floor, graded on the committed signals of the labelled set (no model run):
+    the held-out half's per-kind accuracy docs/judge.md reports."""
+    import json
+
+    rubric = RubricRegistry().get("children-story")
+    assert rubric.calibration.overall_floor == 0.4
+    signals = json.loads((Path(__file__).resolve().parents[1] / "docs/judge-report/signals.json").read_text())
+    held = evaluate(rubric, load_pairs(), signals["items"])["held-out"]["accuracy"]
+    assert held["overall"] == {"off_topic": 1.0, "shuffled": 1.0, "opposite_moral": 1.0, "violent": 0.9,
+                               "truncated": 1.0, "repetitive": 1.0, "all": 0.9833}
+    assert held["mean"]["all"] == 1.0 and held["vs rival"]["all"] == 0.9833

@@ -17,7 +17,9 @@ import pytest
 from judge_support import ROOT, JudgeProcess, free_port
 
 from services.common.pb import judge_pb2, judge_pb2_grpc
+from services.judge.calibration import combine
 from services.judge.eval import DEFAULT_DATA, load_eval_set
+from services.judge.rubrics import RubricRegistry
 
 DIMS = ["moral_clarity", "age_appropriateness", "narrative_coherence", "relevance"]
 
@@ -63,7 +65,8 @@ def test_eval_end_to_end(suite, judge_address, tmp_path):
     for item in report["items"]:
         assert item["response"].strip() and 0 < item["completion_tokens"] <= 16
         assert list(item["scores"]) == DIMS and all(0 <= v <= 1 for v in item["scores"].values())
-        assert item["overall"] == pytest.approx(sum(item["scores"].values()) / 4, abs=1e-3)
+        floor = RubricRegistry().get("children-story").calibration.overall_floor
+        assert item["overall"] == pytest.approx(combine(list(item["scores"].values()), floor), abs=1e-3)
         assert item["fluency"] < 0 and item["judge_backend"] == "local"
         assert 0 <= item["reference_judge"]["overall"] <= 1
     summary = report["summary"]

@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.judge.calibration import Calibration, fit_dimension, sigmoid
+from services.judge.calibration import Calibration, combine, fit_dimension, logit, sigmoid
 from services.judge.labelled import Pair
 from services.judge.rubrics import Rubric
 from services.judge.types import ScoreItem
 
 CACHE = "signals.json"
 L2_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+FLOOR_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def item_key(prompt: str, response: str) -> str:
@@ -112,4 +113,39 @@ def fit(rubric: Rubric, pairs: list[Pair], signals: dict[str, Any], model: str, 
         cal.dimensions[dim.name] = fit_dimension(features, rows, labels, l2)
         cal.counts[dim.name] = {"good": labels.count(1), "bad": labels.count(0)}
         cal.l2[dim.name] = l2
+    if len(cal.dimensions) == len(rubric.dimensions):
+        cal.overall_floor = choose_floor(rubric, cal, [p for p in pairs if p.split == "fit"], signals)
     return cal
+
+
+def floor_pairs(rubric: Rubric, cal: Calibration, pairs: list[Pair], signals: dict[str, Any]
+                ) -> list[tuple[str, list[float], list[float], list[float]]]:
+    """Per pair: its kind, the better story's dimension scores, the worse one's, and a harder rival: a story as
+    good as the better of the two on every dimension except the ones aimed at the pair's defect, where it has
+    the worse story's score (the off-topic story with a clear moral that a mean lets win)."""
+    names = [d.name for d in rubric.dimensions]
+    aimed = {d.name: set(d.defects) for d in rubric.dimensions}
+    out = []
+    for p in pairs:
+        a, b = ([sigmoid(cal.dimensions[n].logit(signals[item_key(p.prompt, t)][n])) for n in names]
+                for t in (p.better, p.worse))
+        rival = [y if p.kind in aimed[n] else max(x, y) for n, x, y in zip(names, a, b, strict=True)]
+        out.append((p.kind, a, b, rival))
+    return out
+
+
+def choose_floor(rubric: Rubric, cal: Calibration, fit_pairs: list[Pair], signals: dict[str, Any]) -> float:
+    """The overall floor (calibration.combine) that ranks the fit half's pairs best: most pairs right, then most
+    pairs right against the harder rival (floor_pairs), then the least Bradley-Terry log-loss of the pairs."""
+    rows = floor_pairs(rubric, cal, fit_pairs, signals)
+
+    def key(floor: float) -> tuple[float, float, float]:
+        right = rival = loss = 0.0
+        for _, a, b, r in rows:
+            oa, ob, orv = combine(a, floor), combine(b, floor), combine(r, floor)
+            right += 1.0 if oa > ob else 0.5 if oa == ob else 0.0
+            rival += 1.0 if oa > orv else 0.5 if oa == orv else 0.0
+            loss -= math.log(max(1e-12, sigmoid(logit(oa) - logit(ob))))
+        return (-right, -rival, loss)
+
+    return min(FLOOR_GRID, key=key)

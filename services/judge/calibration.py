@@ -55,6 +55,9 @@ class Calibration:
     dimensions: dict[str, DimCalibration] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per dimension: good / bad items fitted
     l2: dict[str, float] = field(default_factory=dict)  # per dimension: the L2 strength chosen
+    # `overall`: the mean of the dimensions, scaled by score/floor for each dimension below the floor
+    # (combine()); chosen on the fit half (calibrate.choose_floor). 0 = the plain mean.
+    overall_floor: float = 0.0
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
@@ -64,6 +67,21 @@ class Calibration:
         raw = json.loads(path.read_text(encoding="utf-8"))
         dims = {k: DimCalibration(**v) for k, v in raw.pop("dimensions").items()}
         return cls(dimensions=dims, **raw)
+
+
+def combine(scores: list[float], floor: float = 0.0) -> float:
+    """The overall score of one response from its dimensions' P(good): their mean, multiplied by score/floor for
+    every dimension under `floor`. A response that fails one dimension (an off-topic story with a clear moral)
+    cannot outscore one that passes them all by excelling at the others: relevance 0.1 under a floor of 0.4
+    takes a quarter of the mean. floor 0 is the plain mean."""
+    if not scores:
+        return 0.0
+    out = sum(scores) / len(scores)
+    if floor > 0:
+        for x in scores:
+            if x < floor:
+                out *= max(x, 0.0) / floor
+    return out
 
 
 def path_for(rubric_file: Path) -> Path:

@@ -10,17 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from services.judge.calibrate import item_key, labelled_rows
-from services.judge.calibration import expected_calibration_error, pair_probability, sigmoid
+from services.judge.calibrate import floor_pairs, item_key, labelled_rows
+from services.judge.calibration import combine, expected_calibration_error, pair_probability, sigmoid
 from services.judge.labelled import KINDS, SPLITS, Pair
 from services.judge.rubrics import Rubric
 
 
-def item_scores(rubric: Rubric, values: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Calibrated score per dimension and the overall mean, from one item's signal values."""
+def item_scores(rubric: Rubric, values: dict[str, dict[str, float]], floor: float | None = None
+                ) -> dict[str, float]:
+    """Calibrated score per dimension and the overall (calibration.combine), from one item's signal values;
+    `floor` overrides the calibration's overall floor (0 = the plain mean)."""
     cal = rubric.calibration
     out = {d.name: sigmoid(cal.dimensions[d.name].logit(values[d.name])) for d in rubric.dimensions}
-    out["overall"] = sum(out.values()) / len(rubric.dimensions)
+    out["overall"] = combine(list(out.values()), cal.overall_floor if floor is None else floor)
     return out
 
 
@@ -28,15 +30,22 @@ def _rate(wins: list[float]) -> float | None:
     return round(sum(wins) / len(wins), 4) if wins else None
 
 
+NAMES = ("overall", "mean", "vs rival", "compare")  # rows after the dimensions
+
+
 def evaluate(rubric: Rubric, pairs: list[Pair], signals: dict[str, Any]) -> dict[str, Any]:
     scores = {k: item_scores(rubric, v) for k, v in signals.items()}
-    names = [d.name for d in rubric.dimensions] + ["overall", "compare"]
+    for k, v in signals.items():
+        scores[k]["mean"] = item_scores(rubric, v, floor=0.0)["overall"]
+    floor = rubric.calibration.overall_floor
+    names = [d.name for d in rubric.dimensions] + list(NAMES)
     aimed = {k: [d.name for d in rubric.dimensions if k in d.defects] for k in KINDS}
     out: dict[str, Any] = {"aimed_at": aimed}
     for split in SPLITS:
         ps = [p for p in pairs if p.split == split]
         table: dict[str, dict[str, float | None]] = {n: {} for n in names}
         symmetry = 0.0
+        rivals = {id(p): r for p, r in zip(ps, floor_pairs(rubric, rubric.calibration, ps, signals), strict=True)}
         for name in names:
             for kind in [*KINDS, "all"]:
                 wins = []
@@ -49,6 +58,10 @@ def evaluate(rubric: Rubric, pairs: list[Pair], signals: dict[str, Any]) -> dict
                         ba = pair_probability(b["overall"], a["overall"])
                         symmetry = max(symmetry, abs(ab + ba - 1))
                         wins.append(float((ab + 1 - ba) / 2 > 0.5))
+                    elif name == "vs rival":
+                        _, good, _, rival = rivals[id(p)]
+                        x, y = combine(good, floor), combine(rival, floor)
+                        wins.append(1.0 if x > y else 0.5 if x == y else 0.0)
                     else:
                         wins.append(1.0 if a[name] > b[name] else 0.5 if a[name] == b[name] else 0.0)
                 table[name][kind] = _rate(wins)
@@ -59,14 +72,18 @@ def evaluate(rubric: Rubric, pairs: list[Pair], signals: dict[str, Any]) -> dict
             value, bins = expected_calibration_error(probs, labels)
             ece[dim.name] = {"ece": round(value, 4), "bins": bins, "items": len(labels)}
         targeted = {k: table[aimed[k][0]][k] for k in KINDS if aimed[k]}
-        out[split] = {"pairs": len(ps), "accuracy": table, "targeted": targeted, "ece": ece,
+        out[split] = {"pairs": len(ps), "accuracy": table, "targeted": targeted, "ece": ece, "overall_floor": floor,
                       "compare_symmetry": round(symmetry, 6)}
     return out
 
 
 def markdown(result: dict[str, Any], rubric: Rubric, timing: dict[str, Any], command: str) -> str:
-    names = [d.name for d in rubric.dimensions] + ["overall", "compare"]
-    lines = [f"Made by: `{command}`", ""]
+    names = [d.name for d in rubric.dimensions] + list(NAMES)
+    lines = [f"Made by: `{command}`", "",
+             f"overall = the mean of the dimensions x score/{rubric.calibration.overall_floor:.2f} for each one under "
+             "that floor (chosen on the fit half); `mean` = the plain mean; `vs rival` = overall of the better story "
+             "against a rival as good on every dimension but the one(s) aimed at the defect, where it has the worse "
+             "story's score", ""]
     for split in SPLITS:
         r = result[split]
         lines += [f"### {split} half ({r['pairs']} pairs): share of pairs where the better story scores higher", "",

@@ -102,8 +102,11 @@ class LikelihoodPlan:
             note = "" if dim_cal else " (uncalibrated: run tokenmill judge calibrate)"
             scores.append(DimScore(name, round(sigmoid(z), 6), f"{shown} -> logit {z:+.2f}{note}", round(z, 6)))
         flu = float(results[0].span.mean())
-        return ItemScore(id=item.id, scores=scores, rubric=item.rubric.name, backend="local",
-                         fluency=round(flu, 6) if math.isfinite(flu) else None)
+        floor = cal.overall_floor if cal else 0.0
+        failed = [f"{s.name} {s.score:.2f}" for s in scores if s.score < floor]
+        rationale = f"overall: mean x score/{floor:.2f} for {', '.join(failed)} (under the floor)" if failed else ""
+        return ItemScore(id=item.id, scores=scores, rubric=item.rubric.name, backend="local", rationale=rationale,
+                         fluency=round(flu, 6) if math.isfinite(flu) else None, floor=floor)
 
 
 class LocalScorer:

@@ -48,10 +48,13 @@ class ItemScore:
     rationale: str = ""
     fluency: float | None = None  # mean token log-likelihood of the response (nats/token); None = not measured
     extra: dict[str, float] = field(default_factory=dict)
+    floor: float = 0.0  # the rubric calibration's overall floor (calibration.combine); 0 = the plain mean
 
     @property
     def overall(self) -> float:
-        return sum(s.score for s in self.scores) / len(self.scores) if self.scores else 0.0
+        from services.judge.calibration import combine
+
+        return combine([s.score for s in self.scores], self.floor)
 
 
 @dataclass(slots=True)
