@@ -132,7 +132,8 @@ def test_a_sequence_whose_drafts_fail_stops_drafting_and_probes_again():
     from services.worker.engine.sequence import Sequence
     from services.worker.engine.speculative import PROBE_EVERY, Speculator
 
-    spec = Speculator(SpecConfig("ngram", num_tokens=4), SimpleNamespace(num_layers=4), max_model_len=1000)
+    spec = Speculator(SpecConfig("ngram", num_tokens=4, token_cost=0.06), SimpleNamespace(num_layers=4),
+                      max_model_len=1000)  # the cost the comments below compute with
     seq = Sequence("r", [1, 2, 3, 1, 2, 3, 1, 2], 8, params(100), 0, 1, 0.0)
     seq.num_computed_tokens = 7  # decoding: the last token is not in the cache yet
     spec.propose([seq])
