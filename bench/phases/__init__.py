@@ -63,11 +63,12 @@ def make_options(quick: bool, device: str, out: Path, model: str, threads: int, 
     from bench.phases.common import Options, resolve_device
 
     dev = resolve_device(device)
+    flags = (" --quick" if quick else "") + f" --device {dev}" + (f" --threads {threads}" if threads else "")
+    cmd = f"tokenmill bench {phase}{flags}"  # as given: a thread count picked below shows in env.torch_threads
     if not threads and dev == "cpu" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1):
         threads = 1  # other processes hold the cores: oversubscribed intra-op threads run many times slower
     if threads:
         torch.set_num_threads(threads)
-    cmd = f"tokenmill bench {phase}{' --quick' if quick else ''} --device {dev}"
     return Options(device=dev, quick=quick, out=Path(out), model=model, threads=threads, command=cmd)
 
 
