@@ -11,6 +11,11 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 MAX_CHOICES = 1024
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: -2..2
+MAX_LOGIT_BIAS = 100.0  # OpenAI's: each bias in -100..100
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_BAD_WORDS = 128
+MAX_SAMPLES = 64  # n and best_of: at most this many samples per request
 STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice")
 
 
@@ -81,10 +86,29 @@ class SamplingParams:
     top_logprobs: int = 0
     prompt_logprobs: bool = False
     structured: Structured | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    bad_words: tuple[str, ...] = ()
+    n: int = 1
+    best_of: int = 0  # samples generated (0 = n); the n best (cumulative logprob) are returned
+
+    def __post_init__(self) -> None:
+        if not self.best_of:
+            self.best_of = self.n
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalised(self) -> bool:
+        """Any of the logit processors (penalties, bias, min_tokens, bad words) is on."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens or self.bad_words)
 
     @classmethod
     def from_proto(cls, pb, default_max_tokens: int = 256) -> SamplingParams:
@@ -102,6 +126,15 @@ class SamplingParams:
             top_logprobs=pb.top_logprobs,
             prompt_logprobs=pb.prompt_logprobs,
             structured=Structured.from_proto(pb.structured) if pb.HasField("structured") else None,
+            presence_penalty=pb.presence_penalty,
+            frequency_penalty=pb.frequency_penalty,
+            repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
+            min_p=pb.min_p,
+            logit_bias=dict(pb.logit_bias),
+            min_tokens=pb.min_tokens,
+            bad_words=tuple(pb.bad_words),
+            n=pb.n or 1,
+            best_of=pb.best_of,
         )
         params.validate()
         return params
@@ -111,7 +144,12 @@ class SamplingParams:
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             stop=list(self.stop), stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos,
             logprobs=self.logprobs, top_logprobs=self.top_logprobs, prompt_logprobs=self.prompt_logprobs,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, min_p=self.min_p,
+            logit_bias=self.logit_bias, min_tokens=self.min_tokens, bad_words=list(self.bad_words),
+            n=self.n if self.n != 1 else 0, best_of=self.best_of if self.best_of != self.n else 0,
         )
+        if self.repetition_penalty != 1.0:
+            pb.repetition_penalty = self.repetition_penalty
         if self.seed is not None:
             pb.seed = self.seed
         if self.structured is not None:
@@ -138,6 +176,38 @@ class SamplingParams:
             raise InvalidRequest(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if self.top_logprobs and not (self.logprobs or self.prompt_logprobs):
             raise InvalidRequest("top_logprobs needs logprobs (or prompt_logprobs) set")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:  # NaN fails too
+                raise InvalidRequest(f"{name} must be in -{MAX_PENALTY:g}..{MAX_PENALTY:g}, got {value}")
+        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
+            raise InvalidRequest(f"repetition_penalty must be > 0 and finite (1 = off), got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise InvalidRequest(f"logit_bias may list at most {MAX_LOGIT_BIAS_ENTRIES} tokens, "
+                                 f"got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias.items():
+            if token < 0:
+                raise InvalidRequest(f"logit_bias token ids must be non-negative, got {token}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidRequest(f"logit_bias of token {token} must be in -100..100, got {bias}")
+        if self.min_tokens < 0:
+            raise InvalidRequest(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.min_tokens > self.max_tokens:
+            raise InvalidRequest(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if len(self.bad_words) > MAX_BAD_WORDS or not all(w.strip() for w in self.bad_words):
+            raise InvalidRequest(f"bad_words must list at most {MAX_BAD_WORDS} non-blank strings")
+        if not 1 <= self.n <= MAX_SAMPLES:
+            raise InvalidRequest(f"n must be in 1..{MAX_SAMPLES}, got {self.n}")
+        if not self.n <= self.best_of <= MAX_SAMPLES:
+            raise InvalidRequest(f"best_of must be in n..{MAX_SAMPLES} (n = {self.n}), got {self.best_of}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids of logit_bias (and stop_token_ids) must name tokens of the model's vocabulary."""
+        bad = sorted(t for t in self.logit_bias if t >= vocab_size)
+        if bad:
+            raise InvalidRequest(f"logit_bias names token id {bad[0]}, outside the vocabulary (0..{vocab_size - 1})")
 
     def check_fits(self, prompt_tokens: int, context_length: int) -> None:
         if prompt_tokens < 1:

@@ -75,6 +75,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 error_message=ev.error_message,
                 logprobs=logprobs_pb(ev.logprobs),
                 prompt_logprobs=logprobs_pb(ev.prompt_logprobs),
+                index=ev.index,
             )
 
     async def Cancel(self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import inference_pb2 as tokenmill_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenmill/v1/worker.proto\x12\x0ctokenmill.v1\x1a\x1ctokenmill/v1/inference.proto\"\x7f\n\rWorkerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.tokenmill.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\">\n\rSubmitRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.tokenmill.v1.WorkerRequest\"\xbb\x02\n\x0bWorkerEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tokenmill.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tokenmill.v1.Usage\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x12\n\nerror_code\x18\x07 \x01(\x05\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12,\n\x08logprobs\x18\t \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\"$\n\rCancelRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x05\"&\n\x0bLoadRequest\x12\x17\n\x0f\x65victions_after\x18\x01 \x01(\x04\"\x82\x02\n\x0cLoadResponse\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0e\x66ree_kv_blocks\x18\x03 \x01(\x05\x12\x17\n\x0ftotal_kv_blocks\x18\x04 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x1a\n\x12outstanding_tokens\x18\x07 \x01(\x03\x12\x1c\n\x14\x65victed_block_hashes\x18\x08 \x03(\x03\x12\x17\n\x0f\x65viction_serial\x18\t \x01(\x04\x12\x1b\n\x13\x65victions_truncated\x18\n \x01(\x08\"\r\n\x0bInfoRequest\"\xf6\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\x05\x12\x12\n\nmodel_impl\x18\x0b \x01(\t\x12\x16\n\x0eprefix_caching\x18\x0c \x01(\x08\x32\x8f\x02\n\x06Worker\x12\x42\n\x06Submit\x12\x1b.tokenmill.v1.SubmitRequest\x1a\x19.tokenmill.v1.WorkerEvent0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.tokenmill.v1.CancelRequest\x1a\x1c.tokenmill.v1.CancelResponse\x12=\n\x04Load\x12\x19.tokenmill.v1.LoadRequest\x1a\x1a.tokenmill.v1.LoadResponse\x12=\n\x04Info\x12\x19.tokenmill.v1.InfoRequest\x1a\x1a.tokenmill.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tokenmill/v1/worker.proto\x12\x0ctokenmill.v1\x1a\x1ctokenmill/v1/inference.proto\"\x7f\n\rWorkerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.tokenmill.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\">\n\rSubmitRequest\x12-\n\x08requests\x18\x01 \x03(\x0b\x32\x1b.tokenmill.v1.WorkerRequest\"\xca\x02\n\x0bWorkerEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tokenmill.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tokenmill.v1.Usage\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x12\n\nerror_code\x18\x07 \x01(\x05\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12,\n\x08logprobs\x18\t \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\x12\r\n\x05index\x18\x0b \x01(\x05\"$\n\rCancelRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x05\"&\n\x0bLoadRequest\x12\x17\n\x0f\x65victions_after\x18\x01 \x01(\x04\"\x82\x02\n\x0cLoadResponse\x12\x0f\n\x07running\x18\x01 \x01(\x05\x12\x0f\n\x07waiting\x18\x02 \x01(\x05\x12\x16\n\x0e\x66ree_kv_blocks\x18\x03 \x01(\x05\x12\x17\n\x0ftotal_kv_blocks\x18\x04 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x05 \x01(\x05\x12\x1d\n\x15prefix_cache_hit_rate\x18\x06 \x01(\x01\x12\x1a\n\x12outstanding_tokens\x18\x07 \x01(\x03\x12\x1c\n\x14\x65victed_block_hashes\x18\x08 \x03(\x03\x12\x17\n\x0f\x65viction_serial\x18\t \x01(\x04\x12\x1b\n\x13\x65victions_truncated\x18\n \x01(\x08\"\r\n\x0bInfoRequest\"\xf6\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\ttokenizer\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x11\n\tworker_id\x18\t \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\n \x01(\x05\x12\x12\n\nmodel_impl\x18\x0b \x01(\t\x12\x16\n\x0eprefix_caching\x18\x0c \x01(\x08\x32\x8f\x02\n\x06Worker\x12\x42\n\x06Submit\x12\x1b.tokenmill.v1.SubmitRequest\x1a\x19.tokenmill.v1.WorkerEvent0\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.tokenmill.v1.CancelRequest\x1a\x1c.tokenmill.v1.CancelResponse\x12=\n\x04Load\x12\x19.tokenmill.v1.LoadRequest\x1a\x1a.tokenmill.v1.LoadResponse\x12=\n\x04Info\x12\x19.tokenmill.v1.InfoRequest\x1a\x1a.tokenmill.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,19 +37,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUEST']._serialized_start=202
   _globals['_SUBMITREQUEST']._serialized_end=264
   _globals['_WORKEREVENT']._serialized_start=267
-  _globals['_WORKEREVENT']._serialized_end=582
-  _globals['_CANCELREQUEST']._serialized_start=584
-  _globals['_CANCELREQUEST']._serialized_end=620
-  _globals['_CANCELRESPONSE']._serialized_start=622
-  _globals['_CANCELRESPONSE']._serialized_end=657
-  _globals['_LOADREQUEST']._serialized_start=659
-  _globals['_LOADREQUEST']._serialized_end=697
-  _globals['_LOADRESPONSE']._serialized_start=700
-  _globals['_LOADRESPONSE']._serialized_end=958
-  _globals['_INFOREQUEST']._serialized_start=960
-  _globals['_INFOREQUEST']._serialized_end=973
-  _globals['_INFORESPONSE']._serialized_start=976
-  _globals['_INFORESPONSE']._serialized_end=1222
-  _globals['_WORKER']._serialized_start=1225
-  _globals['_WORKER']._serialized_end=1496
+  _globals['_WORKEREVENT']._serialized_end=597
+  _globals['_CANCELREQUEST']._serialized_start=599
+  _globals['_CANCELREQUEST']._serialized_end=635
+  _globals['_CANCELRESPONSE']._serialized_start=637
+  _globals['_CANCELRESPONSE']._serialized_end=672
+  _globals['_LOADREQUEST']._serialized_start=674
+  _globals['_LOADREQUEST']._serialized_end=712
+  _globals['_LOADRESPONSE']._serialized_start=715
+  _globals['_LOADRESPONSE']._serialized_end=973
+  _globals['_INFOREQUEST']._serialized_start=975
+  _globals['_INFOREQUEST']._serialized_end=988
+  _globals['_INFORESPONSE']._serialized_start=991
+  _globals['_INFORESPONSE']._serialized_end=1237
+  _globals['_WORKER']._serialized_start=1240
+  _globals['_WORKER']._serialized_end=1511
 # @@protoc_insertion_point(module_scope)

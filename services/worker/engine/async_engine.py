@@ -36,6 +36,7 @@ class _Tracked:
     prompt_tokens: int
     first_token: float = 0.0
     tokens: int = 0
+    choices: int = 1  # choices still to finish (n > 1: each ends with its own stop / length event)
 
 
 @dataclass(slots=True)
@@ -73,14 +74,15 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        pending: set[str] = set()
+        pending: dict[str, int] = {}  # request id -> choices not yet finished
         accepted: list[Request] = []
         for req in requests:
             if req.request_id in self._tracked or req.request_id in pending:
                 queue.put_nowait(_error(req, "ALREADY_EXISTS", f"request_id {req.request_id!r} is already running"))
                 continue
-            pending.add(req.request_id)
-            self._tracked[req.request_id] = _Tracked(queue, loop, time.monotonic(), len(req.prompt_token_ids))
+            pending[req.request_id] = req.params.n
+            self._tracked[req.request_id] = _Tracked(queue, loop, time.monotonic(), len(req.prompt_token_ids),
+                                                     choices=req.params.n)
             accepted.append(req)
         with self._wake:
             self._inbox.adds.extend(accepted)
@@ -89,9 +91,12 @@ class AsyncEngine:
         try:
             while remaining:
                 event = await queue.get()
-                if event.finish_reason is not None:
+                if event.finish_reason is not None and (not _ends_choice(event) or
+                                                        pending.get(event.request_id, 1) <= 1):
                     remaining -= 1
-                    pending.discard(event.request_id)
+                    pending.pop(event.request_id, None)
+                elif event.finish_reason is not None:
+                    pending[event.request_id] -= 1
                 yield event
         finally:
             if pending:
@@ -181,7 +186,9 @@ class AsyncEngine:
                 metrics.ttft.observe(now - tracked.arrival)
             tracked.tokens += len(event.token_ids)
             metrics.generation_tokens.inc(len(event.token_ids))
-        if event.finish_reason is not None:
+        if event.finish_reason is not None and _ends_choice(event) and tracked.choices > 1:
+            tracked.choices -= 1  # one of n choices ended; the request goes on
+        elif event.finish_reason is not None:
             del self._tracked[event.request_id]
             metrics.finished.labels(event.finish_reason).inc()
             metrics.e2e.observe(now - tracked.arrival)
@@ -213,6 +220,11 @@ class AsyncEngine:
 def _error(req: Request, code: str, message: str) -> Event:
     return Event(req.request_id, [], "", finish_reason=FINISH_ERROR, prompt_tokens=len(req.prompt_token_ids),
                  error_code=code, error_message=message)
+
+
+def _ends_choice(event: Event) -> bool:
+    """stop / length end one choice of a request; an error or a cancel ends the whole request."""
+    return event.finish_reason not in (FINISH_CANCELLED, FINISH_ERROR)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:

@@ -39,6 +39,7 @@ class BlockManager:
         self.queries = 0  # prompt tokens looked up
         self._touched = [False] * num_blocks
         self.fresh: list[int] = []  # blocks handed out for the first time: their memory is uninitialised
+        self.copies: list[tuple[int, int]] = []  # (source, destination) blocks to copy before the next forward
         self.hits = 0  # of which found cached
         self.evictions: deque[tuple[int, int]] = deque(maxlen=EVICTION_LOG)  # (serial, hash) dropped from the cache
         self.num_evictions = 0
@@ -104,11 +105,34 @@ class BlockManager:
         self.grow(seq, num_tokens)
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(num_tokens) - len(seq.block_table) <= len(self.free)
+        return self.blocks_needed(num_tokens) - len(seq.block_table) + self._shared_tail(seq) <= len(self.free)
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
+        if self._shared_tail(seq):  # copy on write: the next token lands in a block other samples still hold
+            i = seq.num_computed_tokens // self.block_size
+            old, new = seq.block_table[i], self._take_free()
+            self.copies.append((old, new))
+            self._unref(old)
+            seq.block_table[i] = new
         for _ in range(self.blocks_needed(num_tokens) - len(seq.block_table)):
             seq.block_table.append(self._take_free())
+
+    def _shared_tail(self, seq: Sequence) -> bool:
+        """The block the sequence writes next is partly filled and shared with a forked sample."""
+        i = seq.num_computed_tokens // self.block_size
+        return i < len(seq.block_table) and seq.block_table[i] != FREED and \
+            self.blocks[seq.block_table[i]].ref_count > 1
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """child holds every block of parent by reference (parallel sampling); a shared partial block is
+        copied by whichever of them writes into it first (grow)."""
+        for bid in parent.block_table:
+            if bid != FREED:
+                self.blocks[bid].ref_count += 1
+        child.block_table = list(parent.block_table)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_freed_blocks = parent.num_freed_blocks
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Give back the tail blocks past num_tokens (rejected drafted tokens); they were never hashed."""

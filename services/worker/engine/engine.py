@@ -14,9 +14,9 @@ from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.detokenizer import IncrementalDetokenizer
 from services.worker.engine.logprobs import SampledLogprobs, add_prompt_logprobs
 from services.worker.engine.model_runner import ModelRunner
-from services.worker.engine.sampler import Sampler
+from services.worker.engine.sampler import PenaltyState, Sampler, process_logits
 from services.worker.engine.scheduler import Scheduler
-from services.worker.engine.sequence import Sequence
+from services.worker.engine.sequence import SeqStatus, Sequence, SequenceGroup
 from services.worker.engine.speculative import SpecConfig, Speculator
 from services.worker.engine.types import FINISH_LENGTH, FINISH_STOP, Event, Logprob, Request, Stats
 
@@ -87,17 +87,23 @@ class PagedEngine:
             raise InvalidRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds this worker's "
                                  f"whole KV cache of {pool} tokens: lower max_tokens to at most "
                                  f"{bm.num_blocks * self.block_size - len(prompt) + 1}")
-        generator = None
-        if p.seed is not None:
-            generator = torch.Generator().manual_seed(p.seed)
+        p.check_vocab(self.vocab_size)
+        if p.best_of > self.max_num_seqs:
+            raise InvalidRequest(f"best_of / n of {p.best_of} exceeds the {self.max_num_seqs} sequences this worker "
+                                 "runs at once (--max-num-seqs): ask for fewer samples")
         stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
         self.compile_grammar(request)
         self._seq_no += 1
         seq = Sequence(request.request_id, list(prompt), len(prompt), p, request.priority, self._seq_no,
-                       request.arrival_time, IncrementalDetokenizer(self.tokenizer, prompt, p.stop), generator,
-                       stop_ids)
+                       request.arrival_time, IncrementalDetokenizer(self.tokenizer, prompt, p.stop),
+                       sample_generator(p.seed, 0), stop_ids)
         if request.grammar is not None:
             seq.matcher = self.grammars.matcher(request.grammar)
+        if p.penalised:
+            seq.penalties = PenaltyState(sorted(set(prompt)) if p.repetition_penalty != 1.0 else [],
+                                         bad_words=bad_word_ids(self.tokenizer, p.bad_words, self.vocab_size))
+        if p.best_of > 1:
+            seq.group = SequenceGroup(p.n, p.best_of, [seq], request.grammar)
         if p.prompt_logprobs:
             seq.prompt_logprobs = []
         self.seqs[seq.request_id] = seq
@@ -107,7 +113,9 @@ class PagedEngine:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.remove(seq)
+        for s in seq.group.seqs if seq.group is not None else [seq]:  # every sample of the request
+            if s.status != SeqStatus.FINISHED:
+                self.scheduler.remove(s)
         return True
 
     def has_work(self) -> bool:
@@ -118,7 +126,7 @@ class PagedEngine:
         return Stats(
             running=len(sch.running), waiting=len(sch.waiting), free_kv_blocks=bm.num_free_blocks,
             total_kv_blocks=bm.num_blocks, capacity=self.max_num_seqs,
-            outstanding_tokens=sum(s.params.max_tokens - s.num_output_tokens for s in self.seqs.values()),
+            outstanding_tokens=sum(s.params.max_tokens - s.num_output_tokens for s in self._all_seqs()),
             kv_tokens=sum(s.num_computed_tokens - s.num_freed_blocks * self.block_size for s in sch.running),
             prefix_cache_queries=bm.queries, prefix_cache_hits=bm.hits, num_preemptions=sch.num_preemptions,
             spec_draft_tokens=self.speculator.num_draft_tokens if self.speculator else 0,
@@ -135,6 +143,9 @@ class PagedEngine:
         if self.block_manager.fresh:
             self.runner.kv.zero_blocks(self.block_manager.fresh)
             self.block_manager.fresh.clear()
+        if self.block_manager.copies:  # copy-on-write of blocks forked samples shared (after zeroing: a copy
+            self.runner.kv.copy_blocks(self.block_manager.copies)  # may land in a fresh block)
+            self.block_manager.copies.clear()
         if spec:
             spec.fill(batch.seqs)
         samplers, logits = self.runner.run(batch)
@@ -145,26 +156,76 @@ class PagedEngine:
             add_prompt_logprobs(seq, first, rows)
         if logits is None:
             return []
+        if any(s.group is not None and not s.group.forked for s in samplers):
+            samplers, logits = self._fork(samplers, logits)
         rows_per_seq = [1 + len(s.spec_token_ids) for s in samplers]
         logprobs = SampledLogprobs(logits, samplers, rows_per_seq) if any(s.params.logprobs for s in samplers) \
             else None
+        starts = list(itertools.accumulate(rows_per_seq, initial=0))[:-1]
+        ranked = [(row, s) for row, s in zip(starts, samplers, strict=True)
+                  if s.group is not None and s.group.best_of > s.group.n]  # best_of: raw logprobs, ranked later
+        raw = torch.log_softmax(logits[[row for row, _ in ranked]], dim=-1) if ranked else None
         if any(s.matcher is not None for s in samplers):  # constrained rows never carry drafts
-            starts = list(itertools.accumulate(rows_per_seq, initial=0))[:-1]
             rows = [(row, s) for row, s in zip(starts, samplers, strict=True) if s.matcher is not None]
             self.grammars.mask(logits, rows)
+        if any(s.penalties is not None for s in samplers):  # penalised rows never carry drafts either
+            process_logits(logits, [(row, s) for row, s in zip(starts, samplers, strict=True)
+                                    if s.penalties is not None])
         if spec and any(s.spec_token_ids for s in samplers):
             tokens = spec.accept(logits, samplers, self.sampler)
         else:
             tokens = [[t] for t in self.sampler(logits, samplers)]
+        if ranked:
+            picked = {id(s): i for i, s in enumerate(samplers)}
+            for j, (_, s) in enumerate(ranked):
+                s.cumulative_logprob += float(raw[j, tokens[picked[id(s)]][0]])
         events = []
         for i, (seq, toks) in enumerate(zip(samplers, tokens, strict=True)):
             drafted = bool(seq.spec_token_ids)
             seq.spec_token_ids = []
-            events.append(self._append(seq, toks, len(batch.seqs), logprobs.take(i, seq, toks) if logprobs else None))
-            if drafted and seq.request_id in self.seqs:  # the fed token and the kept drafts are in the cache
+            events.extend(self._append(seq, toks, len(batch.seqs), logprobs.take(i, seq, toks) if logprobs else None))
+            if drafted and seq.status != SeqStatus.FINISHED:  # the fed token and the kept drafts are in the cache
                 self._advance(seq, len(toks))
                 self.block_manager.truncate(seq, seq.num_computed_tokens + 1)
         return events
+
+    def _fork(self, samplers: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """Parallel sampling: a parent whose prompt was just prefilled forks into its other samples, which share
+        its KV blocks and sample their first token from its logits row (each with its own generator)."""
+        out: list[Sequence] = []
+        index: list[int] = []
+        row = 0
+        for seq in samplers:
+            k = 1 + len(seq.spec_token_ids)
+            out.append(seq)
+            index.extend(range(row, row + k))
+            group = seq.group
+            if group is not None and not group.forked:
+                for i in range(1, group.best_of):
+                    child = self._child(seq, i)
+                    group.seqs.append(child)
+                    out.append(child)
+                    index.append(row + k - 1)
+            row += k
+        return out, logits[index]
+
+    def _child(self, parent: Sequence, i: int) -> Sequence:
+        p, prompt = parent.params, parent.token_ids[: parent.num_prompt_tokens]
+        child = Sequence(parent.request_id, list(parent.token_ids), parent.num_prompt_tokens, p, parent.priority,
+                         parent.seq_no, parent.arrival_time, IncrementalDetokenizer(self.tokenizer, prompt, p.stop),
+                         sample_generator(p.seed, i), parent.stop_ids, index=i, group=parent.group)
+        child.num_cached_tokens = parent.num_cached_tokens
+        if parent.group.grammar is not None:
+            child.matcher = self.grammars.matcher(parent.group.grammar)
+        if parent.penalties is not None:
+            child.penalties = PenaltyState(parent.penalties.prompt_ids, bad_words=parent.penalties.bad_words)
+        self.block_manager.fork(parent, child)
+        self.scheduler.add_running(child)
+        return child
+
+    def _all_seqs(self) -> list[Sequence]:
+        return [s for seq in self.seqs.values() for s in (seq.group.seqs if seq.group is not None else [seq])
+                if s.status != SeqStatus.FINISHED]
 
     # ---- helpers ---------------------------------------------------------------------
     def _advance(self, seq: Sequence, computed: int) -> None:
@@ -175,8 +236,9 @@ class PagedEngine:
             self.block_manager.release_before(seq, max(0, seq.num_computed_tokens - window + 1) // self.block_size)
 
     def _append(self, seq: Sequence, tokens: list[int], batch_size: int, logprobs: list[Logprob] | None = None
-                ) -> Event:
-        """Append the step's tokens (several when drafts were accepted) up to the first that finishes."""
+                ) -> list[Event]:
+        """Append the step's tokens (several when drafts were accepted) up to the first that finishes; the
+        events to send (none while a best_of request holds its samples back, all n when its last one ends)."""
         reason = None
         text = ""
         taken: list[int] = []
@@ -199,17 +261,48 @@ class PagedEngine:
                 reason = FINISH_LENGTH
             if reason is not None:
                 break
+        group = seq.group
         if reason is not None:
             text += seq.detok.flush()
-            del self.seqs[seq.request_id]
             self.scheduler.remove(seq)
+            if group is not None:
+                group.finished += 1
+            if group is None or group.finished == group.best_of:
+                del self.seqs[seq.request_id]
         prompt_logprobs = None
-        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+        streams = group is None or group.n == group.best_of
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent and streams:
             prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
-        return Event(seq.request_id, taken, text, finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
-                     completion_tokens=seq.num_output_tokens, cached_tokens=seq.num_cached_tokens,
-                     batch_size=batch_size, logprobs=logprobs[: len(taken)] if logprobs is not None else None,
-                     prompt_logprobs=prompt_logprobs)
+        completion = seq.num_output_tokens if group is None else sum(s.num_output_tokens for s in group.seqs)
+        event = Event(seq.request_id, taken, text, finish_reason=reason, prompt_tokens=seq.num_prompt_tokens,
+                      completion_tokens=completion, cached_tokens=seq.num_cached_tokens,
+                      batch_size=batch_size, logprobs=logprobs[: len(taken)] if logprobs is not None else None,
+                      prompt_logprobs=prompt_logprobs, index=seq.index)
+        if streams:
+            return [event]
+        return self._hold(group, seq, event)
+
+    def _hold(self, group: SequenceGroup, seq: Sequence, event: Event) -> list[Event]:
+        """best_of > n: gather each sample's whole output; when the last finishes, return the n with the highest
+        cumulative logprob (vLLM's rule) as one event each, indexed by rank."""
+        whole = group.held.get(seq.index)
+        if whole is None:
+            whole = group.held[seq.index] = Event(seq.request_id, [], "", prompt_tokens=event.prompt_tokens,
+                                                  cached_tokens=event.cached_tokens,
+                                                  logprobs=[] if event.logprobs is not None else None)
+        whole.token_ids += event.token_ids
+        whole.text += event.text
+        if event.logprobs is not None:
+            whole.logprobs += event.logprobs
+        whole.finish_reason, whole.batch_size = event.finish_reason, event.batch_size
+        if group.finished < group.best_of:
+            return []
+        best = sorted(group.seqs, key=lambda s: -s.cumulative_logprob)[: group.n]
+        events = [group.held[s.index] for s in best]
+        for rank, e in enumerate(events):
+            e.index, e.completion_tokens = rank, event.completion_tokens
+        events[0].prompt_logprobs = group.seqs[0].prompt_logprobs
+        return events
 
     def warmup(self) -> None:
         """One short request through every path, so the first real request does not pay for lazy init."""
@@ -220,6 +313,24 @@ class PagedEngine:
         while self.has_work():
             self.step()
         bm.queries, bm.hits = queries, hits
+
+
+def sample_generator(seed: int | None, index: int) -> torch.Generator | None:
+    """The generator of a seeded request's sample `index`: seed + index (as vLLM seeds parallel samples), so
+    sample 0 is what the request gives with n = 1."""
+    return None if seed is None else torch.Generator().manual_seed((seed + index) % 2**64)
+
+
+def bad_word_ids(tokenizer: Any, words: tuple[str, ...], vocab_size: int) -> list[list[int]]:
+    """Token ids of each bad word as it would appear in the output: alone and after a space (vLLM's two
+    spellings); spellings with a token outside the model's vocabulary are dropped."""
+    out: list[list[int]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if ids and ids not in out and max(ids) < vocab_size:
+                out.append(ids)
+    return out
 
 
 def engine_options(config: Any) -> dict[str, Any]:

@@ -39,7 +39,10 @@ class HFStaticEngine:
     def add_request(self, request: Request) -> None:
         p = request.params
         asked = [name for name, on in (("logprobs", p.logprobs or p.prompt_logprobs),
-                                       ("structured output", p.structured is not None)) if on]
+                                       ("structured output", p.structured is not None),
+                                       ("penalties, logit_bias, min_p, min_tokens and bad_words",
+                                        p.penalised or p.min_p > 0),
+                                       ("n / best_of > 1", p.best_of > 1)) if on]
         if asked:
             raise InvalidRequest(f"{' and '.join(asked)} need the paged engine; this worker runs --engine hf-static")
         request.params.check_fits(len(request.prompt_token_ids), self.max_model_len)

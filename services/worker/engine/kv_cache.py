@@ -91,6 +91,13 @@ class KVCache:
         for t in (*self.k, *self.v):
             t.index_fill_(self._block_dim, idx, 0.0)
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (source, destination) in every layer: copy-on-write of forked samples' blocks."""
+        src = torch.tensor([a for a, _ in pairs], dtype=torch.long, device=self.device)
+        dst = torch.tensor([b for _, b in pairs], dtype=torch.long, device=self.device)
+        for t in (*self.k, *self.v):
+            t.index_copy_(self._block_dim, dst, t.index_select(self._block_dim, src))
+
     @staticmethod
     def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                         dtype: torch.dtype) -> int:

@@ -5,13 +5,100 @@ vocabulary entry from the request's own torch.Generator when it set a seed. That
 probability p_i, and a seeded request gets the same tokens whatever else shares its batch: a float-noise
 change of p (another batch shape) flips the choice only where two ratios tie, whereas walking the
 cumulative distribution flips whenever the draw lands near any boundary.
+
+Before any of that, `process_logits` applies the logit processors of the rows that ask (the rest pay nothing),
+in vLLM's order: logit_bias, min_tokens (EOS and stop ids masked), bad_words, then the penalties —
+repetition (CTRL / transformers: over prompt + generated tokens, a positive logit divided by it, a negative
+one multiplied), frequency and presence (OpenAI: over generated tokens, logit -= count * frequency +
+presence). They change the argmax too, so greedy rows get them. min_p filters after temperature, with top-k
+and top-p. Each sequence keeps its counts up to date incrementally (`PenaltyState`), and the updates touch
+only the tokens that occurred, so a step costs O(distinct tokens) per penalised row, not O(vocabulary).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from services.worker.engine.sequence import Sequence
+
+NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class PenaltyState:
+    """A sequence's token statistics for its penalties, advanced with the tokens it generates."""
+
+    prompt_ids: list[int]  # the prompt's distinct tokens
+    counts: dict[int, int] = field(default_factory=dict)  # generated token -> times generated
+    counted: int = 0  # generated tokens already in counts
+    bad_words: list[list[int]] = field(default_factory=list)  # token ids of each bad word (all spellings)
+
+    def update(self, seq: Sequence) -> None:
+        out = seq.token_ids[seq.num_prompt_tokens + self.counted :]
+        for t in out:
+            self.counts[t] = self.counts.get(t, 0) + 1
+        self.counted += len(out)
+
+
+def penalty_state(seq: Sequence) -> PenaltyState:
+    state = seq.penalties
+    if state is None:
+        p = seq.params
+        prompt = sorted(set(seq.token_ids[: seq.num_prompt_tokens])) if p.repetition_penalty != 1.0 else []
+        state = seq.penalties = PenaltyState(prompt)
+    state.update(seq)
+    return state
+
+
+@torch.inference_mode()  # the runner's logits are inference tensors
+def process_logits(logits: torch.Tensor, rows: list[tuple[int, Sequence]]) -> None:
+    """Apply the logit processors of each (row, sequence) in place: one row per sequence (no drafts)."""
+    vocab = logits.shape[-1]
+    rep_r: list[int] = []
+    rep_t: list[int] = []
+    rep_p: list[float] = []
+    pen_r: list[int] = []
+    pen_t: list[int] = []
+    pen_v: list[float] = []
+    masked_r: list[int] = []
+    masked_t: list[int] = []
+    for row, seq in rows:
+        p = seq.params
+        state = penalty_state(seq)
+        if p.logit_bias:
+            ids = [t for t in p.logit_bias if t < vocab]
+            logits[row, ids] += torch.tensor([p.logit_bias[t] for t in ids], dtype=logits.dtype, device=logits.device)
+        if seq.num_output_tokens < p.min_tokens:
+            stops = [t for t in seq.stop_ids if t < vocab]
+            masked_r += [row] * len(stops)
+            masked_t += stops
+        out = seq.output_token_ids
+        for word in state.bad_words:
+            if len(word) <= len(out) + 1 and (len(word) == 1 or out[len(out) - len(word) + 1 :] == word[:-1]):
+                masked_r.append(row)
+                masked_t.append(word[-1])
+        if p.repetition_penalty != 1.0:
+            seen = set(state.prompt_ids).union(state.counts) if state.counts else state.prompt_ids
+            rep_r += [row] * len(seen)
+            rep_t += seen
+            rep_p += [p.repetition_penalty] * len(seen)
+        if (p.frequency_penalty or p.presence_penalty) and state.counts:
+            pen_r += [row] * len(state.counts)
+            pen_t += state.counts
+            pen_v += [c * p.frequency_penalty + p.presence_penalty for c in state.counts.values()]
+    dev = logits.device
+    if rep_r:
+        r, t = torch.tensor(rep_r, device=dev), torch.tensor(rep_t, device=dev)
+        penalty = torch.tensor(rep_p, dtype=logits.dtype, device=dev)
+        values = logits[r, t]
+        logits[r, t] = torch.where(values < 0, values * penalty, values / penalty)
+    if pen_r:
+        r, t = torch.tensor(pen_r, device=dev), torch.tensor(pen_t, device=dev)
+        logits[r, t] -= torch.tensor(pen_v, dtype=logits.dtype, device=dev)
+    if masked_r:
+        logits[torch.tensor(masked_r, device=dev), torch.tensor(masked_t, device=dev)] = NEG_INF
 
 
 class Sampler:
@@ -54,6 +141,11 @@ class Sampler:
         dev, vocab = logits.device, logits.shape[-1]
         temps = torch.tensor([s.params.temperature for s in seqs], device=dev)
         logits = logits / temps[:, None]
+        min_p = [s.params.min_p for s in seqs]
+        if max(min_p) > 0.0:  # drop tokens below min_p x the top token's probability (after temperature)
+            probs = logits.softmax(dim=-1)
+            floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=dev)[:, None]
+            logits = logits.masked_fill(probs < floor, NEG_INF)
         top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
         top_p = [s.params.top_p for s in seqs]
         order = None

@@ -5,7 +5,11 @@ Every step has a token budget and a sequence cap. Running sequences go first, in
 the next chunk that fits the budget. When a running sequence needs a block and
 none is free, the newest lowest-priority running sequence is preempted: its blocks
 are released (full ones stay in the prefix cache) and it is recomputed later.
-Waiting sequences are admitted only in steps without preemption. A decode may carry drafted
+Waiting sequences are admitted only in steps without preemption. A parallel-sampling request (n / best_of > 1)
+is admitted as one sequence that reserves a slot for each of its samples; its samples fork from it once the
+prompt is prefilled (BlockManager.fork) and from then on are scheduled, and preempted and recomputed, one by
+one like any other sequence: each keeps its tokens and its own generator, so a recomputed sample continues
+exactly where it was. A decode may carry drafted
 tokens (speculation): they count against the budget and are dropped rather than preempt.
 
 `max_waiting_steps` (TGI's max-waiting-tokens): while sequences run, new prompts wait up to that many
@@ -46,6 +50,18 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked sample: it already holds its blocks (shared with its parent)."""
+        seq.status = SeqStatus.RUNNING
+        seq.first_scheduled = True
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+
+    @property
+    def slots_taken(self) -> int:
+        """Running sequences plus the samples the unforked parallel-sampling requests among them will add."""
+        return len(self.running) + sum(s.group.best_of - 1 for s in self.running
+                                       if s.group is not None and not s.group.forked)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -102,8 +118,12 @@ class Scheduler:
         return False
 
     def _admit(self, scheduled: list[Sequence], budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        taken = self.slots_taken
+        while self.waiting and budget > 0 and taken < self.max_num_seqs:
             seq = self.waiting[0]
+            slots = seq.group.best_of if seq.group is not None and not seq.group.forked else 1
+            if taken + slots > self.max_num_seqs:
+                break
             # every prompt position of a prompt-logprobs request needs its logits: none may come from the cache
             hits, hashes = ([], []) if seq.wants_prompt_rows else self.bm.match_prefix(seq)
             n = min(seq.num_tokens - len(hits) * self.bm.block_size, budget)
@@ -118,6 +138,7 @@ class Scheduler:
             bisect.insort(self.running, seq, key=lambda s: s.sort_key)
             scheduled.append(seq)
             budget -= n
+            taken += slots
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.release(seq)

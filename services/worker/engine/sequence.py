@@ -9,6 +9,23 @@ from typing import Any
 from services.common.sampling import SamplingParams
 
 
+@dataclass(slots=True, eq=False)
+class SequenceGroup:
+    """The samples of one request with n / best_of > 1. The first sequence prefills the prompt alone; when it
+    samples its first token the rest fork from it (sharing its KV blocks) and each goes its own way."""
+
+    n: int  # choices returned
+    best_of: int  # samples generated
+    seqs: list[Sequence]  # by sample index: the parent alone until the fork
+    grammar: Any = None  # compiled grammar of a constrained request: each fork gets its own matcher
+    finished: int = 0  # samples finished
+    held: dict = field(default_factory=dict)  # best_of > n: sample index -> its whole output (an Event) so far
+
+    @property
+    def forked(self) -> bool:
+        return len(self.seqs) == self.best_of
+
+
 class SeqStatus(enum.Enum):
     WAITING = 0
     RUNNING = 1
@@ -43,6 +60,10 @@ class Sequence:
     matcher: Any = None  # grammar matcher of a constrained request (structured output), advanced per token
     prompt_logprobs: list | None = None  # Logprob of prompt tokens 2..n so far, when the request asked
     prompt_logprobs_sent: bool = False  # they went out with the first event
+    penalties: Any = None  # sampler.PenaltyState of a request with penalties, bias, min_tokens or bad words
+    index: int = 0  # its sample's index within a parallel-sampling request (n / best_of > 1)
+    group: SequenceGroup | None = None  # the request's samples, when it has more than one
+    cumulative_logprob: float = 0.0  # sum of its generated tokens' logprobs (kept for best_of > n)
 
     @property
     def wants_prompt_rows(self) -> bool:

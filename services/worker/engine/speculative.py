@@ -92,7 +92,9 @@ class Speculator:
         for seq in decoding:
             k = min(self._budget(seq, floor), seq.params.max_tokens - seq.num_output_tokens - 1,
                     self.max_model_len - seq.num_tokens - 1) if on else 0
-            if k <= 0 or seq.matcher is not None:  # constrained requests do not speculate (structured.py)
+            # constrained, penalised and parallel-sampling requests do not speculate (their rows are processed
+            # or ranked per generated token)
+            if k <= 0 or seq.matcher is not None or seq.penalties is not None or seq.group is not None:
                 seq.spec_token_ids = []
             elif self.cfg.method == "ngram":
                 seq.spec_token_ids = ngram_draft(seq.token_ids, k, self.cfg.max_ngram)

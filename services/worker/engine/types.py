@@ -49,6 +49,7 @@ class Event:
     error_message: str = ""
     logprobs: list[Logprob] | None = None  # one per token_ids entry when the request asked
     prompt_logprobs: list[Logprob] | None = None  # prompt tokens 2..n, on the request's first event
+    index: int = 0  # the choice it belongs to (n > 1); stop / length end that choice, the request ends with all n
 
 
 @dataclass(slots=True)
