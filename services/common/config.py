@@ -62,7 +62,7 @@ class WorkerConfig:
     speculative_max_batch: int = setting(64, "paged: speculate only while at most this many sequences decode.")
     speculative_min_acceptance: float = setting(-1.0, "paged: a sequence drafts while its acceptance rate is at "
                                                 "least this; < 0 = per mode (ngram 0, draft 0.6).")
-    speculative_token_cost: float = setting(0.15, "paged: per-token / fixed cost of a step (measured by bench "
+    speculative_token_cost: float = setting(0.3, "paged: per-token / fixed cost of a step (measured by bench "
                                             "speculative); sets the acceptance a sequence needs with n decoding: "
                                             "c*n / (1 + c*n).")
     step_delay_ms: float = setting(0.0, "Sleep this long per engine step (tests: a slow worker).")

@@ -11,11 +11,12 @@ rejection sampling with a point-mass proposal (both drafts are deterministic): k
 probability p(x), else draw from p without x, renormalised, and stop; when all K are kept, draw one more
 from p. The output distribution is the target's (Leviathan et al. 2023, with q one-hot at the draft).
 When (per step and sequence): a step of n tokens costs about a + b*n (a: reading the weights and the
-per-layer overhead, b: each token's own compute; `token_cost` = b / a: 0.14-0.15 measured by `tokenmill bench
-speculative` on the native step over the GGUF's 4-bit blocks, 2-core CPU, 1 thread; it was 0.06 on fp32).
+per-layer overhead, b: each token's own compute; `token_cost` = b / a: 0.30 measured by `tokenmill bench
+speculative` on the native step over the GGUF's 4-bit blocks, 2-core CPU, 1 thread, the least loaded of five
+runs (0.14-0.30: other processes slow the fixed part most); it was 0.06 on the fp32 step).
 A sequence's K drafts add K*b and bring rate*K accepted tokens, where rate = (accepted + 1) / (drafted + 2)
 is its own acceptance so far; with n sequences decoding a token costs (a + b*n) / n, so drafting pays while
-rate >= b*n / (a + b*n) = token_cost*n / (1 + token_cost*n): about 0.13 at n = 1, 0.55 at 8, 0.83 at 32.
+rate >= b*n / (a + b*n) = token_cost*n / (1 + token_cost*n): about 0.23 at n = 1, 0.71 at 8, 0.91 at 32.
 The self-draft's own passes cost more, so it also needs rate >= `min_acceptance` (default 0.6). A sequence
 below its floor probes one drafted token every PROBE_EVERY decode steps; `max_batch` caps n outright.
 """
@@ -43,7 +44,7 @@ class SpecConfig:
     draft_layers: int = 0  # draft: the target's first N layers; 0 = a quarter of them
     max_batch: int = 64  # speculate only while at most this many sequences decode
     min_acceptance: float = -1.0  # a sequence drafts while its acceptance rate is at least this; < 0: per mode
-    token_cost: float = 0.15  # b / a of the step cost model a + b * tokens (see the module docstring)
+    token_cost: float = 0.3  # b / a of the step cost model a + b * tokens (see the module docstring)
     max_ngram: int = 3
 
     def validate(self, num_layers: int) -> None:
