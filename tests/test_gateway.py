@@ -92,9 +92,27 @@ BAD_HTTP = [  # (path, raw body, status, fragment of the message)
     ("chat", {"messages": "hi"}, 400, "'messages'"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages.0.content"),
-    ("chat", {"messages": HI, "n": 2}, 400, "unsupported parameter: n"),
-    ("chat", {"messages": HI, "presence_penalty": 0.5, "logit_bias": {"5": 1}}, 400,
-     "unsupported parameters: logit_bias, presence_penalty"),
+    ("chat", {"messages": HI, "tools": [{"type": "function"}], "store": True}, 400,
+     "unsupported parameters: store, tools"),
+    ("chat", {"messages": HI, "n": 0}, 400, "n must be at least 1"),
+    ("chat", {"messages": HI, "n": 65}, 400, "n must be in 1..64"),
+    ("chat", {"messages": HI, "n": 2, "best_of": 1}, 400, "best_of must be in n..64"),
+    ("chat", {"messages": HI, "n": 2, "best_of": 3, "stream": True}, 400, "best_of > n cannot be streamed"),
+    ("chat", {"messages": HI, "n": "2"}, 400, "'n'"),
+    ("chat", {"messages": HI, "presence_penalty": 2.5}, 400, "presence_penalty must be in -2..2"),
+    ("chat", {"messages": HI, "frequency_penalty": -3}, 400, "frequency_penalty must be in -2..2"),
+    ("chat", {"messages": HI, "frequency_penalty": "high"}, 400, "'frequency_penalty'"),
+    ("chat", {"messages": HI, "repetition_penalty": 0}, 400, "repetition_penalty must be > 0"),
+    ("chat", {"messages": HI, "min_p": 1.5}, 400, "min_p must be in [0, 1]"),
+    ("chat", {"messages": HI, "logit_bias": {"5": 101}}, 400, "logit_bias of token 5 must be in -100..100"),
+    ("chat", {"messages": HI, "logit_bias": {"owl": 1}}, 400, "logit_bias keys must be token ids"),
+    ("chat", {"messages": HI, "logit_bias": {"99999999": 1}}, 400, "outside the vocabulary"),
+    ("chat", {"messages": HI, "logit_bias": {"-1": 1}}, 400, "logit_bias token ids must be in"),
+    ("chat", {"messages": HI, "logit_bias": {"5": "x"}}, 400, "'logit_bias'"),
+    ("chat", {"messages": HI, "min_tokens": -1}, 400, "min_tokens must be >= 0"),
+    ("chat", {"messages": HI, "max_tokens": 4, "min_tokens": 5}, 400, "must not exceed max_tokens"),
+    ("chat", {"messages": HI, "bad_words": [" "]}, 400, "bad_words must list"),
+    ("chat", {"messages": HI, "bad_words": "owl"}, 400, "'bad_words'"),
     ("chat", {"messages": HI, "frobnicate": True}, 400, "unsupported parameter: frobnicate"),
     ("chat", {"messages": HI, "top_logprobs": 3}, 400, "top_logprobs needs logprobs"),
     ("chat", {"messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "'top_logprobs'"),
@@ -131,7 +149,7 @@ def test_bad_input_http_is_a_4xx_json_error(gateway, path, body, status, fragmen
 
 def test_neutral_values_of_unsupported_parameters_pass(gateway):
     body = {"messages": HI, "max_tokens": 2, "n": 1, "presence_penalty": 0, "frequency_penalty": 0.0,
-            "logit_bias": {}, "seed": -5, "top_k": -1, "stream": False}
+            "logit_bias": {}, "seed": -5, "top_k": -1, "stream": False, "tools": [], "store": False}
     assert httpx.post(gateway["http"] + "/v1/chat/completions", json=body, timeout=60).status_code == 200
 
 
@@ -337,3 +355,39 @@ def test_cancelled_stream_frees_worker_kv_blocks(cluster):
                 break
             time.sleep(0.02)
         assert (after.running, after.free_kv_blocks) == (0, total), after
+
+
+def test_n_choices_and_penalties_over_http_and_grpc(gateway, stub):
+    """n seeded choices: the openai client's non-streamed choices equal its streamed ones (chunks by index) and
+    gRPC's per-choice responses; usage counts every sample; best_of returns n; a logit_bias means the same on
+    both fronts."""
+    client = openai.OpenAI(base_url=gateway["http"] + "/v1", api_key="unused")
+    kw = dict(model="smollm2-135m", messages=[{"role": "user", "content": STORY}], max_tokens=8, temperature=0.9,
+              seed=7, n=3, extra_body={"ignore_eos": True, "repetition_penalty": 1.2})
+    reply = client.chat.completions.create(**kw)
+    texts = [c.message.content for c in reply.choices]
+    assert [c.index for c in reply.choices] == [0, 1, 2] and len(set(texts)) >= 2
+    assert reply.usage.completion_tokens == 3 * 8
+    streamed = ["", "", ""]
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == texts
+
+    request = chat(STORY, max_tokens=8, temperature=0.9, seed=7, n=3, ignore_eos=True, repetition_penalty=1.2)
+    r = stub.Generate(request, timeout=120)
+    assert [c.text for c in r.choices] == texts and r.text == texts[0] and r.usage.completion_tokens == 24
+    by_index = collections.defaultdict(str)
+    for part in stub.GenerateStream(request, timeout=120):
+        by_index[part.index] += part.text
+    assert [by_index[i] for i in range(3)] == texts
+
+    best = client.completions.create(model="smollm2-135m", prompt="Once upon a time", max_tokens=6, n=2,
+                                     extra_body={"best_of": 4, "ignore_eos": True}, seed=3, temperature=1.0)
+    assert [c.index for c in best.choices] == [0, 1] and best.usage.completion_tokens == 4 * 6
+
+    owl = 23142  # " owl" in SmolLM2's vocabulary
+    biased = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=3, temperature=0, logit_bias={str(owl): 100})
+    g = stub.Generate(chat("hi", max_tokens=3, logit_bias={owl: 100.0}), timeout=60)
+    assert list(g.token_ids) == [owl] * 3 and biased.choices[0].message.content == g.text

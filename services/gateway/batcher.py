@@ -179,7 +179,7 @@ class Batcher:
         by_id = {p.request_id: p for p in batch}
         for p in batch:
             p.worker, p.dispatched, p.batch_size = worker, now, len(batch)
-            worker.inflight[p.request_id] = p.params.max_tokens
+            worker.inflight[p.request_id] = p.params.max_tokens * p.params.best_of
             worker.sent += 1
             self.picker.dispatched(p, p.route)
         metrics.batch_size.observe(len(batch))
@@ -196,7 +196,7 @@ class Batcher:
                 if p is None:
                     continue
                 self._on_event(worker, p, ev)
-                if ev.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED:
+                if ev.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED and p.done:  # all its choices
                     unfinished.discard(ev.request_id)
                     worker.inflight.pop(ev.request_id, None)
                     worker.served += 1
@@ -226,16 +226,20 @@ class Batcher:
             if not p.first_token:
                 p.first_token = time.monotonic()
                 metrics.ttft.observe(p.first_token - p.received)
-            p.token_ids.extend(ev.token_ids)
-            p.text.append(ev.text)
-            p.logprobs.extend(ev.logprobs)
+            out = p.output(ev.index)
+            out.token_ids.extend(ev.token_ids)
+            out.text.append(ev.text)
+            out.logprobs.extend(ev.logprobs)
             worker.inflight[p.request_id] = max(0, worker.inflight.get(p.request_id, 0) - len(ev.token_ids))
             if p.streaming:
                 p.committed = True
-                p.out.put_nowait(Chunk(ev.text, list(ev.token_ids), logprobs=list(ev.logprobs)))
+                p.out.put_nowait(Chunk(ev.text, list(ev.token_ids), logprobs=list(ev.logprobs), index=ev.index))
         if ev.finish_reason == inference_pb2.FINISH_REASON_UNSPECIFIED:
             return
-        p.usage = ev.usage
+        p.usage = ev.usage  # a finishing event's usage counts every sample's tokens so far
+        if ev.finish_reason in (inference_pb2.FINISH_REASON_STOP, inference_pb2.FINISH_REASON_LENGTH) and \
+                p.end_choice(ev.index, FINISH_NAMES[ev.finish_reason]):
+            return  # other choices (sampling.n > 1) go on
         if ev.finish_reason == inference_pb2.FINISH_REASON_ERROR:
             code = status_code(code_name(ev.error_code))
             metrics.requests.labels(code.name).inc()
@@ -244,16 +248,14 @@ class Batcher:
             metrics.requests.labels("OK").inc()
             metrics.e2e.observe(time.monotonic() - p.received)
             self.picker.finished(p, worker)
-            p.finish(Chunk(finish_reason=FINISH_NAMES[ev.finish_reason]))
+            p.finish(Chunk(finish_reason=FINISH_NAMES[ev.finish_reason], index=ev.index))
 
     def _retry_or_fail(self, p: Pending, code: grpc.StatusCode, message: str) -> None:
         if p.done:
             return
         if code in RETRYABLE and not p.committed and p.attempts + 1 < MAX_ATTEMPTS:
             p.attempts += 1
-            p.token_ids.clear()
-            p.text.clear()
-            p.logprobs.clear()
+            p.clear_outputs()
             p.worker, p.first_token = None, 0.0
             metrics.retries.inc()
             log.info("retrying %s (attempt %d)", p.request_id, p.attempts + 1)

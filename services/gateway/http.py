@@ -112,10 +112,11 @@ class OpenAIFront:
         meta, text = self._meta(chat=True), self.gw.token_text
 
         def choice(chunk: Chunk, first: bool, whole: bool) -> dict:
-            body = "".join(p.text) if whole else chunk.text
-            lps = (p.logprobs if whole else chunk.logprobs) if req.logprobs else None
-            out = {"index": 0, "logprobs": chat_logprobs(lps, text) if lps is not None else None,
-                   "finish_reason": chunk.finish_reason}
+            o = p.output(chunk.index)
+            body = "".join(o.text) if whole else chunk.text
+            lps = (o.logprobs if whole else chunk.logprobs) if req.logprobs else None
+            out = {"index": chunk.index, "logprobs": chat_logprobs(lps, text) if lps is not None else None,
+                   "finish_reason": (o.finish_reason or chunk.finish_reason) if whole else chunk.finish_reason}
             if whole:
                 return {**out, "message": {"role": "assistant", "content": body}}
             return {**out, "delta": {"role": "assistant", "content": body} if first else {"content": body}}
@@ -123,8 +124,8 @@ class OpenAIFront:
         if req.stream:
             return await self._stream(request, p, meta, "chat.completion.chunk", choice, req)
         chunk = await self.gw.final(p)
-        return web.json_response({**meta, "object": "chat.completion", "choices": [choice(chunk, True, True)],
-                                  "usage": usage(p.usage)})
+        choices = [choice(Chunk(finish_reason=chunk.finish_reason, index=i), True, True) for i in range(req.choices)]
+        return web.json_response({**meta, "object": "chat.completion", "choices": choices, "usage": usage(p.usage)})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = parse(CompletionRequest, await self._body(request))
@@ -148,13 +149,17 @@ class OpenAIFront:
         choices = []
         for i, (prompt, p, chunk) in enumerate(zip(prompts, pendings, finals, strict=True)):
             add_usage(total, p.usage)
-            choices.append({**self._completion_choice(req, prompt, p)(chunk, True, True), "index": i})
+            for j in range(req.choices):  # OpenAI's order: prompt by prompt, n choices each
+                whole = self._completion_choice(req, prompt, p)(Chunk(finish_reason=chunk.finish_reason, index=j),
+                                                                 True, True)
+                choices.append({**whole, "index": i * req.choices + j})
         return web.json_response({**meta, "object": "text_completion", "choices": choices, "usage": usage(total)})
 
     def _completion_choice(self, req: CompletionRequest, prompt: str | list[int], p: Pending
                            ) -> Callable[[Chunk, bool, bool], dict]:
         def choice(chunk: Chunk, first: bool, whole: bool) -> dict:
-            text = "".join(p.text) if whole else chunk.text
+            o = p.output(chunk.index)
+            text = "".join(o.text) if whole else chunk.text
             echo = ""
             if req.echo and first:
                 echo = prompt if isinstance(prompt, str) else self.gw.validator.tokenizer.decode(prompt)
@@ -162,8 +167,9 @@ class OpenAIFront:
             if req.logprobs is not None:
                 echoed = req.echo and first
                 lps = completion_logprobs(p.prompt_ids if echoed else [], p.prompt_logprobs if echoed else [],
-                                          p.logprobs if whole else chunk.logprobs, self.gw.token_text)
-            return {"index": 0, "text": echo + text, "logprobs": lps, "finish_reason": chunk.finish_reason}
+                                          o.logprobs if whole else chunk.logprobs, self.gw.token_text)
+            return {"index": chunk.index, "text": echo + text, "logprobs": lps,
+                    "finish_reason": (o.finish_reason or chunk.finish_reason) if whole else chunk.finish_reason}
 
         return choice
 
@@ -183,10 +189,10 @@ class OpenAIFront:
             await resp.write(f"data: {data}\n\n".encode())
 
         try:
-            chunk, is_first = first, True
-            while chunk is not None:
-                await send({**meta, "object": obj, "choices": [choice(chunk, is_first, False)]})
-                is_first = False
+            chunk, seen = first, set()
+            while chunk is not None:  # choices by index (n > 1): each one's first chunk carries the role
+                await send({**meta, "object": obj, "choices": [choice(chunk, chunk.index not in seen, False)]})
+                seen.add(chunk.index)
                 chunk = None if chunk.final else await anext(chunks, None)
             if include_usage:
                 await send({**meta, "object": obj, "choices": [], "usage": usage(p.usage)})

@@ -21,10 +21,9 @@ Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]  # negative: its 6
 TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 # accepted only with these values, which change nothing; anything else is refused by name
 OPTIONAL_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "n": (1,), "best_of": (1,), "logit_bias": ({},),
     "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (False, True), "functions": ([],),
     "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"), "suffix": ("",),
-    "modalities": (["text"],), "min_tokens": (0,), "repetition_penalty": (1, 1.0),
+    "modalities": (["text"],),
 }
 TYPE_NAMES = {"str", "int", "bool", "float", "dict", "list", "none"}
 
@@ -86,12 +85,22 @@ class Common(BaseModel):
     guided_regex: StrictStr | None = None
     guided_choice: list[StrictStr] | None = None
     n: Int32 | None = None
+    best_of: Int32 | None = None  # vLLM's / legacy OpenAI's: samples generated, the n best returned
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    repetition_penalty: Float | None = None  # vLLM's extras from here on
+    min_p: Float | None = None
+    logit_bias: dict[StrictStr, Float] | None = None  # token id (as a string, OpenAI's JSON) -> bias
+    min_tokens: Int32 | None = None
+    bad_words: list[StrictStr] | None = None
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
     def refuse_unsupported(self) -> None:
         bad = sorted(k for k, v in (self.model_extra or {}).items()
                      if v is not None and v not in OPTIONAL_NEUTRAL.get(k, ()))
-        if self.n not in (None, 1):
-            bad.insert(0, "n")
         if bad:
             them = "them" if len(bad) > 1 else "it"
             raise InvalidRequest(f"unsupported parameter{'s' if len(bad) > 1 else ''}: {', '.join(bad)} "
@@ -123,6 +132,29 @@ class Common(BaseModel):
         if len(kinds) > 1:
             raise InvalidRequest(f"{' and '.join(kinds)} each constrain the output: send one of them")
 
+    def penalties(self, pb: inference_pb2.SamplingParams) -> None:
+        """Penalties, filters and n / best_of onto the wire fields (their ranges are checked with the rest of the
+        sampling parameters: SamplingParams.validate)."""
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "n",
+                     "best_of"):
+            if getattr(self, name) is not None:
+                setattr(pb, name, getattr(self, name))
+        for name in ("n", "best_of"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InvalidRequest(f"{name} must be at least 1, got {getattr(self, name)}")
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}") from None
+            if not 0 <= token <= INT32:
+                raise InvalidRequest(f"logit_bias token ids must be in 0..{INT32}, got {token}")
+            pb.logit_bias[token] = bias
+        pb.bad_words.extend(self.bad_words or [])
+        if self.stream and (self.best_of or 1) > self.choices:
+            raise InvalidRequest("best_of > n cannot be streamed: the n best are known only once every sample has "
+                                 "finished; send stream: false, or best_of = n")
+
     def sampling(self, max_tokens: int | None) -> inference_pb2.SamplingParams:
         pb = inference_pb2.SamplingParams(ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids or [])
         if max_tokens is not None:
@@ -136,6 +168,7 @@ class Common(BaseModel):
         if self.seed is not None:
             pb.seed = self.seed % 2**64
         pb.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
+        self.penalties(pb)
         self.structured(pb.structured)
         if not pb.structured.ListFields():
             pb.ClearField("structured")

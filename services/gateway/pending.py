@@ -19,16 +19,28 @@ class QueueFull(Exception):
 
 
 @dataclass(slots=True)
+class Output:
+    """One choice's result so far (sampling.n > 1: one per choice, by index)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
 class Chunk:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: tuple[grpc.StatusCode, str] | None = None
     logprobs: list = field(default_factory=list)  # TokenLogprob per token, when the request asked
+    index: int = 0  # the choice it belongs to (sampling.n > 1)
+    last: bool = True  # False on the finish of a choice while other choices go on
 
     @property
     def final(self) -> bool:
-        return self.finish_reason is not None or self.error is not None
+        return (self.finish_reason is not None and self.last) or self.error is not None
 
 
 @dataclass(eq=False)
@@ -55,6 +67,31 @@ class Pending:
     session_id: str = ""
     route: Any = None  # the picker's Choice for its current attempt
     hashes: dict[int, list[int]] = field(default_factory=dict)  # block size -> its cacheable prompt blocks' hashes
+
+    def __post_init__(self) -> None:
+        # choice 0 is token_ids / text / logprobs themselves; sampling.n > 1 adds one Output per further choice
+        self.outputs = [Output(self.token_ids, self.text, self.logprobs)] + [Output() for _ in range(self.params.n - 1)]
+
+    def output(self, index: int) -> Output:
+        return self.outputs[index] if 0 <= index < len(self.outputs) else self.outputs[0]
+
+    def end_choice(self, index: int, reason: str) -> bool:
+        """Choice `index` ended with `reason`; True while other choices go on (its finish then goes out as a
+        chunk of its own when streaming)."""
+        self.output(index).finish_reason = reason
+        if all(o.finish_reason is not None for o in self.outputs):
+            return False
+        if self.streaming:
+            self.out.put_nowait(Chunk(finish_reason=reason, index=index, last=False))
+        return True
+
+    def clear_outputs(self) -> None:
+        """A retry starts every choice over."""
+        for o in self.outputs:
+            o.token_ids.clear()
+            o.text.clear()
+            o.logprobs.clear()
+            o.finish_reason = None
 
     def finish(self, chunk: Chunk) -> None:
         if not self.done:

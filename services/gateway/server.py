@@ -25,6 +25,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except GatewayError as exc:
             await context.abort(exc.code, exc.message)
 
+    @staticmethod
+    async def _check_stream(request: inference_pb2.GenerateRequest, context) -> None:
+        s = request.sampling
+        if s.best_of > max(s.n, 1):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "best_of > n cannot be streamed: the n best are "
+                                "known only once every sample has finished; use Generate, or best_of = n")
+
     async def Generate(self, request, context):
         p = await self._admit(request, context, streaming=False)
         try:
@@ -33,6 +40,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await context.abort(exc.code, exc.message)
 
     async def GenerateStream(self, request, context):
+        await self._check_stream(request, context)
         p = await self._admit(request, context, streaming=True)
         try:
             first = True
@@ -53,7 +61,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             timing=p.timing() if final else None,
             model=self.gw.model,
             logprobs=self._named(p.logprobs if whole else chunk.logprobs),
+            index=0 if whole else chunk.index,
         )
+        if whole and len(p.outputs) > 1:  # sampling.n > 1: every choice
+            out.finish_reason = FINISH_REASONS[p.outputs[0].finish_reason or chunk.finish_reason]
+            out.choices.extend(inference_pb2.Choice(
+                index=i, text="".join(o.text), token_ids=o.token_ids, logprobs=self._named(o.logprobs),
+                finish_reason=FINISH_REASONS[o.finish_reason or chunk.finish_reason]) for i, o in enumerate(p.outputs))
         if first and p.params.prompt_logprobs:
             out.prompt_logprobs.extend(self._named(p.prompt_logprobs))
             out.prompt_token_ids.extend(p.prompt_ids)

@@ -63,6 +63,7 @@ class Validator:
         """Validate everything and tokenise; raises InvalidRequest with a message a person can act on."""
         self.check_model(model)
         params = SamplingParams.from_proto(sampling_pb, self.default_max_tokens)
+        params.check_vocab(len(self.tokenizer))
         ids = self.prompt_ids(prompt, messages)
         if not sampling_pb.HasField("max_tokens"):  # an unset default never makes a request fail
             params.max_tokens = max(1, min(params.max_tokens, self.context_length - len(ids)))
