@@ -119,8 +119,8 @@ def run(opts: Options) -> dict:
              "(weight_bytes: packed codes + scales + mins + float tensors, the tied head once) + B·ctx·KV/token.",
              "Roofs measured in this process by bench kernels' probes (bench.kernels.roofs): read bandwidth = "
              "torch.sum over a buffer far larger than the caches; matrix roof = the best of fp32, bf16 and int8 "
-             "GEMM. The quantized kernels multiply in fp32, or in int8 where the build has VNNI/AMX, so the best "
-             "rate is an upper bound, not their own peak.",
+             "GEMM. The quantized kernels multiply in fp32 (the caption names an integer matmul unit where the "
+             "build uses one), so the best rate is an upper bound, not their own peak.",
              "peak_mem_delta is the CUDA allocator's peak on a GPU, the RSS increase on CPU (KV blocks are "
              "allocated lazily, so it tracks what the batch actually touched)."]
     return write_results(PHASE, TITLE, opts, config=config, rows=rows, summary=summary, plot=plot, notes=notes,
