@@ -92,8 +92,17 @@ BAD_HTTP = [  # (path, raw body, status, fragment of the message)
     ("chat", {"messages": "hi"}, 400, "'messages'"),
     ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400,
      "messages.0.content"),
-    ("chat", {"messages": HI, "tools": [{"type": "function"}], "store": True}, 400,
-     "unsupported parameters: store, tools"),
+    ("chat", {"messages": HI, "functions": [{"name": "f"}], "store": True}, 400,
+     "unsupported parameters: functions, store"),
+    ("chat", {"messages": HI, "tools": [{"type": "function"}]}, 400, "'tools.0.function'"),
+    ("chat", {"messages": HI, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400,
+     "'tools.0.function.name'"),
+    ("chat", {"messages": HI, "tool_choice": "required"}, 400, "needs at least one function"),
+    ("chat", {"messages": HI, "tool_choice": "sometimes"}, 400, "'tool_choice'"),
+    ("chat", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+              "guided_regex": "a"}, 400, "constrains the output"),
+    ("chat", {"messages": [{"role": "robot", "content": "x"}], "tools": [{"type": "function", "function": {
+        "name": "f"}}]}, 400, "role is 'robot'"),
     ("chat", {"messages": HI, "n": 0}, 400, "n must be at least 1"),
     ("chat", {"messages": HI, "n": 65}, 400, "n must be in 1..64"),
     ("chat", {"messages": HI, "n": 2, "best_of": 1}, 400, "best_of must be in n..64"),
@@ -391,3 +400,58 @@ def test_n_choices_and_penalties_over_http_and_grpc(gateway, stub):
                                             max_tokens=3, temperature=0, logit_bias={str(owl): 100})
     g = stub.Generate(chat("hi", max_tokens=3, logit_bias={owl: 100.0}), timeout=60)
     assert list(g.token_ids) == [owl] * 3 and biased.choices[0].message.content == g.text
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time", "description": "The time in a timezone",
+                                           "parameters": {"type": "object", "properties": {
+                                               "zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}]
+
+
+def test_openai_client_tool_calling_flow(gateway):
+    """Two functions; tool_choice required and named (enforced, so the 135M model returns valid calls), streamed
+    and not; a role "tool" reply and a second turn; auto with and without a call in the output."""
+    client = openai.OpenAI(base_url=gateway["http"] + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model="smollm2-135m", tools=TOOLS, max_tokens=60, temperature=0)
+    named = client.chat.completions.create(messages=messages, **kw,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    call = named.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    assert named.choices[0].finish_reason == "stop" and named.choices[0].message.content is None
+
+    required = client.chat.completions.create(messages=messages, tool_choice="required", **kw)
+    calls = required.choices[0].message.tool_calls
+    assert required.choices[0].finish_reason == "tool_calls" and calls
+    assert all(c.function.name in ("get_weather", "get_time") and json.loads(c.function.arguments) for c in calls)
+    streamed: dict[int, dict] = {}
+    reasons = []
+    for chunk in client.chat.completions.create(messages=messages, tool_choice="required", stream=True, **kw):
+        for c in chunk.choices:
+            reasons.append(c.finish_reason)
+            for d in c.delta.tool_calls or []:
+                entry = streamed.setdefault(d.index, {"name": "", "arguments": ""})
+                entry["name"] += d.function.name or ""
+                entry["arguments"] += d.function.arguments or ""
+    assert [(e["name"], json.loads(e["arguments"])) for e in streamed.values()] == \
+        [(c.function.name, json.loads(c.function.arguments)) for c in calls] and reasons[-1] == "tool_calls"
+
+    history = [*messages, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                         "arguments": call.function.arguments}}]},
+               {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"}]
+    second = client.chat.completions.create(messages=history, tool_choice="none", **kw)
+    assert second.choices[0].message.content and not second.choices[0].message.tool_calls
+    plain = client.chat.completions.create(messages=history, **kw)  # auto: the model answers in words here
+    assert plain.choices[0].finish_reason in ("stop", "length") or plain.choices[0].message.tool_calls
+
+    forced = r'<tool_call>\n\{"name": "get_time", "arguments": \{"zone": "(UTC|CET)"\}\}\n</tool_call>'
+    auto = client.chat.completions.create(messages=messages, **kw, extra_body={"guided_regex": forced})
+    got = auto.choices[0].message.tool_calls  # a real output containing a Hermes call, parsed by `auto`
+    assert auto.choices[0].finish_reason == "tool_calls" and got[0].function.name == "get_time"
+    assert json.loads(got[0].function.arguments)["zone"] in ("UTC", "CET")
+    with pytest.raises(openai.BadRequestError, match="not in tools"):
+        client.chat.completions.create(messages=messages, **kw,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})

@@ -25,6 +25,7 @@ from services.gateway.core import Gateway, GatewayError
 from services.gateway.openai_format import add_usage, chat_logprobs, completion_logprobs, usage
 from services.gateway.openai_schema import ChatRequest, CompletionRequest, parse
 from services.gateway.pending import Chunk, Pending
+from services.gateway.tools import TOOL_ROLES, ToolOutput, render
 
 log = logging.getLogger("tokenmill.http")
 
@@ -108,7 +109,13 @@ class OpenAIFront:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         req = parse(ChatRequest, await self._body(request))
-        p = await self._admit(request, req, req.to_sampling(), messages=[(m.role, m.text()) for m in req.messages])
+        sampling = req.to_sampling()
+        mode, _ = req.tool_mode()
+        tools = ToolOutput(mode, req.parallel_tool_calls is not False) if mode != "none" else None
+        if tools is not None or any(m.has_tools for m in req.messages):  # the tools and tool turns rendered here
+            p = await self._admit(request, req, sampling, prompt=await self._render(req, mode))
+        else:
+            p = await self._admit(request, req, sampling, messages=[(m.role, m.text()) for m in req.messages])
         meta, text = self._meta(chat=True), self.gw.token_text
 
         def choice(chunk: Chunk, first: bool, whole: bool) -> dict:
@@ -117,15 +124,34 @@ class OpenAIFront:
             lps = (o.logprobs if whole else chunk.logprobs) if req.logprobs else None
             out = {"index": chunk.index, "logprobs": chat_logprobs(lps, text) if lps is not None else None,
                    "finish_reason": (o.finish_reason or chunk.finish_reason) if whole else chunk.finish_reason}
+            if tools is not None and whole:
+                message, out["finish_reason"] = tools.message(body, out["finish_reason"])
+                return {**out, "message": message}
             if whole:
                 return {**out, "message": {"role": "assistant", "content": body}}
-            return {**out, "delta": {"role": "assistant", "content": body} if first else {"content": body}}
+            delta = {"content": body}
+            if tools is not None:
+                delta, out["finish_reason"] = tools.delta(chunk.index, body, chunk.finish_reason)
+            return {**out, "delta": {"role": "assistant", **delta} if first else delta}
 
         if req.stream:
             return await self._stream(request, p, meta, "chat.completion.chunk", choice, req)
         chunk = await self.gw.final(p)
         choices = [choice(Chunk(finish_reason=chunk.finish_reason, index=i), True, True) for i in range(req.choices)]
         return web.json_response({**meta, "object": "chat.completion", "choices": choices, "usage": usage(p.usage)})
+
+    async def _render(self, req: ChatRequest, mode: str) -> str:
+        """The prompt of a conversation with tools or tool turns (tools.render), off the event loop."""
+        validator = self.gw.validator
+        if validator is None:
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, "gateway is starting: no worker has reported yet")
+        for i, m in enumerate(req.messages):
+            if m.role not in TOOL_ROLES:
+                raise InvalidRequest(f"messages[{i}].role is {m.role!r}: use one of {', '.join(TOOL_ROLES)}")
+        messages = [m.as_dict() for m in req.messages]
+        tools = req.tool_dicts() if mode != "none" else None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.gw.tokenizer_pool, render, validator.tokenizer, messages, tools)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = parse(CompletionRequest, await self._body(request))

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from services.common.pb import inference_pb2
 from services.common.sampling import MAX_TOP_LOGPROBS, InvalidRequest
+from services.gateway.tools import call_schema, check_tools
 
 INT32 = 2**31 - 1
 MAX_PROMPTS = 64  # prompts in one /v1/completions call (each becomes a choice)
@@ -21,7 +22,7 @@ Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]  # negative: its 6
 TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 # accepted only with these values, which change nothing; anything else is refused by name
 OPTIONAL_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (False, True), "functions": ([],),
+    "functions": ([],), "function_call": ("none",),
     "store": (False,), "metadata": ({},), "service_tier": ("auto", "default"), "suffix": ("",),
     "modalities": (["text"],),
 }
@@ -37,15 +38,61 @@ class Part(Strict):
     text: StrictStr
 
 
+class FunctionCall(Strict):
+    name: StrictStr
+    arguments: StrictStr = "{}"  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(Strict):
+    id: StrictStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Strict):
     role: StrictStr
     content: StrictStr | list[Part] | None = None
     name: StrictStr | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: StrictStr | None = None  # a role "tool" turn: the call it answers
+
+    @property
+    def has_tools(self) -> bool:
+        return self.role == "tool" or bool(self.tool_calls)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+
+class FunctionDef(Strict):
+    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: StrictBool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: StrictStr
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(Strict):
@@ -180,9 +227,27 @@ class ChatRequest(Common):
     max_completion_tokens: Int32 | None = None
     logprobs: StrictBool | None = None
     top_logprobs: TopK | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+
+    def tool_mode(self) -> tuple[str, str]:
+        """(none | auto | required | named, the named function)."""
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else self.tool_choice
+        return check_tools(self.tool_dicts(), choice)
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     def to_sampling(self) -> inference_pb2.SamplingParams:
         pb = self.sampling(self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens)
+        mode, name = self.tool_mode()
+        if mode in ("required", "named"):  # enforced by structured output: the JSON of the call(s)
+            if pb.HasField("structured"):
+                raise InvalidRequest(f"tool_choice {self.tool_choice if mode == 'required' else 'function'} "
+                                     "constrains the output: send it without response_format / guided_*")
+            parallel = self.parallel_tool_calls is not False
+            pb.structured.json_schema = call_schema(self.tool_dicts(), mode, name, parallel)
         pb.logprobs = bool(self.logprobs)
         if self.top_logprobs is not None:
             if not self.logprobs:
