@@ -455,3 +455,30 @@ def test_openai_client_tool_calling_flow(gateway):
     with pytest.raises(openai.BadRequestError, match="not in tools"):
         client.chat.completions.create(messages=messages, **kw,
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_grpc_tool_calling(stub):
+    pb = inference_pb2
+    tools = [pb.Tool(name=t["function"]["name"], description=t["function"]["description"],
+                     parameters=json.dumps(t["function"]["parameters"])) for t in TOOLS]
+    ask = [pb.ChatMessage(role="user", content="What is the weather in Paris?")]
+    sampling = pb.SamplingParams(max_tokens=60, temperature=0.0)
+    r = stub.Generate(pb.GenerateRequest(messages=ask, sampling=sampling, tools=tools, tool_name="get_weather"),
+                      timeout=120)
+    assert [c.name for c in r.tool_calls] == ["get_weather"] and json.loads(r.tool_calls[0].arguments)["city"]
+    calls = []
+    for part in stub.GenerateStream(pb.GenerateRequest(messages=ask, sampling=sampling, tools=tools,
+                                                       tool_choice="required"), timeout=120):
+        calls += part.tool_calls
+    assert calls and all(c.name in ("get_weather", "get_time") and json.loads(c.arguments) for c in calls)
+    history = [*ask, pb.ChatMessage(role="assistant", tool_calls=r.tool_calls),
+               pb.ChatMessage(role="tool", tool_call_id=r.tool_calls[0].id, content="18 degrees and sunny")]
+    answer = stub.Generate(pb.GenerateRequest(messages=history, sampling=sampling, tools=tools, tool_choice="none"),
+                           timeout=120)
+    assert answer.text and not answer.tool_calls
+    for bad, fragment in ((dict(tools=[pb.Tool(name="f", parameters="{oops")]), "not valid JSON"),
+                          (dict(tools=tools, tool_name="nope"), "not in tools"),
+                          (dict(tools=tools, tool_choice="maybe"), "tool_choice 'maybe'")):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(pb.GenerateRequest(messages=ask, sampling=sampling, **bad), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()

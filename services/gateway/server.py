@@ -2,25 +2,64 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import grpc
 
 from services.common.grpc_util import FINISH_REASONS
 from services.common.pb import inference_pb2, inference_pb2_grpc
+from services.common.sampling import InvalidRequest
 from services.gateway.core import Gateway, GatewayError
 from services.gateway.pending import Chunk, Pending
+from services.gateway.tools import ToolOutput, call_schema, from_proto, messages_from_proto, render
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
 
+    async def _inputs(self, request: inference_pb2.GenerateRequest, context) -> tuple[str, list, Any]:
+        """(prompt, messages, sampling) to admit: with tools or tool turns, the prompt rendered here (tools.py)
+        and required / named calls enforced by a JSON schema."""
+        try:
+            tooled = from_proto(request)
+            if tooled is None:
+                return request.prompt, [(m.role, m.content) for m in request.messages], request.sampling
+            tools, mode, name, parallel = tooled
+            sampling = inference_pb2.SamplingParams()
+            sampling.CopyFrom(request.sampling)
+            if mode in ("required", "named"):
+                if sampling.HasField("structured"):
+                    raise InvalidRequest("a required or named tool call constrains the output: send it without "
+                                         "sampling.structured")
+                sampling.structured.json_schema = call_schema(tools, mode, name, parallel)
+            validator = self.gw.validator
+            if validator is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is starting: no worker has reported yet")
+            prompt = await asyncio.get_running_loop().run_in_executor(
+                self.gw.tokenizer_pool, render, validator.tokenizer, messages_from_proto(request.messages),
+                tools if mode != "none" else None)
+            return prompt, [], sampling
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    @staticmethod
+    def _tools(request: inference_pb2.GenerateRequest) -> ToolOutput | None:
+        try:
+            tooled = from_proto(request)
+        except InvalidRequest:
+            return None
+        return ToolOutput(tooled[1], tooled[3]) if tooled is not None and tooled[1] != "none" else None
+
     async def _admit(self, request: inference_pb2.GenerateRequest, context, streaming: bool) -> Pending:
+        prompt, messages, sampling = await self._inputs(request, context)
         # the field, else the x-session-id metadata (which an L7 proxy in front of several gateways can hash on)
         session = request.session_id or dict(context.invocation_metadata() or ()).get("x-session-id", "")
         try:
             return await self.gw.admit(
-                request_id=request.request_id, model=request.model, prompt=request.prompt,
-                messages=[(m.role, m.content) for m in request.messages], sampling=request.sampling,
+                request_id=request.request_id, model=request.model, prompt=prompt, messages=messages,
+                sampling=sampling,
                 priority=request.priority, streaming=streaming, session_id=session)
         except GatewayError as exc:
             await context.abort(exc.code, exc.message)
@@ -35,7 +74,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(self, request, context):
         p = await self._admit(request, context, streaming=False)
         try:
-            return self.response(p, await self.gw.final(p), whole=True, first=True)
+            return self.response(p, await self.gw.final(p), whole=True, first=True, tools=self._tools(request))
         except GatewayError as exc:
             await context.abort(exc.code, exc.message)
 
@@ -43,14 +82,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         await self._check_stream(request, context)
         p = await self._admit(request, context, streaming=True)
         try:
-            first = True
+            first, tools = True, self._tools(request)
             async for chunk in self.gw.chunks(p):
-                yield self.response(p, chunk, whole=False, first=first)
+                yield self.response(p, chunk, whole=False, first=first, tools=tools)
                 first = False
         except GatewayError as exc:
             await context.abort(exc.code, exc.message)
 
-    def response(self, p: Pending, chunk: Chunk, whole: bool, first: bool) -> inference_pb2.GenerateResponse:
+    def response(self, p: Pending, chunk: Chunk, whole: bool, first: bool, tools: ToolOutput | None = None
+                 ) -> inference_pb2.GenerateResponse:
         final = chunk.final
         out = inference_pb2.GenerateResponse(
             request_id=p.request_id,
@@ -68,6 +108,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             out.choices.extend(inference_pb2.Choice(
                 index=i, text="".join(o.text), token_ids=o.token_ids, logprobs=self._named(o.logprobs),
                 finish_reason=FINISH_REASONS[o.finish_reason or chunk.finish_reason]) for i, o in enumerate(p.outputs))
+        if tools is not None:  # calls parsed out of the text (whole, or this choice's delta)
+            if whole:  # out mirrors choice 0
+                for i, o in enumerate(p.outputs):
+                    msg, _ = tools.message("".join(o.text), None)
+                    text, calls = msg["content"] or "", _calls_pb(msg.get("tool_calls", []))
+                    for target in ([out] if i == 0 else []) + ([out.choices[i]] if out.choices else []):
+                        target.text = text
+                        target.tool_calls.extend(calls)
+            else:
+                delta, _ = tools.delta(chunk.index, chunk.text, chunk.finish_reason)
+                out.text = delta["content"]
+                out.tool_calls.extend(_calls_pb(delta.get("tool_calls", [])))
         if first and p.params.prompt_logprobs:
             out.prompt_logprobs.extend(self._named(p.prompt_logprobs))
             out.prompt_token_ids.extend(p.prompt_ids)
@@ -88,6 +140,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             models.append(inference_pb2.ModelInfo(id=info.model, context_length=info.context_length,
                                                   quantization=info.quantization, workers=len(self.gw.pool.live())))
         return inference_pb2.ListModelsResponse(models=models)
+
+
+def _calls_pb(calls: list[dict]) -> list[inference_pb2.ToolCall]:
+    return [inference_pb2.ToolCall(id=c["id"], name=c["function"]["name"], arguments=c["function"]["arguments"])
+            for c in calls]
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):

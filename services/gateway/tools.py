@@ -17,6 +17,7 @@ the 135M model returns a valid call.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,3 +258,49 @@ class ToolOutput:
         if calls:
             delta["tool_calls"] = openai_calls(calls, stream=True, first=before)
         return delta, self._reason(stream.calls, reason)
+
+
+def from_proto(request: Any) -> tuple[list[dict[str, Any]], str, str, bool] | None:
+    """A GenerateRequest's tools as OpenAI dicts, its mode (none | auto | required | named), the named function
+    and parallel_tool_calls; None when it neither sends tools nor has tool turns."""
+    if not (request.tools or request.tool_choice or request.tool_name
+            or any(m.tool_calls or m.role == "tool" for m in request.messages)):
+        return None
+    if request.prompt:
+        raise InvalidRequest("tools and tool turns need chat messages, not a raw prompt")
+    tools = []
+    for t in request.tools:
+        if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", t.name):
+            raise InvalidRequest(f"tool name {t.name!r}: use 1..64 letters, digits, '_' or '-'")
+        try:
+            params = json.loads(t.parameters) if t.parameters else {"type": "object", "properties": {}}
+        except ValueError as exc:
+            raise InvalidRequest(f"tool {t.name!r}: parameters is not valid JSON: {exc}") from None
+        if not isinstance(params, dict):
+            raise InvalidRequest(f"tool {t.name!r}: parameters must be a JSON schema object")
+        fn = {"name": t.name, "parameters": params}
+        if t.description:
+            fn["description"] = t.description
+        tools.append({"type": "function", "function": fn})
+    if request.tool_choice not in ("", "none", "auto", "required"):
+        raise InvalidRequest(f"tool_choice {request.tool_choice!r}: use none, auto or required (or tool_name)")
+    choice = {"type": "function", "function": {"name": request.tool_name}} if request.tool_name \
+        else (request.tool_choice or None)
+    mode, name = check_tools(tools, choice)
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+    return tools, mode, name, parallel
+
+
+def messages_from_proto(messages: Any) -> list[dict[str, Any]]:
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in TOOL_ROLES:
+            raise InvalidRequest(f"messages[{i}].role is {m.role!r}: use one of {', '.join(TOOL_ROLES)}")
+        d: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                               for c in m.tool_calls]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenmill/v1/inference.proto\x12\x0ctokenmill.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9b\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12\x17\n\x0fprompt_logprobs\x18\x0b \x01(\x08\x12\x32\n\nstructured\x18\x0c \x01(\x0b\x32\x1e.tokenmill.v1.StructuredOutput\x12\x18\n\x10presence_penalty\x18\r \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x05\x88\x01\x01\x12\r\n\x05min_p\x18\x10 \x01(\x02\x12?\n\nlogit_bias\x18\x11 \x03(\x0b\x32+.tokenmill.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x12 \x01(\x05\x12\x11\n\tbad_words\x18\x13 \x03(\t\x12\t\n\x01n\x18\x14 \x01(\x05\x12\x0f\n\x07\x62\x65st_of\x18\x15 \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"[\n\x10StructuredOutput\x12\x13\n\x0bjson_schema\x18\x01 \x01(\t\x12\x13\n\x0bjson_object\x18\x02 \x01(\x08\x12\r\n\x05regex\x18\x03 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x04 \x03(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"g\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.tokenmill.v1.TopLogprob\"\xc7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.tokenmill.v1.ChatMessage\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenmill.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nsession_id\x18\x07 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"a\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x0e\n\x06worker\x18\x05 \x01(\t\"\x86\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tokenmill.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tokenmill.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.tokenmill.v1.Timing\x12\r\n\x05model\x18\x07 \x01(\t\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\n \x03(\x05\x12\r\n\x05index\x18\x0b \x01(\x05\x12%\n\x07\x63hoices\x18\x0c \x03(\x0b\x32\x14.tokenmill.v1.Choice\"\x99\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tokenmill.v1.FinishReason\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\"\x13\n\x11ListModelsRequest\"V\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x0f\n\x07workers\x18\x04 \x01(\x05\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tokenmill.v1.ModelInfo*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xfa\x01\n\tInference\x12I\n\x08Generate\x12\x1d.tokenmill.v1.GenerateRequest\x1a\x1e.tokenmill.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.tokenmill.v1.GenerateRequest\x1a\x1e.tokenmill.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.tokenmill.v1.ListModelsRequest\x1a .tokenmill.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenmill/v1/inference.proto\x12\x0ctokenmill.v1\"n\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12*\n\ntool_calls\x18\x03 \x03(\x0b\x32\x16.tokenmill.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"\x9b\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\x12\x17\n\x0fprompt_logprobs\x18\x0b \x01(\x08\x12\x32\n\nstructured\x18\x0c \x01(\x0b\x32\x1e.tokenmill.v1.StructuredOutput\x12\x18\n\x10presence_penalty\x18\r \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x05\x88\x01\x01\x12\r\n\x05min_p\x18\x10 \x01(\x02\x12?\n\nlogit_bias\x18\x11 \x03(\x0b\x32+.tokenmill.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x12 \x01(\x05\x12\x11\n\tbad_words\x18\x13 \x03(\t\x12\t\n\x01n\x18\x14 \x01(\x05\x12\x0f\n\x07\x62\x65st_of\x18\x15 \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"[\n\x10StructuredOutput\x12\x13\n\x0bjson_schema\x18\x01 \x01(\t\x12\x13\n\x0bjson_object\x18\x02 \x01(\x08\x12\r\n\x05regex\x18\x03 \x01(\t\x12\x0e\n\x06\x63hoice\x18\x04 \x03(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"g\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.tokenmill.v1.TopLogprob\"\xcc\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x08messages\x18\x04 \x03(\x0b\x32\x19.tokenmill.v1.ChatMessage\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenmill.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12!\n\x05tools\x18\x08 \x03(\x0b\x32\x12.tokenmill.v1.Tool\x12\x13\n\x0btool_choice\x18\t \x01(\t\x12\x11\n\ttool_name\x18\n \x01(\t\x12 \n\x13parallel_tool_calls\x18\x0b \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_parallel_tool_calls\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"a\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x0e\n\x06worker\x18\x05 \x01(\t\"\xb2\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tokenmill.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.tokenmill.v1.Usage\x12$\n\x06timing\x18\x06 \x01(\x0b\x32\x14.tokenmill.v1.Timing\x12\r\n\x05model\x18\x07 \x01(\t\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\n \x03(\x05\x12\r\n\x05index\x18\x0b \x01(\x05\x12%\n\x07\x63hoices\x18\x0c \x03(\x0b\x32\x14.tokenmill.v1.Choice\x12*\n\ntool_calls\x18\r \x03(\x0b\x32\x16.tokenmill.v1.ToolCall\"\xc5\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.tokenmill.v1.FinishReason\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.tokenmill.v1.TokenLogprob\x12*\n\ntool_calls\x18\x06 \x03(\x0b\x32\x16.tokenmill.v1.ToolCall\"\x13\n\x11ListModelsRequest\"V\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x14\n\x0cquantization\x18\x03 \x01(\t\x12\x0f\n\x07workers\x18\x04 \x01(\x05\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tokenmill.v1.ModelInfo*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xfa\x01\n\tInference\x12I\n\x08Generate\x12\x1d.tokenmill.v1.GenerateRequest\x1a\x1e.tokenmill.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.tokenmill.v1.GenerateRequest\x1a\x1e.tokenmill.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.tokenmill.v1.ListModelsRequest\x1a .tokenmill.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2129
-  _globals['_FINISHREASON']._serialized_end=2278
+  _globals['_FINISHREASON']._serialized_start=2536
+  _globals['_FINISHREASON']._serialized_end=2685
   _globals['_CHATMESSAGE']._serialized_start=46
-  _globals['_CHATMESSAGE']._serialized_end=90
-  _globals['_SAMPLINGPARAMS']._serialized_start=93
-  _globals['_SAMPLINGPARAMS']._serialized_end=760
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=629
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=677
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=762
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=853
-  _globals['_TOPLOGPROB']._serialized_start=855
-  _globals['_TOPLOGPROB']._serialized_end=917
-  _globals['_TOKENLOGPROB']._serialized_start=919
-  _globals['_TOKENLOGPROB']._serialized_end=1022
-  _globals['_GENERATEREQUEST']._serialized_start=1025
-  _globals['_GENERATEREQUEST']._serialized_end=1224
-  _globals['_USAGE']._serialized_start=1226
-  _globals['_USAGE']._serialized_end=1306
-  _globals['_TIMING']._serialized_start=1308
-  _globals['_TIMING']._serialized_end=1405
-  _globals['_GENERATERESPONSE']._serialized_start=1408
-  _globals['_GENERATERESPONSE']._serialized_end=1798
-  _globals['_CHOICE']._serialized_start=1801
-  _globals['_CHOICE']._serialized_end=1954
-  _globals['_LISTMODELSREQUEST']._serialized_start=1956
-  _globals['_LISTMODELSREQUEST']._serialized_end=1975
-  _globals['_MODELINFO']._serialized_start=1977
-  _globals['_MODELINFO']._serialized_end=2063
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2065
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2126
-  _globals['_INFERENCE']._serialized_start=2281
-  _globals['_INFERENCE']._serialized_end=2531
+  _globals['_CHATMESSAGE']._serialized_end=156
+  _globals['_TOOL']._serialized_start=158
+  _globals['_TOOL']._serialized_end=219
+  _globals['_TOOLCALL']._serialized_start=221
+  _globals['_TOOLCALL']._serialized_end=276
+  _globals['_SAMPLINGPARAMS']._serialized_start=279
+  _globals['_SAMPLINGPARAMS']._serialized_end=946
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=815
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=863
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=948
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1039
+  _globals['_TOPLOGPROB']._serialized_start=1041
+  _globals['_TOPLOGPROB']._serialized_end=1103
+  _globals['_TOKENLOGPROB']._serialized_start=1105
+  _globals['_TOKENLOGPROB']._serialized_end=1208
+  _globals['_GENERATEREQUEST']._serialized_start=1211
+  _globals['_GENERATEREQUEST']._serialized_end=1543
+  _globals['_USAGE']._serialized_start=1545
+  _globals['_USAGE']._serialized_end=1625
+  _globals['_TIMING']._serialized_start=1627
+  _globals['_TIMING']._serialized_end=1724
+  _globals['_GENERATERESPONSE']._serialized_start=1727
+  _globals['_GENERATERESPONSE']._serialized_end=2161
+  _globals['_CHOICE']._serialized_start=2164
+  _globals['_CHOICE']._serialized_end=2361
+  _globals['_LISTMODELSREQUEST']._serialized_start=2363
+  _globals['_LISTMODELSREQUEST']._serialized_end=2382
+  _globals['_MODELINFO']._serialized_start=2384
+  _globals['_MODELINFO']._serialized_end=2470
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2472
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2533
+  _globals['_INFERENCE']._serialized_start=2688
+  _globals['_INFERENCE']._serialized_end=2938
 # @@protoc_insertion_point(module_scope)
