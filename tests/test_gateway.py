@@ -141,6 +141,9 @@ BAD_HTTP = [  # (path, raw body, status, fragment of the message)
     ("completions", {"prompt": "hi", "logprobs": 50}, 400, "'logprobs'"),
     ("completions", {"prompt": "hi", "suffix": "x"}, 400, "unsupported parameter: suffix"),
     ("completions", {"prompt": ["a", "b"], "stream": True}, 400, "stream takes one prompt"),
+    ("../tokenize", {"prompt": 5}, 400, "prompt must be a string"),
+    ("../tokenize", {"prompt": "a", "messages": HI}, 400, "either prompt (a string) or messages"),
+    ("../detokenize", {"tokens": [10**9]}, 400, "tokens must be a list of token ids"),
     ("nowhere", {}, 404, "Not Found"),
 ]
 
@@ -395,7 +398,13 @@ def test_n_choices_and_penalties_over_http_and_grpc(gateway, stub):
                                      extra_body={"best_of": 4, "ignore_eos": True}, seed=3, temperature=1.0)
     assert [c.index for c in best.choices] == [0, 1] and best.usage.completion_tokens == 4 * 6
 
-    owl = 23142  # " owl" in SmolLM2's vocabulary
+    tokenized = httpx.post(gateway["http"] + "/tokenize", json={"prompt": " owl", "add_special_tokens": False},
+                           timeout=30).json()
+    owl = tokenized["tokens"][0]  # vLLM's /tokenize: the id a client needs for logit_bias
+    assert tokenized["count"] == 1 and tokenized["max_model_len"] > 0
+    assert httpx.post(gateway["http"] + "/detokenize", json={"tokens": [owl]}, timeout=30).json()["prompt"] == " owl"
+    chat_count = httpx.post(gateway["http"] + "/tokenize", json={"messages": HI}, timeout=30).json()["count"]
+    assert chat_count == stub.Generate(chat("hi", max_tokens=1), timeout=60).usage.prompt_tokens
     biased = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=3, temperature=0, logit_bias={str(owl): 100})
     g = stub.Generate(chat("hi", max_tokens=3, logit_bias={owl: 100.0}), timeout=60)

@@ -58,6 +58,8 @@ class OpenAIFront:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/tokenize", self.tokenize)  # vLLM's: token ids for logit_bias, counts before sending
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
@@ -233,6 +235,43 @@ class OpenAIFront:
         await send("[DONE]")
         await resp.write_eof()
         return resp
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: {"prompt": text} (add_special_tokens, default true) or {"messages": [...]} (the chat
+        template applied, add_generation_prompt default true) -> {"tokens", "count", "max_model_len"}."""
+        body = await self._body(request)
+        validator = self.gw.validator
+        if validator is None:
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, "gateway is starting: no worker has reported yet")
+        if not isinstance(body, dict) or ("prompt" in body) == ("messages" in body):
+            raise InvalidRequest("send a JSON object with either prompt (a string) or messages (chat messages)")
+        tok = validator.tokenizer
+        if "prompt" in body:
+            if not isinstance(body["prompt"], str) or not isinstance(body.get("add_special_tokens", True), bool):
+                raise InvalidRequest("prompt must be a string (and add_special_tokens a boolean)")
+            job = lambda: tok.encode(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))  # noqa: E731
+        else:
+            req = parse(ChatRequest, {"messages": body["messages"]})
+            chat = [m.as_dict() for m in req.messages]
+            generation = body.get("add_generation_prompt", True)
+            if not isinstance(generation, bool):
+                raise InvalidRequest("add_generation_prompt must be a boolean")
+            job = lambda: list(tok.apply_chat_template(chat, add_generation_prompt=generation, tokenize=True,  # noqa: E731
+                                                       return_dict=False))
+        tokens = await asyncio.get_running_loop().run_in_executor(self.gw.tokenizer_pool, job)
+        return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": validator.context_length})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+        body = await self._body(request)
+        validator = self.gw.validator
+        if validator is None:
+            raise GatewayError(grpc.StatusCode.UNAVAILABLE, "gateway is starting: no worker has reported yet")
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        vocab = len(validator.tokenizer)
+        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
+            raise InvalidRequest(f"tokens must be a list of token ids in 0..{vocab - 1}")
+        return web.json_response({"prompt": validator.tokenizer.decode(tokens)})
 
     async def models(self, request: web.Request) -> web.Response:
         info = self.gw.pool.info()  # the last worker seen while none is live: its model, with workers 0
