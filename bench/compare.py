@@ -165,6 +165,9 @@ def long_prompts(tokenizer: Any, count: int, target_tokens: int) -> tuple[list[s
 
 
 def build_works(tokenizer: Any, opts: Options) -> dict[str, Work]:
+    unknown = set(opts.workloads) - set(WORKLOADS)
+    if unknown:
+        raise ValueError(f"unknown workload(s) {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
     n = max(opts.requests, opts.requests_c1) + 1  # + the warm-up request
     works: dict[str, Work] = {}
     if {"story", "fixed128"} & set(opts.workloads):
@@ -176,9 +179,6 @@ def build_works(tokenizer: Any, opts: Options) -> dict[str, Work]:
         count = n * len(opts.concurrency)
         prompts, ids, source = long_prompts(tokenizer, count, opts.long_tokens)
         works["long"] = Work("long", prompts, ids, [opts.fixed_tokens] * count, True, fresh=True, source=source)
-    unknown = set(opts.workloads) - set(WORKLOADS)
-    if unknown:
-        raise ValueError(f"unknown workload(s) {sorted(unknown)}; choose from {', '.join(WORKLOADS)}")
     return {w: works[w] for w in opts.workloads}
 
 
