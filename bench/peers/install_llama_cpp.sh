@@ -2,8 +2,8 @@
 # Build llama.cpp's `llama-server` once into a cache folder, from the llama.cpp
 # vendored in PyPI's llama-cpp-python sdist (see /work/shared/PEERS.md), and
 # prove that it serves: one real request on the embedded GGUF
-# (bench/peers/llama_probe.py). Takes ~15-18 min on 2 idle cores (26 min on
-# a busy 2-core Sapphire Rapids on 2026-12-04, plus ~3 min for the no-AMX
+# (bench/peers/llama_probe.py). Takes ~15-18 min on 2 idle cores (25 min on
+# a busy 2-core Sapphire Rapids on 2026-12-04, plus 1.5 min for the no-AMX
 # rebuild of ggml-cpu it needed there). Never run this in CI: bench compare
 # only uses the cached binary and skips llama.cpp when it is absent.
 #
