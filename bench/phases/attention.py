@@ -95,7 +95,7 @@ def _cases(device: str, dtype: torch.dtype, ctx: int, batch: int, decode: bool) 
     cases["tokenmill-paged"].path = _engine_path(device, dtype)
     flat = [t[0].transpose(0, 1).reshape(t.shape[2], -1) for t in (pq, pk, pv)]
 
-    def gather_fn():  # the PyTorch path (CUDA, no compiler): gather each group's blocks, one masked SDPA
+    def gather_fn():  # the PyTorch path (no C++ kernels, other dtypes): gather each group's blocks, masked SDPA
         return paged._attend_torch(ctx_obj, 0, *flat, HEADS, None, DIM**-0.5)
     cases["tokenmill-paged-gather"] = gather_fn
     return cases

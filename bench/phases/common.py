@@ -256,6 +256,8 @@ def setup_of(lm: Any = None, *, fmt: str | None = None, forward: str | None = No
     if lm is not None:
         device, dtype = str(lm.device), lm.dtype
         fmt = fmt or lm.quantization
+        if device.startswith("cuda") and fmt == "none" and kernels is None:
+            kernels = "cuBLAS (float weights), Triton paged attention"
         forward = forward or ("native (tokenmill's forward, paged engine)" if is_native(lm.model)
                               else "transformers' modules")
     return {"format": fmt or "n/a", "forward": forward or "n/a",

@@ -37,7 +37,8 @@ NOTES = [
     "The embedded model's fp32 reference is its Q4_1 GGUF dequantised: gguf and int4 (groups of 32) find the "
     "same blocks, so their KL is float rounding (~1e-9); int4/64 and nf4 requantise 4-bit-derived weights.",
     "bitsandbytes rows (LLM.int8, its NF4) are dropped: the worker never runs them by default (tokenmill's "
-    "loader uses bitsandbytes only for --model-impl transformers --quantization nf4 on CUDA), they do not go "
+    "loader uses bitsandbytes only for --quantization nf4 on CUDA with --model-impl transformers or --engine "
+    "hf-static), they do not go "
     "through tokenmill's layers or forward, and on a CPU their matmuls are PyTorch fallbacks (5.8 tok/s at "
     "batch 1 measured on this machine, shared/ENV-NOTES.md). tokenmill's nf4 row uses bitsandbytes' code book.",
 ]

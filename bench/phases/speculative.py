@@ -9,8 +9,9 @@ Two kinds of draft, since only the embedded model is available:
   where the last n-gram matches; free to propose, strong when the output repeats the input;
 - layer-skip self-draft (`assistant_model=`; the engine's `draft`): the target's first N decoder layers + its
   final norm and LM head (shared weights, untrained early exit), proposing K tokens per round.
-Engine rows "forced" draft on every step (min_acceptance 0, token_cost 0: the raw cost and acceptance of the
-method); rows "worker rule" use the worker's own settings (its per-sequence acceptance floor), as served.
+The "engine: ngram" / "engine: self-draft" rows force drafting on every step (min_acceptance 0, token_cost 0: the
+method's raw cost and acceptance); the "…, worker rule" rows use the worker's own settings (its per-sequence
+acceptance floor and cost constant), as served. Each engine row is the fastest of 2 (quick) or 3 runs.
 A forward pre-hook on the target counts verification rounds and the candidates each round carried, so the
 acceptance rate (accepted / proposed) and tokens per target forward are measured, not inferred.
 Step cost: the engine's rule for when drafting pays models a step of n tokens as a + b·n; `token_cost` = b/a.
