@@ -84,8 +84,9 @@ def stop_all(services: list[Service], grace_s: float = 15.0) -> None:
 def start_suite(*, workers: int = 1, engine: str | None = None, model: str | None = None,
                 gateway_port: int = 50051, worker_port: int = 50061, judge_port: int = 50071, http_port: int = 0,
                 judge: bool = True, log_dir: Path | None = None, extra_worker_args: list[str] | None = None,
-                timeout_s: float = 300.0) -> list[Service]:
-    """Start workers, gateway (and judge) as processes; return once all are SERVING."""
+                timeout_s: float = 300.0, judge_sample_rate: float = 0.0) -> list[Service]:
+    """Start workers, gateway (and judge) as processes; return once all are SERVING. With the judge and a
+    `judge_sample_rate`, the gateway sends that share of completed requests to it (live quality)."""
     from services.common.model_loader import cache_dir
 
     log_dir = log_dir or cache_dir() / "logs"
@@ -104,6 +105,8 @@ def start_suite(*, workers: int = 1, engine: str | None = None, model: str | Non
         gw_args = ["gateway", "--port", str(gateway_port), "--workers", ",".join(addrs), "--workers-dns", ""]
         if http_port:
             gw_args += ["--http-port", str(http_port)]
+        if judge and judge_sample_rate > 0:
+            gw_args += ["--judge-address", f"127.0.0.1:{judge_port}", "--judge-sample-rate", str(judge_sample_rate)]
         services.append(launch("gateway", gw_args, f"127.0.0.1:{gateway_port}", log_dir))
         if judge:
             j_args = ["judge", "--port", str(judge_port)] + (["--model", model] if model else [])
@@ -125,12 +128,16 @@ def up(
     judge_port: int = typer.Option(50071, help="Judge gRPC port."),
     judge: bool = typer.Option(True, help="Start the judge too."),
     demo: bool = typer.Option(False, help="Send one story request through the suite, judge it, print both, exit."),
+    judge_sample_rate: float = typer.Option(0.1, help="Live quality: share of completed requests the gateway sends "
+                                            "to the judge (tokenmill:quality_score on its /metrics); 0 = off. "
+                                            "--demo samples every request."),
 ) -> None:
     """Start worker(s), gateway and judge on 127.0.0.1; stop them all on Ctrl-C."""
     typer.echo(f"starting {workers} worker(s), gateway{' and judge' if judge else ''} ...")
     t0 = time.monotonic()
     services = start_suite(workers=workers, engine=engine, model=model, gateway_port=gateway_port,
-                           worker_port=worker_port, judge_port=judge_port, http_port=http_port, judge=judge)
+                           worker_port=worker_port, judge_port=judge_port, http_port=http_port, judge=judge,
+                           judge_sample_rate=1.0 if demo and judge_sample_rate > 0 else judge_sample_rate)
     try:
         typer.echo(f"all SERVING after {time.monotonic() - t0:.1f}s")
         for svc in services:
@@ -139,8 +146,13 @@ def up(
                 typer.echo(f"  {'':10s} {describe_worker(svc.address)}")
         if http_port:
             typer.echo(f"  {'http':10s} http://127.0.0.1:{http_port}/v1 (OpenAI-compatible)")
+        if judge and judge_sample_rate > 0 and http_port:
+            typer.echo(f"  live quality: {'every' if demo else f'{judge_sample_rate:.0%} of'} completed requests "
+                       f"judged; tokenmill:quality_score at http://127.0.0.1:{http_port}/metrics")
         if demo:
             run_demo(f"127.0.0.1:{gateway_port}", f"127.0.0.1:{judge_port}" if judge else None)
+            if judge and judge_sample_rate > 0 and http_port:
+                show_live_quality(f"http://127.0.0.1:{http_port}/metrics")
             return
         typer.echo("Ctrl-C stops them all.")
         stop_signals = {signal.SIGINT, signal.SIGTERM}
@@ -167,6 +179,27 @@ def describe_worker(address: str) -> str:
     weights = WEIGHTS.get(info.quantization, info.quantization)
     return (f"{info.model}: {info.engine} engine, {info.model_impl} forward, weights {weights}, "
             f"{info.device} {info.dtype}")
+
+
+def show_live_quality(url: str, timeout_s: float = 600.0) -> None:
+    """Wait for the gateway's live-quality sample of the demo request to be judged; print its histogram sums."""
+    import httpx
+
+    from services.common.metrics import sample_sum
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(url, timeout=10).text
+        if sample_sum(text, "tokenmill:quality_judged_total") + sample_sum(text, "tokenmill:quality_errors_total"):
+            break
+        time.sleep(1.0)
+    else:
+        typer.echo("\nlive quality: the judge has not answered the gateway's sample yet")
+        return
+    typer.echo("\nlive quality (the gateway's own sample of that request, from its /metrics):")
+    for line in text.splitlines():
+        if line.startswith(("tokenmill:quality_score_sum", "tokenmill:quality_errors_total")):
+            typer.echo(f"  {line}")
 
 
 def run_demo(gateway: str, judge: str | None) -> None:

@@ -66,6 +66,8 @@ class WorkerConfig:
                                             "speculative); sets the acceptance a sequence needs with n decoding: "
                                             "c*n / (1 + c*n).")
     step_delay_ms: float = setting(0.0, "Sleep this long per engine step (tests: a slow worker).")
+    otlp_traces_endpoint: str = setting("", "OpenTelemetry: send spans over OTLP/gRPC to this collector (host:port, "
+                                        "http://host:port; https:// for TLS); empty = tracing off.")
     grace_period_s: float = setting(30.0, "On SIGTERM, time to finish in-flight requests.")
 
 
@@ -106,6 +108,17 @@ class GatewayConfig:
     routing_index_blocks: int = setting(65536, "Prefix index: most block hashes remembered per worker (LRU; "
                                         "never more than the worker's KV pool holds).")
     api_key: str = setting("", "If set, clients must send 'authorization: Bearer <key>'.")
+    judge_address: str = setting("", "Live quality: the judge (host:port) that scores a sample of completed "
+                                 "requests, off the request path; empty = off.")
+    judge_sample_rate: float = setting(0.0, "Live quality: share of completed requests sent to the judge (0..1); "
+                                       "0 = off.")
+    judge_queue_size: int = setting(64, "Live quality: most sampled requests waiting for the judge; beyond it "
+                                    "they are dropped and counted (tokenmill:quality_dropped_total).")
+    judge_concurrency: int = setting(4, "Live quality: most Score calls in flight to the judge.")
+    judge_rubric: str = setting("", "Live quality: rubric the judge scores with; empty = the judge's default.")
+    judge_timeout_s: float = setting(300.0, "Live quality: deadline of one Score call.")
+    otlp_traces_endpoint: str = setting("", "OpenTelemetry: send spans over OTLP/gRPC to this collector (host:port, "
+                                        "http://host:port; https:// for TLS); empty = tracing off.")
     grace_period_s: float = setting(30.0, "On SIGTERM, time to finish in-flight requests.")
 
 

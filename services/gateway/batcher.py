@@ -18,6 +18,7 @@ import time
 
 import grpc
 
+from services.common import tracing
 from services.common.config import GatewayConfig
 from services.common.grpc_util import FINISH_NAMES, code_name, status_code
 from services.common.pb import inference_pb2, worker_pb2
@@ -67,6 +68,7 @@ class Batcher:
         self._push(p, next(self._seq))
 
     def _push(self, p: Pending, seq: int) -> None:
+        p.queued = time.monotonic()
         heapq.heappush(self._heap, (p.priority, seq, p))
         metrics.queue_depth.set(len(self))
         self._arrived.set()
@@ -182,6 +184,11 @@ class Batcher:
             worker.inflight[p.request_id] = p.params.max_tokens * p.params.best_of
             worker.sent += 1
             self.picker.dispatched(p, p.route)
+            metrics.queue_time.observe(now - p.queued)
+            if p.span is not None:
+                tracing.record("gateway.queue", p.span, p.queued, now, attempt=p.attempts + 1)
+                p.dispatch_span = tracing.start("gateway.dispatch", p.span, now, worker=worker.address,
+                                                batch_size=len(batch), attempt=p.attempts + 1)
         metrics.batch_size.observe(len(batch))
         metrics.outstanding.labels(worker.address).set(len(worker.inflight))
         request = worker_pb2.SubmitRequest(requests=[
@@ -190,8 +197,12 @@ class Batcher:
             for p in batch
         ])
         unfinished = set(by_id)
+        metadata = [(tracing.METADATA_KEY, f"{p.request_id} {tracing.traceparent(p.dispatch_span)}")
+                    for p in batch if p.dispatch_span is not None]
+        if len(batch) == 1 and metadata:
+            metadata.append(("traceparent", metadata[0][1].split(" ", 1)[1]))
         try:
-            async for ev in worker.stub.Submit(request):
+            async for ev in worker.stub.Submit(request, metadata=metadata or None):
                 p = by_id.get(ev.request_id)
                 if p is None:
                     continue
@@ -200,6 +211,9 @@ class Batcher:
                     unfinished.discard(ev.request_id)
                     worker.inflight.pop(ev.request_id, None)
                     worker.served += 1
+                    if p.dispatch_span is not None:
+                        tracing.end(p.dispatch_span, tokens=len(p.token_ids))
+                        p.dispatch_span = None
                     self.pool.notify()
             if unfinished:
                 raise ConnectionError("worker closed the stream before finishing every request")
@@ -214,6 +228,9 @@ class Batcher:
         finally:
             for p in batch:
                 worker.inflight.pop(p.request_id, None)
+                if p.dispatch_span is not None:  # this attempt is over (finished, failed or retried)
+                    tracing.end(p.dispatch_span, tokens=len(p.token_ids))
+                    p.dispatch_span = None
             metrics.outstanding.labels(worker.address).set(len(worker.inflight))
             self.pool.notify()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from services.common import tracing
 from services.common.config import GatewayConfig
 from services.common.sampling import InvalidRequest
 from services.common.tls import channel_credentials
@@ -26,6 +28,7 @@ from services.gateway.batcher import Batcher
 from services.gateway.pending import Chunk, Pending, QueueFull
 from services.gateway.picker import MAX_SESSION_ID_CHARS, Picker
 from services.gateway.prefix_index import PrefixIndex
+from services.gateway.quality import QualitySampler, user_prompt
 from services.gateway.router import WorkerPool
 from services.gateway.validation import Validator
 
@@ -53,6 +56,9 @@ class Gateway:
         credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
         self.pool = WorkerPool(workers, config.workers_dns, index, credentials, config.tls_server_name)
         self.batcher = Batcher(self.pool, self.picker, config)
+        metrics.queue_capacity.set(config.max_queued_requests)
+        self.quality = QualitySampler(config.judge_address, config.judge_sample_rate, config.judge_queue_size,
+                                      config.judge_concurrency, config.judge_rubric, config.judge_timeout_s)
         self.validator: Validator | None = None
         self.tokenizer_pool = ThreadPoolExecutor(config.tokenizer_threads or os.cpu_count() or 1,
                                                  thread_name_prefix="tokenize")
@@ -64,6 +70,7 @@ class Gateway:
 
         self.pool.start()
         self.batcher.start()
+        self.quality.start()
         await self.pool.first_info.wait()
         info = self.pool.info()
         tokenizer = await asyncio.to_thread(load_tokenizer, info.tokenizer)
@@ -72,14 +79,34 @@ class Gateway:
                  len(self.pool.live()))
 
     async def close(self) -> None:
+        await self.quality.close()
         await self.batcher.close()
         await self.pool.close()
         self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     async def admit(self, *, request_id: str, model: str, prompt: str | list[int],
                     messages: Sequence[tuple[str, str]], sampling: Any, priority: int, streaming: bool,
-                    session_id: str = "") -> Pending:
-        """Validate and tokenise (off the loop), then queue; raises GatewayError with the status to answer."""
+                    session_id: str = "", traceparent: str = "") -> Pending:
+        """Validate and tokenise (off the loop), then queue; raises GatewayError with the status to answer.
+        `traceparent`: the caller's W3C trace context (tracing on: the request's spans join its trace)."""
+        if tracing.enabled():
+            span = tracing.start("gateway.request", tracing.context_of(traceparent), streaming=streaming,
+                                 request_id=request_id)
+            admitted = time.monotonic()
+            try:
+                p = await self._admit(request_id, model, prompt, messages, sampling, priority, streaming, session_id)
+            except GatewayError as exc:
+                tracing.record("gateway.admit", span, admitted, time.monotonic(), error=exc.code.name)
+                tracing.end(span, error=f"{exc.code.name}: {exc.message}")
+                raise
+            tracing.record("gateway.admit", span, admitted, p.received, prompt_tokens=len(p.prompt_ids))
+            span.set_attribute("request_id", p.request_id)
+            p.span = span
+            return p
+        return await self._admit(request_id, model, prompt, messages, sampling, priority, streaming, session_id)
+
+    async def _admit(self, request_id: str, model: str, prompt: str | list[int], messages: Sequence[tuple[str, str]],
+                     sampling: Any, priority: int, streaming: bool, session_id: str) -> Pending:
         validator = self.validator
         if validator is None:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "gateway is starting: no worker has reported yet")
@@ -98,6 +125,8 @@ class Gateway:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "no worker is available; retry later")
         p = Pending(request_id or uuid.uuid4().hex, prepared.prompt_ids, prepared.params, priority, streaming,
                     session_id=session_id)
+        if self.quality.on:
+            p.source = (prompt, messages)
         try:
             self.batcher.submit(p)
         except QueueFull as exc:
@@ -106,16 +135,35 @@ class Gateway:
 
     async def chunks(self, p: Pending) -> AsyncIterator[Chunk]:
         """The request's chunks up to and including its final one; cancels it if the caller leaves early."""
+        error, ending = "", 0.0
         try:
             while True:
                 chunk = await p.out.get()
                 if chunk.error is not None:
+                    error = f"{chunk.error[0].name}: {chunk.error[1]}"
                     raise GatewayError(*chunk.error)
+                if chunk.final:
+                    self._completed(p, chunk)
+                    ending = time.monotonic()
                 yield chunk
                 if chunk.final:
                     return
         finally:
             self.batcher.cancel(p)  # no-op once it has finished
+            if p.span is not None:
+                if ending:  # the final chunk, from the worker's last event to the caller having it
+                    tracing.record("gateway.stream_end", p.span, ending, time.monotonic())
+                tracing.end(p.span, error=error, completion_tokens=len(p.token_ids),
+                            worker=p.worker.address if p.worker else "")
+                p.span = None
+
+    def _completed(self, p: Pending, chunk: Chunk) -> None:
+        """A request ended well: offer it to the judge (live quality; never blocks)."""
+        if p.source is None or chunk.finish_reason not in ("stop", "length") or p.worker is None:
+            return
+        prompt, messages = p.source
+        decode = self.validator.tokenizer.decode if self.validator is not None else None
+        self.quality.offer(user_prompt(prompt, messages, decode), "".join(p.text), self.model, p.worker.address)
 
     async def final(self, p: Pending) -> Chunk:
         """The request's final chunk (a non-streaming call's whole answer)."""

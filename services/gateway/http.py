@@ -103,7 +103,8 @@ class OpenAIFront:
         # a conversation id pins its requests to one worker: the x-session-id header, else OpenAI's `user`
         session = request.headers.get("x-session-id") or req.user or ""
         return await self.gw.admit(request_id="", model=req.model, prompt=prompt, messages=messages or [],
-                                   sampling=sampling, priority=0, streaming=req.stream, session_id=session)
+                                   sampling=sampling, priority=0, streaming=req.stream, session_id=session,
+                                   traceparent=request.headers.get("traceparent", ""))
 
     def _meta(self, chat: bool) -> dict:
         return {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),

@@ -15,6 +15,7 @@ log = logging.getLogger("tokenmill.gateway")
 
 
 def run(config: GatewayConfig) -> None:
+    from services.common import tracing
     from services.common.log import setup_logging
     from services.common.pb import inference_pb2, inference_pb2_grpc
     from services.common.server import serve, start_metrics_server
@@ -23,6 +24,7 @@ def run(config: GatewayConfig) -> None:
     from services.gateway.server import ApiKeyInterceptor, InferenceServicer
 
     setup_logging("gateway")
+    tracing.setup("tokenmill-gateway", config.otlp_traces_endpoint)
     credentials = server_credentials(config.tls_cert, config.tls_key)
     ssl_context = server_ssl_context(config.tls_cert, config.tls_key)
     try:
@@ -47,6 +49,7 @@ def run(config: GatewayConfig) -> None:
         if http is not None:
             await http.cleanup()
         await gateway.close()
+        tracing.shutdown()
 
     asyncio.run(serve(
         name="gateway", host=config.host, port=config.port, service_names=[service],

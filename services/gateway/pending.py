@@ -67,6 +67,10 @@ class Pending:
     session_id: str = ""
     route: Any = None  # the picker's Choice for its current attempt
     hashes: dict[int, list[int]] = field(default_factory=dict)  # block size -> its cacheable prompt blocks' hashes
+    queued: float = 0.0  # when it (last) joined the queue: a retry waits again
+    source: Any = None  # (prompt, messages) as sent, kept for the judge when live quality is on
+    span: Any = None  # tracing: the request's root span (None when tracing is off)
+    dispatch_span: Any = None  # tracing: the current attempt's dispatch span
 
     def __post_init__(self) -> None:
         # choice 0 is token_ids / text / logprobs themselves; sampling.n > 1 adds one Output per further choice

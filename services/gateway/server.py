@@ -55,12 +55,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def _admit(self, request: inference_pb2.GenerateRequest, context, streaming: bool) -> Pending:
         prompt, messages, sampling = await self._inputs(request, context)
         # the field, else the x-session-id metadata (which an L7 proxy in front of several gateways can hash on)
-        session = request.session_id or dict(context.invocation_metadata() or ()).get("x-session-id", "")
+        metadata = dict(context.invocation_metadata() or ())
+        session = request.session_id or metadata.get("x-session-id", "")
         try:
             return await self.gw.admit(
                 request_id=request.request_id, model=request.model, prompt=prompt, messages=messages,
                 sampling=sampling,
-                priority=request.priority, streaming=streaming, session_id=session)
+                priority=request.priority, streaming=streaming, session_id=session,
+                traceparent=metadata.get("traceparent", ""))
         except GatewayError as exc:
             await context.abort(exc.code, exc.message)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from services.common import tracing
 from services.common.config import WorkerConfig
 from services.common.grpc_util import FINISH_REASONS, code_number
 from services.common.pb import inference_pb2, worker_pb2, worker_pb2_grpc
@@ -31,6 +32,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
         front = AsyncEngine(lambda: build_engine(self.config, self), step_delay_s=self.config.step_delay_ms / 1000)
         await asyncio.wrap_future(front.ready)
+        front.keep_phases = tracing.enabled()
         self.engine = front
 
     async def _require_engine(self, context: grpc.aio.ServicerContext) -> Any:
@@ -62,7 +64,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     error_code=code_number("INVALID_ARGUMENT"), error_message=str(exc)))
         for event in rejected:
             yield event
+        traces = tracing.parse_metadata(context.invocation_metadata()) if tracing.enabled() else {}
         async for ev in engine.generate(reqs):
+            if ev.finish_reason is not None and ev.request_id in engine.phases:
+                self._trace(ev, engine.phases.pop(ev.request_id), traces.get(ev.request_id))
             yield worker_pb2.WorkerEvent(
                 request_id=ev.request_id,
                 token_ids=ev.token_ids,
@@ -77,6 +82,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 prompt_logprobs=logprobs_pb(ev.prompt_logprobs),
                 index=ev.index,
             )
+
+    def _trace(self, ev: Any, phases: tuple[float, float, float, float], traceparent: str | None) -> None:
+        """The worker's spans of a finished request, under the gateway's dispatch span: its time in the engine's
+        queue, prefill (first step to first token) and decode (first token to its end)."""
+        arrival, scheduled, first, end = phases
+        root = tracing.record("worker.request", tracing.context_of(traceparent), arrival, end,
+                              worker=self.worker_id, request_id=ev.request_id, finish_reason=ev.finish_reason,
+                              prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                              cached_tokens=ev.cached_tokens)
+        tracing.record("worker.queue", root, arrival, scheduled)
+        tracing.record("worker.prefill", root, scheduled, first, prompt_tokens=ev.prompt_tokens)
+        tracing.record("worker.decode", root, first, end, completion_tokens=ev.completion_tokens)
 
     async def Cancel(self, request: worker_pb2.CancelRequest, context: grpc.aio.ServicerContext):
         engine = await self._require_engine(context)
@@ -176,12 +193,14 @@ def run(config: WorkerConfig) -> None:
     check_choices(config)
     credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_ca)
     setup_logging("worker")
+    tracing.setup("tokenmill-worker", config.otlp_traces_endpoint)
     start_metrics_server(config.metrics_port, config.host)
     servicer = WorkerServicer(config)
 
     async def shutdown() -> None:
         if servicer.engine is not None:
             servicer.engine.shutdown()
+        tracing.shutdown()
 
     asyncio.run(serve(
         name="worker", host=config.host, port=config.port,

@@ -36,6 +36,7 @@ class _Tracked:
     prompt_tokens: int
     first_token: float = 0.0
     tokens: int = 0
+    scheduled: float = 0.0  # start of the first engine step that ran it (its worker queue time ends)
     choices: int = 1  # choices still to finish (n > 1: each ends with its own stop / length event)
 
 
@@ -54,6 +55,11 @@ class AsyncEngine:
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}  # engine thread only
         self._wake = threading.Condition()
         self._stopping = False
+        self._unscheduled: set[str] = set()  # admitted, not yet run by a step (engine thread only)
+        # request id -> (arrival, scheduled, first token, end) of finished requests, kept for the caller to
+        # pop when keep_phases is set (tracing: the servicer records the worker's spans from them)
+        self.keep_phases = False
+        self.phases: dict[str, tuple[float, float, float, float]] = {}
         self.ready: Future[Engine] = Future()
         factory = engine if callable(engine) and not hasattr(engine, "step") else None
         if factory is None:
@@ -151,6 +157,7 @@ class AsyncEngine:
             return  # cancelled before it reached the engine
         try:
             self.engine.add_request(req)
+            self._unscheduled.add(req.request_id)
         except InvalidRequest as exc:
             self._deliver(_error(req, "INVALID_ARGUMENT", str(exc)))
         except Exception as exc:  # a bad request must not take the engine down
@@ -158,6 +165,7 @@ class AsyncEngine:
             self._deliver(_error(req, "INTERNAL", f"engine rejected the request: {exc}"))
 
     def _step(self) -> None:
+        started = time.monotonic()
         try:
             events = self.engine.step()
         except Exception as exc:
@@ -169,6 +177,8 @@ class AsyncEngine:
             self._publish_stats()
             return
         self._publish_stats()  # before the events, so Load never lags the requests a caller saw finish
+        if self._unscheduled:
+            self._mark_scheduled(started)
         for event in events:
             self._deliver(event)
         self._flush()
@@ -192,10 +202,36 @@ class AsyncEngine:
             del self._tracked[event.request_id]
             metrics.finished.labels(event.finish_reason).inc()
             metrics.e2e.observe(now - tracked.arrival)
+            self._finish_phases(event.request_id, tracked, now)
             metrics.prompt_tokens.inc(tracked.prompt_tokens)
             if tracked.tokens > 1:
                 metrics.tpot.observe((now - tracked.first_token) / (tracked.tokens - 1))
         self._outbox.setdefault(tracked.loop, []).append((tracked.queue, event))
+
+    def _mark_scheduled(self, started: float) -> None:
+        """Requests the step that began at `started` ran for the first time: their queue time ends there. The
+        paged engine says so per sequence; an engine without sequences (hf-static) ran all it had admitted."""
+        seqs = getattr(self.engine, "seqs", None)
+        for rid in list(self._unscheduled):
+            seq = seqs.get(rid) if seqs is not None else None
+            if seq is None or seq.first_scheduled:
+                self._unscheduled.discard(rid)
+                tracked = self._tracked.get(rid)
+                if tracked is not None:
+                    tracked.scheduled = started
+
+    def _finish_phases(self, rid: str, tracked: _Tracked, now: float) -> None:
+        """A finished request's phase histograms (vLLM's): queue, prefill, decode, inference."""
+        self._unscheduled.discard(rid)
+        if not tracked.scheduled:
+            return  # cancelled or refused before it ran
+        first = tracked.first_token or now
+        metrics.queue_time.observe(tracked.scheduled - tracked.arrival)
+        metrics.prefill_time.observe(max(0.0, first - tracked.scheduled))
+        metrics.decode_time.observe(max(0.0, now - first))
+        metrics.inference_time.observe(now - tracked.scheduled)
+        if self.keep_phases:
+            self.phases[rid] = (tracked.arrival, tracked.scheduled, first, now)
 
     def _flush(self) -> None:
         """Hand the iteration's events to their event loops: one wake-up per loop, not one per event."""

@@ -19,4 +19,14 @@ prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed")
 generation_tokens = Counter("vllm:generation_tokens", "Tokens generated")
 spec_draft = Counter("vllm:spec_decode_num_draft_tokens", "Drafted tokens verified (speculative decoding)")
 spec_accepted = Counter("vllm:spec_decode_num_accepted_tokens", "Drafted tokens accepted (speculative decoding)")
+# a request's phases (vLLM's names): waiting in the engine's queue, first step to first token, first token to
+# its end, first step to its end
+queue_time = Histogram("vllm:request_queue_time_seconds", "Time a request waited in the engine's queue",
+                       buckets=LATENCY_BUCKETS)
+prefill_time = Histogram("vllm:request_prefill_time_seconds", "Time from a request's first step to its first token",
+                         buckets=LATENCY_BUCKETS)
+decode_time = Histogram("vllm:request_decode_time_seconds", "Time from a request's first token to its end",
+                        buckets=LATENCY_BUCKETS)
+inference_time = Histogram("vllm:request_inference_time_seconds", "Time from a request's first step to its end",
+                           buckets=LATENCY_BUCKETS)
 finished = Counter("tokenmill:worker_requests_finished", "Requests finished, by reason", ["finish_reason"])
