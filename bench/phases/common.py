@@ -193,10 +193,10 @@ def load(opts: Options, quantization: str = "none", dtype: str = "auto") -> Any:
 # ---- the engine as the worker runs it -------------------------------------------------------------
 # The worker settings that shape an engine phase's engine; the benchmark Job's ConfigMap
 # (k8s/jobs/base/bench-config.yaml) carries exactly these, at config.py's defaults (a test holds it).
-ENGINE_SETTINGS = ("quantization", "dtype", "model_impl", "block_size", "kv_cache_memory", "max_num_batched_tokens",
-                   "max_num_seqs", "max_model_len", "prefix_cache", "enforce_eager", "max_waiting_steps", "speculative",
-                   "num_speculative_tokens", "draft_layers", "speculative_max_batch", "speculative_min_acceptance",
-                   "speculative_token_cost")
+ENGINE_SETTINGS = ("quantization", "activations", "dtype", "model_impl", "block_size", "kv_cache_memory",
+                   "max_num_batched_tokens", "max_num_seqs", "max_model_len", "prefix_cache", "enforce_eager",
+                   "max_waiting_steps", "speculative", "num_speculative_tokens", "draft_layers",
+                   "speculative_max_batch", "speculative_min_acceptance", "speculative_token_cost")
 
 
 def bench_config_data() -> dict[str, str]:
@@ -224,9 +224,9 @@ def load_engine(opts: Options, quantization: str | None = None, model_impl: str 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     cfg = worker_settings()
     quant, impl = quantization or cfg.quantization, model_impl or cfg.model_impl
-    key = ("engine", opts.model, quant, impl, opts.device, cfg.dtype)
+    key = ("engine", opts.model, quant, impl, opts.device, cfg.dtype, cfg.activations)
     if key not in _MODELS:
-        _MODELS[key] = load_engine_model(opts.model, quant, opts.device, cfg.dtype, impl)
+        _MODELS[key] = load_engine_model(opts.model, quant, opts.device, cfg.dtype, impl, cfg.activations)
     return _MODELS[key]
 
 
@@ -235,8 +235,9 @@ def is_native(model: Any) -> bool:
     return type(model).__module__.startswith("services.worker.engine.models")
 
 
-def kernel_isa(device: str, dtype: Any) -> str:
-    """Which kernels a step runs on: tokenmill's C++ build (its ISA and quantized matmul unit), Triton, PyTorch."""
+def kernel_isa(device: str, dtype: Any, activations: str = "fp32") -> str:
+    """Which kernels a step runs on: tokenmill's C++ build (its ISA; the integer unit where the quantized layers
+    take int8 activations), Triton, PyTorch."""
     if device.startswith("cuda"):
         return "Triton (CUDA)"
     from services.worker.engine.layers import kernels
@@ -245,8 +246,8 @@ def kernel_isa(device: str, dtype: Any) -> str:
     if ops is None:
         return "PyTorch (no C++ kernels for this dtype / CPU)"
     isa = f"C++ {ops.isa()}"
-    with contextlib.suppress(Exception):  # the integer matmul unit, where this build has one
-        isa += f", quantized matmul on {kernels.matrix_unit()}"
+    if activations == "int8":
+        isa += f", int8 activations on {kernels.matrix_unit()}"
     return isa
 
 
@@ -261,7 +262,8 @@ def setup_of(lm: Any = None, *, fmt: str | None = None, forward: str | None = No
         forward = forward or ("native (tokenmill's forward, paged engine)" if is_native(lm.model)
                               else "transformers' modules")
     return {"format": fmt or "n/a", "forward": forward or "n/a",
-            "kernels": kernels or kernel_isa(device, dtype), "dtype": str(dtype).removeprefix("torch."),
+            "kernels": kernels or kernel_isa(device, dtype, getattr(lm, "activations", "fp32")),
+            "dtype": str(dtype).removeprefix("torch."),
             "threads": torch.get_num_threads()}
 
 

@@ -115,6 +115,7 @@ class LoadedModel:
     device: str
     dtype: Any
     quantization: str
+    activations: str = "fp32"
 
     @property
     def context_length(self) -> int:
@@ -175,9 +176,19 @@ def load_model(
 
 
 def load_engine_model(spec: str, quantization: str = "auto", device: str = "auto", dtype: str = "auto",
-                      model_impl: str = "auto") -> LoadedModel:
+                      model_impl: str = "auto", activations: str = "fp32") -> LoadedModel:
     """The paged engine's model: tokenmill's own forward (`native`) where it covers the architecture and
-    device (`auto` falls back to transformers' modules, and says why), else transformers'."""
+    device (`auto` falls back to transformers' modules, and says why), else transformers'. `activations`:
+    the quantized layers' activation precision (layers/linear.py set_activations)."""
+    loaded = _engine_model(spec, quantization, device, dtype, model_impl)
+    from services.worker.engine.layers.linear import set_activations
+
+    set_activations(loaded.model, activations)
+    loaded.activations = activations
+    return loaded
+
+
+def _engine_model(spec: str, quantization: str, device: str, dtype: str, model_impl: str) -> LoadedModel:
     if model_impl not in MODEL_IMPLS:
         raise ValueError(f"unknown --model-impl {model_impl!r}: use one of {', '.join(MODEL_IMPLS)}")
     if model_impl == "transformers":

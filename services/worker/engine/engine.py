@@ -348,7 +348,8 @@ def build_paged_engine(config: Any) -> tuple[Any, PagedEngine]:
     """The worker's `--engine paged`: load the model, size the KV pool from --kv-cache-memory, warm up."""
     from services.common.model_loader import load_engine_model
 
-    loaded = load_engine_model(config.model, config.quantization, config.device, config.dtype, config.model_impl)
+    loaded = load_engine_model(config.model, config.quantization, config.device, config.dtype, config.model_impl,
+                               config.activations)
     engine = PagedEngine(loaded.model, loaded.tokenizer, **engine_options(config))
     engine.warmup()
     return loaded, engine

@@ -5,6 +5,10 @@ quantized format is compared with itself. Which kernel runs:
 - packed weights, fp32 activations on a CPU with AVX2/AVX-512: tokenmill's C++ kernel (kernels.py);
   it dequantises in registers and accumulates in fp32, row by row, so a row's result does not depend
   on what else is in the batch;
+- with `set_activations(model, "int8")` (the worker's --activations int8), integer-coded weights (q4_1,
+  int4, q8_0, int8 in groups of 32s) on a CPU with AVX512-VNNI: activations quantized per row in blocks
+  of 32 (llama.cpp's Q8), exact integer block sums on AMX tiles or VNNI (kernels.matrix_unit), so a row's
+  result is bitwise the same whatever the unit, the batch or the chunking; it costs quality (README);
 - packed weights on CUDA (and on the CPU under Triton's interpreter): tokenmill's Triton kernels
   (gpu/quant.py), reading the same packed tensors;
 - packed weights elsewhere (no compiler, bf16 activations on a CPU): dequantise, then F.linear;
@@ -48,13 +52,25 @@ class Linear(_Packed):
                                                else tuple(weight.shape))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.weight_stationary = weight_stationary
+        self.int8_activations = False  # set_activations: multiply on the CPU's integer unit
         self._kernel_bias = None  # the kernel writes whole panels of 16 rows: its bias is padded to match
         if packed and bias is not None:
             self._kernel_bias = torch.zeros(weight.panels * 16, dtype=torch.float32)
             self._kernel_bias[: self.out_features] = bias.float()
 
+    def int8_capable(self) -> bool:
+        """Integer codes in blocks of 32 (q4_1, int4, q8_0, int8): what the int8-activation kernel reads."""
+        p = self.packed
+        return p is not None and p.table is None and p.in_features % 32 == 0 and p.group % 32 == 0
+
+    def uses_q8(self) -> bool:
+        """Whether this layer multiplies with int8 activations on the CPU's integer unit. Fixed per layer,
+        never per batch, so a row's numerics never depend on the rows beside it."""
+        return self.int8_activations and kernels.matrix_unit() != "fp32"
+
     def extra_repr(self) -> str:
         fmt = self.packed.fmt if self.packed is not None else str(self.weight.dtype).removeprefix("torch.")
+        fmt += ", activations=int8" if self.int8_activations else ""
         return f"in={self.in_features}, out={self.out_features}, weight={fmt}, bias={self.bias is not None}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +86,12 @@ class Linear(_Packed):
         if x.dim() == 2:  # the engine's hot path
             ops = kernels.cpu_ops(x.device, x.dtype)
             if ops is not None:
-                y = ops.quant_linear(x.contiguous(), p.codes, p.scales, p.mins, p.table,
-                                     self._kernel_bias, p.bits, p.group)
+                if self.uses_q8():
+                    y = ops.q8_linear(x.contiguous(), p.codes, p.scales, p.mins, self._kernel_bias, p.bits, p.group,
+                                      kernels.amx_rows())
+                else:
+                    y = ops.quant_linear(x.contiguous(), p.codes, p.scales, p.mins, p.table,
+                                         self._kernel_bias, p.bits, p.group)
                 return y if y.shape[1] == self.out_features else y[:, : self.out_features]
         if x.dim() != 2:
             return self.forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
@@ -109,3 +129,32 @@ def weight_bytes(model: nn.Module) -> int:
     for p in model.parameters():
         seen[p.data_ptr()] = p.numel() * p.element_size()
     return sum(seen.values())
+
+
+ACTIVATIONS = ("fp32", "int8")
+
+
+def set_activations(model: nn.Module, activations: str) -> int:
+    """Choose the activation precision of `model`'s quantized layers before its first forward: "fp32" (the
+    default) or "int8" (llama.cpp's Q8 activations on the CPU's integer unit; codes move to its quad layout).
+    Returns how many layers multiply in int8; raises where "int8" cannot apply to any."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r}: use one of {', '.join(ACTIVATIONS)}")
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    capable = [m for m in layers if m.int8_capable()]
+    if activations == "fp32":
+        for layer in capable:
+            layer.packed.use_panels()
+            layer.int8_activations = False
+        return 0
+    if not capable:
+        raise ValueError("--activations int8 needs integer-coded weights (--quantization gguf, int8, int4)")
+    if capable[0].packed.codes.device.type != "cpu":
+        raise ValueError("--activations int8 runs on a CPU's integer units (AMX, VNNI) only")
+    if kernels.load() is None or kernels.matrix_unit() == "fp32":
+        raise ValueError("--activations int8 needs a CPU with AVX512-VNNI or AMX and tokenmill's C++ kernels "
+                         f"(this one: {kernels.cpu_capability()}); use --activations fp32")
+    for layer in capable:
+        layer.packed.use_quads()
+        layer.int8_activations = True
+    return len(capable)

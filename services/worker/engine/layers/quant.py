@@ -16,6 +16,10 @@ and output row, plus a float16 min (asymmetric formats) or a 16-entry code book 
 Packing (the kernels' layout): output rows in panels of 16; inside a panel, for each input column
 (8-bit) or pair of columns (4-bit, low nibble = even column), the codes of the 16 rows side by side.
 Rows are padded to a multiple of 16 with zero scales.
+
+The "quad" layout (same bytes, reordered at load for the integer units, csrc/q8_gemm.cpp): inside a
+panel, per 4 input columns (8-bit) or 8 (4-bit: columns k..k+3 in the low nibbles, k+4..k+7 in the high),
+the 16 rows side by side, each row's 4 codes in one 32-bit lane: an AMX B tile / VPDPBUSD operand.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class PackedWeight:
     mins: torch.Tensor | None = None  # float16, same shape (asymmetric formats)
     table: torch.Tensor | None = None  # float32 [16] (nf4)
     copies: dict = field(default_factory=dict, repr=False)  # device -> this weight there (a tied head moves once)
+    layout: str = "panel"  # or "quad" (see the top of the file)
 
     @property
     def panels(self) -> int:
@@ -61,7 +66,14 @@ class PackedWeight:
             rows = torch.arange(self.out_features, device=self.codes.device)
         panel, lane = rows // PANEL, rows % PANEL
         p, k = self.panels, self.in_features
-        if self.bits == 8:
+        if self.layout == "quad":  # [panel, columns / 4 or / 8, row, 4]
+            b = self.codes.view(p, k // (4 if self.bits == 8 else 8), PANEL, 4)[panel, :, lane]
+            if self.bits == 8:
+                c = b.reshape(len(rows), k).view(torch.int8).float()
+            else:
+                b = b.to(torch.int32)
+                c = torch.stack((b & 15, b >> 4), dim=-2).reshape(len(rows), k).float()
+        elif self.bits == 8:
             c = self.codes.view(torch.int8).view(p, k, PANEL)[panel, :, lane].float()
         else:
             b = self.codes.view(p, k // 2, PANEL)[panel, :, lane].to(torch.int32)
@@ -73,8 +85,8 @@ class PackedWeight:
         return w.reshape(len(rows), k)
 
     def to(self, device: torch.device) -> PackedWeight:
-        """The same weight with its tensors on `device` (their dtypes kept); one copy per device, so the
-        embedding and a tied LM head still share theirs."""
+        """The same weight with its tensors on `device` (their dtypes kept), in the panel layout; one copy
+        per device, so the embedding and a tied LM head still share theirs."""
         device = torch.device(device)
         if device == self.codes.device:
             return self
@@ -83,14 +95,44 @@ class PackedWeight:
                 return None if t is None else t.to(device)
 
             self.copies[str(device)] = PackedWeight(self.fmt, self.out_features, self.in_features, self.bits,
-                                                    self.group, move(self.codes), move(self.scales), move(self.mins),
-                                                    move(self.table))
+                                                    self.group, move(self.panel_codes()), move(self.scales),
+                                                    move(self.mins), move(self.table))
         return self.copies[str(device)]
+
+    def panel_codes(self) -> torch.Tensor:
+        """The codes in the panel layout, whatever this weight's layout is."""
+        if self.layout == "panel":
+            return self.codes
+        p, k = self.panels, self.in_features
+        q = self.codes.view(p, -1, PANEL, 4).transpose(2, 3)  # [p, k / 8 or / 4, 4 columns, 16 rows]
+        if self.bits == 8:
+            return q.reshape(p, -1).contiguous()
+        c = torch.stack((q & 15, q >> 4), dim=2).reshape(p, k, PANEL)  # columns in order
+        return (c[:, 0::2] | (c[:, 1::2] << 4)).reshape(p, -1).contiguous()
+
+    def use_quads(self) -> PackedWeight:
+        """Reorder the codes into the quad layout, in place (every module sharing this weight sees it)."""
+        if self.layout == "quad":
+            return self
+        p, k = self.panels, self.in_features
+        if self.bits == 8:
+            q = self.codes.view(p, k // 4, 4, PANEL)
+        else:
+            b = self.codes.view(p, k // 2, PANEL)
+            c = torch.stack((b & 15, b >> 4), dim=2).reshape(p, k // 8, 2, 4, PANEL)  # columns k..k+3, k+4..k+7
+            q = c[:, :, 0] | (c[:, :, 1] << 4)
+        self.codes, self.layout = q.transpose(2, 3).reshape(p, -1).contiguous(), "quad"
+        return self
+
+    def use_panels(self) -> PackedWeight:
+        """Back to the panel layout (the fp32 kernel's), in place."""
+        self.codes, self.layout = self.panel_codes(), "panel"
+        return self
 
     def unpack(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The inverse of `pack`: codes [N, K] uint8, scales (and mins) [N, K / group] float16."""
         n, p, k = self.out_features, self.panels, self.in_features
-        c = self.codes.numpy().reshape(p, -1, PANEL)
+        c = self.panel_codes().numpy().reshape(p, -1, PANEL)
         if self.bits == 4:
             c = np.stack((c & np.uint8(15), c >> np.uint8(4)), axis=2).reshape(p, k, PANEL)
         codes = np.ascontiguousarray(c.transpose(0, 2, 1).reshape(p * PANEL, k)[:n])

@@ -135,5 +135,7 @@ class DecoderModel(nn.Module):
 def _kernel_linear(k: Any, layer: Linear) -> Any:
     p = layer.packed
     if p is None:
-        return k.Linear(layer.weight, None, None, None, None, layer.bias, 0, 0, layer.out_features)
-    return k.Linear(None, p.codes, p.scales, p.mins, p.table, layer._kernel_bias, p.bits, p.group, layer.out_features)
+        return k.Linear(layer.weight, None, None, None, None, layer.bias, 0, 0, layer.out_features, False, 0)
+    q8 = layer.uses_q8()
+    return k.Linear(None, p.codes, p.scales, p.mins, p.table, layer._kernel_bias, p.bits, p.group, layer.out_features,
+                    q8, kernels.amx_rows() if q8 else 0)

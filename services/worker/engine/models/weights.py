@@ -169,7 +169,7 @@ def concat_rows(parts: list[PackedWeight]) -> PackedWeight:
         raise ValueError("fused projections need one format, group size and input width")
     if all(p.out_features % quant.PANEL == 0 for p in parts):
         def cat(attr: str) -> torch.Tensor | None:
-            ts = [getattr(p, attr) for p in parts]
+            ts = [p.panel_codes() if attr == "codes" else getattr(p, attr) for p in parts]
             return None if ts[0] is None else torch.cat(ts)
         return PackedWeight(first.fmt, sum(p.out_features for p in parts), first.in_features, first.bits,
                             first.group, cat("codes"), cat("scales"), cat("mins"), first.table)

@@ -9,10 +9,12 @@ struct Linear {  // packed (bits > 0: codes, scales, mins / table, padded bias) 
   at::Tensor weight, codes, scales;
   c10::optional<at::Tensor> mins, table, bias;
   int64_t bits = 0, group = 0, out = 0;
+  bool q8 = false;       // codes in quad layout, int8 activations (q8_gemm.cpp)
+  int64_t amx_rows = 0;  // q8: AMX from this many rows (0: VNNI only)
   at::Tensor operator()(const at::Tensor& x) const;
 };
 
-struct Step {  // models/attention.py's StepContext, the tensors only
+struct Step {  // engine/attention.py's StepContext, the tensors only
   at::Tensor positions, slots, block_tables, token_seq, token_pos, cos, sin;
 };
 

@@ -3,8 +3,14 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 at::Tensor quant_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
                         c10::optional<at::Tensor> table, c10::optional<at::Tensor> bias, int64_t bits, int64_t group);
+at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
+                     c10::optional<at::Tensor> bias, int64_t bits, int64_t group, int64_t amx_rows);
+bool amx_enable();
+std::string q8_units();
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                            at::Tensor token_seq, at::Tensor token_pos, int64_t num_heads, int64_t window, double scale);
 void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots);

@@ -211,7 +211,7 @@ def _splits(programs: int, k: int, block_k: int, target: int) -> int:
 def _args(p: PackedWeight) -> tuple:
     table = p.table if p.table is not None else p.scales
     mins = p.mins if p.mins is not None else p.scales
-    return p.codes, p.scales, mins, table
+    return p.panel_codes(), p.scales, mins, table
 
 
 def _flags(p: PackedWeight) -> dict:

@@ -1,0 +1,356 @@
+// Quantized linear layers with int8 activations: y[M, N] = q8(x)[M, K] @ dequant(W)^T on integer units.
+//
+// Activations are quantized per row in blocks of 32 (d = max|x| / 127, q = round(x / d)), as llama.cpp's
+// Q8 activations are. Per block the dot product of the int8 activations with the weights' integer codes
+// is an exact int32 sum, whichever unit computes it: AMX tiles (TDPBSUD / TDPBSSD, 16 rows x 16 columns x 32)
+// for many rows, AVX512-VNNI (VPDPBUSD) for few. Only the float epilogue rounds, and it is the same code
+// for both, so a row's result is bitwise independent of the unit, of M, and of the other rows:
+//   t = float(isum) * dx[m, block];  acc = first block of the group ? t : acc + t;
+//   at the group's end: out = fma(acc, scale, out) (+ fma(min, sum(x over the group), out)).
+//
+// Weights come in the "quad" layout (layers/quant.py): per panel of 16 output rows, the codes of 4
+// consecutive input columns of one row side by side (a 32-bit lane), the 16 rows next to each other:
+// 64 bytes per 4 columns, the layout of an AMX B tile and of a VPDPBUSD operand. 4-bit codes hold columns
+// k..k+3 in the low nibbles and k+4..k+7 in the high nibbles of one 64-byte vector.
+
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TOKENMILL_Q8 1
+#endif
+#if defined(TOKENMILL_Q8) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define TOKENMILL_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+constexpr int kPanel = 16, kBlock = 32;
+
+#ifdef TOKENMILL_Q8
+
+struct Q8Weights {
+  const uint8_t* codes;    // [P, K * bits / 8 * 16], quad layout
+  const at::Half* scales;  // [P, K / G, 16]
+  const at::Half* mins;    // [P, K / G, 16] or null
+  int64_t K, G, P, bits;
+  int64_t pstride() const { return K * bits / 8 * kPanel; }
+};
+
+struct Q8Acts {
+  const int8_t* q;     // [rows (padded to 32), K]
+  const float* d;      // [M, K / 32]
+  const float* xsum;   // [M, K / G] or null
+  int64_t K;
+};
+
+// The shared epilogue of one block (see the top of the file): set up once per block and panel, applied per
+// row to that row's 16 int32 sums.
+struct Epilogue {
+  bool first, last;  // the block opens / closes its weight group
+  int64_t b, g, nb, ng;
+  __m512 d, mn;
+  const Q8Acts& a;
+  Epilogue(const Q8Weights& w, const Q8Acts& acts, int64_t block, int64_t panel) : a(acts) {
+    const int64_t k0 = block * kBlock;
+    b = block, nb = w.K / kBlock, ng = w.K / w.G, g = k0 / w.G;
+    first = k0 % w.G == 0, last = (k0 + kBlock) % w.G == 0;
+    const int64_t off = (panel * ng + g) * kPanel;
+    d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scales + off)));
+    mn = w.mins ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.mins + off)))
+                : _mm512_setzero_ps();
+  }
+  template <bool MIN>
+  inline void apply(__m512i isum, int64_t m, __m512& acc, __m512& out) const {
+    const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(a.d[m * nb + b]));
+    acc = first ? t : _mm512_add_ps(acc, t);
+    if (last) {
+      out = _mm512_fmadd_ps(acc, d, out);
+      if constexpr (MIN) out = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.xsum[m * ng + g]), out);
+    }
+  }
+};
+
+inline void store_row(float* y, const __m512& out, const float* bias) {
+  _mm512_storeu_ps(y, bias ? _mm512_add_ps(out, _mm512_loadu_ps(bias)) : out);
+}
+
+// VPDPBUSD: PN panels x MT rows per tile, one block of 32 columns at a time.
+template <int BITS, bool MIN, int PN, int MT>
+void vnni_tile(const Q8Weights& w, const Q8Acts& a, int64_t p0, int64_t m0, float* y, int64_t ldy,
+               const float* bias) {
+  __m512 acc[PN][MT], out[PN][MT];
+  for (int p = 0; p < PN; ++p)
+    for (int m = 0; m < MT; ++m) acc[p][m] = out[p][m] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < w.K / kBlock; ++b) {
+    __m512i isum[PN][MT];
+    for (int p = 0; p < PN; ++p)
+      for (int m = 0; m < MT; ++m) isum[p][m] = _mm512_setzero_si512();
+    const int8_t* xb = a.q + m0 * a.K + b * kBlock;
+    if constexpr (BITS == 4) {
+      for (int j = 0; j < 4; ++j) {  // 8 columns per 64-byte vector
+        for (int p = 0; p < PN; ++p) {
+          const __m512i raw = _mm512_loadu_si512(w.codes + (p0 + p) * w.pstride() + (b * 4 + j) * 64);
+          const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+          for (int m = 0; m < MT; ++m) {
+            const int8_t* x = xb + m * a.K + j * 8;
+            isum[p][m] = _mm512_dpbusd_epi32(isum[p][m], lo, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x)));
+            isum[p][m] = _mm512_dpbusd_epi32(isum[p][m], hi, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + 4)));
+          }
+        }
+      }
+    } else {  // signed codes: |w| as the unsigned operand, the sign moved onto x
+      for (int j = 0; j < 8; ++j) {
+        for (int p = 0; p < PN; ++p) {
+          const __m512i raw = _mm512_loadu_si512(w.codes + (p0 + p) * w.pstride() + (b * 8 + j) * 64);
+          const __m512i mag = _mm512_abs_epi8(raw);
+          const __mmask64 neg = _mm512_movepi8_mask(raw);
+          for (int m = 0; m < MT; ++m) {
+            const __m512i x = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xb + m * a.K + j * 4));
+            isum[p][m] = _mm512_dpbusd_epi32(isum[p][m], mag, _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
+          }
+        }
+      }
+    }
+    for (int p = 0; p < PN; ++p) {
+      const Epilogue ep(w, a, b, p0 + p);
+      for (int m = 0; m < MT; ++m) ep.template apply<MIN>(isum[p][m], m0 + m, acc[p][m], out[p][m]);
+    }
+  }
+  for (int p = 0; p < PN; ++p)
+    for (int m = 0; m < MT; ++m)
+      store_row(y + (m0 + m) * ldy + (p0 + p) * kPanel, out[p][m], bias ? bias + (p0 + p) * kPanel : nullptr);
+}
+
+template <int BITS, bool MIN, int PN>
+void vnni_rows(const Q8Weights& w, const Q8Acts& a, int64_t p0, int64_t m0, int64_t mt, float* y, int64_t ldy,
+               const float* bias) {
+  switch (mt) {
+    case 1: vnni_tile<BITS, MIN, PN, 1>(w, a, p0, m0, y, ldy, bias); break;
+    case 2: vnni_tile<BITS, MIN, PN, 2>(w, a, p0, m0, y, ldy, bias); break;
+    case 3: vnni_tile<BITS, MIN, PN, 3>(w, a, p0, m0, y, ldy, bias); break;
+    case 4: vnni_tile<BITS, MIN, PN, 4>(w, a, p0, m0, y, ldy, bias); break;
+    default: TORCH_CHECK(false, "bad row tile ", mt);
+  }
+}
+
+template <int BITS, bool MIN>
+void vnni_gemm(const Q8Weights& w, const Q8Acts& a, int64_t M, float* y, const float* bias) {
+  constexpr int PN = 4, MT = 4;  // 16 int32 + 32 float accumulators at most: within the 32 registers
+  const int64_t ldy = w.P * kPanel, tiles = (w.P + PN - 1) / PN;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p0 = t * PN, np = std::min<int64_t>(PN, w.P - p0);
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int64_t mt = std::min<int64_t>(MT, M - m0);
+        if (np == PN && mt <= 2) {
+          vnni_rows<BITS, MIN, PN>(w, a, p0, m0, mt, y, ldy, bias);
+        } else {
+          for (int64_t p = p0; p < p0 + np; ++p) vnni_rows<BITS, MIN, 1>(w, a, p, m0, mt, y, ldy, bias);
+        }
+      }
+    }
+  });
+}
+
+#ifdef TOKENMILL_AMX
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0..3: C (row tile r, panel q) = tmm(2r + q); tmm4, tmm5: A row tiles; tmm6, tmm7: B panels.
+void load_tile_config() {
+  TileConfig c;
+  for (int t = 0; t < 4; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+  for (int t = 4; t < 6; ++t) c.rows[t] = 16, c.colsb[t] = kBlock;
+  for (int t = 6; t < 8; ++t) c.rows[t] = kBlock / 4, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// Two panels x 32 rows per step; 4-bit panels are unpacked to bytes once per call, then reused by every row tile.
+template <int BITS, bool MIN>
+void amx_gemm(const Q8Weights& w, const Q8Acts& a, int64_t M, float* y, const float* bias) {
+  const int64_t ldy = w.P * kPanel, nb = w.K / kBlock, pairs = (w.P + 1) / 2;
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    load_tile_config();
+    std::vector<uint8_t> unpacked(BITS == 4 ? 2 * nb * 512 : 0);
+    alignas(64) int32_t c[4][16][16];
+    __m512 acc[32][2], out[32][2];
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t p0 = pair * 2, np = std::min<int64_t>(2, w.P - p0);
+      const uint8_t* bsrc[2];
+      for (int q = 0; q < np; ++q) {
+        const uint8_t* codes = w.codes + (p0 + q) * w.pstride();
+        if constexpr (BITS == 4) {
+          uint8_t* dst = unpacked.data() + q * nb * 512;
+          const __m512i low = _mm512_set1_epi8(0x0F);
+          for (int64_t v = 0; v < nb * 4; ++v) {
+            const __m512i raw = _mm512_loadu_si512(codes + v * 64);
+            _mm512_storeu_si512(dst + v * 128, _mm512_and_si512(raw, low));
+            _mm512_storeu_si512(dst + v * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
+          }
+          bsrc[q] = dst;
+        } else {
+          bsrc[q] = codes;
+        }
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const int rt = M - m0 > 16 ? 2 : 1;
+        for (int i = 0; i < 32; ++i) acc[i][0] = acc[i][1] = out[i][0] = out[i][1] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; ++b) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          const int8_t* xa = a.q + m0 * a.K + b * kBlock;
+          _tile_loadd(4, xa, a.K);
+          _tile_loadd(6, bsrc[0] + b * 512, 64);
+          if (np == 2) _tile_loadd(7, bsrc[1] + b * 512, 64);
+          if (rt == 2) _tile_loadd(5, xa + 16 * a.K, a.K);
+          if constexpr (BITS == 4) {
+            _tile_dpbsud(0, 4, 6);
+            if (np == 2) _tile_dpbsud(1, 4, 7);
+            if (rt == 2) _tile_dpbsud(2, 5, 6);
+            if (rt == 2 && np == 2) _tile_dpbsud(3, 5, 7);
+          } else {
+            _tile_dpbssd(0, 4, 6);
+            if (np == 2) _tile_dpbssd(1, 4, 7);
+            if (rt == 2) _tile_dpbssd(2, 5, 6);
+            if (rt == 2 && np == 2) _tile_dpbssd(3, 5, 7);
+          }
+          _tile_stored(0, c[0], 64);
+          if (np == 2) _tile_stored(1, c[1], 64);
+          if (rt == 2) _tile_stored(2, c[2], 64);
+          if (rt == 2 && np == 2) _tile_stored(3, c[3], 64);
+          const int64_t rows = std::min<int64_t>(32, M - m0);
+          for (int q = 0; q < np; ++q) {
+            const Epilogue ep(w, a, b, p0 + q);
+            for (int64_t i = 0; i < rows; ++i)
+              ep.template apply<MIN>(_mm512_load_si512(c[2 * (i / 16) + q][i % 16]), m0 + i, acc[i][q], out[i][q]);
+          }
+        }
+        for (int64_t i = 0; i < std::min<int64_t>(32, M - m0); ++i)
+          for (int q = 0; q < np; ++q)
+            store_row(y + (m0 + i) * ldy + (p0 + q) * kPanel, out[i][q], bias ? bias + (p0 + q) * kPanel : nullptr);
+      }
+    }
+    _tile_release();
+  });
+}
+
+#endif  // TOKENMILL_AMX
+
+#endif  // TOKENMILL_Q8
+
+}  // namespace
+
+// Ask the OS for the AMX tile state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); true when granted.
+bool amx_enable() {
+#ifdef TOKENMILL_AMX
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+#else
+  return false;
+#endif
+}
+
+// The integer units this build has: "amx", "vnni" or "" (none: the fp32 kernel serves).
+std::string q8_units() {
+#if defined(TOKENMILL_AMX)
+  return "amx,vnni";
+#elif defined(TOKENMILL_Q8)
+  return "vnni";
+#else
+  return "";
+#endif
+}
+
+// x [M, K] float32; codes uint8 [P, ...] in quad layout; scales / mins float16 [P, K / G, 16]; returns
+// [M, P * 16]. AMX serves M >= amx_rows (0: never), VNNI the rest: both give the same bits.
+at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
+                     c10::optional<at::Tensor> bias, int64_t bits, int64_t group, int64_t amx_rows) {
+#ifdef TOKENMILL_Q8
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2, "codes: uint8 [P, *]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales: contiguous float16");
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8");
+  const int64_t M = x.size(0), K = x.size(1), P = codes.size(0);
+  TORCH_CHECK(K % kBlock == 0 && group % kBlock == 0 && K % group == 0, "K and the group must be multiples of 32");
+  TORCH_CHECK(codes.size(1) == K * bits / 8 * kPanel, "codes do not match K");
+  TORCH_CHECK(scales.numel() == P * (K / group) * kPanel, "scales do not match K / group");
+  const bool has_min = mins.has_value() && mins->defined();
+  TORCH_CHECK(has_min == (bits == 4), "4-bit codes need mins (q4_1, int4); 8-bit codes are symmetric");
+  if (has_min) TORCH_CHECK(mins->scalar_type() == at::kHalf && mins->is_contiguous() && mins->numel() == scales.numel());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == P * kPanel,
+                "bias: float32 [P * 16]");
+  const bool amx = amx_rows > 0 && M >= amx_rows;
+#ifndef TOKENMILL_AMX
+  TORCH_CHECK(!amx, "this build has no AMX");
+#else
+  TORCH_CHECK(!amx || amx_enable(), "the OS did not grant the AMX tile state");
+#endif
+
+  auto y = at::empty({M, P * kPanel}, x.options());
+  if (M == 0) return y;
+  const int64_t nb = K / kBlock, ng = K / group, rows = (M + 31) / 32 * 32;
+  auto q = at::zeros({rows, K}, x.options().dtype(at::kChar));
+  auto d = at::empty({M, nb}, x.options());
+  auto xsum = has_min ? at::empty({M, ng}, x.options()) : at::Tensor();
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* dp = d.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* xb = xp + m * K + b * kBlock;
+        const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        const float scale = amax / 127.0f, inv = amax >= 1.17549435e-38f ? 127.0f / amax : 0.0f;  // FLT_MIN
+        dp[m * nb + b] = scale;
+        const __m512 s = _mm512_set1_ps(inv);  // round half to even, as torch.round
+        const __m128i q0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, s)));
+        const __m128i q1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, s)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + m * K + b * kBlock), q0);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + m * K + b * kBlock + 16), q1);
+      }
+      if (has_min) {  // summed in order, as the fp32 kernel does
+        for (int64_t g = 0; g < ng; ++g) {
+          float s = 0.0f;
+          for (int64_t k = 0; k < group; ++k) s += xp[m * K + g * group + k];
+          xsum.data_ptr<float>()[m * ng + g] = s;
+        }
+      }
+    }
+  });
+  const Q8Weights w{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+                    has_min ? mins->data_ptr<at::Half>() : nullptr, K, group, P, bits};
+  const Q8Acts a{qp, dp, has_min ? xsum.data_ptr<float>() : nullptr, K};
+  const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+#ifdef TOKENMILL_AMX
+  if (amx) {
+    if (bits == 8) amx_gemm<8, false>(w, a, M, yp, b);
+    else amx_gemm<4, true>(w, a, M, yp, b);
+    return y;
+  }
+#endif
+  if (bits == 8) vnni_gemm<8, false>(w, a, M, yp, b);
+  else vnni_gemm<4, true>(w, a, M, yp, b);
+  return y;
+#else
+  TORCH_CHECK(false, "this build has no integer matrix unit (needs AVX512-VNNI)");
+#endif
+}
