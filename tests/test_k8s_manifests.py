@@ -273,7 +273,7 @@ def _ingress_sources(policies, pod_labels, port):
 
 
 @pytest.mark.parametrize("path", OVERLAYS)
-def test_network_policies_only_gateway_reaches_workers_and_only_eval_reaches_judge(path):
+def test_network_policies_only_gateway_reaches_workers_and_only_eval_and_gateway_reach_judge(path):
     objects = kustomize(path)
     policies = by_kind(objects, "NetworkPolicy")
     deny = one(objects, "NetworkPolicy", "tokenmill-default-deny-ingress")
@@ -291,11 +291,11 @@ def test_network_policies_only_gateway_reaches_workers_and_only_eval_reaches_jud
     judge_sources = _ingress_sources(policies, labels["judge"], SERVICES["judge"])
     assert judge_sources and all(peers is not None for peers in judge_sources)
     judge_selectors = [peer["podSelector"]["matchLabels"] for peers in judge_sources for peer in peers]
-    # Exactly the eval Job's pods carry the label that opens the judge.
+    # Exactly the eval Job's pods and the gateway's (live quality samples) carry the label that opens the judge.
     workloads = [o for p in (path, "k8s/jobs", "k8s/jobs/cpu") for o in kustomize(p) if o["kind"] in WORKLOADS]
     admitted = {o["metadata"]["name"] for o in workloads for sel in judge_selectors
                 if labels_match(sel, pod_template(o)["metadata"]["labels"])}
-    assert admitted == {"tokenmill-eval"}
+    assert admitted == {"tokenmill-eval", "tokenmill-gateway"}
 
     assert _ingress_sources(policies, labels["gateway"], SERVICES["gateway"]) == [None], "the gateway is public"
     for service in SERVICES:  # Prometheus (and `tokenmill k8s status` via the API server) read metrics

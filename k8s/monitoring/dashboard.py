@@ -67,7 +67,7 @@ ROWS = [
             ("avg by (dimension) (tokenmill:quality_score:mean1h)", "{{dimension}}")]),
         ("Overall quality by worker vs its 24 h baseline", "percentunit", [
             ('tokenmill:quality_score:mean1h{dimension="overall"}', "{{worker}} (1 h)"),
-            ('tokenmill:quality_score:baseline24h{dimension="overall"}', "{{worker}} (24 h before)")]),
+            ('tokenmill:quality_score:baseline24h{dimension="overall"}', "{{worker}} (24 h)")]),
         ("Judge sample: judged, dropped, errors", "short", [
             ("sum(rate(tokenmill:quality_judged_total[5m]))", "judged / s"),
             ("sum(rate(tokenmill:quality_dropped_total[5m]))", "dropped / s"),

@@ -176,10 +176,10 @@ async def serve(
 def start_metrics_server(port: int, host: str) -> None:
     """Prometheus /metrics on host:port (the service's own --host: a laptop run exposes nothing)."""
     if port:
-        from prometheus_client import start_http_server
+        from services.common.metrics import start_http_server
 
         try:
-            start_http_server(port, addr=host)
+            start_http_server(port, host)
         except OSError as exc:
             raise SystemExit(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
         log.info("metrics on %s:%d/metrics", host, port)

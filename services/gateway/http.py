@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from services.common.metrics import CONTENT_TYPE, exposition
 from services.common.pb import inference_pb2
 from services.common.sampling import InvalidRequest
 from services.gateway.core import Gateway, GatewayError
@@ -286,7 +286,7 @@ class OpenAIFront:
         return web.json_response({"status": "ok" if ok else "unavailable", "workers": live}, status=200 if ok else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def start_http(gateway: Gateway, host: str, port: int, ssl_context: ssl.SSLContext | None = None

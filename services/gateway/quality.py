@@ -21,6 +21,7 @@ import grpc
 from services.gateway import metrics
 
 log = logging.getLogger("tokenmill.quality")
+ERROR_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "INTERNAL")
 
 
 @dataclass(slots=True)
@@ -58,6 +59,8 @@ class QualitySampler:
 
         self._channel = grpc.aio.insecure_channel(self.address)
         self._stub = judge_pb2_grpc.JudgeStub(self._channel)
+        for code in ERROR_CODES:  # exported at 0 from the start, so a rate over them is 0, not "no data"
+            metrics.quality_errors.labels(code)
         self._tasks = [asyncio.create_task(self._run()) for _ in range(self.concurrency)]
         log.info("live quality: %.0f %% of completed requests to the judge at %s", 100 * self.rate, self.address)
 

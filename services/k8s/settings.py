@@ -24,6 +24,7 @@ from services.common.config import SERVICE_CONFIGS, env_name
 
 NAMESPACE = "tokenmill"
 WORKER_SERVICE = "tokenmill-worker"  # the headless Service whose A records are the ready workers
+JUDGE_SERVICE = "tokenmill-judge"
 METRICS_PORT = 9090
 HTTP_PORT = 8000
 
@@ -40,6 +41,9 @@ K8S_OVERRIDES: dict[str, dict[str, tuple[Any, str]]] = {
         "workers": ("", "no static workers: they come from DNS (tokenmill up lists its own processes here)"),
         "workers_dns": (f"{WORKER_SERVICE}.{NAMESPACE}.svc.cluster.local:50061",
                         "the worker headless Service: one A record per ready worker pod"),
+        "judge_address": (f"{JUDGE_SERVICE}.{NAMESPACE}.svc.cluster.local:50071",
+                          "live quality's judge is the judge Service; sampling stays off until "
+                          "TOKENMILL_GATEWAY_JUDGE_SAMPLE_RATE > 0"),
     },
     "judge": {
         "host": ("0.0.0.0", "listen on the pod IP, not loopback"),
