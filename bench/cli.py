@@ -123,6 +123,8 @@ def quality(
                                 "none (fp32) is the reference."),
     threads: int = typer.Option(0, help="torch threads; 0 = default."),
     out: Path = typer.Option(Path("results/quality.json"), help="JSON result file (the .md goes next to it)."),
+    activations: str = typer.Option("fp32", help="fp32 and/or int8: rows of the integer-coded formats with the "
+                                    "worker's --activations int8 too."),
 ) -> None:
     """Perplexity, KL divergence from fp32 and top-1 agreement per weight format."""
     from bench.quality import Options, main
@@ -131,7 +133,7 @@ def quality(
     if "none" not in names:
         names = ("none", *names)  # the reference every other format is compared with
     opts = Options(models=_names(models), formats=names, tokens=tokens, chunk=chunk, threads=threads, quick=quick,
-                   out=out)
+                   out=out, activations=_names(activations))
     if quick:
         opts.tokens, opts.chunk = 1024, 256
     main(opts)

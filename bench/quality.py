@@ -6,6 +6,8 @@ Per model and format (`none` = the fp32 reference, `gguf` = the embedded GGUF's 
 - KL(fp32 || format) of the next-token distributions: mean, median, 99th percentile and max over the scored
   positions (as llama.cpp's `perplexity --kl-divergence` reports them);
 - top-1 agreement: the fraction of positions whose argmax equals the fp32 model's.
+With `--activations fp32,int8`, each integer-coded format also gets a row with the worker's `--activations int8`
+(activations quantized per row in blocks of 32 before the integer kernel).
 Every format runs transformers' model over tokenmill's Linear/Embedding modules (the same modules the engine
 uses), one forward per non-overlapping chunk of `--chunk` tokens, no cache, no sampling. In a chunk, positions
 1..chunk-1 are scored (each predicts the next token of the chunk from the chunk's own prefix only).
@@ -40,6 +42,7 @@ TINY_QWEN2 = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_h
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 TINY_SEED = 0
+INT8_ACT = " +int8 activations"  # a format's row with --activations int8 (the worker's flag)
 SOURCE = "CPython's pydoc_data/topics.py (Python Language Reference topics), prose paragraphs"
 
 
@@ -52,6 +55,7 @@ class Options:
     threads: int = 0
     quick: bool = False
     out: Path = Path("results/quality.json")
+    activations: tuple[str, ...] = ("fp32",)  # int8: also each integer-coded format with int8 activations
 
 
 @dataclass(slots=True)
@@ -69,6 +73,7 @@ class Row:
     top1: float
     entropy: float
     forward_s: float
+    activations: str = "fp32"
 
 
 @dataclass(slots=True)
@@ -122,12 +127,17 @@ def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str
 
     ref = load_model(name, "none", "cpu", "float32").model if name in EMBEDDED else tiny_qwen2()
     ids = ids % ref.config.vocab_size
+    from services.worker.engine.layers.linear import set_activations
+
     models: dict[str, Any] = {}
     for fmt in opts.formats:
         if fmt == "gguf" and name not in EMBEDDED:
             skipped[f"{name}/gguf"] = "no GGUF file: gguf keeps a GGUF's own blocks (embedded model only)"
             continue
         models[fmt] = format_model(name, ref, fmt)
+        if "int8" in opts.activations and fmt not in ("none", "nf4"):
+            models[fmt + INT8_ACT] = format_model(name, ref, fmt)
+            set_activations(models[fmt + INT8_ACT], "int8")
     tallies = {fmt: Tally() for fmt in models}
     chunks = ids[: len(ids) // opts.chunk * opts.chunk].view(-1, opts.chunk)
     with torch.inference_mode():
@@ -155,10 +165,11 @@ def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str
     for fmt, tally in tallies.items():
         kl = torch.cat(tally.kl)
         ppl = math.exp(torch.cat(tally.nll).mean().item())
-        rows.append(Row(name, fmt, weight_bytes(models[fmt]) / 2**20, len(kl), ppl, ppl / ref_ppl,
-                        kl.mean().item(), kl.median().item(), torch.quantile(kl, 0.99).item(), kl.max().item(),
-                        torch.cat(tally.same).double().mean().item(), torch.cat(tally.entropy).mean().item(),
-                        tally.seconds))
+        rows.append(Row(name, fmt.removesuffix(INT8_ACT), weight_bytes(models[fmt]) / 2**20, len(kl), ppl,
+                        ppl / ref_ppl, kl.mean().item(), kl.median().item(), torch.quantile(kl, 0.99).item(),
+                        kl.max().item(), torch.cat(tally.same).double().mean().item(),
+                        torch.cat(tally.entropy).mean().item(), tally.seconds,
+                        "int8" if fmt.endswith(INT8_ACT) else "fp32"))
         print(f"  {name} {fmt}: ppl {ppl:.3f}, KL mean {rows[-1].kl_mean:.5f}, top-1 {rows[-1].top1:.4f}")
     return rows
 
@@ -177,7 +188,8 @@ def markdown_table(rows: list[Row]) -> str:
              "| entropy |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.model} | {r.format} | {r.weights_MiB:.1f} | {r.perplexity:.3f} | {r.ppl_ratio:.4f} | "
+        fmt = r.format + (", int8 activations" if r.activations == "int8" else "")
+        lines.append(f"| {r.model} | {fmt} | {r.weights_MiB:.1f} | {r.perplexity:.3f} | {r.ppl_ratio:.4f} | "
                      f"{r.kl_mean:.3g} | {r.kl_median:.3g} | {r.kl_p99:.3g} | {r.kl_max:.3g} | "
                      f"{100 * r.top1:.2f}% | {r.entropy:.2f} |")
     return "\n".join(lines)

@@ -9,15 +9,19 @@ import math
 from typer.testing import CliRunner
 
 ROW = {"model", "format", "weights_MiB", "positions", "perplexity", "ppl_ratio", "kl_mean", "kl_median", "kl_p99",
-       "kl_max", "top1", "entropy", "forward_s"}
+       "kl_max", "top1", "entropy", "forward_s", "activations"}
 
 
 def test_quality_quick_on_tiny_qwen2(tmp_path):
     from bench.cli import app
+    from services.worker.engine.layers import kernels
+
+    int8 = kernels.load() is not None and kernels.matrix_unit() != "fp32"
+    activations = ["--activations", "fp32,int8"] if int8 else []
 
     out = tmp_path / "quality.json"
     result = CliRunner().invoke(app, ["quality", "--quick", "--models", "tiny-qwen2", "--formats", "int8,int4,nf4",
-                                      "--out", str(out)])
+                                      "--out", str(out), *activations])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert {"benchmark", "date", "command", "options", "environment", "text", "models", "rows", "total_s"} <= set(doc)
@@ -25,11 +29,15 @@ def test_quality_quick_on_tiny_qwen2(tmp_path):
     text = doc["text"]
     assert "pydoc_data/topics.py" in text["source"] and text["tokens_available"] >= 20000
     assert text["tokens_used"] == 1024 and text["positions_scored"] == 4 * 255
-    rows = {r["format"]: r for r in doc["rows"]}
+    rows = {r["format"]: r for r in doc["rows"] if r["activations"] == "fp32"}
     assert list(rows) == ["none", "int8", "int4", "nf4"]
+    if int8:  # int8 activations: a row per integer-coded format, noisier than its fp32-activation row
+        a8 = {r["format"]: r for r in doc["rows"] if r["activations"] == "int8"}
+        assert list(a8) == ["int8", "int4"] and all(a8[f]["weights_MiB"] == rows[f]["weights_MiB"] for f in a8)
+        assert all(a8[f]["kl_mean"] > rows[f]["kl_mean"] for f in a8)
     for r in rows.values():
         assert set(r) == ROW and r["model"] == "tiny-qwen2" and r["positions"] == 1020
-        assert all(math.isfinite(r[k]) for k in ROW - {"model", "format"})
+        assert all(math.isfinite(r[k]) for k in ROW - {"model", "format", "activations"})
         assert r["kl_mean"] >= -1e-6 and 0 <= r["top1"] <= 1
     ref = rows["none"]
     assert ref["kl_mean"] == ref["kl_max"] == 0 and ref["top1"] == 1 and ref["ppl_ratio"] == 1
