@@ -326,6 +326,17 @@ def test_sampler_drops_when_the_judge_lags_and_counts_judge_errors(stack):
     assert dropped == 3 and errors == 1
 
 
+def test_demo_samples_with_its_stated_settings(stack, capsys):
+    """`tokenmill up --demo`'s story: temperature 0.7, top_p 0.9, a repetition penalty (issue 25), printed."""
+    from services.local import DEMO_SAMPLING, run_demo
+
+    assert DEMO_SAMPLING["repetition_penalty"] > 1 and DEMO_SAMPLING["temperature"] == 0.7
+    story = run_demo(stack["gateway"], None, max_tokens=8)
+    out = capsys.readouterr().out
+    assert "sampling: max_tokens 8, temperature 0.7, top_p 0.9, repetition_penalty 1.1, seed 7" in out
+    assert story and story in out
+
+
 def test_bad_settings_fail_clearly():
     from services.gateway.quality import QualitySampler
 

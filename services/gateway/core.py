@@ -159,11 +159,12 @@ class Gateway:
 
     def _completed(self, p: Pending, chunk: Chunk) -> None:
         """A request ended well: offer it to the judge (live quality; never blocks)."""
-        if p.source is None or chunk.finish_reason not in ("stop", "length") or p.worker is None:
+        if p.source is None or chunk.finish_reason not in ("stop", "length") or p.worker is None \
+                or not self.quality.draw():
             return
         prompt, messages = p.source
         decode = self.validator.tokenizer.decode if self.validator is not None else None
-        self.quality.offer(user_prompt(prompt, messages, decode), "".join(p.text), self.model, p.worker.address)
+        self.quality.put(user_prompt(prompt, messages, decode), "".join(p.text), self.model, p.worker.address)
 
     async def final(self, p: Pending) -> Chunk:
         """The request's final chunk (a non-streaming call's whole answer)."""

@@ -1,11 +1,12 @@
 """Live quality: a sample of completed requests goes to the judge, off the request path.
 
-`offer()` is called when a request ends well (stop or length); with probability `--judge-sample-rate` it puts
-(prompt, response, model, worker) on a bounded queue and returns at once: a full queue drops the sample and
-counts it, so a lagging judge never delays a client. A few tasks (`--judge-concurrency`) take samples off the
-queue and call the judge's `Score`; its scores become `tokenmill:quality_score{model, worker, dimension}`
-histograms (the rubric's dimensions and `overall`), so two workers serving different quantizations of one
-model can be compared on live traffic. A judge error is counted by status and logged, never surfaced.
+When a request ends well (stop or length) the gateway draws with probability `--judge-sample-rate` (nothing
+else is done for a request not drawn); a drawn one's (prompt, response, model, worker) goes on a bounded queue
+at once: a full queue drops the sample and counts it, so a lagging judge never delays a client. A few tasks
+(`--judge-concurrency`) take samples off the queue and call the judge's `Score`; its scores become
+`tokenmill:quality_score{model, worker, dimension}` histograms (the rubric's dimensions and `overall`), so two
+workers serving different quantizations of one model can be compared on live traffic. A judge error is
+counted by status and logged, never surfaced.
 """
 
 from __future__ import annotations
@@ -73,9 +74,13 @@ class QualitySampler:
         if self._channel is not None:
             await self._channel.close()
 
-    def offer(self, prompt: str, response: str, model: str, worker: str) -> bool:
-        """Maybe queue this completed request for the judge; never blocks. True when queued."""
-        if not self.on or not response.strip() or self._random.random() >= self.rate:
+    def draw(self) -> bool:
+        """Whether to sample the request that just completed (with probability --judge-sample-rate)."""
+        return self.on and self._random.random() < self.rate
+
+    def put(self, prompt: str, response: str, model: str, worker: str) -> bool:
+        """Queue a drawn request for the judge; never blocks: a full queue drops it (counted). True when queued."""
+        if not response.strip():
             return False
         metrics.quality_sampled.inc()
         try:
@@ -85,6 +90,10 @@ class QualitySampler:
             return False
         metrics.quality_queue.set(self.queue.qsize())
         return True
+
+    def offer(self, prompt: str, response: str, model: str, worker: str) -> bool:
+        """draw() then put()."""
+        return self.draw() and self.put(prompt, response, model, worker)
 
     async def _run(self) -> None:
         from services.common.pb import judge_pb2
@@ -99,6 +108,10 @@ class QualitySampler:
             except grpc.aio.AioRpcError as exc:
                 metrics.quality_errors.labels(exc.code().name).inc()
                 log.warning("judge %s: %s: %s", self.address, exc.code().name, exc.details())
+                continue
+            except Exception:  # one bad sample must not end a judge task
+                metrics.quality_errors.labels("UNKNOWN").inc()
+                log.exception("judge %s: scoring a sample failed", self.address)
                 continue
             for d in res.scores:
                 metrics.quality_score.labels(s.model, s.worker, d.name).observe(d.score)
