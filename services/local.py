@@ -27,14 +27,17 @@ class Service:
     log: Path
 
 
-def launch(name: str, args: list[str], address: str, log_dir: Path) -> Service:
-    """Start `tokenmill <args>` as a process logging to log_dir/<name>.log (not yet waited for)."""
+def launch(name: str, args: list[str], address: str, log_dir: Path, cwd: Path | None = None) -> Service:
+    """Start `tokenmill <args>` as a process logging to log_dir/<name>.log (not yet waited for); `cwd`: run the
+    services of that source tree (e.g. a git worktree of another commit) instead of this one."""
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{name}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cwd is not None:
+        env["PYTHONPATH"] = str(cwd)
     with path.open("w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, cwd=cwd)
     return Service(name, address, proc, path)
 
 

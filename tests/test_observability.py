@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -26,6 +25,7 @@ import pytest
 import yaml
 from conftest import ROOT, chat_request, free_port
 
+from bench.observability import SpanReceiver
 from services.common.metrics import sample_sum
 from services.common.pb import inference_pb2_grpc
 
@@ -52,34 +52,6 @@ def rules_file(path: Path, interval: str | None = None) -> Path:
     return path
 
 
-class Receiver:
-    """A real OTLP/gRPC trace endpoint: keeps every span it is sent, with its service name."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
-        self.spans: list[dict] = []
-        outer = self
-
-        class Service(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request, context):
-                for rs in request.resource_spans:
-                    service = next((a.value.string_value for a in rs.resource.attributes
-                                    if a.key == "service.name"), "")
-                    for ss in rs.scope_spans:
-                        for s in ss.spans:
-                            outer.spans.append({"service": service, "name": s.name, "trace": s.trace_id.hex(),
-                                                "id": s.span_id.hex(), "parent": s.parent_span_id.hex(),
-                                                "start": s.start_time_unix_nano, "end": s.end_time_unix_nano})
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        self.port = free_port()
-        self.server = grpc.server(futures.ThreadPoolExecutor(4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
-        self.server.start()
-
-
 def wait_for(what: str, check, tries: int = 240, every: float = 0.5, detail=None):
     """Poll `check` until it returns something truthy (a bounded wait, not a timing assertion)."""
     for _ in range(tries):
@@ -102,8 +74,8 @@ def scrape(port: int) -> str:
 
 @pytest.fixture(scope="module")
 def stack(cluster, tmp_path_factory):
-    receiver = Receiver()
-    otlp = f"127.0.0.1:{receiver.port}"
+    receiver = SpanReceiver()
+    otlp = receiver.address
     old = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
     os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # export spans every 0.2 s instead of 5 s
     ports = {k: free_port() for k in ("worker", "gateway", "judge", "http", "prometheus")}
@@ -138,7 +110,7 @@ def stack(cluster, tmp_path_factory):
     finally:
         prom.terminate()
         prom.wait(timeout=30)
-        receiver.server.stop(0)
+        receiver.stop()
 
 
 @pytest.fixture(scope="module")
