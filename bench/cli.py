@@ -151,6 +151,26 @@ def structured(
     main(_ints(batches), max_tokens, out)
 
 
+@app.command("activations")
+def activations(
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: 1 round, a 128-token prompt, 9 new tokens."),
+    formats: str = typer.Option("gguf", help="Weight formats with integer codes (gguf, int8, int4, ...)."),
+    prompt_len: int = typer.Option(1024, help="Tokens of the prefill prompt."),
+    new_tokens: int = typer.Option(33, help="Tokens decoded at batch 1 and 32."),
+    repeat: int = typer.Option(3, help="Interleaved rounds; the best counts."),
+    threads: int = typer.Option(0, help="torch threads; 0 = default."),
+    out: Path = typer.Option(Path("results/activations.json"), help="JSON result file (the .md goes next to it)."),
+) -> None:
+    """The worker's --activations fp32 vs int8: prefill and decode speed against the machine's roofs."""
+    from bench.activations import Options, main
+
+    opts = Options(formats=_names(formats), prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat,
+                   threads=threads, quick=quick, out=out)
+    if quick:
+        opts.repeat, opts.prompt_len, opts.new_tokens = 1, 128, 9
+    main(opts)
+
+
 from bench.phases import register; register(app)  # noqa: E402, E702, I001  phases 1-8 (bench/phases)
 from bench.compare import register_compare; register_compare(app)  # noqa: E402, E702, I001  bench compare
 

@@ -1,0 +1,125 @@
+"""`tokenmill bench activations`: the worker's --activations fp32 vs int8, side by side in one run.
+
+Per weight format (default: the worker's own on a CPU, `gguf`) and activation precision, the paged engine as
+the worker builds it (`load_engine_model`, `make_engine`), interleaved over `--repeat` rounds (a shared CPU
+slows whichever runs during a burst: the best round counts):
+- prefill: one `--prompt-len`-token prompt alone, time to its first token -> prompt tokens/s and GFLOP/s
+  (2 x weights' multiply-adds per token; attention not counted), against the bf16 and int8 matrix roofs
+  measured in the same run (`bench kernels`' probes);
+- decode at batch 1 and 32 (32-token prompts): tokens/s over the steps in which every sequence decodes, and at
+  batch 1 the weight bytes read per second against the read-bandwidth roof.
+The JSON carries lscpu's model and flags, the kernels' ISA and the integer unit (AMX or VNNI).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(slots=True)
+class Options:
+    formats: tuple[str, ...] = ("gguf",)
+    prompt_len: int = 1024
+    new_tokens: int = 33
+    repeat: int = 3
+    threads: int = 0
+    quick: bool = False
+    out: Path = Path("results/activations.json")
+
+
+def linear_macs(model: torch.nn.Module) -> int:
+    """Multiply-adds per token of the model's linear layers (LM head included)."""
+    from services.worker.engine.layers.linear import Linear
+
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear))
+
+
+def measure(fmt: str, activations: str, opts: Options) -> dict[str, Any]:
+    from bench.phases.quantization import speed
+    from services.common.model_loader import load_engine_model
+    from services.worker.engine.layers.linear import weight_bytes
+
+    lm = load_engine_model("smollm2-135m", fmt, "cpu", "float32", "auto", activations)
+    prefill = speed(lm, 1, opts.prompt_len, 2, "cpu")
+    b1 = speed(lm, 1, 32, opts.new_tokens, "cpu")
+    b32 = speed(lm, 32, 32, opts.new_tokens, "cpu")
+    row = {"format": fmt, "activations": activations, "weight_bytes": weight_bytes(lm.model),
+           "macs_per_token": linear_macs(lm.model), "ttft_s": prefill["ttft_s"],
+           "prefill_tok_s": opts.prompt_len / prefill["ttft_s"], "decode_tok_s_b1": b1["decode_tok_s"],
+           "decode_tok_s_b32": b32["decode_tok_s"]}
+    del lm
+    gc.collect()
+    return row
+
+
+def main(opts: Options) -> dict[str, Any]:
+    from bench.kernels import roofs
+    from bench.phases.common import kernel_isa
+    from bench.results import environment
+    from services.worker.engine.layers import kernels
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    kernels.load()
+    unit = kernels.matrix_unit() if kernels.load() is not None else "none"
+    acts = ("fp32", "int8") if unit not in ("fp32", "none") else ("fp32",)
+    t0 = time.perf_counter()
+    roof = roofs(opts.quick)
+    rounds: list[list[dict[str, Any]]] = []
+    for i in range(opts.repeat):
+        rows = []
+        for fmt in opts.formats:
+            for act in acts:
+                rows.append(measure(fmt, act, opts))
+                print(f"round {i + 1}: {fmt} {act}: TTFT {rows[-1]['ttft_s']:.3f} s, prefill "
+                      f"{rows[-1]['prefill_tok_s']:.0f} tok/s, decode b1 {rows[-1]['decode_tok_s_b1']:.1f}, "
+                      f"b32 {rows[-1]['decode_tok_s_b32']:.1f} tok/s", flush=True)
+        rounds.append(rows)
+    best = []
+    for j, row in enumerate(rounds[0]):
+        runs = [r[j] for r in rounds]
+        b = dict(row, ttft_s=min(r["ttft_s"] for r in runs))
+        for k in ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b32"):
+            b[k] = max(r[k] for r in runs)
+        b["prefill_gflop_s"] = 2 * b["macs_per_token"] * b["prefill_tok_s"] / 1e9
+        b["prefill_share_of_bf16_roof"] = b["prefill_gflop_s"] * 1e9 / roof["matmul_flops"]["bfloat16"]
+        b["decode_b1_GB_s"] = b["weight_bytes"] * b["decode_tok_s_b1"] / 1e9
+        b["decode_b1_share_of_read_roof"] = b["decode_b1_GB_s"] * 1e9 / roof["read_bytes_per_s"]
+        best.append(b)
+    for b in best:
+        base = next(r for r in best if r["format"] == b["format"] and r["activations"] == "fp32")
+        for k in ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b32"):
+            b[f"{k}_x_fp32"] = b[k] / base[k]
+    env = environment()
+    report = {"benchmark": "activations", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "command": " ".join(["tokenmill bench activations", *sys.argv[sys.argv.index("activations") + 1:]])
+              if "activations" in sys.argv else " ".join(sys.argv),
+              "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+              "environment": env, "kernels": kernel_isa("cpu", torch.float32), "integer_unit": unit,
+              "roofs": roof, "rows": best, "rounds": rounds, "total_s": time.perf_counter() - t0}
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Activation precision ({report['date']}, {env['cpu']}, {torch.get_num_threads()} threads, "
+             f"integer unit {unit})", "", f"Command: `{report['command']}`", "",
+             f"Roofs measured in the run: read {roof['read_bytes_per_s'] / 1e9:.1f} GB/s, bf16 "
+             f"{roof['matmul_flops']['bfloat16'] / 1e9:.0f} GFLOP/s, fp32 {roof['matmul_flops']['float32'] / 1e9:.0f}"
+             " GFLOP/s. Best of the rounds.", "",
+             "| format | activations | TTFT (1 prompt) s | prefill tok/s | x fp32 | % bf16 roof | decode b1 tok/s | "
+             "x fp32 | % read roof | decode b32 tok/s | x fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for b in best:
+        lines.append(f"| {b['format']} | {b['activations']} | {b['ttft_s']:.3f} | {b['prefill_tok_s']:.0f} | "
+                     f"{b['prefill_tok_s_x_fp32']:.2f} | {100 * b['prefill_share_of_bf16_roof']:.1f} | "
+                     f"{b['decode_tok_s_b1']:.1f} | {b['decode_tok_s_b1_x_fp32']:.2f} | "
+                     f"{100 * b['decode_b1_share_of_read_roof']:.0f} | {b['decode_tok_s_b32']:.1f} | "
+                     f"{b['decode_tok_s_b32_x_fp32']:.2f} |")
+    opts.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report
