@@ -248,6 +248,17 @@ def generate(
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
     seed: int = typer.Option(None, help="Sampling seed."),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens; 0 = off."),
+    min_p: float = typer.Option(0.0, help="Drop tokens below min_p x the most likely one's probability."),
+    presence_penalty: float = typer.Option(0.0, help="-2..2 (OpenAI), over generated tokens."),
+    frequency_penalty: float = typer.Option(0.0, help="-2..2 (OpenAI), over generated tokens."),
+    repetition_penalty: float = typer.Option(1.0, help="> 0, 1 = off (transformers'), over prompt + output."),
+    min_tokens: int = typer.Option(0, help="EOS is masked until this many tokens."),
+    stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
+    bad_words: list[str] = typer.Option([], "--bad-word", help="A word never generated (repeatable)."),
+    logit_bias: list[str] = typer.Option([], help="TOKEN_ID=BIAS, -100..100 (repeatable)."),
+    n: int = typer.Option(1, help="Choices returned (sampled in parallel over the prompt's KV blocks)."),
+    best_of: int = typer.Option(0, help="Samples generated, the n most likely returned; 0 = n."),
     gateway: str = typer.Option("127.0.0.1:50051", envvar="TOKENMILL_GATEWAY", help="Gateway address."),
     api_key: str = typer.Option("", envvar="TOKENMILL_API_KEY", help="API key, if the gateway needs one."),
     tls_ca: str = typer.Option("", envvar="TOKENMILL_TLS_CA", help="PEM CA of the gateway's certificate: connect "
@@ -259,7 +270,15 @@ def generate(
     from services.common.pb import inference_pb2, inference_pb2_grpc
     from services.common.tls import channel_credentials
 
-    sampling = inference_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    try:
+        bias = {int(k): float(v) for k, v in (item.split("=", 1) for item in logit_bias)}
+    except ValueError:
+        raise typer.BadParameter(f"--logit-bias takes TOKEN_ID=BIAS, got {logit_bias}") from None
+    sampling = inference_pb2.SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        repetition_penalty=repetition_penalty, min_tokens=min_tokens, stop=stop, bad_words=bad_words,
+        logit_bias=bias, n=n, best_of=best_of)
     if seed is not None:
         sampling.seed = seed
     request = inference_pb2.GenerateRequest(sampling=sampling)
@@ -273,10 +292,13 @@ def generate(
         try:
             if stream:
                 for chunk in stub.GenerateStream(request, metadata=metadata, timeout=600):
-                    typer.echo(chunk.text, nl=False)
+                    typer.echo(chunk.text if n == 1 else f"[{chunk.index}] {chunk.text}\n" if chunk.text else "",
+                               nl=False)
                 typer.echo()
             else:
-                typer.echo(stub.Generate(request, metadata=metadata, timeout=600).text)
+                reply = stub.Generate(request, metadata=metadata, timeout=600)
+                for choice in reply.choices if n > 1 else [reply]:
+                    typer.echo(f"[{choice.index}] {choice.text}" if n > 1 else choice.text)
         except grpc.RpcError as exc:
             typer.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
             raise typer.Exit(1) from None

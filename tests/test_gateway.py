@@ -491,3 +491,20 @@ def test_grpc_tool_calling(stub):
         with pytest.raises(grpc.RpcError) as err:
             stub.Generate(pb.GenerateRequest(messages=ask, sampling=sampling, **bad), timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
+
+
+def test_generate_cli_takes_the_sampling_flags(gateway):
+    """`tokenmill generate` with n, a seed, penalties, min_p and a logit bias: n seeded choices, the same on a
+    second run; a malformed --logit-bias is refused before anything is sent."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "services.cli", "generate", "--gateway", gateway["grpc"], "--max-tokens", "6",
+           "--temperature", "0.8", "--seed", "3", "--n", "2", "--repetition-penalty", "1.2", "--presence-penalty",
+           "0.5", "--min-p", "0.05", "--min-tokens", "2", "--logit-bias", "28=-100", "--chat", STORY]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=120) for _ in range(2)]
+    assert runs[0].returncode == 0, runs[0].stderr
+    assert runs[0].stdout.startswith("[0] ") and "\n[1] " in runs[0].stdout
+    assert runs[0].stdout == runs[1].stdout
+    bad = subprocess.run([*cmd[:-2], "--logit-bias", "x", "hi"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "TOKEN_ID=BIAS" in bad.stderr
