@@ -122,6 +122,18 @@ BAD_HTTP = [  # (path, raw body, status, fragment of the message)
     ("chat", {"messages": HI, "max_tokens": 4, "min_tokens": 5}, 400, "must not exceed max_tokens"),
     ("chat", {"messages": HI, "bad_words": [" "]}, 400, "bad_words must list"),
     ("chat", {"messages": HI, "bad_words": "owl"}, 400, "'bad_words'"),
+    ("chat", {"messages": HI, "best_of": "4"}, 400, "'best_of'"),
+    ("chat", {"messages": HI, "n": 9}, 400, "exceeds the 8 sequences"),  # these workers run 8 at once
+    ("chat", {"messages": HI, "presence_penalty": [1]}, 400, "'presence_penalty'"),
+    ("chat", {"messages": HI, "repetition_penalty": "x"}, 400, "'repetition_penalty'"),
+    ("chat", {"messages": HI, "min_p": -0.1}, 400, "min_p must be in [0, 1]"),
+    ("chat", {"messages": HI, "min_p": "low"}, 400, "'min_p'"),
+    ("chat", {"messages": HI, "min_tokens": 1.5}, 400, "'min_tokens'"),
+    ("chat", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
+              "parallel_tool_calls": "yes"}, 400, "'parallel_tool_calls'"),
+    ("completions", {"prompt": "hi", "n": 0}, 400, "n must be at least 1"),
+    ("completions", {"prompt": "hi", "n": 2, "best_of": 3, "stream": True}, 400, "best_of > n cannot be streamed"),
+    ("completions", {"prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "outside the vocabulary"),
     ("chat", {"messages": HI, "frobnicate": True}, 400, "unsupported parameter: frobnicate"),
     ("chat", {"messages": HI, "top_logprobs": 3}, 400, "top_logprobs needs logprobs"),
     ("chat", {"messages": HI, "logprobs": True, "top_logprobs": 21}, 400, "'top_logprobs'"),
@@ -343,6 +355,7 @@ def test_failover_when_a_worker_is_killed(cluster):
 
 
 def test_cancelled_stream_frees_worker_kv_blocks(cluster):
+    """A client cancelling a streamed n = 4 request: the worker frees every sample's blocks."""
     from services.common.pb import worker_pb2, worker_pb2_grpc
 
     worker = cluster.start("worker", "--engine", "paged")
@@ -351,14 +364,14 @@ def test_cancelled_stream_frees_worker_kv_blocks(cluster):
         load = worker_pb2_grpc.WorkerStub(wch).Load
         total = load(worker_pb2.LoadRequest(), timeout=10).total_kv_blocks
         stream = inference_pb2_grpc.InferenceStub(gch).GenerateStream(
-            chat(max_tokens=2000, ignore_eos=True), timeout=300)
+            chat(max_tokens=2000, ignore_eos=True, n=4, temperature=0.8), timeout=300)
         received = 0
         for chunk in stream:
             received += len(chunk.token_ids)
-            if received >= 4:
+            if received >= 8:
                 break
         held = load(worker_pb2.LoadRequest(), timeout=10)
-        assert held.running == 1 and held.free_kv_blocks < total
+        assert held.running == 4 and held.free_kv_blocks < total
         stream.cancel()
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
