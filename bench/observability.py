@@ -2,8 +2,9 @@
 
     python -m bench.observability [--requests 24] [--concurrency 8] [--rounds 2] [--before TREE] [--tree TREE]
 
-`tokenmill bench engine`'s gRPC run (its story workload, greedy, max_tokens drawn per request, its closed loop
-and summaries) once per configuration, each a fresh worker + gateway on 127.0.0.1:
+`tokenmill bench engine`'s gRPC run (its story workload, greedy, max_tokens drawn per request; `bench compare`'s
+gateway + worker session, closed loop and summaries) once per configuration, each a fresh worker + gateway on
+127.0.0.1:
 
   off      tracing and live quality off (the defaults)
   tracing  worker and gateway export every span over OTLP/gRPC to a receiver in this process
@@ -11,7 +12,9 @@ and summaries) once per configuration, each a fresh worker + gateway on 127.0.0.
   before   --before: the services of another source tree (a git worktree of the code without issue 27)
 
 Rounds interleave the configurations (off, tracing, quality, before, off, ...), so a drift of the machine's load
-hits each alike; the summary is each configuration's mean output tok/s over the rounds and its ratio to `off`.
+hits each alike. The summary is each configuration's mean over the rounds, and its ratio to `off`, of output
+tok/s and of the CPU seconds (user + system) the gateway spent per request and the worker per output token: on
+a machine whose cores other work shares, throughput swings with that work, CPU time per unit of work much less.
 `--tree`: run this tree's services from another checkout (e.g. a worktree of HEAD without uncommitted work).
 """
 
@@ -21,13 +24,18 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import tempfile
 import time
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
+
+from bench.compare import GrpcSuite, Work
+from bench.engine import _free_port
+from bench.results import Result, summarise
 
 CONFIGS = ("off", "tracing", "quality")
 
@@ -86,76 +94,87 @@ class Options:
     notes: list[str] = field(default_factory=list)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Suite(GrpcSuite):
+    """`bench compare`'s gateway + worker (its streaming session), with a configuration's flags and source tree."""
+
+    def __init__(self, config: str, opts: Options, log_dir: Path, otlp: str, judge: str) -> None:
+        self.name, self.opts, self.log_dir, self.services = config, opts, log_dir, []
+        self.tree = opts.before if config == "before" else opts.tree
+        self.metrics_port = _free_port()
+        wport, gport = _free_port(), _free_port()
+        self.addresses = (f"127.0.0.1:{wport}", f"127.0.0.1:{gport}")
+        self.wargs = ["worker", "--port", str(wport), "--model", opts.model]
+        self.gargs = ["gateway", "--port", str(gport), "--workers", f"127.0.0.1:{wport}", "--metrics-port",
+                      str(self.metrics_port)]
+        if opts.threads:
+            self.wargs += ["--threads", str(opts.threads)]
+        if config == "tracing":
+            self.wargs += ["--otlp-traces-endpoint", otlp]
+            self.gargs += ["--otlp-traces-endpoint", otlp]
+        if config == "quality":
+            self.gargs += ["--judge-address", judge, "--judge-sample-rate", str(opts.sample_rate)]
+
+    def start(self, conc: int = 0) -> None:
+        from services.local import launch, wait_serving
+
+        worker = launch(f"obs-worker-{self.name}", self.wargs, self.addresses[0], self.log_dir, cwd=self.tree)
+        gateway = launch(f"obs-gateway-{self.name}", self.gargs, self.addresses[1], self.log_dir, cwd=self.tree)
+        self.services = [gateway, worker]
+        wait_serving(self.services, 600)
+
+    def quality_counts(self, wait_s: float = 600.0) -> dict[str, float]:
+        """The gateway's live-quality counters once the judge has worked off its backlog (so that it does not
+        run on these cores into the next configuration's turn)."""
+        import httpx
+
+        from services.common.metrics import sample_sum
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+            counts = {n: sample_sum(text, f"tokenmill:quality_{n}_total")
+                      for n in ("sampled", "judged", "dropped", "errors")}
+            if counts["judged"] + counts["dropped"] + counts["errors"] >= counts["sampled"] \
+                    or time.monotonic() > deadline:
+                return counts
+            time.sleep(1.0)
 
 
-def run_config(config: str, work: Any, opts: Options, log_dir: Path, otlp: str, judge: str) -> Any:
-    import grpc
-    import httpx
-
-    from bench.engine import closed_loop, summarise
-    from bench.results import Sample
-    from services.common.metrics import sample_sum
-    from services.common.pb import inference_pb2, inference_pb2_grpc
-    from services.local import launch, stop_all, wait_serving
-
-    tree = opts.before if config == "before" else opts.tree
-    wport, gport, mport = _free_port(), _free_port(), _free_port()
-    wargs = ["worker", "--port", str(wport), "--model", opts.model]
-    gargs = ["gateway", "--port", str(gport), "--workers", f"127.0.0.1:{wport}", "--metrics-port", str(mport)]
-    if opts.threads:
-        wargs += ["--threads", str(opts.threads)]
-    if config == "tracing":
-        wargs += ["--otlp-traces-endpoint", otlp]
-        gargs += ["--otlp-traces-endpoint", otlp]
-    if config == "quality":
-        gargs += ["--judge-address", judge, "--judge-sample-rate", str(opts.sample_rate)]
-    worker = launch(f"obs-worker-{config}", wargs, f"127.0.0.1:{wport}", log_dir, cwd=tree)
-    gateway = launch(f"obs-gateway-{config}", gargs, f"127.0.0.1:{gport}", log_dir, cwd=tree)
+def run_config(config: str, work: Work, opts: Options, log_dir: Path, otlp: str, judge: str) -> Result:
+    suite = Suite(config, opts, log_dir, otlp, judge)
+    suite.start()
     try:
-        wait_serving([worker, gateway], 600)
-
-        async def session() -> tuple[list[Sample], float]:
-            async with grpc.aio.insecure_channel(gateway.address) as chan:
-                stub = inference_pb2_grpc.InferenceStub(chan)
-
-                async def one(i: int) -> Sample:
-                    req = inference_pb2.GenerateRequest(
-                        messages=[inference_pb2.ChatMessage(role="user", content=work.prompts[i])],
-                        sampling=inference_pb2.SamplingParams(max_tokens=work.max_tokens[i], temperature=0.0))
-                    t0 = time.perf_counter()
-                    first, tokens = 0.0, 0
-                    async for chunk in stub.GenerateStream(req, timeout=3600):
-                        if (chunk.token_ids or chunk.text) and not first:
-                            first = time.perf_counter()
-                        tokens += len(chunk.token_ids)
-                    end = time.perf_counter()
-                    return Sample((first or end) - t0, end - t0, tokens)
-
-                await one(0)  # warm the path
-                return await closed_loop(len(work.prompts), opts.concurrency, one)
-
-        samples, wall = asyncio.run(session())
+        asyncio.run(suite.session(work, 1, 1))  # warm the path
+        procs = [psutil.Process(pid) for pid in suite.pids()]  # gateway, worker
+        cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
+        samples, wall = asyncio.run(suite.session(work, len(work.prompts), opts.concurrency))
+        cpu = [sum(p.cpu_times()[:2]) - c for p, c in zip(procs, cpu0, strict=True)]
         res = summarise(config, "grpc", opts.workload, opts.concurrency, samples, wall, 0)
-        metrics = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=10).text
-        for name in ("sampled", "judged", "dropped", "errors"):
-            res.extra[f"quality_{name}"] = sample_sum(metrics, f"tokenmill:quality_{name}_total")
+        # CPU seconds the processes spent (user + system): what the feature costs, much less sensitive than
+        # throughput to other work sharing the cores
+        tokens = max(1, res.output_tokens)
+        res.extra.update(gateway_cpu_s=cpu[0], worker_cpu_s=cpu[1], worker_cpu_ms_per_token=1e3 * cpu[1] / tokens,
+                         gateway_cpu_ms_per_request=1e3 * cpu[0] / res.requests)
+        res.extra.update({f"quality_{n}": v for n, v in suite.quality_counts().items()})
         return res
     finally:
-        stop_all([gateway, worker])
+        suite.stop()
 
 
 def summary(results: list[Any]) -> dict[str, Any]:
-    by: dict[str, list[float]] = {}
-    for r in results:
-        by.setdefault(r.system, []).append(r.output_tok_s)
-    mean = {k: sum(v) / len(v) for k, v in by.items()}
-    base = mean.get("off")
-    return {"mean_output_tok_s": mean, "per_round_output_tok_s": by,
-            "ratio_to_off": {k: v / base for k, v in mean.items()} if base else {}}
+    """Per configuration, the mean over rounds of throughput and CPU per unit of work, and each over `off`'s."""
+    keys = {"output_tok_s": lambda r: r.output_tok_s,
+            "gateway_cpu_ms_per_request": lambda r: r.extra["gateway_cpu_ms_per_request"],
+            "worker_cpu_ms_per_token": lambda r: r.extra["worker_cpu_ms_per_token"]}
+    out: dict[str, Any] = {}
+    for key, get in keys.items():
+        by: dict[str, list[float]] = {}
+        for r in results:
+            by.setdefault(r.system, []).append(get(r))
+        mean = {k: sum(v) / len(v) for k, v in by.items()}
+        out[key] = {"per_round": by, "mean": mean,
+                    "ratio_to_off": {k: v / mean["off"] for k, v in mean.items()} if mean.get("off") else {}}
+    return out
 
 
 def main(opts: Options) -> dict[str, Any]:
@@ -170,7 +189,8 @@ def main(opts: Options) -> dict[str, Any]:
     configs = [*opts.configs, *(["before"] if opts.before and "before" not in opts.configs else [])]
     eopts = EngineOptions(requests=opts.requests, min_tokens=opts.min_tokens, max_tokens=opts.max_tokens,
                           seed=opts.seed, model=opts.model, workload=opts.workload)
-    work = build_workload(load_tokenizer(opts.model), eopts)
+    built = build_workload(load_tokenizer(opts.model), eopts)
+    work = Work(opts.workload, built.prompts, built.prompt_ids, built.max_tokens, ignore_eos=False)
     print(f"workload: {len(work.prompts)} requests, max_tokens {opts.min_tokens}..{opts.max_tokens} "
           f"(sum {sum(work.max_tokens)}), concurrency {opts.concurrency}; configs {configs} x {opts.rounds} rounds",
           flush=True)
@@ -210,8 +230,9 @@ def main(opts: Options) -> dict[str, Any]:
     opts.out.write_text(json.dumps(report, indent=2))
     print()
     print(table(results))
-    for name, ratio in report["summary"]["ratio_to_off"].items():
-        print(f"{name}/off: {ratio:.3f}")
+    for key, value in report["summary"].items():
+        print(f"{key}: " + ", ".join(f"{k} {v:.3g} ({value['ratio_to_off'].get(k, 0):.3f} x off)"
+                                     for k, v in value["mean"].items()))
     print(f"wrote {opts.out}")
     return report
 

@@ -65,23 +65,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         for event in rejected:
             yield event
         traces = tracing.parse_metadata(context.invocation_metadata()) if tracing.enabled() else {}
-        async for ev in engine.generate(reqs):
-            if ev.finish_reason is not None and ev.request_id in engine.phases:
-                self._trace(ev, engine.phases.pop(ev.request_id), traces.get(ev.request_id))
-            yield worker_pb2.WorkerEvent(
-                request_id=ev.request_id,
-                token_ids=ev.token_ids,
-                text=ev.text,
-                finish_reason=FINISH_REASONS[ev.finish_reason],
-                usage=inference_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
-                                          cached_tokens=ev.cached_tokens),
-                batch_size=ev.batch_size,
-                error_code=code_number(ev.error_code) if ev.error_code else 0,
-                error_message=ev.error_message,
-                logprobs=logprobs_pb(ev.logprobs),
-                prompt_logprobs=logprobs_pb(ev.prompt_logprobs),
-                index=ev.index,
-            )
+        try:
+            async for ev in engine.generate(reqs):
+                if ev.finish_reason is not None and ev.request_id in engine.phases:
+                    self._trace(ev, engine.phases.pop(ev.request_id), traces.get(ev.request_id))
+                yield worker_pb2.WorkerEvent(
+                    request_id=ev.request_id,
+                    token_ids=ev.token_ids,
+                    text=ev.text,
+                    finish_reason=FINISH_REASONS[ev.finish_reason],
+                    usage=inference_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                                              cached_tokens=ev.cached_tokens),
+                    batch_size=ev.batch_size,
+                    error_code=code_number(ev.error_code) if ev.error_code else 0,
+                    error_message=ev.error_message,
+                    logprobs=logprobs_pb(ev.logprobs),
+                    prompt_logprobs=logprobs_pb(ev.prompt_logprobs),
+                    index=ev.index,
+                )
+        finally:
+            if engine.keep_phases:  # a caller gone before the end: no span, and nothing kept for it
+                for r in reqs:
+                    engine.phases.pop(r.request_id, None)
 
     def _trace(self, ev: Any, phases: tuple[float, float, float, float], traceparent: str | None) -> None:
         """The worker's spans of a finished request, under the gateway's dispatch span: its time in the engine's
