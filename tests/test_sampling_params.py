@@ -107,26 +107,29 @@ def test_processors_equal_transformers_and_openai_formulas():
 
 
 def test_top_k_top_p_keep_what_transformers_warpers_keep_and_the_race_samples_p():
-    """Top-k / top-p look among each row's 256 likeliest tokens and sort a row whole only where top-p's head is
-    longer: either way they keep what TopK -> TopP keep, with the same probabilities; the race picks token i with
-    probability p_i."""
+    """Top-k / top-p look among each row's 256 likeliest tokens, then 4,096, and sort a row whole only where
+    top-p's head is longer still: each way they keep what TopK -> TopP keep, with the same probabilities; the race
+    picks token i with probability p_i."""
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     torch.manual_seed(0)
-    vocab = 4096
+    vocab = 8192
     peaked, flat = torch.randn(vocab) * 8, torch.randn(vocab) * 0.5  # heads of a few / of thousands of tokens
-    cases = [(peaked, dict(temperature=0.8, top_p=0.9)), (flat, dict(temperature=1.0, top_p=0.9)),
-             (flat, dict(temperature=0.7, top_k=1000, top_p=0.95)), (peaked, dict(temperature=1.3, top_k=20)),
-             (flat, dict(temperature=1.0))]
-    probs = Sampler(0).distribution(torch.stack([x for x, _ in cases]), [seq_of([1, 2], 1, **kw) for _, kw in cases])
-    for row, (x, kw) in zip(probs, cases, strict=True):
-        want = TemperatureLogitsWarper(kw["temperature"])(None, x[None].clone())
-        if "top_k" in kw:
-            want = TopKLogitsWarper(kw["top_k"])(None, want)
-        if "top_p" in kw:
-            want = TopPLogitsWarper(kw["top_p"])(None, want)
-        assert torch.equal(row > 0, want[0].isfinite()), kw
-        assert torch.allclose(row / row.sum(), want[0].softmax(-1), atol=1e-6)
+    # a batch whose heads fit 256 tokens, 4,096, or only the whole row; one whose top-k asks for 1,000
+    for cases in ([(peaked, dict(temperature=0.8, top_p=0.9)), (flat, dict(temperature=1.0, top_p=0.3)),
+                   (flat, dict(temperature=1.0, top_p=0.9)), (peaked, dict(temperature=1.3, top_k=20)),
+                   (flat, dict(temperature=1.0))],
+                  [(flat, dict(temperature=0.7, top_k=1000, top_p=0.95)), (flat, dict(temperature=1.0, top_p=0.9))]):
+        seqs = [seq_of([1, 2], 1, **kw) for _, kw in cases]
+        probs = Sampler(0).distribution(torch.stack([x for x, _ in cases]), seqs)
+        for row, (x, kw) in zip(probs, cases, strict=True):
+            want = TemperatureLogitsWarper(kw["temperature"])(None, x[None].clone())
+            if "top_k" in kw:
+                want = TopKLogitsWarper(kw["top_k"])(None, want)
+            if "top_p" in kw:
+                want = TopPLogitsWarper(kw["top_p"])(None, want)
+            assert torch.equal(row > 0, want[0].isfinite()), kw
+            assert torch.allclose(row / row.sum(), want[0].softmax(-1), atol=1e-6)
 
     p = torch.zeros(vocab)
     p[[5, 17, 300]] = torch.tensor([0.5, 0.3, 0.2])

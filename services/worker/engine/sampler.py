@@ -5,8 +5,8 @@ vocabulary entry (as -log u, u uniform) from the request's own torch.Generator w
 token i with probability p_i, and a seeded request gets the same tokens whatever else shares its batch: a
 float-noise change of p (another batch shape) flips the choice only where two ratios tie, whereas walking the
 cumulative distribution flips whenever the draw lands near any boundary. Top-k and top-p look for the head
-they keep among each row's 256 most likely tokens (torch.topk) and sort a row whole only when its top-p head
-is longer: a full sort of the vocabulary cost more than the model's forward at 32 rows on a CPU.
+they keep among each row's 256 most likely tokens (torch.topk), then 4,096, and sort a row whole only when its
+top-p head is longer still: a full sort of the vocabulary cost more than the model's forward at 32 rows on a CPU.
 
 Before any of that, `process_logits` applies the logit processors of the rows that ask (the rest pay nothing),
 in vLLM's order: logit_bias, min_tokens (EOS and stop ids masked), bad_words, then the penalties —
@@ -19,6 +19,8 @@ only the tokens that occurred, so a step costs O(distinct tokens) per penalised 
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,14 +58,13 @@ def penalty_state(seq: Sequence) -> PenaltyState:
 
 @torch.inference_mode()  # the runner's logits are inference tensors
 def process_logits(logits: torch.Tensor, rows: list[tuple[int, Sequence]]) -> None:
-    """Apply the logit processors of each (row, sequence) in place: one row per sequence (no drafts)."""
+    """Apply the logit processors of each (row, sequence) in place: one row per sequence (no drafts). The
+    penalties' token ids go to torch through array buffers and their per-row values by repeat_interleave:
+    torch.tensor over a Python list of thousands of numbers costs ~8x more, most of this function's time."""
     vocab = logits.shape[-1]
-    rep_r: list[int] = []
-    rep_t: list[int] = []
-    rep_p: list[float] = []
-    pen_r: list[int] = []
-    pen_t: list[int] = []
-    pen_v: list[float] = []
+    rep = _Rows()  # repetition: (row, penalty) over the prompt's and the output's distinct tokens
+    pen = _Rows()  # frequency / presence: (row, frequency, presence) over the output's tokens, with their counts
+    counts: list[int] = []
     masked_r: list[int] = []
     masked_t: list[int] = []
     for row, seq in rows:
@@ -82,25 +83,49 @@ def process_logits(logits: torch.Tensor, rows: list[tuple[int, Sequence]]) -> No
                 masked_r.append(row)
                 masked_t.append(word[-1])
         if p.repetition_penalty != 1.0:
-            seen = set(state.prompt_ids).union(state.counts) if state.counts else state.prompt_ids
-            rep_r += [row] * len(seen)
-            rep_t += seen
-            rep_p += [p.repetition_penalty] * len(seen)
+            rep.add(row, set(state.prompt_ids).union(state.counts) if state.counts else state.prompt_ids,
+                    p.repetition_penalty)
         if (p.frequency_penalty or p.presence_penalty) and state.counts:
-            pen_r += [row] * len(state.counts)
-            pen_t += state.counts
-            pen_v += [c * p.frequency_penalty + p.presence_penalty for c in state.counts.values()]
+            pen.add(row, state.counts, p.frequency_penalty, p.presence_penalty)
+            counts.extend(state.counts.values())
     dev = logits.device
-    if rep_r:
-        r, t = torch.tensor(rep_r, device=dev), torch.tensor(rep_t, device=dev)
-        penalty = torch.tensor(rep_p, dtype=logits.dtype, device=dev)
+    if rep.ids:
+        r, t, (penalty,) = rep.tensors(logits)
         values = logits[r, t]
         logits[r, t] = torch.where(values < 0, values * penalty, values / penalty)
-    if pen_r:
-        r, t = torch.tensor(pen_r, device=dev), torch.tensor(pen_t, device=dev)
-        logits[r, t] -= torch.tensor(pen_v, dtype=logits.dtype, device=dev)
+    if pen.ids:
+        r, t, (frequency, presence) = pen.tensors(logits)
+        logits[r, t] -= _int64(counts).to(dev, logits.dtype) * frequency + presence
     if masked_r:
         logits[torch.tensor(masked_r, device=dev), torch.tensor(masked_t, device=dev)] = NEG_INF
+
+
+class _Rows:
+    """Token ids of several rows, flattened, with each row's index and values once per row."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.lens: list[int] = []
+        self.values: list[tuple[float, ...]] = []
+        self.ids: list[int] = []
+
+    def add(self, row: int, ids: Iterable[int], *values: float) -> None:
+        before = len(self.ids)
+        self.ids.extend(ids)
+        self.rows.append(row)
+        self.lens.append(len(self.ids) - before)
+        self.values.append(values)
+
+    def tensors(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(row of each id, the ids, each value column repeated per id) on the logits' device."""
+        dev, lens = logits.device, torch.tensor(self.lens)
+        per_id = [torch.repeat_interleave(torch.tensor(col, dtype=logits.dtype), lens).to(dev)
+                  for col in zip(*self.values, strict=True)]
+        return torch.repeat_interleave(torch.tensor(self.rows), lens).to(dev), _int64(self.ids).to(dev), per_id
+
+
+def _int64(values: list[int]) -> torch.Tensor:
+    return torch.frombuffer(array("q", values), dtype=torch.int64)
 
 
 class Sampler:
@@ -161,13 +186,17 @@ class Sampler:
         rows, ks, ps = logits[cut], [top_k[i] for i in cut], [top_p[i] for i in cut]
         log_total = rows.logsumexp(dim=-1)
         # top-k / top-p keep the head of each row sorted by probability: look for it among the most likely
-        # CANDIDATES tokens (torch.topk; sorting the whole vocabulary costs ~20x more), sorting only the rows
-        # whose top-p head turns out longer
+        # CANDIDATES tokens (torch.topk; sorting the whole vocabulary costs ~20x more), then 16x as many for the
+        # rows whose top-p head turns out longer (a flat distribution; penalties flatten some), then sort
         width = min(vocab, max([CANDIDATES] + [k for k in ks if k < vocab]))
         head, fits = _head(*rows.topk(width, dim=-1), ks, ps, log_total, vocab)
-        if long := [j for j, ok in enumerate(fits) if not ok]:
-            head[long] = _head(*rows[long].sort(dim=-1, descending=True), [ks[j] for j in long],
-                               [ps[j] for j in long], log_total[long], vocab)[0]
+        left = [j for j, ok in enumerate(fits) if not ok]
+        while left:
+            width = vocab if width * 16 >= vocab else width * 16
+            sub = rows[left]
+            head[left], fits = _head(*(sub.topk(width, dim=-1) if width < vocab else sub.sort(dim=-1, descending=True)),
+                                     [ks[j] for j in left], [ps[j] for j in left], log_total[left], vocab)
+            left = [j for j, ok in zip(left, fits, strict=True) if not ok]
         probs[cut] = head
         return probs
 
