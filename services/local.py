@@ -153,8 +153,9 @@ def up(
         if http_port:
             typer.echo(f"  {'http':10s} http://127.0.0.1:{http_port}/v1 (OpenAI-compatible)")
         if judge and judge_sample_rate > 0 and http_port:
-            typer.echo(f"  live quality: {'every' if demo else f'{judge_sample_rate:.0%} of'} completed requests "
-                       f"judged; tokenmill:quality_score at http://127.0.0.1:{http_port}/metrics")
+            share = "every completed request" if demo else f"{judge_sample_rate:.0%} of completed requests"
+            typer.echo(f"  live quality: {share} judged; tokenmill:quality_score at "
+                       f"http://127.0.0.1:{http_port}/metrics")
         if demo:
             run_demo(f"127.0.0.1:{gateway_port}", f"127.0.0.1:{judge_port}" if judge else None)
             if judge and judge_sample_rate > 0 and http_port:
@@ -204,7 +205,8 @@ def show_live_quality(url: str, timeout_s: float = 600.0) -> None:
         return
     typer.echo("\nlive quality (the gateway's own sample of that request, from its /metrics):")
     for line in text.splitlines():
-        if line.startswith(("tokenmill:quality_score_sum", "tokenmill:quality_errors_total")):
+        if line.startswith("tokenmill:quality_score_sum") or \
+                (line.startswith("tokenmill:quality_errors_total") and float(line.rsplit(" ", 1)[1])):
             typer.echo(f"  {line}")
 
 
