@@ -151,6 +151,32 @@ def structured(
     main(_ints(batches), max_tokens, out)
 
 
+@app.command("sampling")
+def sampling(
+    quick: bool = typer.Option(False, "--quick", help="Smoke run: 1 round, n = 4 over 200 tokens, 16 tokens each, "
+                               "a batch of 8."),
+    n: int = typer.Option(8, help="Samples of the parallel-sampling request (and separate requests against it)."),
+    prompt_tokens: int = typer.Option(1000, help="Prompt length of the n runs (held-out prose)."),
+    max_tokens: int = typer.Option(128, help="Tokens per sample of the n runs."),
+    batch: int = typer.Option(32, help="Requests of the penalties batch (story prompts)."),
+    batch_max_tokens: int = typer.Option(128, help="Tokens per request of the penalties batch."),
+    rounds: int = typer.Option(3, help="Interleaved rounds of every configuration."),
+    kv_cache_memory: str = typer.Option("", help="Paged KV pool (bytes or fraction); empty = worker default."),
+    threads: int = typer.Option(0, help="torch threads; 0 = default."),
+    out: Path = typer.Option(Path("results/sampling.json"), help="JSON result file."),
+) -> None:
+    """n > 1 vs separate requests (KV blocks held, wall time) and penalties' cost on a batch (tok/s)."""
+    from bench.sampling import Options, main
+
+    opts = Options(n=n, prompt_tokens=prompt_tokens, max_tokens=max_tokens, batch=batch,
+                   batch_max_tokens=batch_max_tokens, rounds=rounds, kv_cache_memory=kv_cache_memory, threads=threads,
+                   out=out)
+    if quick:
+        opts.rounds, opts.n, opts.prompt_tokens, opts.max_tokens = 1, 4, 200, 16
+        opts.batch, opts.batch_max_tokens = 8, 16
+    main(opts)
+
+
 @app.command("activations")
 def activations(
     quick: bool = typer.Option(False, "--quick", help="Smoke run: 1 round, a 128-token prompt, 9 new tokens."),

@@ -228,34 +228,40 @@ async def timed(front: Any, request: Any) -> Sample:
     return Sample((first or end) - t0, end - t0, tokens)
 
 
+def direct_front(kind: str, models: Models, opts: Options) -> tuple[Any, Any, KVProbe]:
+    """(AsyncEngine, engine, KVProbe fed after every step) for `kind`, the engine built on the AsyncEngine's
+    thread as the worker builds it (one OpenMP team: see AsyncEngine)."""
+    from services.worker.engine.async_engine import AsyncEngine
+
+    probes: list[KVProbe] = []
+
+    def build() -> Any:
+        engine = make_engine(kind, models, opts)
+        probe = KVProbe(engine)
+        inner_step = engine.step
+
+        def step() -> list:
+            events = inner_step()
+            probe(engine.stats())
+            return events
+
+        engine.step = step
+        probes.append(probe)
+        return engine
+
+    front = AsyncEngine(build)
+    return front, front.ready.result(), probes[0]
+
+
 def run_direct(models: Models, work: Workload, opts: Options, results: list[Result]) -> None:
     from services.common.sampling import SamplingParams
-    from services.worker.engine.async_engine import AsyncEngine
     from services.worker.engine.types import Request
 
     for conc in opts.concurrency:
         for kind in opts.engines:
-            probes: list[KVProbe] = []
+            front, engine, probe = direct_front(kind, models, opts)
 
-            def build(kind: str = kind, probes: list = probes) -> Any:
-                """On the engine's thread, as the worker builds it (one OpenMP team: see AsyncEngine)."""
-                engine = make_engine(kind, models, opts)
-                probe = KVProbe(engine)
-                inner_step = engine.step
-
-                def step() -> list:
-                    events = inner_step()
-                    probe(engine.stats())
-                    return events
-
-                engine.step = step
-                probes.append(probe)
-                return engine
-
-            front = AsyncEngine(build)
-            engine, probe = front.ready.result(), probes[0]
-
-            async def one(i: int, front: AsyncEngine = front) -> Sample:
+            async def one(i: int, front: Any = front) -> Sample:
                 return await timed(front, Request(f"bench-{i}", work.prompt_ids[i], SamplingParams(
                     max_tokens=work.max_tokens[i], temperature=0.0)))
 
@@ -274,7 +280,7 @@ def run_direct(models: Models, work: Workload, opts: Options, results: list[Resu
                                  spec_acceptance=stats.spec_accepted_tokens / stats.spec_draft_tokens)
             results.append(res)
             print_row(res)
-            del engine, front, one, probe, probes, build
+            del engine, front, one, probe
             gc.collect()  # the engine's KV pool: free it before the next run measures its RSS
 
 

@@ -46,3 +46,26 @@ def test_system_specs():
                                "--model-impl", "transformers"]
     with pytest.raises(ValueError, match="option 'fp8'"):
         SystemSpec.parse("paged:fp8")
+
+
+def test_bench_sampling_tiny(tmp_path):
+    """`tokenmill bench sampling` on a tiny workload: every configuration runs, the JSON holds the targets' ratios,
+    and n's samples hold the prompt's full blocks once (block counts, not timings)."""
+    from bench.sampling import N_RUNS, PENALTIES, Options
+    from bench.sampling import main as sampling
+
+    out = tmp_path / "sampling.json"
+    report = sampling(Options(n=3, prompt_tokens=40, max_tokens=4, batch=2, batch_max_tokens=4, rounds=1,
+                              kv_cache_memory="64MiB", out=out))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    runs, summary = report["rounds"][0], report["summary"]
+    assert set(runs) == set(N_RUNS) | set(PENALTIES)
+    assert all(runs[k]["tokens"] == 3 * 4 for k in N_RUNS if k != "n1") and runs["n1"]["tokens"] == 4
+    assert all(runs[k]["tokens"] == 2 * 4 for k in PENALTIES)
+    kv = summary["kv"]
+    assert kv["n8"] == kv["n1_plus_own_blocks"] == 2 + 3 * 1 and kv["same_instant_uncached"] == 3 * 3
+    assert runs["same_instant_uncached"]["cached_tokens"] == 0
+    assert runs["cached_then_separate"]["cached_tokens"] == 3 * 32  # the prompt's 2 full blocks, for each
+    assert set(summary["n8_wall_over"]) == set(summary["n8_cpu_over"]) == set(N_RUNS[2:])
+    assert all(runs[k]["cpu_s"] > 0 for k in runs)
+    assert set(summary["tok_s_over_plain"]) == set(PENALTIES) - {"plain"}
