@@ -8,7 +8,9 @@ gateway + worker session, closed loop and summaries) once per configuration, eac
 
   off      tracing and live quality off (the defaults)
   tracing  worker and gateway export every span over OTLP/gRPC to a receiver in this process
-  quality  the gateway sends --sample-rate (10 %) of completed requests to a judge process on this machine
+  quality  the gateway sends --sample-rate (10 %) of completed requests to a judge process on this machine,
+           paused while the timed run lasts (--judge-running: not), so the judge model's compute, which in
+           Kubernetes has its own pod, is not counted against the gateway; it then scores the backlog
   before   --before: the services of another source tree (a git worktree of the code without issue 27)
 
 Rounds interleave the configurations (off, tracing, quality, before, off, ...), so a drift of the machine's load
@@ -84,6 +86,7 @@ class Options:
     rounds: int = 2
     configs: tuple[str, ...] = CONFIGS
     sample_rate: float = 0.1
+    judge_running: bool = False  # let the judge compute during the timed run (see run_config)
     before: Path | None = None
     tree: Path | None = None
     threads: int = 0
@@ -140,14 +143,26 @@ class Suite(GrpcSuite):
             time.sleep(1.0)
 
 
-def run_config(config: str, work: Work, opts: Options, log_dir: Path, otlp: str, judge: str) -> Result:
-    suite = Suite(config, opts, log_dir, otlp, judge)
+def run_config(config: str, work: Work, opts: Options, log_dir: Path, otlp: str, judge: Any) -> Result:
+    """One configuration's timed session. Under `quality` the judge process is paused (SIGSTOP) while it runs,
+    unless opts.judge_running: the gateway still draws, queues and sends every sample (the calls wait in the
+    judge's socket), but the judge model's compute, which in a cluster runs on its own pod, stays off the 2
+    cores the worker uses; it scores the backlog after the timed run."""
+    suite = Suite(config, opts, log_dir, otlp, judge.address if judge else "")
     suite.start()
     try:
         asyncio.run(suite.session(work, 1, 1))  # warm the path
         procs = [psutil.Process(pid) for pid in suite.pids()]  # gateway, worker
         cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
-        samples, wall = asyncio.run(suite.session(work, len(work.prompts), opts.concurrency))
+        paused = psutil.Process(judge.proc.pid) if judge and config == "quality" and not opts.judge_running \
+            else None
+        if paused:
+            paused.suspend()
+        try:
+            samples, wall = asyncio.run(suite.session(work, len(work.prompts), opts.concurrency))
+        finally:
+            if paused:
+                paused.resume()
         cpu = [sum(p.cpu_times()[:2]) - c for p, c in zip(procs, cpu0, strict=True)]
         res = summarise(config, "grpc", opts.workload, opts.concurrency, samples, wall, 0)
         # CPU seconds the processes spent (user + system): what the feature costs, much less sensitive than
@@ -207,8 +222,7 @@ def main(opts: Options) -> dict[str, Any]:
             for _ in range(opts.rounds):
                 for config in configs:
                     before = len(receiver.spans)
-                    res = run_config(config, work, opts, Path(logs), receiver.address,
-                                     judge.address if judge else "")
+                    res = run_config(config, work, opts, Path(logs), receiver.address, judge)
                     res.extra["spans_received"] = len(receiver.spans) - before
                     spans[config] = spans.get(config, 0) + res.extra["spans_received"]
                     results.append(res)
@@ -247,6 +261,8 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--configs", default=",".join(d.configs), help="comma separated: off, tracing, quality")
     p.add_argument("--sample-rate", type=float, default=d.sample_rate, help="live quality's --judge-sample-rate")
+    p.add_argument("--judge-running", action="store_true",
+                   help="quality: let the judge (on these cores) score during the timed run instead of pausing it")
     p.add_argument("--before", type=Path, help="a source tree to run as the 'before' configuration")
     p.add_argument("--tree", type=Path, help="run the other configurations' services from this source tree")
     p.add_argument("--threads", type=int, default=d.threads, help="worker --threads; 0 = its default")
@@ -255,8 +271,8 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     return main(Options(requests=a.requests, concurrency=a.concurrency, min_tokens=a.min_tokens,
                         max_tokens=a.max_tokens, rounds=a.rounds, configs=tuple(a.configs.split(",")),
-                        sample_rate=a.sample_rate, before=a.before, tree=a.tree, threads=a.threads,
-                        out=a.out, notes=a.note))
+                        sample_rate=a.sample_rate, judge_running=a.judge_running, before=a.before, tree=a.tree,
+                        threads=a.threads, out=a.out, notes=a.note))
 
 
 if __name__ == "__main__":
