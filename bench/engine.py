@@ -138,7 +138,7 @@ class Models:
         self.opts, self.cache = opts, {}
 
     def get(self, spec: SystemSpec) -> Any:
-        from services.common.model_loader import load_engine_model, load_model
+        from services.worker.engine.models.engine_model import load_engine_model, load_model
 
         static = spec.name == "hf-static"
         key = (static, spec.quantization, spec.model_impl, spec.dtype)

@@ -379,7 +379,7 @@ def tinygemm(plan: Plan, device: torch.device) -> Any:
 def part_graphs(plan: Plan, device: torch.device, hf_fp32: Any, native_int4: Any) -> dict[str, Any]:
     from services.worker.engine import attention
     from services.worker.engine.model_runner import ModelRunner
-    from services.worker.engine.models.loader import native_from_hf
+    from services.worker.engine.models.builders import native_from_hf
 
     out = {}
     for name, model in (("fp32", native_from_hf(hf_fp32)), ("int4_bf16", native_int4)):
@@ -606,7 +606,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, device: torch.device, dry: bool) -> None:
-    from services.worker.engine.models.loader import hf_from_hf, native_from_hf, quantized_state
+    from services.worker.engine.models.builders import hf_from_hf, native_from_hf, quantized_state
 
     start = time.perf_counter()
     deadline = start + args.budget_s

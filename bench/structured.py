@@ -125,7 +125,7 @@ def engine_throughput(loaded: Any, batch: int, constrained: bool, max_tokens: in
 
 def main(batches: tuple[int, ...], max_tokens: int, out: Path) -> dict:
     from bench.results import environment
-    from services.common.model_loader import load_engine_model
+    from services.worker.engine.models.engine_model import load_engine_model
 
     loaded = load_engine_model("smollm2-135m")
     tokenizer, vocab = loaded.tokenizer, loaded.model.config.vocab_size

@@ -157,7 +157,7 @@ def build_engine(config: WorkerConfig, servicer: WorkerServicer | None = None) -
     """The worker's engine per --engine, loaded and warmed up (call it on the thread that will step it)."""
     import torch
 
-    from services.common.model_loader import load_model
+    from services.worker.engine.models.engine_model import load_model
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -181,7 +181,7 @@ def build_engine(config: WorkerConfig, servicer: WorkerServicer | None = None) -
 
 def check_choices(config: WorkerConfig) -> None:
     """Refuse unknown values of the choice flags before anything loads, naming what is supported."""
-    from services.common.model_loader import MODEL_IMPLS, QUANTIZATIONS
+    from services.worker.engine.models.engine_model import MODEL_IMPLS, QUANTIZATIONS
 
     for flag, value, choices in (("--engine", config.engine, ("paged", "hf-static")),
                                  ("--quantization", config.quantization.partition("/")[0], QUANTIZATIONS),

@@ -346,7 +346,7 @@ def engine_options(config: Any) -> dict[str, Any]:
 
 def build_paged_engine(config: Any) -> tuple[Any, PagedEngine]:
     """The worker's `--engine paged`: load the model, size the KV pool from --kv-cache-memory, warm up."""
-    from services.common.model_loader import load_engine_model
+    from services.worker.engine.models.engine_model import load_engine_model
 
     loaded = load_engine_model(config.model, config.quantization, config.device, config.dtype, config.model_impl,
                                config.activations)

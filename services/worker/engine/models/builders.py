@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from services.common.model_loader import EMBEDDED, embedded_gguf
 from services.worker.engine.layers.linear import Embedding, Linear
 from services.worker.engine.models.decoder import DecoderModel
 from services.worker.engine.models.spec import DecoderSpec, Unsupported
@@ -44,8 +45,6 @@ def load_config(path: str) -> tuple[Any, Any]:
 
 def weight_source(spec: str, path: str, config: Any, fmt: str) -> Callable[[str], Weight | None]:
     """Tensor lookup by transformers name: the embedded GGUF's blocks for `gguf`, else safetensors."""
-    from services.common.model_loader import EMBEDDED, embedded_gguf
-
     if fmt == "gguf":
         if spec not in EMBEDDED:
             raise ValueError(f"--quantization gguf keeps a GGUF file's own blocks: {spec!r} is not a GGUF model "
