@@ -40,7 +40,7 @@ class PagedEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_waiting_steps)
         self.sampler = Sampler(seed)
-        own = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        own = self.runner.shape.context_length
         self.max_model_len = min(max_model_len, own) if max_model_len else own
         self.vocab_size = model.config.vocab_size
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -232,7 +232,7 @@ class PagedEngine:
         seq.num_computed_tokens += computed
         seq.num_new_tokens = 0
         self.block_manager.register_full_blocks(seq)
-        if window := self.runner.window:  # the next query (at num_computed_tokens) sees keys after it - window
+        if window := self.runner.shape.window:  # the next query (at num_computed_tokens) sees keys after it - window
             self.block_manager.release_before(seq, max(0, seq.num_computed_tokens - window + 1) // self.block_size)
 
     def _append(self, seq: Sequence, tokens: list[int], batch_size: int, logprobs: list[Logprob] | None = None

@@ -13,10 +13,11 @@ import torch
 
 from services.worker.engine import attention
 from services.worker.engine.attention import StepContext
-from services.worker.engine.kv_cache import KVCache, kv_shape, model_window, parse_kv_memory
+from services.worker.engine.kv_cache import KVCache, parse_kv_memory
 from services.worker.engine.layers import gpu
 from services.worker.engine.layers.linear import Linear
 from services.worker.engine.models import DecoderModel
+from services.worker.engine.models.spec import ModelShape
 from services.worker.engine.scheduler import SchedulerOutput
 from services.worker.engine.sequence import Sequence
 
@@ -30,11 +31,11 @@ class ModelRunner:
         self.device = model.device if self.native else next(model.parameters()).device
         self.dtype = model.dtype if self.native else _compute_dtype(model)
         self.block_size = block_size
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_shape(model.config)
+        self.shape = shape = ModelShape.from_config(model.config)
         self.prompt_rows: list[tuple[Sequence, int, int, int]] = []  # (seq, first row, rows, first position)
         self.prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = []
-        self.window = model_window(model.config)  # set: blocks behind the window are freed
-        per_block = KVCache.bytes_per_block(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
+        per_block = KVCache.bytes_per_block(shape.num_layers, shape.num_kv_heads, shape.head_dim, block_size,
+                                            self.dtype)
         if not num_blocks:
             budget = kv_cache_memory if isinstance(kv_cache_memory, int) else parse_kv_memory(kv_cache_memory,
                                                                                                  self.device)
@@ -44,7 +45,7 @@ class ModelRunner:
         self.triton = gpu.applies(self.device)  # Triton kernels and their KV layout (CUDA)
         self.graphs: Any = None  # DecodeGraphs, once enable_graphs ran
         self.graph_capture_s = 0.0
-        self.kv = KVCache(self.num_layers, self.num_kv_heads, self.head_dim, num_blocks, block_size, self.dtype,
+        self.kv = KVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, num_blocks, block_size, self.dtype,
                           self.device, self.triton)
         self.kv_bytes = num_blocks * per_block
         log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %s); forward: %s", num_blocks, block_size,

@@ -79,7 +79,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec, i, weights["layers"][i]) for i in range(spec.num_layers))
         self.norm = nn.Parameter(weights["norm"], requires_grad=False)
         self.lm_head = Linear(weights["lm_head"], weight_stationary=True)
-        cos, sin = rotary_tables(config, spec.max_position_embeddings)
+        cos, sin = rotary_tables(config, spec.context_length)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.use_fused = True  # the C++ layer loop where it applies (tests turn it off to compare)

@@ -11,7 +11,7 @@ from typing import Any
 from services.common.model_loader import EMBEDDED, load_tokenizer, pick_device, pick_dtype, resolve
 from services.worker.engine.layers.linear import set_activations
 from services.worker.engine.models.builders import load_config, native_model, quantized_hf_model, weight_source
-from services.worker.engine.models.spec import Unsupported
+from services.worker.engine.models.spec import ModelShape, Unsupported
 from services.worker.engine.models.weights import check_quantization
 
 log = logging.getLogger("tokenmill.model")
@@ -33,8 +33,7 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+        return ModelShape.from_config(self.model.config).context_length
 
 
 def pick_quantization(quantization: str, spec: str, device: str) -> str:
