@@ -181,13 +181,19 @@ def build_engine(config: WorkerConfig, servicer: WorkerServicer | None = None) -
 
 def check_choices(config: WorkerConfig) -> None:
     """Refuse unknown values of the choice flags before anything loads, naming what is supported."""
-    from services.worker.engine.models.engine_model import MODEL_IMPLS, QUANTIZATIONS
+    from services.worker.engine.models.engine_model import MODEL_IMPLS
+    from services.worker.engine.models.weights import check_quantization
 
-    for flag, value, choices in (("--engine", config.engine, ("paged", "hf-static")),
-                                 ("--quantization", config.quantization.partition("/")[0], QUANTIZATIONS),
-                                 ("--model-impl", config.model_impl, MODEL_IMPLS)):
+    def check(flag: str, value: str, choices: tuple[str, ...]) -> None:
         if value not in choices:
             raise SystemExit(f"worker: {flag} {value!r} is not supported; use one of: {', '.join(choices)}")
+
+    check("--engine", config.engine, ("paged", "hf-static"))
+    try:
+        check_quantization(config.quantization, auto=True)
+    except ValueError as exc:
+        raise SystemExit(f"worker: {exc}") from None
+    check("--model-impl", config.model_impl, MODEL_IMPLS)
 
 
 def run(config: WorkerConfig) -> None:

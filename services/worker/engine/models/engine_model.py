@@ -16,7 +16,6 @@ from services.worker.engine.models.weights import check_quantization
 
 log = logging.getLogger("tokenmill.model")
 
-QUANTIZATIONS = ("auto", "none", "gguf", "int8", "int4", "nf4")
 MODEL_IMPLS = ("auto", "native", "transformers")
 
 
