@@ -377,7 +377,7 @@ def tinygemm(plan: Plan, device: torch.device) -> Any:
 
 # ---- 2. captured vs eager ---------------------------------------------------------------------------------------
 def part_graphs(plan: Plan, device: torch.device, hf_fp32: Any, native_int4: Any) -> dict[str, Any]:
-    from services.worker.engine import attention
+    from services.worker.engine import step
     from services.worker.engine.model_runner import ModelRunner
     from services.worker.engine.models.builders import native_from_hf
 
@@ -404,7 +404,7 @@ def part_graphs(plan: Plan, device: torch.device, hf_fp32: Any, native_int4: Any
                 replay = graphs.run(ids, positions, tables).float()
                 b = graphs.bucket(n)
                 eager = graphs.forward(b)[:n].float()  # the same padded step, not captured
-                ctx = attention.build_context(kv, positions, list(range(n)), tables, n, [])
+                ctx = step.build_context(kv, positions, list(range(n)), tables, n, [])
                 plain = runner.logits(runner.forward(torch.tensor(ids, device=device), ctx)).float()
             rows.append({"n": n, "bucket": b, "replay_eq_eager_bitwise": bool(torch.equal(replay, eager)),
                          "max_abs_vs_unpadded": float((replay - plain).abs().max()),

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from services.worker.engine import attention
-from services.worker.engine.attention import StepContext
 from services.worker.engine.kv_cache import KVCache, parse_kv_memory
 from services.worker.engine.layers import gpu
 from services.worker.engine.layers.linear import Linear
@@ -20,6 +19,7 @@ from services.worker.engine.models import DecoderModel
 from services.worker.engine.models.spec import ModelShape
 from services.worker.engine.scheduler import SchedulerOutput
 from services.worker.engine.sequence import Sequence
+from services.worker.engine.step import StepContext, build_context
 
 log = logging.getLogger("tokenmill.engine")
 
@@ -112,7 +112,7 @@ class ModelRunner:
 
     def _inputs(self, ids: list[int], pos: list[int], token_seq: list[int], tables: list[list[int]],
                 num_decodes: int, prefills: list) -> tuple[torch.Tensor, StepContext]:
-        ctx = attention.build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
+        ctx = build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
         return torch.tensor(ids, dtype=torch.long, device=self.device), ctx
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
@@ -173,7 +173,7 @@ class ModelRunner:
         norm and the LM head. Those layers' K/V are the target's own (same inputs, same weights), so the
         draft writes into the target's cache and the verifying pass rewrites the same values.
         Returns the greedy draft token of each sequence."""
-        ctx = attention.build_context(self.kv, positions, list(range(len(tokens))), tables, len(tokens), [])
+        ctx = build_context(self.kv, positions, list(range(len(tokens))), tables, len(tokens), [])
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return self.logits(self.forward(ids, ctx, num_layers)).argmax(dim=-1)
 

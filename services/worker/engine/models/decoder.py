@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.worker.engine.attention import StepContext, attend
+from services.worker.engine.attention import attend
 from services.worker.engine.layers import kernels, ops
 from services.worker.engine.layers.linear import Embedding, Linear, weight_bytes
 from services.worker.engine.models.spec import DecoderSpec, rotary_tables
+from services.worker.engine.step import StepContext
 
 
 class DecoderLayer(nn.Module):
