@@ -187,7 +187,7 @@ def free() -> None:
 
 
 def engine(model: Any, plan: Plan, **kw: Any) -> Any:
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
 
     return PagedEngine(model, IdTokenizer(), kv_cache_memory=plan.kv_memory, max_num_seqs=plan.max_num_seqs,
                        max_num_batched_tokens=plan.max_batched, **kw)

@@ -101,7 +101,7 @@ def engine_throughput(loaded: Any, batch: int, constrained: bool, max_tokens: in
     """Output tokens per second of `batch` concurrent greedy requests through the paged engine over `loaded`
     (load_engine_model's model and tokenizer)."""
     from services.common.sampling import SamplingParams, Structured
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
     from services.worker.engine.types import Request
 
     engine = PagedEngine(loaded.model, loaded.tokenizer, kv_cache_memory="512MiB", max_num_seqs=64)

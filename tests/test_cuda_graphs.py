@@ -11,10 +11,10 @@ import torch
 
 from services.worker.engine import step
 from services.worker.engine.cuda_graphs import buckets_for
-from services.worker.engine.engine import PagedEngine
 from services.worker.engine.layers import gpu
 from services.worker.engine.model_runner import ModelRunner
 from services.worker.engine.models.builders import native_from_hf
+from services.worker.engine.paged_engine import PagedEngine
 from services.worker.engine.types import Request
 from tests.engine_support import WordTokenizer, drive, params, reference_greedy, tokens_of
 

@@ -130,7 +130,7 @@ def gguf_native():
 
 
 def run_scenario(model, tokenizer, prompts, scenario, logprobs=False, block_size=None):
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
 
     small = scenario == "preemption"
     longest = max(len(p) for p in prompts) + MAX_NEW

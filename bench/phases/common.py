@@ -274,7 +274,8 @@ def caption(setup: dict[str, Any]) -> str:
 
 def make_engine(lm: Any, **overrides: Any) -> Any:
     """A warmed-up PagedEngine built from the worker's settings (engine_options), with `overrides`."""
-    from services.worker.engine.engine import PagedEngine, engine_options
+    from services.worker.engine.build import engine_options
+    from services.worker.engine.paged_engine import PagedEngine
 
     kw = engine_options(worker_settings())
     kw.update(overrides)

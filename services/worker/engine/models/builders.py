@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from services.common.model_loader import EMBEDDED, embedded_gguf
-from services.worker.engine.layers.linear import Embedding, Linear
+from services.worker.engine.layers.linear import Embedding, Linear, lm_head
 from services.worker.engine.models.decoder import DecoderModel
 from services.worker.engine.models.spec import DecoderSpec, Unsupported
 from services.worker.engine.models.weights import (
@@ -143,7 +143,7 @@ def hf_model(config: Any, get: Callable[[str], Weight | None], fmt: str, dtype: 
         elif module is model.get_output_embeddings():
             head = get(name + ".weight")
             tied = head is None or getattr(config, "tie_word_embeddings", False)
-            layer = Linear(embed if tied else convert([head], embed_fmt, dtype), weight_stationary=True)
+            layer = lm_head(embed if tied else convert([head], embed_fmt, dtype))
         elif isinstance(module, nn.Linear):
             bias = get(name + ".bias")
             layer = Linear(convert([get(name + ".weight")], fmt, dtype),

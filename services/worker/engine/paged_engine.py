@@ -331,25 +331,3 @@ def bad_word_ids(tokenizer: Any, words: tuple[str, ...], vocab_size: int) -> lis
             if ids and ids not in out and max(ids) < vocab_size:
                 out.append(ids)
     return out
-
-
-def engine_options(config: Any) -> dict[str, Any]:
-    """PagedEngine keyword arguments from a WorkerConfig (the worker and the benchmarks both build from it)."""
-    return dict(block_size=config.block_size, kv_cache_memory=config.kv_cache_memory,
-                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=config.max_model_len, enable_prefix_caching=config.prefix_cache,
-                enforce_eager=config.enforce_eager, max_waiting_steps=config.max_waiting_steps,
-                speculative=SpecConfig(config.speculative, config.num_speculative_tokens, config.draft_layers,
-                                       config.speculative_max_batch, config.speculative_min_acceptance,
-                                       config.speculative_token_cost))
-
-
-def build_paged_engine(config: Any) -> tuple[Any, PagedEngine]:
-    """The worker's `--engine paged`: load the model, size the KV pool from --kv-cache-memory, warm up."""
-    from services.worker.engine.models.engine_model import load_engine_model
-
-    loaded = load_engine_model(config.model, config.quantization, config.device, config.dtype, config.model_impl,
-                               config.activations)
-    engine = PagedEngine(loaded.model, loaded.tokenizer, **engine_options(config))
-    engine.warmup()
-    return loaded, engine
