@@ -62,6 +62,10 @@ class ModelRunner:
     def num_blocks(self) -> int:
         return self.kv.num_blocks
 
+    @property
+    def num_layers(self) -> int:
+        return self.shape.num_layers
+
     def enable_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
         """Decode-only steps through DecodeGraphs (tokenmill's forward on the Triton path); captured as CUDA
         graphs when `capture` and on CUDA, else run eagerly over the same padded buffers."""

@@ -76,9 +76,9 @@ def ngram_draft(tokens: list[int], k: int, max_ngram: int) -> list[int]:
 
 class Speculator:
     def __init__(self, cfg: SpecConfig, runner: Any, max_model_len: int) -> None:
-        cfg.validate(runner.shape.num_layers)
+        cfg.validate(runner.num_layers)
         self.cfg, self.runner, self.max_model_len = cfg, runner, max_model_len
-        self.draft_layers = cfg.layers(runner.shape.num_layers)
+        self.draft_layers = cfg.layers(runner.num_layers)
         self.floor = cfg.acceptance_floor()
         self.num_draft_tokens = 0  # cumulative, for metrics
         self.num_accepted_tokens = 0
