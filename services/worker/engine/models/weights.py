@@ -20,7 +20,7 @@ import torch
 
 from services.worker.engine.layers import quant
 from services.worker.engine.layers.quant import PackedWeight
-from services.worker.engine.models.spec import DecoderSpec
+from services.worker.engine.models.spec import DecoderSpec, ModelShape
 
 Weight = torch.Tensor | PackedWeight
 QUANTIZATIONS = ("auto", "none", "gguf", *quant.QUANTIZED)  # --quantization (auto: engine_model.pick_quantization)
@@ -40,7 +40,8 @@ def gguf_tensors(path: Path, config: Any) -> dict[str, Weight]:
 
     reader = gguf.GGUFReader(str(path))
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    shape = ModelShape.from_config(config)
+    heads, kv_heads = shape.num_heads, shape.num_kv_heads
     out: dict[str, Weight] = {}
     for t in reader.tensors:
         stem, _, suffix = t.name.rpartition(".")
