@@ -44,8 +44,8 @@ def linear_macs(model: torch.nn.Module) -> int:
 
 def measure(fmt: str, activations: str, opts: Options) -> dict[str, Any]:
     from bench.phases.quantization import speed
-    from services.common.model_loader import load_engine_model
     from services.worker.engine.layers.linear import weight_bytes
+    from services.worker.engine.models.engine_model import load_engine_model
 
     lm = load_engine_model("smollm2-135m", fmt, "cpu", "float32", "auto", activations)
     prefill = speed(lm, 1, opts.prompt_len, 2, "cpu")

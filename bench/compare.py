@@ -307,7 +307,7 @@ class TransformersCB(System):
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        from services.common.model_loader import load_model
+        from services.worker.engine.models.engine_model import load_model
 
         if self.opts.threads:
             torch.set_num_threads(self.opts.threads)

@@ -138,7 +138,7 @@ class Models:
         self.opts, self.cache = opts, {}
 
     def get(self, spec: SystemSpec) -> Any:
-        from services.common.model_loader import load_engine_model, load_model
+        from services.worker.engine.models.engine_model import load_engine_model, load_model
 
         static = spec.name == "hf-static"
         key = (static, spec.quantization, spec.model_impl, spec.dtype)
@@ -165,7 +165,8 @@ def make_engine(kind: str, models: Models, opts: Options) -> Any:
         engine.add_request(Request("warmup", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0)))
         engine.step()  # like the paged engine's warmup: the first generate() pays for lazy init
         return engine
-    from services.worker.engine.engine import PagedEngine, engine_options
+    from services.worker.engine.build import engine_options
+    from services.worker.engine.paged_engine import PagedEngine
 
     cfg.speculative = spec.speculative
     cfg.kv_cache_memory = opts.kv_cache_memory or cfg.kv_cache_memory

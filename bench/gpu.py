@@ -187,7 +187,7 @@ def free() -> None:
 
 
 def engine(model: Any, plan: Plan, **kw: Any) -> Any:
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
 
     return PagedEngine(model, IdTokenizer(), kv_cache_memory=plan.kv_memory, max_num_seqs=plan.max_num_seqs,
                        max_num_batched_tokens=plan.max_batched, **kw)
@@ -377,9 +377,9 @@ def tinygemm(plan: Plan, device: torch.device) -> Any:
 
 # ---- 2. captured vs eager ---------------------------------------------------------------------------------------
 def part_graphs(plan: Plan, device: torch.device, hf_fp32: Any, native_int4: Any) -> dict[str, Any]:
-    from services.worker.engine import attention
+    from services.worker.engine import step
     from services.worker.engine.model_runner import ModelRunner
-    from services.worker.engine.models.loader import native_from_hf
+    from services.worker.engine.models.builders import native_from_hf
 
     out = {}
     for name, model in (("fp32", native_from_hf(hf_fp32)), ("int4_bf16", native_int4)):
@@ -404,7 +404,7 @@ def part_graphs(plan: Plan, device: torch.device, hf_fp32: Any, native_int4: Any
                 replay = graphs.run(ids, positions, tables).float()
                 b = graphs.bucket(n)
                 eager = graphs.forward(b)[:n].float()  # the same padded step, not captured
-                ctx = attention.build_context(kv, positions, list(range(n)), tables, n, [])
+                ctx = step.build_context(kv, positions, list(range(n)), tables, n, [])
                 plain = runner.logits(runner.forward(torch.tensor(ids, device=device), ctx)).float()
             rows.append({"n": n, "bucket": b, "replay_eq_eager_bitwise": bool(torch.equal(replay, eager)),
                          "max_abs_vs_unpadded": float((replay - plain).abs().max()),
@@ -606,7 +606,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, device: torch.device, dry: bool) -> None:
-    from services.worker.engine.models.loader import hf_from_hf, native_from_hf, quantized_state
+    from services.worker.engine.models.builders import hf_from_hf, native_from_hf, quantized_state
 
     start = time.perf_counter()
     deadline = start + args.budget_s

@@ -111,8 +111,8 @@ def tiny_qwen2() -> Any:
 
 
 def format_model(name: str, ref: Any, fmt: str) -> Any:
-    from services.common.model_loader import load_model
-    from services.worker.engine.models.loader import hf_from_hf
+    from services.worker.engine.models.builders import hf_from_hf
+    from services.worker.engine.models.engine_model import load_model
 
     if fmt == "none":
         return ref
@@ -123,7 +123,8 @@ def format_model(name: str, ref: Any, fmt: str) -> Any:
 
 def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str]) -> list[Row]:
     """One model: every format over the same chunks, each chunk compared with the fp32 logits at once."""
-    from services.common.model_loader import EMBEDDED, load_model
+    from services.common.model_loader import EMBEDDED
+    from services.worker.engine.models.engine_model import load_model
 
     ref = load_model(name, "none", "cpu", "float32").model if name in EMBEDDED else tiny_qwen2()
     ids = ids % ref.config.vocab_size

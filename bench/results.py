@@ -55,7 +55,8 @@ class SystemSpec:
 
     @classmethod
     def parse(cls, spec: str) -> SystemSpec:
-        from services.common.model_loader import MODEL_IMPLS, QUANTIZATIONS
+        from services.worker.engine.models.engine_model import MODEL_IMPLS
+        from services.worker.engine.models.weights import QUANTIZATIONS
 
         head, *options = spec.split(":")
         name, _, speculative = head.partition("+")

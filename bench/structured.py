@@ -101,7 +101,7 @@ def engine_throughput(loaded: Any, batch: int, constrained: bool, max_tokens: in
     """Output tokens per second of `batch` concurrent greedy requests through the paged engine over `loaded`
     (load_engine_model's model and tokenizer)."""
     from services.common.sampling import SamplingParams, Structured
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
     from services.worker.engine.types import Request
 
     engine = PagedEngine(loaded.model, loaded.tokenizer, kv_cache_memory="512MiB", max_num_seqs=64)
@@ -125,7 +125,7 @@ def engine_throughput(loaded: Any, batch: int, constrained: bool, max_tokens: in
 
 def main(batches: tuple[int, ...], max_tokens: int, out: Path) -> dict:
     from bench.results import environment
-    from services.common.model_loader import load_engine_model
+    from services.worker.engine.models.engine_model import load_engine_model
 
     loaded = load_engine_model("smollm2-135m")
     tokenizer, vocab = loaded.tokenizer, loaded.model.config.vocab_size

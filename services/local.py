@@ -93,7 +93,7 @@ def start_suite(*, workers: int = 1, engine: str | None = None, model: str | Non
                 timeout_s: float = 300.0, judge_sample_rate: float = 0.0) -> list[Service]:
     """Start workers, gateway (and judge) as processes; return once all are SERVING. With the judge and a
     `judge_sample_rate`, the gateway sends that share of completed requests to it (live quality)."""
-    from services.common.model_loader import cache_dir
+    from services.common.config import cache_dir
 
     log_dir = log_dir or cache_dir() / "logs"
     services: list[Service] = []

@@ -36,7 +36,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def loaded():
     """The embedded model (weights + tokenizer) in this process, once per test module."""
-    from services.common.model_loader import load_model
+    from services.worker.engine.models.engine_model import load_model
 
     return load_model("smollm2-135m")
 
@@ -44,7 +44,7 @@ def loaded():
 @pytest.fixture(scope="module")
 def served():
     """The embedded model as the worker serves it by default: tokenmill's forward over the GGUF's blocks."""
-    from services.common.model_loader import load_engine_model
+    from services.worker.engine.models.engine_model import load_engine_model
 
     return load_engine_model("smollm2-135m")
 

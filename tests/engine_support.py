@@ -133,7 +133,7 @@ def assert_no_leaks(engine) -> None:
 
 def native(model, fmt: str = "none"):
     """The engine's own forward (DecoderModel) over an in-memory transformers model's weights."""
-    from services.worker.engine.models.loader import native_from_hf
+    from services.worker.engine.models.builders import native_from_hf
 
     return native_from_hf(model, fmt)
 

@@ -91,7 +91,7 @@ def test_quantization_counts_resident_weights_of_every_format(tmp_path):
     from bench.phases.quantization import FORMATS
     from bench.quality import tiny_qwen2
     from services.worker.engine.layers.linear import weight_bytes
-    from services.worker.engine.models.loader import native_from_hf
+    from services.worker.engine.models.builders import native_from_hf
 
     opts = make_options(True, "cpu", tmp_path, "tiny-qwen2", 0, "quantization")
     opts.extra.update(batches=[1, 2], prompt_len=8, new_tokens=3, ppl_tokens=128, chunk=64)

@@ -9,12 +9,12 @@ import random
 import pytest
 import torch
 
-from services.worker.engine import attention
+from services.worker.engine import step
 from services.worker.engine.cuda_graphs import buckets_for
-from services.worker.engine.engine import PagedEngine
 from services.worker.engine.layers import gpu
 from services.worker.engine.model_runner import ModelRunner
-from services.worker.engine.models.loader import native_from_hf
+from services.worker.engine.models.builders import native_from_hf
+from services.worker.engine.paged_engine import PagedEngine
 from services.worker.engine.types import Request
 from tests.engine_support import WordTokenizer, drive, params, reference_greedy, tokens_of
 
@@ -68,7 +68,7 @@ def test_padded_buckets_match_unpadded_forward_and_leave_stale_rows_alone(runner
             before = [kv.k[0][others].clone(), kv.v[0][others].clone()]
             got = graphs.run(ids, positions, tables)
             assert graphs.bucket(n) == next(b for b in graphs.buckets if b >= n)
-            ctx = attention.build_context(kv, positions, list(range(n)), tables, n, [])
+            ctx = step.build_context(kv, positions, list(range(n)), tables, n, [])
             want = runner.logits(runner.forward(torch.tensor(ids), ctx))  # a replay gives logits
             assert got.shape == want.shape
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -88,7 +88,7 @@ def arch(request, prompts):
 
 
 def engine(model, **kw):
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
 
     kw.setdefault("num_blocks", 400)
     return PagedEngine(model, WordTokenizer(), block_size=kw.pop("block_size", 4), **kw)

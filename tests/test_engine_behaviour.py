@@ -29,7 +29,7 @@ def chats(served):
 
 
 def make(served, **kw):
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
 
     kw.setdefault("num_blocks", 256)
     return PagedEngine(served.model, served.tokenizer, **kw)

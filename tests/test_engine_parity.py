@@ -49,7 +49,7 @@ def model(loaded):
 
 
 def make_engine(loaded, model=None, **kw):
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
 
     kw.setdefault("num_blocks", 512)
     return PagedEngine(model if model is not None else loaded.model, loaded.tokenizer,

@@ -51,7 +51,7 @@ _NATIVE: dict = {}
 
 def make(loaded, mode, *, max_batch=4, **kw):
     """The engine over tokenmill's own forward (fp32, the embedded model's weights)."""
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
 
     kw.setdefault("num_blocks", 512)
     if id(loaded) not in _NATIVE:
@@ -182,7 +182,7 @@ def tiny():
 
 
 def _sample_runs(model, mode: str, n: int, tokens: int) -> tuple[list[list[int]], object]:
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
 
     spec = SpecConfig(mode, num_tokens=3, draft_layers=1, max_batch=10_000, min_acceptance=0.0, token_cost=0.0)
     engine = PagedEngine(native(model), WordTokenizer(), block_size=4, num_blocks=4096, max_num_seqs=256,

@@ -17,7 +17,7 @@ LOAD = "from services.worker.engine.layers import kernels; assert kernels.load()
 
 @pytest.mark.skipif(kernels.load() is None, reason="no C++ kernels on this machine")
 def test_a_build_killed_holding_the_lock_does_not_wedge_the_next(tmp_path: Path) -> None:
-    from services.common.model_loader import cache_dir
+    from services.common.config import cache_dir
 
     key = kernels._build_key()
     build_dir = tmp_path / "kernels" / key

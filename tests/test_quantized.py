@@ -105,7 +105,7 @@ def test_embedded_gguf_blocks_read_as_stored():
 
 
 def test_bad_quantization_values_fail_at_start_naming_the_choices():
-    from services.common.model_loader import load_engine_model, load_model
+    from services.worker.engine.models.engine_model import load_engine_model, load_model
 
     with pytest.raises(ValueError, match="none, gguf, int8, int4, nf4"):
         load_engine_model("smollm2-135m", "int3")
@@ -122,7 +122,7 @@ def prompts(loaded):
 
 @pytest.fixture(scope="module")
 def gguf_native():
-    from services.common.model_loader import load_engine_model
+    from services.worker.engine.models.engine_model import load_engine_model
 
     lm = load_engine_model("smollm2-135m", "gguf", model_impl="native")
     assert lm.quantization == "gguf" and lm.model.weight_bytes < 110e6  # fp32: 538 MB
@@ -130,7 +130,7 @@ def gguf_native():
 
 
 def run_scenario(model, tokenizer, prompts, scenario, logprobs=False, block_size=None):
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
 
     small = scenario == "preemption"
     longest = max(len(p) for p in prompts) + MAX_NEW
@@ -184,8 +184,8 @@ def fp32_refs(loaded, prompts):
 def quantized(request, loaded, gguf_native, prompts):
     """(format, engine model, the reference's top-5 logprobs): the reference is transformers' model over the
     same tokenmill layers and packed weights."""
-    from services.common.model_loader import load_model
-    from services.worker.engine.models.loader import hf_from_hf, native_from_hf, quantized_state
+    from services.worker.engine.models.builders import hf_from_hf, native_from_hf, quantized_state
+    from services.worker.engine.models.engine_model import load_model
 
     fmt = request.param
     if fmt == "gguf":
@@ -210,8 +210,8 @@ def test_quantized_engine_close_to_same_module_reference(loaded, quantized, prom
 def int8_activations(loaded, prompts):
     """The GGUF engine with --activations int8, its output for each prompt run alone, and transformers' model
     over the same modules (also int8) as the reference."""
-    from services.common.model_loader import load_engine_model, load_model
     from services.worker.engine.layers.linear import set_activations
+    from services.worker.engine.models.engine_model import load_engine_model, load_model
 
     if not int8_unit():
         pytest.skip(f"int8 activations need AVX512-VNNI or AMX ({kernels.cpu_capability()} here)")
@@ -264,7 +264,7 @@ def test_worker_refuses_unknown_quantization_at_start():
 
 
 def test_format_group_sizes():
-    from services.common.model_loader import pick_quantization
+    from services.worker.engine.models.engine_model import pick_quantization
 
     torch.manual_seed(0)
     w = torch.randn(48, 256)

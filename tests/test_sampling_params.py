@@ -37,7 +37,7 @@ def model(loaded):
 
 
 def make_engine(loaded, model, **kw):
-    from services.worker.engine.engine import PagedEngine
+    from services.worker.engine.paged_engine import PagedEngine
 
     kw.setdefault("num_blocks", 512)
     return PagedEngine(model, loaded.tokenizer, block_size=kw.pop("block_size", 16), **kw)

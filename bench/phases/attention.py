@@ -42,8 +42,8 @@ def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> to
 
 def _paged_setup(q, k, v, batch: int, ctx: int, decode: bool):
     """A KVCache holding `batch` sequences of ctx tokens, and the engine's StepContext for one step."""
-    from services.worker.engine.attention import build_context
     from services.worker.engine.kv_cache import KVCache
+    from services.worker.engine.step import build_context
 
     dev, per = q.device, -(-ctx // BLOCK)
     kv = KVCache(1, KV_HEADS, DIM, batch * per + 1, BLOCK, q.dtype, dev)

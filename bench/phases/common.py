@@ -178,7 +178,7 @@ _MODELS: dict[tuple, Any] = {}
 
 def load(opts: Options, quantization: str = "none", dtype: str = "auto") -> Any:
     """The benchmark model through tokenmill's own loader (cached per process), in eager/SDPA attention."""
-    from services.common.model_loader import load_model
+    from services.worker.engine.models.engine_model import load_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -218,7 +218,7 @@ def worker_settings(**overrides: Any) -> Any:
 def load_engine(opts: Options, quantization: str | None = None, model_impl: str | None = None) -> Any:
     """The paged engine's model as the worker loads it (`--quantization`, `--model-impl`, `--dtype` from
     worker_settings unless given), cached per process."""
-    from services.common.model_loader import load_engine_model
+    from services.worker.engine.models.engine_model import load_engine_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -274,7 +274,8 @@ def caption(setup: dict[str, Any]) -> str:
 
 def make_engine(lm: Any, **overrides: Any) -> Any:
     """A warmed-up PagedEngine built from the worker's settings (engine_options), with `overrides`."""
-    from services.worker.engine.engine import PagedEngine, engine_options
+    from services.worker.engine.build import engine_options
+    from services.worker.engine.paged_engine import PagedEngine
 
     kw = engine_options(worker_settings())
     kw.update(overrides)

@@ -91,14 +91,15 @@ def quality_rows(opts: Options, formats: tuple[str, ...]) -> tuple[dict[str, dic
 def engine_model(opts: Options, fmt: str):
     """The format as the worker loads it (its --model-impl and --dtype), for the speed runs."""
     from bench.phases.common import worker_settings
-    from services.common.model_loader import load_engine_model, load_tokenizer
+    from services.common.model_loader import load_tokenizer
     from services.worker.engine.models import Unsupported
+    from services.worker.engine.models.engine_model import load_engine_model
 
     cfg = worker_settings()
     if opts.model == "tiny-qwen2":  # the tests' model: tokenmill's forward over the tiny random Qwen2
         from bench.quality import tiny_qwen2
-        from services.common.model_loader import LoadedModel
-        from services.worker.engine.models.loader import native_from_hf
+        from services.worker.engine.models.builders import native_from_hf
+        from services.worker.engine.models.engine_model import LoadedModel
 
         if fmt == "gguf":
             raise Unsupported("no GGUF file: gguf keeps a GGUF's own blocks (embedded model only)")
@@ -114,7 +115,7 @@ def shapes_model(opts: Options) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from services.common.model_loader import resolve
-    from services.worker.engine.models.loader import load_config
+    from services.worker.engine.models.builders import load_config
 
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(load_config(resolve(opts.model))[0])

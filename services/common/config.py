@@ -13,11 +13,18 @@ import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
 T = TypeVar("T")
+
+
+def cache_dir() -> Path:
+    """Where converted models, kernel builds and logs live: $TOKENMILL_CACHE, else $XDG_CACHE_HOME/tokenmill."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokenmill"
+    return Path(os.environ.get("TOKENMILL_CACHE", default))
 
 
 def setting(default: Any, help: str) -> Any:

@@ -56,8 +56,8 @@ def _rubric(rubric: str) -> Any:
 def _scorer(model: str, threads: int) -> Any:
     import torch
 
-    from services.common.model_loader import load_model
     from services.judge.scorer import LocalScorer
+    from services.worker.engine.models.engine_model import load_model
 
     if threads:
         torch.set_num_threads(threads)

@@ -47,7 +47,7 @@ def longest_sequence(queries: list[Query]) -> int:
 
 
 class LogProbModel:
-    """Synchronous batched scorer over a loaded causal LM (services.common.model_loader.LoadedModel)."""
+    """Synchronous batched scorer over a loaded causal LM (the worker's models/engine_model.py LoadedModel)."""
 
     def __init__(self, loaded: Any, max_batch_tokens: int = 4096, max_batch_rows: int = 16) -> None:
         import torch

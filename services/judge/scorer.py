@@ -110,7 +110,7 @@ class LikelihoodPlan:
 
 
 class LocalScorer:
-    """Synchronous scorer over a loaded causal LM (services.common.model_loader.LoadedModel)."""
+    """Synchronous scorer over a loaded causal LM (the worker's models/engine_model.py LoadedModel)."""
 
     def __init__(self, loaded: Any, max_batch_tokens: int = 4096, max_batch_rows: int = 16) -> None:
         self.lm = LogProbModel(loaded, max_batch_tokens, max_batch_rows)

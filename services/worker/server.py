@@ -157,21 +157,11 @@ def build_engine(config: WorkerConfig, servicer: WorkerServicer | None = None) -
     """The worker's engine per --engine, loaded and warmed up (call it on the thread that will step it)."""
     import torch
 
-    from services.common.model_loader import load_model
+    from services.worker.engine.build import build_engine as build
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    if config.engine == "hf-static":
-        from services.worker.engine.hf_static import HFStaticEngine
-
-        loaded = load_model(config.model, config.quantization, config.device, config.dtype)
-        engine = HFStaticEngine(loaded.model, loaded.tokenizer, config.max_batch_size, config.max_model_len)
-    elif config.engine == "paged":
-        from services.worker.engine.engine import build_paged_engine
-
-        loaded, engine = build_paged_engine(config)
-    else:
-        raise SystemExit(f"unknown --engine {config.engine!r}: use paged or hf-static")
+    loaded, engine = build(config)
     if servicer is not None:
         servicer.loaded = loaded
     log.info("engine %s ready: model=%s device=%s dtype=%s quantization=%s (pid %d)", engine.name, config.model,
@@ -181,13 +171,20 @@ def build_engine(config: WorkerConfig, servicer: WorkerServicer | None = None) -
 
 def check_choices(config: WorkerConfig) -> None:
     """Refuse unknown values of the choice flags before anything loads, naming what is supported."""
-    from services.common.model_loader import MODEL_IMPLS, QUANTIZATIONS
+    from services.worker.engine.build import ENGINES
+    from services.worker.engine.models.engine_model import MODEL_IMPLS
+    from services.worker.engine.models.weights import check_quantization
 
-    for flag, value, choices in (("--engine", config.engine, ("paged", "hf-static")),
-                                 ("--quantization", config.quantization.partition("/")[0], QUANTIZATIONS),
-                                 ("--model-impl", config.model_impl, MODEL_IMPLS)):
+    def check(flag: str, value: str, choices: tuple[str, ...]) -> None:
         if value not in choices:
             raise SystemExit(f"worker: {flag} {value!r} is not supported; use one of: {', '.join(choices)}")
+
+    check("--engine", config.engine, ENGINES)
+    try:
+        check_quantization(config.quantization, auto=True)
+    except ValueError as exc:
+        raise SystemExit(f"worker: {exc}") from None
+    check("--model-impl", config.model_impl, MODEL_IMPLS)
 
 
 def run(config: WorkerConfig) -> None:

@@ -49,8 +49,8 @@ class LocalBackend:
     def _load(self) -> Any:
         import torch
 
-        from services.common.model_loader import load_model
         from services.judge.scorer import LocalScorer
+        from services.worker.engine.models.engine_model import load_model
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from services.worker.engine.attention import StepContext
 from services.worker.engine.kv_cache import KVCache
 from services.worker.engine.layers import gpu
+from services.worker.engine.step import StepContext
 
 log = logging.getLogger("tokenmill.engine")
 

@@ -16,6 +16,7 @@ import torch
 
 from services.common.sampling import InvalidRequest
 from services.worker.engine.detokenizer import IncrementalDetokenizer
+from services.worker.engine.models.spec import ModelShape
 from services.worker.engine.types import FINISH_LENGTH, FINISH_STOP, Event, Request, Stats
 
 
@@ -28,7 +29,7 @@ class HFStaticEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
-        own = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        own = ModelShape.from_config(model.config).context_length
         self.max_model_len = min(max_model_len, own) if max_model_len else own
         self.eos_ids = set(_as_list(model.generation_config.eos_token_id))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos_ids), 0)

@@ -12,7 +12,6 @@ write their K/V there.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import torch
 
@@ -39,25 +38,6 @@ def parse_kv_memory(spec: str, device: torch.device) -> int:
     if not m.group(2) and value <= 1.0:
         return int(value * free_memory_bytes(device))
     return int(value * _UNITS[m.group(2)])
-
-
-def kv_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of a transformers text config."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
-
-
-def model_window(config: Any) -> int | None:
-    """The sliding window when every layer uses the same one (Mistral; Qwen2 with all layers sliding), else
-    None: then blocks that leave the window can be freed. Mixed models keep all blocks and mask per layer."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(cfg, "sliding_window", None)
-    types = getattr(cfg, "layer_types", None)
-    if not window or (types is not None and any(t != "sliding_attention" for t in types)):
-        return None
-    return int(window)
 
 
 class KVCache:

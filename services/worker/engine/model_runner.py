@@ -12,13 +12,14 @@ from typing import Any
 import torch
 
 from services.worker.engine import attention
-from services.worker.engine.attention import StepContext
-from services.worker.engine.kv_cache import KVCache, kv_shape, model_window, parse_kv_memory
+from services.worker.engine.kv_cache import KVCache, parse_kv_memory
 from services.worker.engine.layers import gpu
-from services.worker.engine.layers.linear import Linear
+from services.worker.engine.layers.linear import lm_head
 from services.worker.engine.models import DecoderModel
+from services.worker.engine.models.spec import ModelShape
 from services.worker.engine.scheduler import SchedulerOutput
 from services.worker.engine.sequence import Sequence
+from services.worker.engine.step import StepContext, build_context
 
 log = logging.getLogger("tokenmill.engine")
 
@@ -30,11 +31,11 @@ class ModelRunner:
         self.device = model.device if self.native else next(model.parameters()).device
         self.dtype = model.dtype if self.native else _compute_dtype(model)
         self.block_size = block_size
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_shape(model.config)
+        self.shape = shape = ModelShape.from_config(model.config)
         self.prompt_rows: list[tuple[Sequence, int, int, int]] = []  # (seq, first row, rows, first position)
         self.prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = []
-        self.window = model_window(model.config)  # set: blocks behind the window are freed
-        per_block = KVCache.bytes_per_block(self.num_layers, self.num_kv_heads, self.head_dim, block_size, self.dtype)
+        per_block = KVCache.bytes_per_block(shape.num_layers, shape.num_kv_heads, shape.head_dim, block_size,
+                                            self.dtype)
         if not num_blocks:
             budget = kv_cache_memory if isinstance(kv_cache_memory, int) else parse_kv_memory(kv_cache_memory,
                                                                                                  self.device)
@@ -44,7 +45,7 @@ class ModelRunner:
         self.triton = gpu.applies(self.device)  # Triton kernels and their KV layout (CUDA)
         self.graphs: Any = None  # DecodeGraphs, once enable_graphs ran
         self.graph_capture_s = 0.0
-        self.kv = KVCache(self.num_layers, self.num_kv_heads, self.head_dim, num_blocks, block_size, self.dtype,
+        self.kv = KVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, num_blocks, block_size, self.dtype,
                           self.device, self.triton)
         self.kv_bytes = num_blocks * per_block
         log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %s); forward: %s", num_blocks, block_size,
@@ -55,11 +56,15 @@ class ModelRunner:
             head = model.get_output_embeddings()
             # CPU: W @ h^T runs the vocabulary projection 1.3x (32 rows) to 3x (2-4 rows) faster than h @ W^T
             stationary = type(head) is torch.nn.Linear and head.bias is None and self.device.type == "cpu"
-            self._head = Linear(head.weight, weight_stationary=True) if stationary else head
+            self._head = lm_head(head.weight) if stationary else head
 
     @property
     def num_blocks(self) -> int:
         return self.kv.num_blocks
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape.num_layers
 
     def enable_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool) -> None:
         """Decode-only steps through DecodeGraphs (tokenmill's forward on the Triton path); captured as CUDA
@@ -111,7 +116,7 @@ class ModelRunner:
 
     def _inputs(self, ids: list[int], pos: list[int], token_seq: list[int], tables: list[list[int]],
                 num_decodes: int, prefills: list) -> tuple[torch.Tensor, StepContext]:
-        ctx = attention.build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
+        ctx = build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
         return torch.tensor(ids, dtype=torch.long, device=self.device), ctx
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
@@ -172,7 +177,7 @@ class ModelRunner:
         norm and the LM head. Those layers' K/V are the target's own (same inputs, same weights), so the
         draft writes into the target's cache and the verifying pass rewrites the same values.
         Returns the greedy draft token of each sequence."""
-        ctx = attention.build_context(self.kv, positions, list(range(len(tokens))), tables, len(tokens), [])
+        ctx = build_context(self.kv, positions, list(range(len(tokens))), tables, len(tokens), [])
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return self.logits(self.forward(ids, ctx, num_layers)).argmax(dim=-1)
 

@@ -74,7 +74,7 @@ def load() -> Any | None:
     if platform.machine() not in ("x86_64", "AMD64") or not cpu_flags() >= NEEDED_FLAGS:
         log.info("no AVX2/FMA/F16C: quantized layers use the PyTorch path")
         return None
-    from services.common.model_loader import cache_dir
+    from services.common.config import cache_dir
 
     key = _build_key()
     build_dir = cache_dir() / "kernels" / key
@@ -173,7 +173,7 @@ def amx_works() -> bool:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot = "unknown"
-    from services.common.model_loader import cache_dir
+    from services.common.config import cache_dir
 
     verdict = cache_dir() / "kernels" / f"{_build_key()}.amx-{boot}"
     if verdict.exists():

@@ -53,10 +53,10 @@ class Linear(_Packed):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.weight_stationary = weight_stationary
         self.int8_activations = False  # set_activations: multiply on the CPU's integer unit
-        self._kernel_bias = None  # the kernel writes whole panels of 16 rows: its bias is padded to match
+        self.kernel_bias = None  # the C++ kernels write whole panels of 16 rows: their bias is padded to match
         if packed and bias is not None:
-            self._kernel_bias = torch.zeros(weight.panels * 16, dtype=torch.float32)
-            self._kernel_bias[: self.out_features] = bias.float()
+            self.kernel_bias = torch.zeros(weight.panels * 16, dtype=torch.float32)
+            self.kernel_bias[: self.out_features] = bias.float()
 
     def int8_capable(self) -> bool:
         """Integer codes in blocks of 32 (q4_1, int4, q8_0, int8): what the int8-activation kernel reads."""
@@ -87,16 +87,23 @@ class Linear(_Packed):
             ops = kernels.cpu_ops(x.device, x.dtype)
             if ops is not None:
                 if self.uses_q8():
-                    y = ops.q8_linear(x.contiguous(), p.codes, p.scales, p.mins, self._kernel_bias, p.bits, p.group,
+                    y = ops.q8_linear(x.contiguous(), p.codes, p.scales, p.mins, self.kernel_bias, p.bits, p.group,
                                       kernels.amx_rows())
                 else:
                     y = ops.quant_linear(x.contiguous(), p.codes, p.scales, p.mins, p.table,
-                                         self._kernel_bias, p.bits, p.group)
+                                         self.kernel_bias, p.bits, p.group)
                 return y if y.shape[1] == self.out_features else y[:, : self.out_features]
         if x.dim() != 2:
             return self.forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         w = p.dequantize().to(device=x.device, dtype=x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+def lm_head(weight: torch.Tensor | PackedWeight) -> Linear:
+    """The vocabulary projection of every model the engines run (tokenmill's forward, transformers' over
+    tokenmill's layers, transformers' own float head on a CPU: model_runner.py): weight-stationary, so on a CPU
+    W @ h^T reads the large vocabulary matrix once for all rows."""
+    return Linear(weight, weight_stationary=True)
 
 
 class Embedding(_Packed):

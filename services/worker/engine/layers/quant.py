@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 PANEL = 16
-FORMATS = ("q4_1", "q8_0", "int4", "int8", "nf4")
+QUANTIZED = ("int8", "int4", "nf4")  # what `--quantization` quantises a float checkpoint to (models/weights.py)
+FORMATS = ("q4_1", "q8_0", *QUANTIZED)  # every packed format: GGUF's blocks (q8_0 also holds 8-bit embeddings)
 # bitsandbytes' NF4 code book (quantiles of N(0, 1) scaled to [-1, 1])
 NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.worker.engine.attention import StepContext, attend
+from services.worker.engine.attention import attend
 from services.worker.engine.layers import kernels, ops
-from services.worker.engine.layers.linear import Embedding, Linear, weight_bytes
+from services.worker.engine.layers.linear import Embedding, Linear, lm_head, weight_bytes
 from services.worker.engine.models.spec import DecoderSpec, rotary_tables
+from services.worker.engine.step import StepContext
 
 
 class DecoderLayer(nn.Module):
@@ -78,8 +79,8 @@ class DecoderModel(nn.Module):
         self.embed = Embedding(weights["embed"])
         self.layers = nn.ModuleList(DecoderLayer(spec, i, weights["layers"][i]) for i in range(spec.num_layers))
         self.norm = nn.Parameter(weights["norm"], requires_grad=False)
-        self.lm_head = Linear(weights["lm_head"], weight_stationary=True)
-        cos, sin = rotary_tables(config, spec.max_position_embeddings)
+        self.lm_head = lm_head(weights["lm_head"])
+        cos, sin = rotary_tables(config, spec.context_length)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.use_fused = True  # the C++ layer loop where it applies (tests turn it off to compare)
@@ -137,5 +138,5 @@ def _kernel_linear(k: Any, layer: Linear) -> Any:
     if p is None:
         return k.Linear(layer.weight, None, None, None, None, layer.bias, 0, 0, layer.out_features, False, 0)
     q8 = layer.uses_q8()
-    return k.Linear(None, p.codes, p.scales, p.mins, p.table, layer._kernel_bias, p.bits, p.group, layer.out_features,
+    return k.Linear(None, p.codes, p.scales, p.mins, p.table, layer.kernel_bias, p.bits, p.group, layer.out_features,
                     q8, kernels.amx_rows() if q8 else 0)

@@ -20,10 +20,10 @@ import torch
 
 from services.worker.engine.layers import quant
 from services.worker.engine.layers.quant import PackedWeight
-from services.worker.engine.models.spec import DecoderSpec
+from services.worker.engine.models.spec import DecoderSpec, ModelShape
 
 Weight = torch.Tensor | PackedWeight
-QUANTIZATIONS = ("none", "gguf", "int8", "int4", "nf4")
+QUANTIZATIONS = ("auto", "none", "gguf", *quant.QUANTIZED)  # --quantization (auto: engine_model.pick_quantization)
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 GGUF_LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
@@ -40,7 +40,8 @@ def gguf_tensors(path: Path, config: Any) -> dict[str, Weight]:
 
     reader = gguf.GGUFReader(str(path))
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    shape = ModelShape.from_config(config)
+    heads, kv_heads = shape.num_heads, shape.num_kv_heads
     out: dict[str, Weight] = {}
     for t in reader.tensors:
         stem, _, suffix = t.name.rpartition(".")
@@ -113,11 +114,13 @@ def embedding_format(fmt: str) -> str:
     return fmt if fmt in ("none", "gguf") or fmt.startswith("int8") else "q8_0"
 
 
-def check_quantization(fmt: str) -> None:
-    """none, gguf, int8, int4 or nf4; a quantizing format may name its group size (int4/128)."""
+def check_quantization(fmt: str, auto: bool = False) -> None:
+    """A `--quantization` value: none, gguf, int8, int4 or nf4 (and auto, where it is still to be picked); a
+    quantizing format may name its group size (int4/128)."""
+    names = QUANTIZATIONS if auto else QUANTIZATIONS[1:]
     base, _, group = fmt.partition("/")
-    if base not in QUANTIZATIONS or (group and (base in ("none", "gguf") or not group.isdigit())):
-        raise ValueError(f"--quantization {fmt!r}: use one of {', '.join(QUANTIZATIONS)} (int4/128: a group size)")
+    if base not in names or (group and (base not in quant.QUANTIZED or not group.isdigit())):
+        raise ValueError(f"--quantization {fmt!r}: use one of {', '.join(names)} (int4/128: a group size)")
 
 
 def assemble(spec: DecoderSpec, get: Callable[[str], Weight | None], fmt: str, dtype: torch.dtype) -> dict[str, Any]:

@@ -14,7 +14,7 @@ struct Linear {  // packed (bits > 0: codes, scales, mins / table, padded bias) 
   at::Tensor operator()(const at::Tensor& x) const;
 };
 
-struct Step {  // engine/attention.py's StepContext, the tensors only
+struct Step {  // engine/step.py's StepContext, the tensors only
   at::Tensor positions, slots, block_tables, token_seq, token_pos, cos, sin;
 };
 

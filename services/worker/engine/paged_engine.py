@@ -40,7 +40,7 @@ class PagedEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_waiting_steps)
         self.sampler = Sampler(seed)
-        own = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        own = self.runner.shape.context_length
         self.max_model_len = min(max_model_len, own) if max_model_len else own
         self.vocab_size = model.config.vocab_size
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -232,7 +232,7 @@ class PagedEngine:
         seq.num_computed_tokens += computed
         seq.num_new_tokens = 0
         self.block_manager.register_full_blocks(seq)
-        if window := self.runner.window:  # the next query (at num_computed_tokens) sees keys after it - window
+        if window := self.runner.shape.window:  # the next query (at num_computed_tokens) sees keys after it - window
             self.block_manager.release_before(seq, max(0, seq.num_computed_tokens - window + 1) // self.block_size)
 
     def _append(self, seq: Sequence, tokens: list[int], batch_size: int, logprobs: list[Logprob] | None = None
@@ -331,25 +331,3 @@ def bad_word_ids(tokenizer: Any, words: tuple[str, ...], vocab_size: int) -> lis
             if ids and ids not in out and max(ids) < vocab_size:
                 out.append(ids)
     return out
-
-
-def engine_options(config: Any) -> dict[str, Any]:
-    """PagedEngine keyword arguments from a WorkerConfig (the worker and the benchmarks both build from it)."""
-    return dict(block_size=config.block_size, kv_cache_memory=config.kv_cache_memory,
-                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=config.max_model_len, enable_prefix_caching=config.prefix_cache,
-                enforce_eager=config.enforce_eager, max_waiting_steps=config.max_waiting_steps,
-                speculative=SpecConfig(config.speculative, config.num_speculative_tokens, config.draft_layers,
-                                       config.speculative_max_batch, config.speculative_min_acceptance,
-                                       config.speculative_token_cost))
-
-
-def build_paged_engine(config: Any) -> tuple[Any, PagedEngine]:
-    """The worker's `--engine paged`: load the model, size the KV pool from --kv-cache-memory, warm up."""
-    from services.common.model_loader import load_engine_model
-
-    loaded = load_engine_model(config.model, config.quantization, config.device, config.dtype, config.model_impl,
-                               config.activations)
-    engine = PagedEngine(loaded.model, loaded.tokenizer, **engine_options(config))
-    engine.warmup()
-    return loaded, engine

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.worker.engine.layers.linear import Embedding, Linear
+from services.common.model_loader import EMBEDDED, embedded_gguf
+from services.worker.engine.layers.linear import Embedding, Linear, lm_head
 from services.worker.engine.models.decoder import DecoderModel
 from services.worker.engine.models.spec import DecoderSpec, Unsupported
 from services.worker.engine.models.weights import (
@@ -44,8 +45,6 @@ def load_config(path: str) -> tuple[Any, Any]:
 
 def weight_source(spec: str, path: str, config: Any, fmt: str) -> Callable[[str], Weight | None]:
     """Tensor lookup by transformers name: the embedded GGUF's blocks for `gguf`, else safetensors."""
-    from services.common.model_loader import EMBEDDED, embedded_gguf
-
     if fmt == "gguf":
         if spec not in EMBEDDED:
             raise ValueError(f"--quantization gguf keeps a GGUF file's own blocks: {spec!r} is not a GGUF model "
@@ -144,7 +143,7 @@ def hf_model(config: Any, get: Callable[[str], Weight | None], fmt: str, dtype: 
         elif module is model.get_output_embeddings():
             head = get(name + ".weight")
             tied = head is None or getattr(config, "tie_word_embeddings", False)
-            layer = Linear(embed if tied else convert([head], embed_fmt, dtype), weight_stationary=True)
+            layer = lm_head(embed if tied else convert([head], embed_fmt, dtype))
         elif isinstance(module, nn.Linear):
             bias = get(name + ".bias")
             layer = Linear(convert([get(name + ".weight")], fmt, dtype),
