@@ -26,10 +26,10 @@ from services.common.tls import channel_credentials
 from services.gateway import metrics
 from services.gateway.batcher import Batcher
 from services.gateway.pending import Chunk, Pending, QueueFull
-from services.gateway.picker import MAX_SESSION_ID_CHARS, Picker
+from services.gateway.pool import WorkerPool
 from services.gateway.prefix_index import PrefixIndex
 from services.gateway.quality import QualitySampler, user_prompt
-from services.gateway.router import WorkerPool
+from services.gateway.routing import MAX_SESSION_ID_CHARS, routing_policy
 from services.gateway.validation import Validator
 
 log = logging.getLogger("tokenmill.gateway")
@@ -51,11 +51,11 @@ class Gateway:
         self.config = config
         workers = [a for a in config.workers.split(",") if a.strip()]
         index = PrefixIndex(config.routing_index_blocks) if config.routing == "prefix-aware" else None
-        self.picker = Picker(config, index)
+        self.routing = routing_policy(config, index)
         # TLS to the workers when --tls-ca names their CA, with our certificate as the client's if we have one
         credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
         self.pool = WorkerPool(workers, config.workers_dns, index, credentials, config.tls_server_name)
-        self.batcher = Batcher(self.pool, self.picker, config)
+        self.batcher = Batcher(self.pool, self.routing, config)
         metrics.queue_capacity.set(config.max_queued_requests)
         self.quality = QualitySampler(config.judge_address, config.judge_sample_rate, config.judge_queue_size,
                                       config.judge_concurrency, config.judge_rubric, config.judge_timeout_s)
