@@ -15,13 +15,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 
 from services.common import tracing
 from services.common.config import GatewayConfig
-from services.common.sampling import InvalidRequest
+from services.common.sampling import InvalidRequest, SamplingParams
 from services.common.tls import channel_credentials
 from services.gateway import metrics
 from services.gateway.batcher import Batcher
@@ -85,9 +84,10 @@ class Gateway:
         self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     async def admit(self, *, request_id: str, model: str, prompt: str | list[int],
-                    messages: Sequence[tuple[str, str]], sampling: Any, priority: int, streaming: bool,
+                    messages: Sequence[tuple[str, str]], sampling: SamplingParams, priority: int, streaming: bool,
                     session_id: str = "", traceparent: str = "") -> Pending:
         """Validate and tokenise (off the loop), then queue; raises GatewayError with the status to answer.
+        `sampling`: as the caller sent it, unchecked (each front converts its wire format; validation is here).
         `traceparent`: the caller's W3C trace context (tracing on: the request's spans join its trace)."""
         if tracing.enabled():
             span = tracing.start("gateway.request", tracing.context_of(traceparent), streaming=streaming,
@@ -106,7 +106,7 @@ class Gateway:
         return await self._admit(request_id, model, prompt, messages, sampling, priority, streaming, session_id)
 
     async def _admit(self, request_id: str, model: str, prompt: str | list[int], messages: Sequence[tuple[str, str]],
-                     sampling: Any, priority: int, streaming: bool, session_id: str) -> Pending:
+                     sampling: SamplingParams, priority: int, streaming: bool, session_id: str) -> Pending:
         validator = self.validator
         if validator is None:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "gateway is starting: no worker has reported yet")
