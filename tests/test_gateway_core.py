@@ -12,7 +12,7 @@ import pytest
 
 from services.common.config import GatewayConfig
 from services.common.model_loader import load_tokenizer
-from services.common.pb import inference_pb2
+from services.common.sampling import SamplingParams
 from services.gateway.core import Gateway, GatewayError
 from services.gateway.validation import Validator
 
@@ -54,7 +54,7 @@ def test_tokenising_a_maximal_prompt_leaves_the_loop_free():
             release.set()
 
         task = asyncio.create_task(other_stream())
-        sampling = inference_pb2.SamplingParams(max_tokens=4)
+        sampling = SamplingParams(max_tokens=4)
         with pytest.raises(GatewayError) as err:  # no worker is live: it fails after tokenising, as it should
             await gw.admit(request_id="", model="", prompt=prompt, messages=[], sampling=sampling, priority=0,
                            streaming=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 MAX_STOP_STRINGS = 16
@@ -30,21 +30,19 @@ class Structured:
 
     kind: str
     value: str = ""
+    also: tuple[str, ...] = ()  # further kinds a message set besides `kind`: validate() refuses them
 
     @classmethod
     def from_proto(cls, pb: Any) -> Structured | None:
+        """The message's constraint as sent, unchecked (validate() checks it)."""
         kinds = [k for k, v in (("json_schema", pb.json_schema), ("json_object", pb.json_object),
                                 ("regex", pb.regex), ("choice", list(pb.choice))) if v]
         if not kinds:
             return None
-        if len(kinds) > 1:
-            raise InvalidRequest(f"structured output sets {' and '.join(kinds)}: set exactly one")
         kind = kinds[0]
         value = {"json_schema": pb.json_schema, "json_object": "", "regex": pb.regex,
                  "choice": json.dumps(list(pb.choice))}[kind]
-        out = cls(kind, value)
-        out.validate()
-        return out
+        return cls(kind, value, tuple(kinds[1:]))
 
     def to_proto(self, pb: Any) -> None:
         if self.kind == "choice":
@@ -59,6 +57,8 @@ class Structured:
         return json.loads(self.value) if self.kind == "choice" else []
 
     def validate(self) -> None:
+        if self.also:
+            raise InvalidRequest(f"structured output sets {' and '.join((self.kind, *self.also))}: set exactly one")
         if self.kind == "json_schema":
             try:
                 schema = json.loads(self.value)
@@ -74,7 +74,7 @@ class Structured:
 
 @dataclass(slots=True)
 class SamplingParams:
-    max_tokens: int = 256
+    max_tokens: int | None = 256  # None: not given (the gateway's default, capped to what fits the context)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -113,8 +113,13 @@ class SamplingParams:
     @classmethod
     def from_proto(cls, pb, default_max_tokens: int = 256) -> SamplingParams:
         """From a tokenmill.v1.SamplingParams; raises InvalidRequest on values out of range."""
-        params = cls(
-            max_tokens=pb.max_tokens if pb.HasField("max_tokens") else default_max_tokens,
+        return cls.from_proto_unchecked(pb).checked(default_max_tokens)
+
+    @classmethod
+    def from_proto_unchecked(cls, pb) -> SamplingParams:
+        """A tokenmill.v1.SamplingParams's values as sent (max_tokens None when unset), for checked() later."""
+        return cls(
+            max_tokens=pb.max_tokens if pb.HasField("max_tokens") else None,
             temperature=pb.temperature if pb.HasField("temperature") else 1.0,
             top_p=pb.top_p if pb.HasField("top_p") else 1.0,
             top_k=pb.top_k if pb.HasField("top_k") else 0,
@@ -136,6 +141,10 @@ class SamplingParams:
             n=pb.n or 1,
             best_of=pb.best_of,
         )
+
+    def checked(self, default_max_tokens: int = 256) -> SamplingParams:
+        """A validated copy, max_tokens default_max_tokens where it is None; raises InvalidRequest."""
+        params = replace(self, max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens)
         params.validate()
         return params
 
@@ -157,6 +166,8 @@ class SamplingParams:
         return pb
 
     def validate(self) -> None:
+        if self.structured is not None:
+            self.structured.validate()
         if self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):  # also catches NaN

@@ -1,8 +1,8 @@
 """The gateway's queue and dispatcher: bounded admission, dynamic batches, retries on worker failure.
 
-The picker chooses a worker for the first request in the queue; its batch is that request and the next ones
-(in priority order) the picker sends to the same worker: up to `max_batch_size` requests (and no more than the
-worker's room) and `max_batch_tokens` prompt tokens, waiting at most `max_wait_ms` after the oldest request
+The routing policy chooses a worker for the first request in the queue; its batch is that request and the next
+ones (in priority order) the policy sends to the same worker: up to `max_batch_size` requests (and no more than
+the worker's room) and `max_batch_tokens` prompt tokens, waiting at most `max_wait_ms` after the oldest request
 arrived for it to fill (no wait for an idle worker whose engine batches continuously).
 Every accepted request ends with exactly one final chunk (a result or an error).
 """
@@ -24,8 +24,8 @@ from services.common.grpc_util import FINISH_NAMES, code_name, status_code
 from services.common.pb import inference_pb2, worker_pb2
 from services.gateway import metrics
 from services.gateway.pending import Chunk, Pending, QueueFull
-from services.gateway.picker import Choice, Picker
-from services.gateway.router import WorkerHandle, WorkerPool
+from services.gateway.pool import WorkerHandle, WorkerPool
+from services.gateway.routing import Choice, Policy
 
 log = logging.getLogger("tokenmill.batcher")
 
@@ -37,9 +37,9 @@ SCAN_PER_SLOT = 4  # a batch looks at most this many queued requests per free sl
 
 
 class Batcher:
-    def __init__(self, pool: WorkerPool, picker: Picker, config: GatewayConfig) -> None:
+    def __init__(self, pool: WorkerPool, routing: Policy, config: GatewayConfig) -> None:
         self.pool = pool
-        self.picker = picker
+        self.routing = routing
         self.config = config
         self._heap: list[tuple[int, int, Pending]] = []
         self._seq = itertools.count()
@@ -98,7 +98,7 @@ class Batcher:
             heapq.heappop(self._heap)
 
     def _take(self, head: Pending, choice: Choice, limit: int) -> list[Pending]:
-        """`head` (routed by `choice`) and, in priority order, the queued requests the picker routes to the same
+        """`head` (routed by `choice`) and, in priority order, the queued requests the policy routes to the same
         worker. Each joins the worker's in-flight set at once, so the next one's choice sees its load."""
         worker = choice.worker
         batch: list[Pending] = []
@@ -114,7 +114,7 @@ class Batcher:
             if batch and tokens + len(p.prompt_ids) > self.config.max_batch_tokens:
                 skipped.append(item)
                 break
-            p.route = choice if p is head else self.picker.joins(p, worker, self.pool.candidates())
+            p.route = choice if p is head else self.routing.joins(p, worker, self.pool.candidates())
             if p.route is None:
                 skipped.append(item)
                 continue
@@ -139,7 +139,7 @@ class Batcher:
                 await self._wait(self._arrived, 1.0)
                 continue
             head = self._heap[0][2]
-            choice = self.picker.choose(head, self.pool.candidates())
+            choice = self.routing.choose(head, self.pool.candidates())
             if choice is None:
                 if self.pool.live():
                     no_worker_since = None
@@ -183,7 +183,7 @@ class Batcher:
             p.worker, p.dispatched, p.batch_size = worker, now, len(batch)
             worker.inflight[p.request_id] = p.params.max_tokens * p.params.best_of
             worker.sent += 1
-            self.picker.dispatched(p, p.route)
+            self.routing.dispatched(p, p.route)
             metrics.queue_time.observe(now - p.queued)
             if p.span is not None:
                 tracing.record("gateway.queue", p.span, p.queued, now, attempt=p.attempts + 1)
@@ -264,7 +264,7 @@ class Batcher:
         else:
             metrics.requests.labels("OK").inc()
             metrics.e2e.observe(time.monotonic() - p.received)
-            self.picker.finished(p, worker)
+            self.routing.finished(p, worker)
             p.finish(Chunk(finish_reason=FINISH_NAMES[ev.finish_reason], index=ev.index))
 
     def _retry_or_fail(self, p: Pending, code: grpc.StatusCode, message: str) -> None:

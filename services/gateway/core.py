@@ -15,21 +15,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 
 from services.common import tracing
 from services.common.config import GatewayConfig
-from services.common.sampling import InvalidRequest
+from services.common.sampling import InvalidRequest, SamplingParams
 from services.common.tls import channel_credentials
 from services.gateway import metrics
 from services.gateway.batcher import Batcher
 from services.gateway.pending import Chunk, Pending, QueueFull
-from services.gateway.picker import MAX_SESSION_ID_CHARS, Picker
+from services.gateway.pool import WorkerPool
 from services.gateway.prefix_index import PrefixIndex
 from services.gateway.quality import QualitySampler, user_prompt
-from services.gateway.router import WorkerPool
+from services.gateway.routing import MAX_SESSION_ID_CHARS, routing_policy
 from services.gateway.validation import Validator
 
 log = logging.getLogger("tokenmill.gateway")
@@ -51,11 +50,11 @@ class Gateway:
         self.config = config
         workers = [a for a in config.workers.split(",") if a.strip()]
         index = PrefixIndex(config.routing_index_blocks) if config.routing == "prefix-aware" else None
-        self.picker = Picker(config, index)
+        self.routing = routing_policy(config, index)
         # TLS to the workers when --tls-ca names their CA, with our certificate as the client's if we have one
         credentials = channel_credentials(config.tls_ca, config.tls_cert, config.tls_key)
         self.pool = WorkerPool(workers, config.workers_dns, index, credentials, config.tls_server_name)
-        self.batcher = Batcher(self.pool, self.picker, config)
+        self.batcher = Batcher(self.pool, self.routing, config)
         metrics.queue_capacity.set(config.max_queued_requests)
         self.quality = QualitySampler(config.judge_address, config.judge_sample_rate, config.judge_queue_size,
                                       config.judge_concurrency, config.judge_rubric, config.judge_timeout_s)
@@ -85,9 +84,10 @@ class Gateway:
         self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     async def admit(self, *, request_id: str, model: str, prompt: str | list[int],
-                    messages: Sequence[tuple[str, str]], sampling: Any, priority: int, streaming: bool,
+                    messages: Sequence[tuple[str, str]], sampling: SamplingParams, priority: int, streaming: bool,
                     session_id: str = "", traceparent: str = "") -> Pending:
         """Validate and tokenise (off the loop), then queue; raises GatewayError with the status to answer.
+        `sampling`: as the caller sent it, unchecked (each front converts its wire format; validation is here).
         `traceparent`: the caller's W3C trace context (tracing on: the request's spans join its trace)."""
         if tracing.enabled():
             span = tracing.start("gateway.request", tracing.context_of(traceparent), streaming=streaming,
@@ -106,7 +106,7 @@ class Gateway:
         return await self._admit(request_id, model, prompt, messages, sampling, priority, streaming, session_id)
 
     async def _admit(self, request_id: str, model: str, prompt: str | list[int], messages: Sequence[tuple[str, str]],
-                     sampling: Any, priority: int, streaming: bool, session_id: str) -> Pending:
+                     sampling: SamplingParams, priority: int, streaming: bool, session_id: str) -> Pending:
         validator = self.validator
         if validator is None:
             raise GatewayError(grpc.StatusCode.UNAVAILABLE, "gateway is starting: no worker has reported yet")

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from services.common.metrics import CONTENT_TYPE, exposition
 from services.common.pb import inference_pb2
-from services.common.sampling import InvalidRequest
+from services.common.sampling import InvalidRequest, SamplingParams
 from services.gateway.core import Gateway, GatewayError
 from services.gateway.openai_format import add_usage, chat_logprobs, completion_logprobs, usage
 from services.gateway.openai_schema import ChatRequest, CompletionRequest, parse
@@ -98,7 +98,7 @@ class OpenAIFront:
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
 
-    async def _admit(self, request: web.Request, req: Any, sampling: inference_pb2.SamplingParams, *,
+    async def _admit(self, request: web.Request, req: Any, sampling: SamplingParams, *,
                      prompt: str | list[int] = "", messages: list | None = None) -> Pending:
         # a conversation id pins its requests to one worker: the x-session-id header, else OpenAI's `user`
         session = request.headers.get("x-session-id") or req.user or ""

@@ -1,23 +1,38 @@
-"""OpenAI's request bodies as pydantic models: types are strict (no "yes" for a boolean, no 2.5 for an
-integer), integers fit their wire fields, floats are finite. A parameter tokenmill does not honour is refused
-by name (OPTIONAL_NEUTRAL lists those that pass when they carry their no-op value), never ignored.
+"""OpenAI's request bodies as pydantic models, and the plain sampling parameters they ask for: types are strict
+(no "yes" for a boolean, no 2.5 for an integer), integers fit their wire fields, floats are finite and 32-bit as
+on the worker's wire. A parameter tokenmill does not honour is refused by name (OPTIONAL_NEUTRAL lists those that
+pass when they carry their no-op value), never ignored.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from services.common.pb import inference_pb2
-from services.common.sampling import MAX_TOP_LOGPROBS, InvalidRequest
+from services.common.sampling import MAX_TOP_LOGPROBS, InvalidRequest, SamplingParams, Structured
 from services.gateway.tools import call_schema, check_tools
+
+
+def float32(value: float) -> float:
+    """The value as tokenmill.v1's float fields carry it: the core checks what the worker will get, as it does
+    for a gRPC caller (a top_p of 1.00000001 is 1.0 there; 1e39 is inf)."""
+    return ctypes.c_float(value).value
+
+
+def wire_text(*texts: str) -> None:
+    """Strings bound for the worker's proto must encode as UTF-8: JSON's lone surrogates ("\\ud800") fail here
+    (a 500), not at dispatch, where they would take the request's batch down."""
+    for text in texts:
+        text.encode("utf-8")
+
 
 INT32 = 2**31 - 1
 MAX_PROMPTS = 64  # prompts in one /v1/completions call (each becomes a choice)
 Int32 = Annotated[StrictInt, Field(ge=-INT32 - 1, le=INT32)]
-Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False), AfterValidator(float32)]
 Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]  # negative: its 64-bit two's complement
 TopK = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 # accepted only with these values, which change nothing; anything else is refused by name
@@ -153,42 +168,45 @@ class Common(BaseModel):
             raise InvalidRequest(f"unsupported parameter{'s' if len(bad) > 1 else ''}: {', '.join(bad)} "
                                  f"(tokenmill does not honour {them}; leave {them} out)")
 
-    def structured(self, pb: inference_pb2.StructuredOutput) -> None:
-        kinds = []
+    def structured(self) -> Structured | None:
+        """The output constraint of response_format or guided_* (one of them); None for an empty one."""
+        kinds, out = [], None
         fmt = self.response_format
         if fmt is not None and fmt.type == "json_object":
-            pb.json_object = True
+            out = Structured("json_object")
             kinds.append("response_format")
         elif fmt is not None and fmt.type == "json_schema":
             if fmt.json_schema is None:
                 raise InvalidRequest("response_format of type json_schema needs a json_schema object with a schema")
-            pb.json_schema = json.dumps(fmt.json_schema.schema_)
+            out = Structured("json_schema", json.dumps(fmt.json_schema.schema_))
             kinds.append("response_format")
         if self.guided_json is not None:
             schema = self.guided_json
-            pb.json_schema = schema if isinstance(schema, str) else json.dumps(schema)
+            if isinstance(schema, str):
+                wire_text(schema)
+            out = Structured("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
             kinds.append("guided_json")
         if self.guided_regex is not None:
-            pb.regex = self.guided_regex
+            wire_text(self.guided_regex)
+            out = Structured("regex", self.guided_regex)
             kinds.append("guided_regex")
         if self.guided_choice is not None:
             if not self.guided_choice:
                 raise InvalidRequest("guided_choice must list at least one string")
-            pb.choice.extend(self.guided_choice)
+            wire_text(*self.guided_choice)
+            out = Structured("choice", json.dumps(self.guided_choice))
             kinds.append("guided_choice")
         if len(kinds) > 1:
             raise InvalidRequest(f"{' and '.join(kinds)} each constrain the output: send one of them")
+        return out if out is not None and (out.value or out.kind == "json_object") else None
 
-    def penalties(self, pb: inference_pb2.SamplingParams) -> None:
-        """Penalties, filters and n / best_of onto the wire fields (their ranges are checked with the rest of the
-        sampling parameters: SamplingParams.validate)."""
-        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "n",
-                     "best_of"):
-            if getattr(self, name) is not None:
-                setattr(pb, name, getattr(self, name))
+    def penalties(self) -> dict[str, Any]:
+        """Penalties, filters and n / best_of as SamplingParams fields (their ranges are checked with the rest of
+        the sampling parameters: SamplingParams.validate)."""
         for name in ("n", "best_of"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be at least 1, got {getattr(self, name)}")
+        logit_bias = {}
         for key, bias in (self.logit_bias or {}).items():
             try:
                 token = int(key)
@@ -196,30 +214,28 @@ class Common(BaseModel):
                 raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}") from None
             if not 0 <= token <= INT32:
                 raise InvalidRequest(f"logit_bias token ids must be in 0..{INT32}, got {token}")
-            pb.logit_bias[token] = bias
-        pb.bad_words.extend(self.bad_words or [])
+            logit_bias[token] = bias
+        wire_text(*self.bad_words or [])
         if self.stream and (self.best_of or 1) > self.choices:
             raise InvalidRequest("best_of > n cannot be streamed: the n best are known only once every sample has "
                                  "finished; send stream: false, or best_of = n")
+        given = {name: getattr(self, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty",
+                                                        "min_p", "min_tokens", "n", "best_of")}
+        return {**{k: v for k, v in given.items() if v is not None}, "logit_bias": logit_bias,
+                "bad_words": tuple(self.bad_words or ())}
 
-    def sampling(self, max_tokens: int | None) -> inference_pb2.SamplingParams:
-        pb = inference_pb2.SamplingParams(ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids or [])
-        if max_tokens is not None:
-            pb.max_tokens = max_tokens
-        if self.temperature is not None:
-            pb.temperature = self.temperature
-        if self.top_p is not None:
-            pb.top_p = self.top_p
-        if self.top_k is not None:
-            pb.top_k = 0 if self.top_k == -1 else self.top_k  # -1 = off, as vLLM has it
-        if self.seed is not None:
-            pb.seed = self.seed % 2**64
-        pb.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
-        self.penalties(pb)
-        self.structured(pb.structured)
-        if not pb.structured.ListFields():
-            pb.ClearField("structured")
-        return pb
+    def sampling(self, max_tokens: int | None) -> SamplingParams:
+        """The sampling parameters as asked (max_tokens None: not given), checked by the core."""
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        wire_text(*stop)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k in (None, -1) else self.top_k,  # -1 = off, as vLLM has it
+            seed=None if self.seed is None else self.seed % 2**64,
+            stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()), ignore_eos=self.ignore_eos,
+            **self.penalties(), structured=self.structured())
 
 
 class ChatRequest(Common):
@@ -239,21 +255,22 @@ class ChatRequest(Common):
     def tool_dicts(self) -> list[dict[str, Any]]:
         return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
-    def to_sampling(self) -> inference_pb2.SamplingParams:
-        pb = self.sampling(self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens)
+    def to_sampling(self) -> SamplingParams:
+        params = self.sampling(self.max_completion_tokens if self.max_completion_tokens is not None
+                               else self.max_tokens)
         mode, name = self.tool_mode()
         if mode in ("required", "named"):  # enforced by structured output: the JSON of the call(s)
-            if pb.HasField("structured"):
+            if params.structured is not None:
                 raise InvalidRequest(f"tool_choice {self.tool_choice if mode == 'required' else 'function'} "
                                      "constrains the output: send it without response_format / guided_*")
             parallel = self.parallel_tool_calls is not False
-            pb.structured.json_schema = call_schema(self.tool_dicts(), mode, name, parallel)
-        pb.logprobs = bool(self.logprobs)
+            params.structured = Structured("json_schema", call_schema(self.tool_dicts(), mode, name, parallel))
+        params.logprobs = bool(self.logprobs)
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise InvalidRequest("top_logprobs needs logprobs: true")
-            pb.top_logprobs = self.top_logprobs
-        return pb
+            params.top_logprobs = self.top_logprobs
+        return params
 
 
 TokenIds = list[Annotated[StrictInt, Field(ge=0, le=INT32)]]
@@ -273,12 +290,12 @@ class CompletionRequest(Common):
             raise InvalidRequest(f"prompt must be a string, token ids, or a list of 1..{MAX_PROMPTS} of them")
         return list(p)
 
-    def to_sampling(self) -> inference_pb2.SamplingParams:
-        pb = self.sampling(self.max_tokens)
+    def to_sampling(self) -> SamplingParams:
+        params = self.sampling(self.max_tokens)
         if self.logprobs is not None:
-            pb.logprobs, pb.top_logprobs = True, self.logprobs
-            pb.prompt_logprobs = self.echo
-        return pb
+            params.logprobs, params.top_logprobs = True, self.logprobs
+            params.prompt_logprobs = self.echo
+        return params
 
 
 def parse(model: type[Common], body: Any) -> Common:

@@ -11,7 +11,7 @@ import grpc
 
 from services.common.pb import inference_pb2
 from services.common.sampling import SamplingParams
-from services.gateway.router import WorkerHandle
+from services.gateway.pool import WorkerHandle
 
 
 class QueueFull(Exception):
@@ -65,7 +65,7 @@ class Pending:
     first_token: float = 0.0
     batch_size: int = 0
     session_id: str = ""
-    route: Any = None  # the picker's Choice for its current attempt
+    route: Any = None  # the routing policy's Choice for its current attempt
     hashes: dict[int, list[int]] = field(default_factory=dict)  # block size -> its cacheable prompt blocks' hashes
     queued: float = 0.0  # when it (last) joined the queue: a retry waits again
     source: Any = None  # (prompt, messages) as sent, kept for the judge when live quality is on

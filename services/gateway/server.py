@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import grpc
 
 from services.common.grpc_util import FINISH_REASONS
 from services.common.pb import inference_pb2, inference_pb2_grpc
-from services.common.sampling import InvalidRequest
+from services.common.sampling import InvalidRequest, SamplingParams, Structured
 from services.gateway.core import Gateway, GatewayError
 from services.gateway.pending import Chunk, Pending
 from services.gateway.tools import ToolOutput, call_schema, from_proto, messages_from_proto, render
@@ -19,21 +18,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
 
-    async def _inputs(self, request: inference_pb2.GenerateRequest, context) -> tuple[str, list, Any]:
+    async def _inputs(self, request: inference_pb2.GenerateRequest, context) -> tuple[str, list, SamplingParams]:
         """(prompt, messages, sampling) to admit: with tools or tool turns, the prompt rendered here (tools.py)
         and required / named calls enforced by a JSON schema."""
         try:
+            sampling = SamplingParams.from_proto_unchecked(request.sampling)
             tooled = from_proto(request)
             if tooled is None:
-                return request.prompt, [(m.role, m.content) for m in request.messages], request.sampling
+                return request.prompt, [(m.role, m.content) for m in request.messages], sampling
             tools, mode, name, parallel = tooled
-            sampling = inference_pb2.SamplingParams()
-            sampling.CopyFrom(request.sampling)
             if mode in ("required", "named"):
-                if sampling.HasField("structured"):
+                if request.sampling.HasField("structured"):
                     raise InvalidRequest("a required or named tool call constrains the output: send it without "
                                          "sampling.structured")
-                sampling.structured.json_schema = call_schema(tools, mode, name, parallel)
+                sampling.structured = Structured("json_schema", call_schema(tools, mode, name, parallel))
             validator = self.gw.validator
             if validator is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is starting: no worker has reported yet")

@@ -58,14 +58,14 @@ class Validator:
                 f"prompt is {chars} characters, far more than the model's context of {self.context_length} "
                 "tokens can hold: shorten it")
 
-    def prepare(self, model: str, prompt: str | list[int], messages: Sequence[tuple[str, str]], sampling_pb: Any
-                ) -> Prepared:
+    def prepare(self, model: str, prompt: str | list[int], messages: Sequence[tuple[str, str]],
+                sampling: SamplingParams) -> Prepared:
         """Validate everything and tokenise; raises InvalidRequest with a message a person can act on."""
         self.check_model(model)
-        params = SamplingParams.from_proto(sampling_pb, self.default_max_tokens)
+        params = sampling.checked(self.default_max_tokens)
         params.check_vocab(len(self.tokenizer))
         ids = self.prompt_ids(prompt, messages)
-        if not sampling_pb.HasField("max_tokens"):  # an unset default never makes a request fail
+        if sampling.max_tokens is None:  # an unset default never makes a request fail
             params.max_tokens = max(1, min(params.max_tokens, self.context_length - len(ids)))
         params.check_fits(len(ids), self.context_length)
         return Prepared(ids, params)

@@ -1,4 +1,4 @@
-"""The worker pool: channels, health, load, and the choice of where a batch goes.
+"""The worker pool: channels, health and load of every worker (where a request goes: routing.py).
 
 Workers come from a static list and/or a DNS name (a Kubernetes headless
 Service: every A record is a worker), re-resolved periodically. Each worker is
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 from dataclasses import dataclass, field
 
@@ -76,12 +75,10 @@ class WorkerHandle:
     def outstanding_tokens(self) -> int:
         return sum(self.inflight.values())
 
-    def score(self) -> tuple:
-        """Lower is better: fewest requests in flight per unit of capacity (a slow worker keeps its requests
-        longer, so it gets fewer new ones), then fewest outstanding tokens, then most free KV blocks."""
-        free_kv = self.load.free_kv_blocks / self.load.total_kv_blocks if self.load.total_kv_blocks else 1.0
-        return (len(self.inflight) / self.capacity, self.outstanding_tokens / self.capacity, -free_kv,
-                random.random())
+    @property
+    def free_kv(self) -> float:
+        """Share of its KV blocks free at its last Load; 1 when it reports no pool (hf-static)."""
+        return self.load.free_kv_blocks / self.load.total_kv_blocks if self.load.total_kv_blocks else 1.0
 
 
 class WorkerPool:

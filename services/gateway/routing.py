@@ -1,7 +1,10 @@
-"""Which worker a request goes to: scorers over the candidates (llm-d's endpoint picker) and a balance guard
-(SGLang's cache-aware router).
+"""Which worker a request goes to: the routing policies --routing names, over the live workers with room.
 
---routing prefix-aware: each candidate (a live worker with room) gets
+--routing least-loaded: fewest requests in flight per unit of capacity (a slow worker keeps its requests longer,
+so it gets fewer new ones), then fewest outstanding tokens, then most free KV blocks.
+
+--routing prefix-aware: scorers over the candidates (llm-d's endpoint picker) and a balance guard (SGLang's
+cache-aware router). Each candidate gets
 
     score = prefix_weight * cached share of the prompt   (blocks the index says it holds / prompt tokens;
                                                           0 below --routing-cache-threshold)
@@ -18,7 +21,6 @@ A request with a session_id goes to its session's worker instead, while that one
 Then the guard, SGLang's imbalance rule applied to the chosen worker: when it holds more than
 --routing-balance-abs requests beyond the least-loaded candidate AND more than --routing-balance-rel times as
 many, the least-loaded candidate gets the request.
---routing least-loaded: fewest requests in flight per capacity, then fewest outstanding tokens, then most free KV.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from services.common.config import GatewayConfig
 from services.common.prefix_hash import block_hashes, cacheable_blocks
 from services.gateway import metrics
 from services.gateway.pending import Pending
+from services.gateway.pool import WorkerHandle
 from services.gateway.prefix_index import PrefixIndex
-from services.gateway.router import WorkerHandle
 
 ROUTINGS = ("least-loaded", "prefix-aware")
 MAX_SESSIONS = 65536  # session id -> worker entries kept (LRU)
@@ -46,28 +48,64 @@ class Choice:
     matched_tokens: int = 0  # prompt tokens the index expects the worker to have cached
 
 
-class Picker:
-    def __init__(self, config: GatewayConfig, index: PrefixIndex | None) -> None:
-        if config.routing not in ROUTINGS:
-            raise ValueError(f"unknown --routing {config.routing!r}: use one of {', '.join(ROUTINGS)}")
-        weights = (config.routing_prefix_weight, config.routing_load_weight, config.routing_kv_weight)
-        if min(weights) < 0:
-            raise ValueError("--routing-prefix-weight, --routing-load-weight and --routing-kv-weight must be >= 0")
-        if config.routing_balance_abs < 0 or config.routing_balance_rel < 1:
-            raise ValueError("--routing-balance-abs must be >= 0 and --routing-balance-rel >= 1")
-        if not 0 <= config.routing_cache_threshold <= 1:
-            raise ValueError("--routing-cache-threshold is a share of the prompt: give a value in [0, 1]")
-        if config.routing == "prefix-aware" and index is None:
-            raise ValueError("prefix-aware routing needs a prefix index")
+def routing_policy(config: GatewayConfig, index: PrefixIndex | None) -> Policy:
+    """The policy --routing names (prefix-aware keeps `index` in step with its decisions); ValueError on bad
+    --routing* flags."""
+    if config.routing not in ROUTINGS:
+        raise ValueError(f"unknown --routing {config.routing!r}: use one of {', '.join(ROUTINGS)}")
+    weights = (config.routing_prefix_weight, config.routing_load_weight, config.routing_kv_weight)
+    if min(weights) < 0:
+        raise ValueError("--routing-prefix-weight, --routing-load-weight and --routing-kv-weight must be >= 0")
+    if config.routing_balance_abs < 0 or config.routing_balance_rel < 1:
+        raise ValueError("--routing-balance-abs must be >= 0 and --routing-balance-rel >= 1")
+    if not 0 <= config.routing_cache_threshold <= 1:
+        raise ValueError("--routing-cache-threshold is a share of the prompt: give a value in [0, 1]")
+    if config.routing == "least-loaded":
+        return LeastLoaded()
+    if index is None:
+        raise ValueError("prefix-aware routing needs a prefix index")
+    return PrefixAware(config, index)
+
+
+class Policy:
+    """What the batcher asks of a policy; every policy counts its decisions and the cached tokens served."""
+
+    def choose(self, p: Pending, candidates: list[WorkerHandle]) -> Choice | None:
+        raise NotImplementedError
+
+    def joins(self, p: Pending, worker: WorkerHandle, candidates: list[WorkerHandle]) -> Choice | None:
+        """p's route when it also goes to `worker`, whose batch is being formed; else None."""
+        raise NotImplementedError
+
+    def dispatched(self, p: Pending, choice: Choice) -> None:
+        """p was sent to choice.worker."""
+        metrics.routing_decisions.labels(choice.reason).inc()
+
+    def finished(self, p: Pending, worker: WorkerHandle) -> None:
+        """p completed on worker."""
+        metrics.cached_tokens.inc(p.usage.cached_tokens)
+
+
+class LeastLoaded(Policy):
+    def choose(self, p: Pending, candidates: list[WorkerHandle]) -> Choice | None:
+        if not candidates:
+            return None
+        return Choice(min(candidates, key=lambda w: (len(w.inflight) / w.capacity, w.outstanding_tokens / w.capacity,
+                                                     -w.free_kv, random.random())), "least_loaded")
+
+    def joins(self, p: Pending, worker: WorkerHandle, candidates: list[WorkerHandle]) -> Choice | None:
+        return Choice(worker, "least_loaded")  # the batch fills in queue order, as a static-batch worker wants
+
+
+class PrefixAware(Policy):
+    def __init__(self, config: GatewayConfig, index: PrefixIndex) -> None:
         self.config = config
-        self.index = index if config.routing == "prefix-aware" else None
+        self.index = index
         self.sessions: OrderedDict[str, str] = OrderedDict()
 
     def choose(self, p: Pending, candidates: list[WorkerHandle]) -> Choice | None:
         if not candidates:
             return None
-        if self.index is None:
-            return Choice(min(candidates, key=WorkerHandle.score), "least_loaded")
         matched = {w.address: self._matched(p, w) for w in candidates}
         share = {a: self._share(p, m) for a, m in matched.items()}
         pinned = self._session_worker(p, candidates)
@@ -87,18 +125,12 @@ class Picker:
         return Choice(best, reason, matched[best.address])
 
     def joins(self, p: Pending, worker: WorkerHandle, candidates: list[WorkerHandle]) -> Choice | None:
-        """p's route when it also goes to `worker`, whose batch is being formed; else None. Least-loaded fills
-        the batch in queue order, as a static-batch worker wants."""
-        if self.index is None:
-            return Choice(worker, "least_loaded")
         choice = self.choose(p, candidates)
         return choice if choice is not None and choice.worker is worker else None
 
     def dispatched(self, p: Pending, choice: Choice) -> None:
-        """p was sent to choice.worker: count the decision, remember its prompt blocks (and session) there."""
-        metrics.routing_decisions.labels(choice.reason).inc()
-        if self.index is None:
-            return
+        """Also remember p's prompt blocks (and session) at the worker."""
+        super().dispatched(p, choice)
         metrics.predicted_cached_tokens.inc(choice.matched_tokens)
         w = choice.worker
         if w.prefix_block_size:
@@ -110,11 +142,11 @@ class Picker:
                 self.sessions.popitem(last=False)
 
     def finished(self, p: Pending, worker: WorkerHandle) -> None:
-        """p completed on worker, which now also caches its output: every full block of the tokens it computed
-        (the prompt and all output tokens but the last, which is sampled and never fed back)."""
-        metrics.cached_tokens.inc(p.usage.cached_tokens)
+        """The worker now also caches p's output: every full block of the tokens it computed (the prompt and
+        all output tokens but the last, which is sampled and never fed back)."""
+        super().finished(p, worker)
         bs = worker.prefix_block_size
-        if self.index is not None and bs:
+        if bs:
             self.index.add(worker.address, block_hashes(p.prompt_ids + p.token_ids[:-1], bs))
 
     # ---- scorers -----------------------------------------------------------------------------------
@@ -124,9 +156,8 @@ class Picker:
 
     def _score(self, w: WorkerHandle, share: float, lo: float, hi: float) -> float:
         c = self.config
-        free_kv = w.load.free_kv_blocks / w.load.total_kv_blocks if w.load.total_kv_blocks else 1.0
         load = (hi - w.queued / w.capacity) / (hi - lo) if hi > lo else 1.0
-        return c.routing_prefix_weight * share + c.routing_load_weight * load + c.routing_kv_weight * free_kv
+        return c.routing_prefix_weight * share + c.routing_load_weight * load + c.routing_kv_weight * w.free_kv
 
     def _matched(self, p: Pending, w: WorkerHandle) -> int:
         bs = w.prefix_block_size
