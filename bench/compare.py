@@ -143,7 +143,7 @@ def corpus() -> tuple[str, str]:
 def long_prompts(tokenizer: Any, count: int, target_tokens: int) -> tuple[list[str], list[list[int]], str]:
     """`count` prompts of about `target_tokens` (chat template included): an excerpt of the corpus starting at its
     own line, then a question. Excerpts are spread evenly over the corpus (overlapping once it is too short)."""
-    from loadtest.prompts import chat_messages
+    from services.judge.stories import chat_messages
 
     def ids_of(prompt: str) -> list[int]:
         return tokenizer.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=True,

@@ -71,7 +71,7 @@ def repeat_prompts(n: int) -> list[str]:
 
 
 def build_workload(tokenizer: Any, opts: Options) -> Workload:
-    from loadtest.prompts import chat_messages, sample_prompts
+    from services.judge.stories import chat_messages, sample_prompts
 
     if opts.workload not in ("story", "repeat"):
         raise ValueError(f"workload {opts.workload!r}: use story or repeat")

@@ -128,7 +128,7 @@ class Bench:
 
     # ---- 2. penalties on a batch ---------------------------------------------------------------------------
     def batch_run(self, kind: str) -> dict[str, Any]:
-        from loadtest.prompts import chat_messages, sample_prompts
+        from services.judge.stories import chat_messages, sample_prompts
         from services.worker.engine.types import Request
 
         o = self.opts
@@ -150,7 +150,7 @@ class Bench:
     def warm(self) -> None:
         """Untimed: one story request down the penalised path, which also puts the chat template's system prompt
         (every batch run's first tokens) in the prefix cache before the first timed run."""
-        from loadtest.prompts import chat_messages
+        from services.judge.stories import chat_messages
         from services.worker.engine.types import Request
 
         prompt = self.tokenizer.apply_chat_template(chat_messages("Hello."), add_generation_prompt=True,

@@ -6,7 +6,7 @@
 (`tokenmill loadtest` runs this for you and writes the report.) With no user class named, the host picks one:
 http(s):// → OpenAIUser, anything else → GrpcUser.
 
-Each request is one prompt of the children's story set (loadtest/prompts.py) sent as a chat message, either
+Each request is one prompt of the children's story set (services/judge/stories.py) sent as a chat message, either
 unary (`Generate` / non-streaming chat completion) or streaming (`GenerateStream` / SSE), the share set by
 --stream-ratio. Locust entries (the same names for both protocols; request type `grpc` or `http`):
 
@@ -50,8 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout: `services` and `loadtest` live next to this folder
     sys.path.insert(0, str(ROOT))
 
-from loadtest.prompts import sample_prompts  # noqa: E402
 from services.common.pb import inference_pb2, inference_pb2_grpc  # noqa: E402
+from services.judge.stories import sample_prompts  # noqa: E402
 
 log = logging.getLogger("tokenmill.loadtest")
 TTFT_SUFFIX = " TTFT"
