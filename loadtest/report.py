@@ -2,7 +2,7 @@
 
     python -m loadtest.report DIR        # (re)build DIR/report.md, report.html, summary.json, *.png
 
-DIR holds what `tokenmill loadtest` wrote: locust_requests.csv (one row per request, see locustfile.Outcome),
+DIR holds what `tokenmill loadtest` wrote: locust_requests.csv (one row per request, see recorder.Outcome),
 locust_run.json (start/stop times and options) and Locust's own locust_stats.csv / _failures.csv /
 _stats_history.csv. Figures come from the per-request CSV; Locust's counts are checked against it.
 """
