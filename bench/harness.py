@@ -59,10 +59,11 @@ class Stack:
     def start(self) -> None:
         from services.local import launch, wait_serving
 
-        workers = [launch(name, ["worker", "--port", str(port), *args], address, self.log_dir, cwd=self.cwd)
-                   for (name, args), port, address in zip(self.worker_specs, self.worker_ports,
-                                                          self.worker_addresses, strict=True)]
-        self.services = workers  # stop() reaches them should the gateway fail to launch
+        workers: list[Any] = []
+        self.services = workers  # stop() reaches those launched should a later launch fail
+        for (name, args), port, address in zip(self.worker_specs, self.worker_ports, self.worker_addresses,
+                                               strict=True):
+            workers.append(launch(name, ["worker", "--port", str(port), *args], address, self.log_dir, cwd=self.cwd))
         gateway = launch(self.gateway_name, ["gateway", "--port", str(self.gateway_port), "--workers",
                                              ",".join(self.worker_addresses), *self.gateway_args],
                          self.address, self.log_dir, cwd=self.cwd)
@@ -148,16 +149,15 @@ class MemoryPoller(threading.Thread):
 
         super().__init__(daemon=True)
         self.procs = [psutil.Process(p) for p in pids]
+        self.gone = psutil.Error
         self.probe, self.period = probe, period
         self.peak_rss = 0
         self._stop_event = threading.Event()
 
     def sample(self) -> None:
-        import psutil
-
         rss = 0
         for p in self.procs:
-            with contextlib.suppress(psutil.Error):
+            with contextlib.suppress(self.gone):
                 rss += p.memory_info().rss
         self.peak_rss = max(self.peak_rss, rss)
         if self.probe is not None:

@@ -137,7 +137,7 @@ class Suite(GrpcSuite):
 def run_config(config: str, work: Work, opts: Options, log_dir: Path, otlp: str, judge: str) -> Result:
     suite = Suite(config, opts, log_dir, otlp, judge)
     try:
-        suite.start()
+        suite.start(opts.concurrency)
         asyncio.run(suite.session(work, 1, 1))  # warm the path
         procs = [psutil.Process(pid) for pid in suite.pids()]  # gateway, worker
         cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
