@@ -29,6 +29,7 @@ from bench.direct import Models, direct_front
 from bench.harness import closed_loop, timed
 from bench.kernels import lscpu
 from bench.report import environment, options_record
+from bench.workloads import chat_ids
 
 N_RUNS = ("n1", "n8", "same_instant", "same_instant_uncached", "cached_then_separate", "one_after_another")
 PENALTIES = {"plain": {}, "penalties": dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1)}
@@ -127,14 +128,12 @@ class Bench:
 
     # ---- 2. penalties on a batch ---------------------------------------------------------------------------
     def batch_run(self, kind: str) -> dict[str, Any]:
-        from services.judge.stories import chat_messages, sample_prompts
+        from services.judge.stories import sample_prompts
         from services.worker.engine.types import Request
 
         o = self.opts
         self.runs += 1
-        prompts = [self.tokenizer.apply_chat_template(chat_messages(f"{self.runs}. {p}"), add_generation_prompt=True,
-                                                      tokenize=True, return_dict=False)
-                   for p in sample_prompts(o.batch, o.seed)]
+        prompts = [chat_ids(self.tokenizer, f"{self.runs}. {p}") for p in sample_prompts(o.batch, o.seed)]
         requests = [Request(f"{kind}-{self.runs}-{i}", p, self.params(o.batch_max_tokens, o.seed + i,
                                                                          **PENALTIES[kind]))
                     for i, p in enumerate(prompts)]
@@ -149,11 +148,9 @@ class Bench:
     def warm(self) -> None:
         """Untimed: one story request down the penalised path, which also puts the chat template's system prompt
         (every batch run's first tokens) in the prefix cache before the first timed run."""
-        from services.judge.stories import chat_messages
         from services.worker.engine.types import Request
 
-        prompt = self.tokenizer.apply_chat_template(chat_messages("Hello."), add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False)
+        prompt = chat_ids(self.tokenizer, "Hello.")
         asyncio.run(timed(self.front, Request("warm", prompt, self.params(16, 0, **PENALTIES["penalties+filters"]))))
 
     def close(self) -> None:
