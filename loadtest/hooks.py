@@ -120,7 +120,7 @@ def _test_stop(environment, **_kw) -> None:
                     RUN.info["stop_epoch_s"] - o.epoch_s)
     if RECORDER.path is not None:
         stem = RECORDER.path.name.removesuffix(".csv").removesuffix("_requests")
-        RECORDER.path.with_name(stem + "_run.json").write_text(json.dumps(RUN, indent=2) + "\n")
+        RECORDER.path.with_name(stem + "_run.json").write_text(json.dumps(RUN.info, indent=2) + "\n")
     RECORDER.close()
 
 
