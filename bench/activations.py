@@ -17,7 +17,7 @@ import gc
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ def measure(fmt: str, activations: str, opts: Options) -> dict[str, Any]:
 def main(opts: Options) -> dict[str, Any]:
     from bench.kernels import roofs
     from bench.phases.common import kernel_isa
-    from bench.results import environment
+    from bench.report import environment, options_record
     from services.worker.engine.layers import kernels
 
     if opts.threads:
@@ -102,7 +102,7 @@ def main(opts: Options) -> dict[str, Any]:
     report = {"benchmark": "activations", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "command": " ".join(["tokenmill bench activations", *sys.argv[sys.argv.index("activations") + 1:]])
               if "activations" in sys.argv else " ".join(sys.argv),
-              "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+              "options": options_record(opts),
               "environment": env, "kernels": kernel_isa("cpu", torch.float32), "integer_unit": unit,
               "roofs": roof, "rows": best, "rounds": rounds, "total_s": time.perf_counter() - t0}
     opts.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+from bench.compare import WORKLOADS
+from bench.systems import SYSTEMS
+
 app = typer.Typer(help="Benchmarks that write JSON under results/.", no_args_is_help=True)
 
 
@@ -197,8 +200,69 @@ def activations(
     main(opts)
 
 
+@app.command("compare")
+def compare(
+    quick: bool = typer.Option(False, "--quick", help="Tiny run: 4 requests, concurrency 1,2, 8..16 tokens."),
+    systems: str = typer.Option(",".join(SYSTEMS), help="Systems, comma separated (absent peers are skipped)."),
+    concurrency: str = typer.Option("1,8,32", help="Closed-loop client counts, comma separated."),
+    requests: int = typer.Option(64, help="Requests per run (story prompt set, chat template)."),
+    requests_c1: int = typer.Option(0, help="Requests at concurrency 1; 0 = --requests."),
+    workloads: str = typer.Option(",".join(WORKLOADS), help="story (max_tokens drawn), fixed128 (the story "
+                                  "prompts, --fixed-tokens each) and/or long (~--long-tokens prompts of "
+                                  "stdlib docs + a question, --fixed-tokens each)."),
+    min_tokens: int = typer.Option(32, help="story: smallest max_tokens drawn."),
+    max_tokens: int = typer.Option(256, help="story: largest max_tokens drawn."),
+    fixed_tokens: int = typer.Option(128, help="fixed128 and long: max_tokens of every request (ignore_eos)."),
+    long_tokens: int = typer.Option(1000, help="long: prompt tokens aimed at (chat template included)."),
+    seed: int = typer.Option(0, help="Seed of the prompt sample and max_tokens draws."),
+    model: str = typer.Option("smollm2-135m", help="Model served by every system."),
+    threads: int = typer.Option(0, help="Threads per system; 0 = each system's default."),
+    dtype: str = typer.Option("auto", help="dtype of every PyTorch system (same for all): auto | float32 | "
+                              "bfloat16; llama.cpp always runs the GGUF's own 4-bit weights."),
+    llama_server: str = typer.Option("", help="llama-server binary; default <peers cache>/llama-server."),
+    out_dir: Path = typer.Option(Path("results"), help="Folder for compare.json/.md/.png."),
+) -> None:
+    """tokenmill vs hf-static vs transformers CB vs llama.cpp (vs vLLM): tok/s, req/h, TTFT, latency, RSS."""
+    from bench.compare import Options, main
+
+    opts = Options(systems=_names(systems), concurrency=_ints(concurrency), requests=requests,
+                   requests_c1=requests_c1, workloads=_names(workloads), min_tokens=min_tokens,
+                   max_tokens=max_tokens, fixed_tokens=fixed_tokens, long_tokens=long_tokens, seed=seed,
+                   model=model, threads=threads, dtype=dtype, llama_server=llama_server, out_dir=out_dir)
+    if quick:
+        opts.requests, opts.requests_c1, opts.concurrency = 4, 0, (1, 2)
+        opts.min_tokens, opts.max_tokens, opts.fixed_tokens, opts.long_tokens = 8, 16, 16, 256
+    main(opts)
+
+
+@app.command("observability")
+def observability(
+    requests: int = typer.Option(24, help="Requests per configuration and round (story prompt set)."),
+    concurrency: int = typer.Option(8, help="Closed-loop clients."),
+    min_tokens: int = typer.Option(32, help="Smallest max_tokens drawn per request."),
+    max_tokens: int = typer.Option(128, help="Largest max_tokens drawn per request."),
+    rounds: int = typer.Option(2, help="Interleaved rounds of every configuration."),
+    configs: str = typer.Option("off,tracing,quality", help="comma separated: off, tracing, quality"),
+    sample_rate: float = typer.Option(0.1, help="live quality's --judge-sample-rate"),
+    judge_running: bool = typer.Option(False, "--judge-running", help="quality: let the judge (on these cores) "
+                                       "score during the timed run instead of pausing it"),
+    before: Path = typer.Option(None, help="a source tree to run as the 'before' configuration"),
+    tree: Path = typer.Option(None, help="run the other configurations' services from this source tree"),
+    threads: int = typer.Option(0, help="worker --threads; 0 = its default"),
+    note: list[str] = typer.Option(None, help="a line for the JSON's notes (the machine's state); repeatable"),
+    out: Path = typer.Option(Path("results/observability.json"), help="JSON result file."),
+) -> None:
+    """What observability costs: throughput and CPU per request / token through gateway + worker with tracing and
+    live quality off and on."""
+    from bench.observability import Options, main
+
+    main(Options(requests=requests, concurrency=concurrency, min_tokens=min_tokens, max_tokens=max_tokens,
+                 rounds=rounds, configs=tuple(configs.split(",")), sample_rate=sample_rate,
+                 judge_running=judge_running, before=before, tree=tree, threads=threads, out=out,
+                 notes=list(note or [])))
+
+
 from bench.phases import register; register(app)  # noqa: E402, E702, I001  phases 1-8 (bench/phases)
-from bench.compare import register_compare; register_compare(app)  # noqa: E402, E702, I001  bench compare
 
 if __name__ == "__main__":
     app()

@@ -121,11 +121,11 @@ def time_graph_ms(fn, reps: int, inner: int = 20) -> float:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """The stack, the GPU (nvidia-smi) and the host (bench.results.environment: CPU model and flags)."""
+    """The stack, the GPU (nvidia-smi) and the host (bench.report.environment: CPU model and flags)."""
     import transformers
     import triton
 
-    from bench.results import environment as host
+    from bench.report import environment as host
 
     env: dict[str, Any] = {"torch": torch.__version__, "triton": triton.__version__,
                            "transformers": transformers.__version__, "python": platform.python_version(),
@@ -477,7 +477,7 @@ def part_steps(plan: Plan, device: torch.device, models: dict[str, Any], copy_gb
 def run_clients(eng: Any, n: int, concurrency: int, plan: Plan, label: str) -> dict[str, Any]:
     """`concurrency` closed-loop clients over an AsyncEngine around `eng` (built once per system: CUDA graphs are
     captured once), n requests of plan.prompt random tokens and plan.output tokens each."""
-    from bench.engine import closed_loop, timed
+    from bench.harness import closed_loop, timed
     from bench.results import Sample, summarise
     from services.common.sampling import SamplingParams
     from services.worker.engine.async_engine import AsyncEngine

@@ -159,7 +159,7 @@ def lscpu() -> dict:
 
 
 def main(opts: Options) -> dict:
-    from bench.results import environment
+    from bench.report import environment
 
     torch.manual_seed(0)
     roof = roofs(quick=opts.quick)

@@ -1,6 +1,6 @@
 """What observability costs (issue 27): throughput through gateway + worker with tracing and live quality off and on.
 
-    python -m bench.observability [--requests 24] [--concurrency 8] [--rounds 2] [--before TREE] [--tree TREE]
+    tokenmill bench observability [--requests 24] [--concurrency 8] [--rounds 2] [--before TREE] [--tree TREE]
 
 `tokenmill bench engine`'s gRPC run (its story workload, greedy, max_tokens drawn per request; `bench compare`'s
 gateway + worker session, closed loop and summaries) once per configuration, each a fresh worker + gateway on
@@ -22,7 +22,6 @@ a machine whose cores other work shares, throughput swings with that work, CPU t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -35,9 +34,11 @@ from typing import Any
 
 import psutil
 
-from bench.compare import GrpcSuite, Work
-from bench.engine import _free_port
+from bench.harness import Stack, free_port
+from bench.report import ENGINE_COLUMNS, engine_cells, environment, options_record, print_row, table
 from bench.results import Result, summarise
+from bench.systems import GrpcSuite
+from bench.workloads import Work, drawn_work
 
 CONFIGS = ("off", "tracing", "quality")
 
@@ -101,14 +102,11 @@ class Suite(GrpcSuite):
     """`bench compare`'s gateway + worker (its streaming session), with a configuration's flags and source tree."""
 
     def __init__(self, config: str, opts: Options, log_dir: Path, otlp: str, judge: str) -> None:
-        self.name, self.opts, self.log_dir, self.services = config, opts, log_dir, []
+        self.name, self.opts, self.log_dir, self.stack = config, opts, log_dir, None
         self.tree = opts.before if config == "before" else opts.tree
-        self.metrics_port = _free_port()
-        wport, gport = _free_port(), _free_port()
-        self.addresses = (f"127.0.0.1:{wport}", f"127.0.0.1:{gport}")
-        self.wargs = ["worker", "--port", str(wport), "--model", opts.model]
-        self.gargs = ["gateway", "--port", str(gport), "--workers", f"127.0.0.1:{wport}", "--metrics-port",
-                      str(self.metrics_port)]
+        self.metrics_port = free_port()
+        self.wargs = ["--model", opts.model]
+        self.gargs = ["--metrics-port", str(self.metrics_port)]
         if opts.threads:
             self.wargs += ["--threads", str(opts.threads)]
         if config == "tracing":
@@ -117,13 +115,9 @@ class Suite(GrpcSuite):
         if config == "quality":
             self.gargs += ["--judge-address", judge, "--judge-sample-rate", str(opts.sample_rate)]
 
-    def start(self, conc: int = 0) -> None:
-        from services.local import launch, wait_serving
-
-        worker = launch(f"obs-worker-{self.name}", self.wargs, self.addresses[0], self.log_dir, cwd=self.tree)
-        gateway = launch(f"obs-gateway-{self.name}", self.gargs, self.addresses[1], self.log_dir, cwd=self.tree)
-        self.services = [gateway, worker]
-        wait_serving(self.services, 600)
+    def make_stack(self) -> Stack:
+        return Stack(f"obs-gateway-{self.name}", [(f"obs-worker-{self.name}", self.wargs)], self.gargs, self.log_dir,
+                     cwd=self.tree)
 
     def quality_counts(self, wait_s: float = 600.0) -> dict[str, float]:
         """The gateway's live-quality counters once the judge has worked off its backlog (so that it does not
@@ -149,8 +143,8 @@ def run_config(config: str, work: Work, opts: Options, log_dir: Path, otlp: str,
     judge's socket), but the judge model's compute, which in a cluster runs on its own pod, stays off the 2
     cores the worker uses; it scores the backlog after the timed run."""
     suite = Suite(config, opts, log_dir, otlp, judge.address if judge else "")
-    suite.start()
     try:
+        suite.start(opts.concurrency)
         asyncio.run(suite.session(work, 1, 1))  # warm the path
         procs = [psutil.Process(pid) for pid in suite.pids()]  # gateway, worker
         cpu0 = [sum(p.cpu_times()[:2]) for p in procs]
@@ -193,19 +187,14 @@ def summary(results: list[Any]) -> dict[str, Any]:
 
 
 def main(opts: Options) -> dict[str, Any]:
-    from bench.engine import Options as EngineOptions
-    from bench.engine import build_workload, print_row, table
-    from bench.results import environment
     from services.common.model_loader import load_tokenizer
     from services.local import launch, stop_all, wait_serving
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "1000")  # the SDK's batch exporter: every second
     configs = [*opts.configs, *(["before"] if opts.before and "before" not in opts.configs else [])]
-    eopts = EngineOptions(requests=opts.requests, min_tokens=opts.min_tokens, max_tokens=opts.max_tokens,
-                          seed=opts.seed, model=opts.model, workload=opts.workload)
-    built = build_workload(load_tokenizer(opts.model), eopts)
-    work = Work(opts.workload, built.prompts, built.prompt_ids, built.max_tokens, ignore_eos=False)
+    work = drawn_work(load_tokenizer(opts.model), opts.workload, opts.requests, opts.seed, opts.min_tokens,
+                      opts.max_tokens)
     print(f"workload: {len(work.prompts)} requests, max_tokens {opts.min_tokens}..{opts.max_tokens} "
           f"(sum {sum(work.max_tokens)}), concurrency {opts.concurrency}; configs {configs} x {opts.rounds} rounds",
           flush=True)
@@ -214,7 +203,7 @@ def main(opts: Options) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-observability-") as logs:
         judge = None
         if "quality" in configs:
-            jport = _free_port()
+            jport = free_port()
             judge = launch("obs-judge", ["judge", "--port", str(jport), "--model", opts.model],
                            f"127.0.0.1:{jport}", Path(logs), cwd=opts.tree)
             wait_serving([judge], 600)
@@ -222,11 +211,12 @@ def main(opts: Options) -> dict[str, Any]:
             for _ in range(opts.rounds):
                 for config in configs:
                     before = len(receiver.spans)
-                    res = run_config(config, work, opts, Path(logs), receiver.address, judge)
+                    res = run_config(config, work, opts, Path(logs), receiver.address,
+                                     judge)
                     res.extra["spans_received"] = len(receiver.spans) - before
                     spans[config] = spans.get(config, 0) + res.extra["spans_received"]
                     results.append(res)
-                    print_row(res)
+                    print_row(ENGINE_COLUMNS, engine_cells(res))
                     print(f"    spans {res.extra['spans_received']}, quality sampled/judged/dropped/errors "
                           f"{res.extra['quality_sampled']:.0f}/{res.extra['quality_judged']:.0f}/"
                           f"{res.extra['quality_dropped']:.0f}/{res.extra['quality_errors']:.0f}", flush=True)
@@ -236,44 +226,16 @@ def main(opts: Options) -> dict[str, Any]:
             receiver.stop()
     report = {
         "benchmark": "observability",
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "options": options_record(opts),
         "environment": environment(), "total_s": time.perf_counter() - t0,
         "results": [asdict(r) for r in results], "summary": summary(results),
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2))
     print()
-    print(table(results))
+    print(table(ENGINE_COLUMNS, [engine_cells(r) for r in results]))
     for key, value in report["summary"].items():
         print(f"{key}: " + ", ".join(f"{k} {v:.3g} ({value['ratio_to_off'].get(k, 0):.3f} x off)"
                                      for k, v in value["mean"].items()))
     print(f"wrote {opts.out}")
     return report
-
-
-def cli(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m bench.observability", description=__doc__.split("\n\n")[0])
-    d = Options()
-    p.add_argument("--requests", type=int, default=d.requests)
-    p.add_argument("--concurrency", type=int, default=d.concurrency)
-    p.add_argument("--min-tokens", type=int, default=d.min_tokens)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--configs", default=",".join(d.configs), help="comma separated: off, tracing, quality")
-    p.add_argument("--sample-rate", type=float, default=d.sample_rate, help="live quality's --judge-sample-rate")
-    p.add_argument("--judge-running", action="store_true",
-                   help="quality: let the judge (on these cores) score during the timed run instead of pausing it")
-    p.add_argument("--before", type=Path, help="a source tree to run as the 'before' configuration")
-    p.add_argument("--tree", type=Path, help="run the other configurations' services from this source tree")
-    p.add_argument("--threads", type=int, default=d.threads, help="worker --threads; 0 = its default")
-    p.add_argument("--note", action="append", default=[], help="a line for the JSON's notes (the machine's state)")
-    p.add_argument("--out", type=Path, default=d.out)
-    a = p.parse_args(argv)
-    return main(Options(requests=a.requests, concurrency=a.concurrency, min_tokens=a.min_tokens,
-                        max_tokens=a.max_tokens, rounds=a.rounds, configs=tuple(a.configs.split(",")),
-                        sample_rate=a.sample_rate, judge_running=a.judge_running, before=a.before, tree=a.tree,
-                        threads=a.threads, out=a.out, notes=a.note))
-
-
-if __name__ == "__main__":
-    cli()

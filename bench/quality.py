@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from bench.report import options_record
+
 FORMATS = ("none", "gguf", "int8", "int4", "int4/64", "nf4")  # int4 = groups of 32, int4/64 = groups of 64
 MODELS = ("smollm2-135m", "tiny-qwen2")
 TINY_QWEN2 = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -178,7 +180,7 @@ def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str
 def environment() -> dict[str, Any]:
     import transformers
 
-    from bench.results import environment as machine
+    from bench.report import environment as machine
     from services.worker.engine.layers import kernels
 
     return {**machine(), "transformers": transformers.__version__, "tokenmill_kernels": kernels.load() is not None}
@@ -230,7 +232,7 @@ def main(opts: Options) -> dict[str, Any]:
         "benchmark": "quality", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(["tokenmill bench quality", *sys.argv[sys.argv.index("quality") + 1:]])
         if "quality" in sys.argv else " ".join(sys.argv),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "options": options_record(opts),
         "environment": environment(),
         "text": {"source": SOURCE, "python": sys.version.split()[0], "paragraphs": len(paragraphs),
                  "chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest(),

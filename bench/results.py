@@ -1,5 +1,5 @@
 """What the serving benchmarks (`bench engine`, `bench compare`) measure, in one result type and one JSON
-schema, and how a system is named on their command lines.
+schema, its summary statistics, and how a system is named on their command lines.
 
 A system spec is `name[+speculative][:option]...`: `paged+ngram`, `tokenmill:transformers`,
 `hf-static:gguf`, `tokenmill:none:float32`. Each option is recognised by its value: a dtype
@@ -9,8 +9,6 @@ A system spec is `name[+speculative][:option]...`: `paged+ngram`, `tokenmill:tra
 from __future__ import annotations
 
 import os
-import platform
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,21 +97,3 @@ def summarise(system: str, transport: str, workload: str, concurrency: int, samp
     return Result(system, transport, workload, concurrency, len(samples), wall, tokens, tokens / wall,
                   len(samples) / wall * 3600, percentile(ttft, 0.5), percentile(ttft, 0.95), percentile(lat, 0.5),
                   percentile(lat, 0.95), percentile(lat, 0.99), rss / 2**20, os.getloadavg()[0])
-
-
-def environment() -> dict[str, Any]:
-    """The machine and stack a result was measured on, CPU flags included (kernels are picked by them)."""
-    import torch
-
-    from services.worker.engine.layers.kernels import cpu_capability, cpu_flags
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    vector = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c", "sse4")))
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform(), "cpu": model,
-            "cpu_capability": cpu_capability(), "cpu_flags": vector, "load_avg": os.getloadavg()}

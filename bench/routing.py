@@ -20,11 +20,12 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.engine import _free_port, closed_loop
+from bench.harness import chat_request, closed_loop, stream_chat
+from bench.report import options_record
 from bench.results import percentile
 from bench.routing_fleet import Fleet
 from bench.routing_workload import conversations, shared_system, uniform_prompts
@@ -67,20 +68,9 @@ class Sample:
 
 
 async def _generate(stub: Any, messages: list[tuple[str, str]], max_tokens: int, session: str) -> Sample:
-    from services.common.pb import inference_pb2 as pb
-
-    req = pb.GenerateRequest(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages], session_id=session,
-                             sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    t0 = time.perf_counter()
-    first, parts, last = 0.0, [], None
-    async for chunk in stub.GenerateStream(req, timeout=1800):
-        if (chunk.token_ids or chunk.text) and not first:
-            first = time.perf_counter()
-        parts.append(chunk)
-        last = chunk
-    end = time.perf_counter()
-    return Sample((first or end) - t0, end - t0, sum(len(c.token_ids) for c in parts), last.timing.worker,
-                  last.usage.prompt_tokens, last.usage.cached_tokens, "".join(c.text for c in parts))
+    sample, last, text = await stream_chat(stub, chat_request(messages, max_tokens, session_id=session), timeout=1800)
+    return Sample(sample.ttft, sample.latency, sample.tokens, last.timing.worker, last.usage.prompt_tokens,
+                  last.usage.cached_tokens, text)
 
 
 async def multiturn(address: str, opts: Options) -> tuple[list[Sample], float]:
@@ -156,7 +146,7 @@ def summarise(samples: list[Sample], wall: float, workers: list[str], before: di
 
 def run_mode(mode: str, opts: Options, log_dir: Path) -> dict[str, Any]:
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
-    with Fleet(mode, opts.workers, threads, opts.model, opts.kv_cache_memory, log_dir, _free_port) as fleet:
+    with Fleet(mode, opts.workers, threads, opts.model, opts.kv_cache_memory, log_dir) as fleet:
         out: dict[str, Any] = {"threads_per_worker": threads}
         drivers = {"multiturn": multiturn, "system": system, "uniform": uniform}
         for phase in opts.phases:
@@ -200,7 +190,7 @@ def main(opts: Options) -> dict[str, Any]:
         for mode in opts.modes:
             results[mode] = run_mode(mode, opts, Path(logs))
     report = {
-        "benchmark": "routing", "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+        "benchmark": "routing", "options": options_record(opts),
         "environment": {"python": sys.version.split()[0], "cpus": os.cpu_count(), "platform": platform.platform(),
                         "load_avg_at_end": os.getloadavg()},
         "total_s": time.perf_counter() - t0, "results": results, "targets": targets(results),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from loadtest.prompts import sample_prompts
+from services.judge.stories import sample_prompts
 
 PERSONAS = (
     "You are Bramble, the storyteller of a public library's children's corner.",

@@ -10,7 +10,7 @@
    those plus min_p, logit_bias, min_tokens, bad_words) against the same batch without: output tokens/s.
 
 One engine as the worker builds it by default (prefix caching on), called directly (AsyncEngine in this process,
-bench/engine.py's helpers). The configurations run interleaved, round after round, in an order rotated each
+bench/direct.py). The configurations run interleaved, round after round, in an order rotated each
 round, and ratios are taken within a round, so a shared machine's load falls on each alike.
 """
 
@@ -21,14 +21,15 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.engine import Models, closed_loop, direct_front, timed
-from bench.engine import Options as EngineOptions
+from bench.direct import Models, direct_front
+from bench.harness import closed_loop, timed
 from bench.kernels import lscpu
-from bench.results import environment
+from bench.report import environment, options_record
+from bench.workloads import chat_ids
 
 N_RUNS = ("n1", "n8", "same_instant", "same_instant_uncached", "cached_then_separate", "one_after_another")
 PENALTIES = {"plain": {}, "penalties": dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1)}
@@ -62,8 +63,7 @@ class Bench:
 
         self.opts = opts
         self.tokenizer = load_tokenizer(opts.model)
-        engine_opts = EngineOptions(model=opts.model, kv_cache_memory=opts.kv_cache_memory)
-        self.front, self.engine, self.probe = direct_front("paged", Models(engine_opts), engine_opts)
+        self.front, self.engine, self.probe = direct_front("paged", Models(opts.model), opts.kv_cache_memory)
         self.runs = 0
         self.prose: str | None = None
 
@@ -128,14 +128,12 @@ class Bench:
 
     # ---- 2. penalties on a batch ---------------------------------------------------------------------------
     def batch_run(self, kind: str) -> dict[str, Any]:
-        from loadtest.prompts import chat_messages, sample_prompts
+        from services.judge.stories import sample_prompts
         from services.worker.engine.types import Request
 
         o = self.opts
         self.runs += 1
-        prompts = [self.tokenizer.apply_chat_template(chat_messages(f"{self.runs}. {p}"), add_generation_prompt=True,
-                                                      tokenize=True, return_dict=False)
-                   for p in sample_prompts(o.batch, o.seed)]
+        prompts = [chat_ids(self.tokenizer, f"{self.runs}. {p}") for p in sample_prompts(o.batch, o.seed)]
         requests = [Request(f"{kind}-{self.runs}-{i}", p, self.params(o.batch_max_tokens, o.seed + i,
                                                                          **PENALTIES[kind]))
                     for i, p in enumerate(prompts)]
@@ -150,11 +148,9 @@ class Bench:
     def warm(self) -> None:
         """Untimed: one story request down the penalised path, which also puts the chat template's system prompt
         (every batch run's first tokens) in the prefix cache before the first timed run."""
-        from loadtest.prompts import chat_messages
         from services.worker.engine.types import Request
 
-        prompt = self.tokenizer.apply_chat_template(chat_messages("Hello."), add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False)
+        prompt = chat_ids(self.tokenizer, "Hello.")
         asyncio.run(timed(self.front, Request("warm", prompt, self.params(16, 0, **PENALTIES["penalties+filters"]))))
 
     def close(self) -> None:
@@ -201,7 +197,7 @@ def main(opts: Options) -> dict[str, Any]:
         torch.set_num_threads(opts.threads)
     bench = Bench(opts)
     result: dict[str, Any] = {"benchmark": "sampling", "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                              "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()},
+                              "options": options_record(opts),
                               "environment": environment(), "rounds": []}
     from services.common.config import WorkerConfig
 

@@ -124,7 +124,7 @@ def engine_throughput(loaded: Any, batch: int, constrained: bool, max_tokens: in
 
 
 def main(batches: tuple[int, ...], max_tokens: int, out: Path) -> dict:
-    from bench.results import environment
+    from bench.report import environment
     from services.worker.engine.models.engine_model import load_engine_model
 
     loaded = load_engine_model("smollm2-135m")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,10 @@ from pathlib import Path
 
 import typer
 
+from bench.harness import free_port
+
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 ROOT = LOCUSTFILE.parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def locust_command(*, host: str, users: int, spawn_rate: float, run_time: str, out: Path, user_class: str,
@@ -142,11 +137,11 @@ def loadtest(
         if up:
             from services.local import start_suite
 
-            gw_port, http_port = _free_port(), (_free_port() if http else 0)
+            gw_port, http_port = free_port(), (free_port() if http else 0)
             typer.echo(f"starting {workers} worker(s) and a gateway (logs in {out / 'logs'}) ...")
             t0 = time.monotonic()
             services = start_suite(workers=workers, engine=engine, model=model, gateway_port=gw_port,
-                                   worker_port=_free_port(), http_port=http_port, judge=False,
+                                   worker_port=free_port(), http_port=http_port, judge=False,
                                    log_dir=out / "logs", extra_worker_args=list(worker_arg or []))
             typer.echo(f"suite SERVING after {time.monotonic() - t0:.0f}s")
             host = f"http://127.0.0.1:{http_port}" if http else f"127.0.0.1:{gw_port}"

@@ -2,7 +2,7 @@
 
     python -m loadtest.report DIR        # (re)build DIR/report.md, report.html, summary.json, *.png
 
-DIR holds what `tokenmill loadtest` wrote: locust_requests.csv (one row per request, see locustfile.Outcome),
+DIR holds what `tokenmill loadtest` wrote: locust_requests.csv (one row per request, see recorder.Outcome),
 locust_run.json (start/stop times and options) and Locust's own locust_stats.csv / _failures.csv /
 _stats_history.csv. Figures come from the per-request CSV; Locust's counts are checked against it.
 """
@@ -17,6 +17,8 @@ import math
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+
+from bench.results import percentile
 
 PERCENTILES = (50, 90, 95, 99)
 PREFIX = "locust"
@@ -73,11 +75,8 @@ def read_locust_failures(path: Path) -> dict[tuple[str, str, str], int]:
 def percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {f"p{p}": None for p in PERCENTILES} | {"mean": None, "max": None}
-    import numpy as np
-
-    arr = np.asarray(values, dtype=float)
-    out = {f"p{p}": round(float(np.percentile(arr, p)), 1) for p in PERCENTILES}
-    return out | {"mean": round(float(arr.mean()), 1), "max": round(float(arr.max()), 1)}
+    out = {f"p{p}": round(percentile(values, p / 100), 1) for p in PERCENTILES}
+    return out | {"mean": round(sum(values) / len(values), 1), "max": round(float(max(values)), 1)}
 
 
 def summarize(rows: list[dict], run: dict, locust_stats: dict, locust_failures: dict) -> dict:

@@ -65,7 +65,7 @@ def reference_greedy(model, prompts: list[list[int]], max_new_tokens: int, **kwa
 
 def parity_prompts(tok) -> list[list[int]]:
     """22 prompts of 1..~230 tokens: raw text, chat-templated stories, long ones, two sharing a prefix."""
-    from loadtest.prompts import sample_prompts
+    from services.judge.stories import sample_prompts
 
     stories = sample_prompts(40, seed=3)
     chats = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,

@@ -55,7 +55,8 @@ def test_compare_tiny(tmp_path: Path) -> None:
 
 
 def test_system_spec_with_dtype(tmp_path: Path) -> None:
-    from bench.compare import Options, make_system
+    from bench.compare import Options
+    from bench.systems import make_system
 
     system = make_system("tokenmill:bfloat16", Options(), tmp_path, 64)
     assert system.name == "tokenmill:bfloat16" and system.opts.dtype == "bfloat16"

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def chats(served):
-    from loadtest.prompts import sample_prompts
+    from services.judge.stories import sample_prompts
 
     tok = served.tokenizer
     return [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
@@ -56,7 +56,7 @@ def test_same_seed_same_output_different_seeds_differ(served, chats):
 
 def test_seeded_sampling_does_not_depend_on_the_batch(served):
     """50 seeded prompts (temperature 0.8) alone, then inside batches of 8 and of 32: the same tokens."""
-    from loadtest.prompts import sample_prompts
+    from services.judge.stories import sample_prompts
 
     tok = served.tokenizer
     prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,

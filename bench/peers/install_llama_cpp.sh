@@ -19,14 +19,15 @@
 # CPU, and every probe attempt (exit / signal, log tail). bench compare reads
 # that file, passes the server args and copies the record into its JSON.
 #
-#   bench/peers/install_llama_cpp.sh            # -> ~/.cache/tokenmill/peers/llama-server
+#   bench/peers/install_llama_cpp.sh            # -> <tokenmill cache>/peers/llama-server (~/.cache/tokenmill)
 #   TOKENMILL_PEERS_DIR=/path NICE=19 bench/peers/install_llama_cpp.sh
 #   LLAMA_GGUF=/path/model.gguf FORCE=1 bench/peers/install_llama_cpp.sh
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
-CACHE="${TOKENMILL_PEERS_DIR:-$HOME/.cache/tokenmill/peers}"
+# bench compare looks there too: $TOKENMILL_PEERS_DIR, else tokenmill's cache folder (cache_dir()) / peers
+CACHE="${TOKENMILL_PEERS_DIR:-${TOKENMILL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tokenmill}/peers}"
 JOBS="${JOBS:-2}"
 NICE="${NICE:-19}"
 PY="$(command -v "${PYTHON:-python3}")"

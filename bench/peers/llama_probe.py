@@ -2,7 +2,7 @@
 
 Used by install_llama_cpp.sh after each build (a llama.cpp built with GGML_NATIVE on a CPU that lists AMX can
 fault at `ldtilecfg` on its first matrix product when the OS does not grant the tile state) and by
-`bench compare` (describe_exit, log_tail, read_build_info). Standard library only.
+`bench compare` (describe_exit, log_tail, read_build_info). Standard library only (and bench.harness, which is).
 
     python -m bench.peers.llama_probe probe --binary B --gguf G [--server-args="--no-repack"] \
         [--cmake-flags "..."] [--attempts FILE.jsonl]          # exit 0 when it answered, 1 when not
@@ -18,7 +18,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from bench.harness import free_port
 
 # A prompt of a few hundred tokens: prefill runs a real matrix product (not a batch-1 vector one).
 PROBE_PROMPT = ("The quick brown fox jumps over the lazy dog. " * 40) + "Write one more sentence:"
@@ -70,12 +71,6 @@ def read_build_info(binary: Path) -> dict[str, Any] | None:
         return json.loads(build_info_path(binary).read_text())
     except (OSError, ValueError):
         return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def probe(binary: Path, gguf: Path, server_args: list[str], timeout_s: float = 180.0,

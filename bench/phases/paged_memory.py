@@ -24,7 +24,7 @@ STORIES = [("curious fox", "honesty", "enchanted forest"), ("shy turtle", "coura
 
 def _story_prompts(n: int) -> list[str]:
     try:
-        from loadtest.prompts import sample_prompts
+        from services.judge.stories import sample_prompts
         return sample_prompts(n)
     except ImportError:  # the load-test package is optional here
         return [f"Write a single paragraph moral story for children about a {c} who learns the value of {m} "

@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from loadtest.prompts import TEMPLATE
 from services.judge.signals import reorder, sentences
+from services.judge.stories import TEMPLATE
 
 DATA = Path(__file__).resolve().parent / "data" / "labelled_stories.yaml"
 WRITTEN = ("opposite_moral", "violent")

@@ -1,4 +1,6 @@
-"""The children's story prompt set: 20 characters x 15 morals x 5 settings = 1,500 prompts."""
+"""The children's story prompt set: 20 characters x 15 morals x 5 settings = 1,500 prompts.
+
+The judge's labelled set is written for it; the load test, the benchmarks and the tests send it."""
 
 from __future__ import annotations
 
