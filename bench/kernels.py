@@ -4,7 +4,8 @@ Shapes are the embedded model's (SmolLM2-135M, fused as tokenmill's forward runs
 shape gets `--copies` distinct weight matrices called in turn, so weights stream from memory as they do
 in a real forward instead of sitting in cache. "model" = 30 x (qkv + o + gate_up + down) + lm_head.
 
-Kernels: tokenmill's own (C++, per format, fp32 activations) against PyTorch's: fp32 F.linear and
+Kernels: tokenmill's own (C++, per format, fp32 activations; "-a8": int8 activations on the CPU's integer
+unit, AMX, VNNI or AVX2, as the worker's --activations int8) against PyTorch's: fp32 F.linear and
 W @ x^T on dequantised weights, bf16 F.linear, and torch's int8 / int4 weight-only kernels (which
 take bf16 activations). Writes JSON (with the CPU's flags, lscpu's included) and a Markdown table.
 
@@ -41,8 +42,8 @@ class Options:
     copies: int = 8
     repeat: int = 5
     kernels: tuple[str, ...] = ("tokenmill-q4_1", "tokenmill-q8_0", "tokenmill-int4", "tokenmill-int8",
-                                "tokenmill-nf4", "fp32-linear", "fp32-mm-wxT", "bf16-linear", "torch-int8pack-bf16",
-                                "torch-int4pack-bf16")
+                                "tokenmill-nf4", "tokenmill-q4_1-a8", "tokenmill-q8_0-a8", "fp32-linear",
+                                "fp32-mm-wxT", "bf16-linear", "torch-int8pack-bf16", "torch-int4pack-bf16")
     out: Path = Path("results/kernels.json")
     quick: bool = False  # smaller roof probes (256 MiB read, 1024^3 GEMMs)
 
@@ -55,10 +56,13 @@ def make_kernel(name: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], to
     """A callable x -> y for weight w [N, K] under kernel `name` (packing done here, outside the timing), and the
     bytes of the weight it reads (codes and scales as stored)."""
     from services.worker.engine.layers import quant
-    from services.worker.engine.layers.linear import Linear, weight_bytes
+    from services.worker.engine.layers.linear import Linear, set_activations, weight_bytes
 
     if name.startswith("tokenmill-"):
-        layer = Linear(quant.quantize(w, name.removeprefix("tokenmill-")))
+        fmt = name.removeprefix("tokenmill-").removesuffix("-a8")
+        layer = Linear(quant.quantize(w, fmt))
+        if name.endswith("-a8"):  # int8 activations on the CPU's integer unit (the worker's --activations int8)
+            set_activations(layer, "int8")
         return layer.forward, weight_bytes(layer)
     if name == "fp32-linear":
         return (lambda x: F.linear(x, w)), nbytes(w)
@@ -160,6 +164,7 @@ def lscpu() -> dict:
 
 def main(opts: Options) -> dict:
     from bench.report import environment
+    from services.worker.engine.layers.kernels import matrix_unit
 
     torch.manual_seed(0)
     roof = roofs(quick=opts.quick)
@@ -170,8 +175,10 @@ def main(opts: Options) -> dict:
         shape_bytes: dict[str, int] = {}
         for shape, (n, k) in SHAPES.items():
             copies = 1 if shape == "lm_head" else opts.copies
-            kernel = name if shape != "lm_head" or not name.startswith("tokenmill-") else (
-                "tokenmill-int8" if name == "tokenmill-int8" else "tokenmill-q8_0")  # the head stays 8-bit
+            kernel = name  # the head stays 8-bit
+            if shape == "lm_head" and name.startswith("tokenmill-"):
+                head = "tokenmill-int8" if name == "tokenmill-int8" else "tokenmill-q8_0"
+                kernel = head + ("-a8" if name.endswith("-a8") else "")
             made = [make_kernel(kernel, torch.randn(n, k) * 0.02) for _ in range(copies)]
             shape_bytes[shape] = made[0][1]
             per_shape[shape] = {m: time_calls([f for f, _ in made], torch.randn(m, k), opts.repeat)
@@ -189,6 +196,7 @@ def main(opts: Options) -> dict:
                   f"  {r['pct_roof']:5.1f} % of the {r['bound']} roof", flush=True)
     env = environment()
     env["lscpu"] = lscpu()
+    env["int8_unit"] = matrix_unit()  # the "-a8" kernels' unit
     report = {"benchmark": "kernels", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "environment": env,
               "options": {"rows": opts.rows, "copies": opts.copies, "repeat": opts.repeat, "quick": opts.quick},
               "roofs": roof, "results": results}

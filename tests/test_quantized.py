@@ -45,8 +45,10 @@ def int8_unit() -> bool:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kernel_equals_dequantised_matmul(fmt, activations):
     q8 = activations == "int8"
-    if q8 and (fmt == "nf4" or not int8_unit()):
-        pytest.skip(f"int8 activations: no integer unit here ({kernels.cpu_capability()}) or a code-book format")
+    if q8 and fmt == "nf4":
+        pytest.skip("int8 activations take integer codes; nf4's are a code book")
+    if q8 and not int8_unit():
+        pytest.skip(f"int8 activations need tokenmill's C++ kernels ({kernels.cpu_capability()} here)")
     torch.manual_seed(0)
     w, bias = torch.randn(200, 256) * 0.05, torch.randn(200)  # 200 rows: a partial panel of 16
     packed = quant.quantize(w, fmt)
@@ -64,10 +66,11 @@ def test_kernel_equals_dequantised_matmul(fmt, activations):
         assert torch.allclose(layer(x), want.float(), rtol=1e-5, atol=1e-4), f"{fmt}, {rows} rows"
     x = torch.randn(40, 256)  # a row's result does not depend on the rest of the batch (bitwise)
     assert torch.equal(layer(x)[7:8], layer(x[7:8]))
-    if q8 and "amx" in kernels.load().q8_units().split(",") and kernels.load().amx_enable():
-        p = packed  # AMX tiles and VNNI compute the same exact integer sums: the same bits
-        amx, vnni = (kernels.load().q8_linear(x, p.codes, p.scales, p.mins, None, p.bits, p.group, r) for r in (1, 0))
-        assert torch.equal(amx, vnni)
+    if q8:  # every integer unit of this build (AMX, VNNI, AVX2) computes the same exact sums: the same bits
+        ops, p = kernels.load(), packed
+        units = [u for u in ops.q8_units().split(",") if u != "amx" or ops.amx_enable()]
+        ys = {u: ops.q8_linear(x, p.codes, p.scales, p.mins, None, p.bits, p.group, kernels.q8_unit(u)) for u in units}
+        assert "avx2" in ys and all(torch.equal(y, ys["avx2"]) for y in ys.values()), f"{fmt}: units disagree"
     assert torch.equal(packed.dequantize(), deq), "the layout the kernel reads dequantises to the same weights"
     codes, scales, mins = packed.unpack()
     again = quant.pack(fmt, codes, scales, mins, packed.bits, packed.group)
@@ -214,7 +217,7 @@ def int8_activations(loaded, prompts):
     from services.worker.engine.models.engine_model import load_engine_model, load_model
 
     if not int8_unit():
-        pytest.skip(f"int8 activations need AVX512-VNNI or AMX ({kernels.cpu_capability()} here)")
+        pytest.skip(f"int8 activations need tokenmill's C++ kernels ({kernels.cpu_capability()} here)")
     lm = load_engine_model("smollm2-135m", "gguf", model_impl="native", activations="int8")
     ref = load_model("smollm2-135m", "gguf").model
     assert set_activations(ref, "int8") > 0 and lm.activations == "int8"  # the native model fuses qkv, gate+up

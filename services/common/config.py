@@ -46,7 +46,7 @@ class WorkerConfig:
                                 "int4/128 etc. sets the group size. CUDA: Triton kernels (--model-impl "
                                 "transformers --quantization nf4: bitsandbytes).")
     activations: str = setting("fp32", "paged engine on a CPU: fp32 | int8 (quantized layers take int8 activations "
-                               "per row in blocks of 32, llama.cpp's Q8, on AMX tiles or AVX512-VNNI: faster "
+                               "per row in blocks of 32, llama.cpp's Q8, on AMX tiles, AVX512-VNNI or AVX2: faster "
                                "prefill and batches, lower quality; README 'Activation precision').")
     device: str = setting("auto", "auto | cpu | cuda.")
     dtype: str = setting("auto", "auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16.")

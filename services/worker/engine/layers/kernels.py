@@ -8,9 +8,10 @@ Builds are serialised by an flock on a file beside the build directory: the OS d
 dies, so a worker killed mid-build never wedges the next start. torch's own lock file, which a killed
 build leaves behind, is removed (with a log line) by whoever holds the flock.
 
-Quantized layers multiply on the best integer unit the CPU has (`matrix_unit`): AMX tiles where the
-CPU lists them and a probe in a subprocess proves the OS grants them, else AVX512-VNNI, else the fp32
-kernel. AMX and VNNI compute the same exact integer sums, so the choice never changes a result.
+With int8 activations, quantized layers multiply on the best integer unit the CPU has (`matrix_unit`):
+AMX tiles where the CPU lists them and a probe in a subprocess proves the OS grants them, else
+AVX512-VNNI, else AVX2 (VPMADDUBSW). All compute the same exact integer sums, so the choice never
+changes a result.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import torch
 
 log = logging.getLogger("tokenmill.kernels")
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("bindings.cpp", "quant_gemm.cpp", "q8_gemm.cpp", "attention.cpp", "elementwise.cpp", "decoder.cpp")
-HEADERS = ("simd.h", "ops.h", "decoder.h")
+SOURCES = ("bindings.cpp", "quant_gemm.cpp", "q8_gemm.cpp", "q8_avx2.cpp", "attention.cpp", "elementwise.cpp",
+           "decoder.cpp")
+HEADERS = ("simd.h", "ops.h", "decoder.h", "q8.h")
 NEEDED_FLAGS = {"avx2", "fma", "f16c"}
 
 
@@ -124,14 +126,18 @@ class build_lock:
 AMX_MIN_ROWS = 16  # fewer rows than one tile: VNNI is faster (bench kernels); the bits are the same
 
 
+UNITS = ("amx", "vnni", "avx2")  # best first
+
+
 @functools.cache
 def matrix_unit() -> str:
-    """The unit quantized layers multiply on here: "amx", "vnni" or "fp32" (TOKENMILL_MATMUL forces one)."""
+    """The unit int8-activation layers multiply on here: "amx", "vnni", "avx2" or "fp32" (no kernels);
+    TOKENMILL_MATMUL forces one."""
     ops = load()
     units = ops.q8_units().split(",") if ops is not None else []
     forced = os.environ.get("TOKENMILL_MATMUL", "auto")
-    if forced not in ("auto", "amx", "vnni", "fp32"):
-        raise ValueError(f"TOKENMILL_MATMUL={forced!r}: choose auto, amx, vnni or fp32")
+    if forced not in ("auto", *UNITS, "fp32"):
+        raise ValueError(f"TOKENMILL_MATMUL={forced!r}: choose auto, {', '.join(UNITS)} or fp32")
     if forced != "auto":
         if forced != "fp32" and forced not in units:
             raise ValueError(f"TOKENMILL_MATMUL={forced}: this CPU's kernel build has {units or 'no integer unit'}")
@@ -141,14 +147,15 @@ def matrix_unit() -> str:
     elif "amx" in units and amx_works() and ops.amx_enable():
         unit = "amx"
     else:
-        unit = "vnni" if "vnni" in units else "fp32"
+        unit = next((u for u in units if u != "amx"), "fp32")
     log.info("quantized matmul unit: %s (this build has %s)", unit, ",".join(units) or "fp32 only")
     return unit
 
 
-def amx_rows() -> int:
-    """Rows from which a quantized layer uses AMX tiles (0: never)."""
-    return AMX_MIN_ROWS if matrix_unit() == "amx" else 0
+def q8_unit(unit: str | None = None) -> int:
+    """The C++ q8_linear's unit argument for `unit` (default: matrix_unit()): AMX tiles from AMX_MIN_ROWS
+    rows (VNNI below), 0 for VNNI, -1 for AVX2."""
+    return {"amx": AMX_MIN_ROWS, "vnni": 0, "avx2": -1}[unit or matrix_unit()]
 
 
 _PROBE = """

@@ -6,8 +6,8 @@ quantized format is compared with itself. Which kernel runs:
   it dequantises in registers and accumulates in fp32, row by row, so a row's result does not depend
   on what else is in the batch;
 - with `set_activations(model, "int8")` (the worker's --activations int8), integer-coded weights (q4_1,
-  int4, q8_0, int8 in groups of 32s) on a CPU with AVX512-VNNI: activations quantized per row in blocks
-  of 32 (llama.cpp's Q8), exact integer block sums on AMX tiles or VNNI (kernels.matrix_unit), so a row's
+  int4, q8_0, int8 in groups of 32s) on a CPU with tokenmill's kernels: activations quantized per row in
+  blocks of 32 (llama.cpp's Q8), exact integer block sums on AMX tiles, VNNI or AVX2 (kernels.matrix_unit), so a row's
   result is bitwise the same whatever the unit, the batch or the chunking; it costs quality (README);
 - packed weights on CUDA (and on the CPU under Triton's interpreter): tokenmill's Triton kernels
   (gpu/quant.py), reading the same packed tensors;
@@ -88,7 +88,7 @@ class Linear(_Packed):
             if ops is not None:
                 if self.uses_q8():
                     y = ops.q8_linear(x.contiguous(), p.codes, p.scales, p.mins, self.kernel_bias, p.bits, p.group,
-                                      kernels.amx_rows())
+                                      kernels.q8_unit())
                 else:
                     y = ops.quant_linear(x.contiguous(), p.codes, p.scales, p.mins, p.table,
                                          self.kernel_bias, p.bits, p.group)
@@ -157,10 +157,10 @@ def set_activations(model: nn.Module, activations: str) -> int:
     if not capable:
         raise ValueError("--activations int8 needs integer-coded weights (--quantization gguf, int8, int4)")
     if capable[0].packed.codes.device.type != "cpu":
-        raise ValueError("--activations int8 runs on a CPU's integer units (AMX, VNNI) only")
+        raise ValueError("--activations int8 runs on a CPU's integer units (AMX, VNNI, AVX2) only")
     if kernels.load() is None or kernels.matrix_unit() == "fp32":
-        raise ValueError("--activations int8 needs a CPU with AVX512-VNNI or AMX and tokenmill's C++ kernels "
-                         f"(this one: {kernels.cpu_capability()}); use --activations fp32")
+        raise ValueError("--activations int8 needs tokenmill's C++ kernels (a CPU with AVX2, FMA and F16C, and a "
+                         f"compiler; this one: {kernels.cpu_capability()}); use --activations fp32")
     for layer in capable:
         layer.packed.use_quads()
         layer.int8_activations = True

@@ -139,4 +139,4 @@ def _kernel_linear(k: Any, layer: Linear) -> Any:
         return k.Linear(layer.weight, None, None, None, None, layer.bias, 0, 0, layer.out_features, False, 0)
     q8 = layer.uses_q8()
     return k.Linear(None, p.codes, p.scales, p.mins, p.table, layer.kernel_bias, p.bits, p.group, layer.out_features,
-                    q8, kernels.amx_rows() if q8 else 0)
+                    q8, kernels.q8_unit() if q8 else 0)

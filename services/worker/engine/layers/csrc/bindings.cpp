@@ -13,9 +13,9 @@ static std::string isa() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "y = x @ dequant(W)^T, panel-packed 4/8-bit weights, fp32 activations");
-  m.def("q8_linear", &q8_linear, "y = q8(x) @ dequant(W)^T on AMX or VNNI, quad-layout 4/8-bit weights");
+  m.def("q8_linear", &q8_linear, "y = q8(x) @ dequant(W)^T on AMX, VNNI or AVX2, quad-layout 4/8-bit weights");
   m.def("amx_enable", &amx_enable, "ask the OS for the AMX tile state; true when granted");
-  m.def("q8_units", &q8_units, "the integer units of this build: amx,vnni / vnni / empty");
+  m.def("q8_units", &q8_units, "the integer units of this build, best first: amx,vnni,avx2 / vnni,avx2 / avx2");
   m.def("paged_attention", &paged_attention, "attention of each token over its sequence's paged K/V, in place");
   m.def("write_kv", &write_kv, "store tokens' K/V in their cache slots");
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x (written back)");
@@ -26,9 +26,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init([](c10::optional<at::Tensor> weight, c10::optional<at::Tensor> codes,
                        c10::optional<at::Tensor> scales, c10::optional<at::Tensor> mins,
                        c10::optional<at::Tensor> table, c10::optional<at::Tensor> bias, int64_t bits, int64_t group,
-                       int64_t out, bool q8, int64_t amx_rows) {
+                       int64_t out, bool q8, int64_t q8_unit) {
         Linear l;
-        l.q8 = q8, l.amx_rows = amx_rows;
+        l.q8 = q8, l.q8_unit = q8_unit;
         if (weight) l.weight = *weight;
         if (codes) l.codes = *codes;
         if (scales) l.scales = *scales;

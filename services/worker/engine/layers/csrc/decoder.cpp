@@ -8,7 +8,7 @@
 
 at::Tensor Linear::operator()(const at::Tensor& x) const {
   if (bits) {
-    at::Tensor y = q8 ? q8_linear(x.contiguous(), codes, scales, mins, bias, bits, group, amx_rows)
+    at::Tensor y = q8 ? q8_linear(x.contiguous(), codes, scales, mins, bias, bits, group, q8_unit)
                       : quant_linear(x.contiguous(), codes, scales, mins, table, bias, bits, group);
     return y.size(1) == out ? y : y.narrow(1, 0, out);
   }

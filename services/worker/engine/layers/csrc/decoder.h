@@ -10,7 +10,7 @@ struct Linear {  // packed (bits > 0: codes, scales, mins / table, padded bias) 
   c10::optional<at::Tensor> mins, table, bias;
   int64_t bits = 0, group = 0, out = 0;
   bool q8 = false;       // codes in quad layout, int8 activations (q8_gemm.cpp)
-  int64_t amx_rows = 0;  // q8: AMX from this many rows (0: VNNI only)
+  int64_t q8_unit = 0;   // q8: q8_linear's unit (> 0: AMX from this many rows, 0: VNNI, -1: AVX2)
   at::Tensor operator()(const at::Tensor& x) const;
 };
 

@@ -3,8 +3,9 @@
 // Activations are quantized per row in blocks of 32 (d = max|x| / 127, q = round(x / d)), as llama.cpp's
 // Q8 activations are. Per block the dot product of the int8 activations with the weights' integer codes
 // is an exact int32 sum, whichever unit computes it: AMX tiles (TDPBSUD / TDPBSSD, 16 rows x 16 columns x 32)
-// for many rows, AVX512-VNNI (VPDPBUSD) for few. Only the float epilogue rounds, and it is the same code
-// for both, so a row's result is bitwise independent of the unit, of M, and of the other rows:
+// for many rows, AVX512-VNNI (VPDPBUSD) for few, or AVX2's VPMADDUBSW where there is neither (q8_avx2.cpp).
+// Only the float epilogue rounds, and it is the same code for all, so a row's result is bitwise independent
+// of the unit, of M, and of the other rows:
 //   t = float(isum) * dx[m, block];  acc = first block of the group ? t : acc + t;
 //   at the group's end: out = fma(acc, scale, out) (+ fma(min, sum(x over the group), out)).
 //
@@ -14,6 +15,7 @@
 // k..k+3 in the low nibbles and k+4..k+7 in the high nibbles of one 64-byte vector.
 
 #include "ops.h"
+#include "q8.h"
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -32,24 +34,13 @@
 
 namespace {
 
-constexpr int kPanel = 16, kBlock = 32;
+using q8::kBlock;
+using q8::kPanel;
 
 #ifdef TOKENMILL_Q8
 
-struct Q8Weights {
-  const uint8_t* codes;    // [P, K * bits / 8 * 16], quad layout
-  const at::Half* scales;  // [P, K / G, 16]
-  const at::Half* mins;    // [P, K / G, 16] or null
-  int64_t K, G, P, bits;
-  int64_t pstride() const { return K * bits / 8 * kPanel; }
-};
-
-struct Q8Acts {
-  const int8_t* q;     // [rows (padded to 32), K]
-  const float* d;      // [M, K / 32]
-  const float* xsum;   // [M, K / G] or null
-  int64_t K;
-};
+using Q8Weights = q8::Weights;
+using Q8Acts = q8::Acts;
 
 // The shared epilogue of one block (see the top of the file): set up once per block and panel, applied per
 // row to that row's 16 int32 sums.
@@ -253,6 +244,40 @@ void amx_gemm(const Q8Weights& w, const Q8Acts& a, int64_t M, float* y, const fl
 
 #endif  // TOKENMILL_Q8
 
+// One row's activations in blocks of 32: d = max|x| / 127 per block, q = round(x / d) (half to even, as
+// torch.round). max is exact and each lane rounds alone, so the AVX-512 and AVX2 versions give the same bytes.
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d) {
+  for (int64_t b = 0; b < K / kBlock; ++b, x += kBlock, q += kBlock) {
+#if defined(__AVX512F__)
+    const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+#else
+    __m256 v[4], m = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(x + 8 * i), m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#endif
+    const float inv = amax >= 1.17549435e-38f ? 127.0f / amax : 0.0f;  // FLT_MIN
+    d[b] = amax / 127.0f;
+#if defined(__AVX512F__)
+    const __m512 s = _mm512_set1_ps(inv);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, s))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, s))));
+#else
+    const __m256 s = _mm256_set1_ps(inv);
+    __m256i i32[4];
+    for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], s));
+    const __m256i i16 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+    // the packs interleave 128-bit lanes: put the 4-byte groups back in order
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                        _mm256_permutevar8x32_epi32(i16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#endif
+  }
+}
+
 }  // namespace
 
 // Ask the OS for the AMX tile state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); true when granted.
@@ -265,22 +290,21 @@ bool amx_enable() {
 #endif
 }
 
-// The integer units this build has: "amx", "vnni" or "" (none: the fp32 kernel serves).
+// The integer units this build has, best first: "amx,vnni,avx2", "vnni,avx2" or "avx2".
 std::string q8_units() {
 #if defined(TOKENMILL_AMX)
-  return "amx,vnni";
+  return "amx,vnni,avx2";
 #elif defined(TOKENMILL_Q8)
-  return "vnni";
+  return "vnni,avx2";
 #else
-  return "";
+  return "avx2";
 #endif
 }
 
 // x [M, K] float32; codes uint8 [P, ...] in quad layout; scales / mins float16 [P, K / G, 16]; returns
-// [M, P * 16]. AMX serves M >= amx_rows (0: never), VNNI the rest: both give the same bits.
+// [M, P * 16]. unit: > 0 AMX tiles from that many rows (VNNI below), 0 VNNI, -1 AVX2. All give the same bits.
 at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
-                     c10::optional<at::Tensor> bias, int64_t bits, int64_t group, int64_t amx_rows) {
-#ifdef TOKENMILL_Q8
+                     c10::optional<at::Tensor> bias, int64_t bits, int64_t group, int64_t unit) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2, "codes: uint8 [P, *]");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales: contiguous float16");
@@ -296,11 +320,15 @@ at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::opt
   if (has_bias)
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == P * kPanel,
                 "bias: float32 [P * 16]");
-  const bool amx = amx_rows > 0 && M >= amx_rows;
+  TORCH_CHECK(unit >= -1, "unit: rows from which AMX serves (> 0), 0 for VNNI, -1 for AVX2");
+  const bool amx = unit > 0 && M >= unit;
 #ifndef TOKENMILL_AMX
-  TORCH_CHECK(!amx, "this build has no AMX");
+  TORCH_CHECK(unit <= 0, "this build has no AMX");
 #else
   TORCH_CHECK(!amx || amx_enable(), "the OS did not grant the AMX tile state");
+#endif
+#ifndef TOKENMILL_Q8
+  TORCH_CHECK(unit == -1, "this build has no AVX512-VNNI: use unit -1 (AVX2)");
 #endif
 
   auto y = at::empty({M, P * kPanel}, x.options());
@@ -314,18 +342,7 @@ at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::opt
   float* dp = d.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      for (int64_t b = 0; b < nb; ++b) {
-        const float* xb = xp + m * K + b * kBlock;
-        const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
-        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        const float scale = amax / 127.0f, inv = amax >= 1.17549435e-38f ? 127.0f / amax : 0.0f;  // FLT_MIN
-        dp[m * nb + b] = scale;
-        const __m512 s = _mm512_set1_ps(inv);  // round half to even, as torch.round
-        const __m128i q0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, s)));
-        const __m128i q1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, s)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + m * K + b * kBlock), q0);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qp + m * K + b * kBlock + 16), q1);
-      }
+      quantize_row(xp + m * K, K, qp + m * K, dp + m * nb);
       if (has_min) {  // summed in order, as the fp32 kernel does
         for (int64_t g = 0; g < ng; ++g) {
           float s = 0.0f;
@@ -335,11 +352,15 @@ at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::opt
       }
     }
   });
-  const Q8Weights w{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
-                    has_min ? mins->data_ptr<at::Half>() : nullptr, K, group, P, bits};
-  const Q8Acts a{qp, dp, has_min ? xsum.data_ptr<float>() : nullptr, K};
+  const q8::Weights w{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+                      has_min ? mins->data_ptr<at::Half>() : nullptr, K, group, P, bits};
+  const q8::Acts a{qp, dp, has_min ? xsum.data_ptr<float>() : nullptr, K};
   const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
+  if (unit == -1) {
+    q8::avx2_gemm(w, a, M, yp, b);
+    return y;
+  }
 #ifdef TOKENMILL_AMX
   if (amx) {
     if (bits == 8) amx_gemm<8, false>(w, a, M, yp, b);
@@ -347,10 +368,9 @@ at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::opt
     return y;
   }
 #endif
+#ifdef TOKENMILL_Q8
   if (bits == 8) vnni_gemm<8, false>(w, a, M, yp, b);
   else vnni_gemm<4, true>(w, a, M, yp, b);
-  return y;
-#else
-  TORCH_CHECK(false, "this build has no integer matrix unit (needs AVX512-VNNI)");
 #endif
+  return y;
 }
