@@ -11,7 +11,8 @@ take bf16 activations). Writes JSON (with the CPU's flags, lscpu's included) and
 
 Roofs: the machine's own, measured in the same run with the same threads (`roofs`): read bandwidth (a sum
 over a buffer far larger than the caches: 1 GiB, 256 MiB with --quick), and the matrix rates of square
-GEMMs: fp32, bf16 (oneDNN; AMX tiles where the CPU has them) and int8 (torch._int_mm, int32 accumulate).
+GEMMs: fp32, bf16 (oneDNN; AMX tiles where the CPU has them) and int8 (torch._int_mm, int32 accumulate),
+and the issue rate of the integer units the "-a8" kernels use (VNNI, AVX2; `integer_unit_rates`).
 Each kernel row gets its share of them: the weight bytes it streams per pass over the GB/s it reached
 (% of the read roof), its GFLOP/s over the best matrix rate (% of the matrix roof), and which of the two
 bounds it by the roofline (arithmetic intensity x read bandwidth below the matrix rate: "read", else
@@ -132,9 +133,31 @@ def roofs(quick: bool = False, repeat: int = 5) -> dict:
         rates["int8"] = 2 * n**3 / best_seconds(lambda: torch._int_mm(a8, b8), repeat)
     except (RuntimeError, AttributeError, NotImplementedError) as exc:
         notes["int8"] = f"torch._int_mm unavailable on this CPU: {type(exc).__name__}: {str(exc)[:200]}"
+    rates.update(integer_unit_rates(repeat, notes))
     best = max(rates, key=rates.__getitem__)
     return {"read_bytes_per_s": read, "read_buffer_MiB": numel * 4 / 2**20, "matmul_n": n, "matmul_flops": rates,
             "best_matrix": best, "best_matrix_flops": rates[best], "notes": notes, "threads": torch.get_num_threads()}
+
+
+def integer_unit_rates(repeat: int, notes: dict) -> dict[str, float]:
+    """The issue rate of tokenmill's integer units other than AMX (kernels' q8_peak: 8 independent dot-product
+    instructions a round on register data, every thread): what the "-a8" kernels could reach, where no library
+    GEMM uses the unit (torch's int8 GEMM on an AVX2 CPU is a reference loop). AMX's tile rate is not probed:
+    bf16 GEMM (oneDNN on the tiles) stands for it."""
+    from services.worker.engine.layers import kernels
+
+    ops = kernels.load()
+    if ops is None:
+        return {}
+    rates, iters = {}, 2_000_000
+    for unit in ("vnni", "avx2"):
+        if unit in ops.q8_units().split(","):
+            code = kernels.q8_unit(unit)
+            macs = ops.q8_peak(code, iters)
+            rates[f"int8-{unit}"] = 2 * macs / best_seconds(lambda c=code: ops.q8_peak(c, iters), repeat)
+    if "amx" in ops.q8_units().split(","):
+        notes["int8-amx"] = "AMX tile rate not probed: bf16 GEMM (oneDNN on the tiles) stands for it"
+    return rates
 
 
 def shares(flops: float, weight_bytes: int, seconds: float, roof: dict) -> dict:
@@ -171,6 +194,9 @@ def main(opts: Options) -> dict:
     print(roofs_line(roof), flush=True)
     results = []
     for name in opts.kernels:
+        if name.endswith("-a8") and matrix_unit() == "fp32":
+            print(f"{name}: skipped: int8 activations need tokenmill's C++ kernels, which did not build here")
+            continue
         per_shape: dict[str, dict[int, float]] = {}
         shape_bytes: dict[str, int] = {}
         for shape, (n, k) in SHAPES.items():

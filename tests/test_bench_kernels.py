@@ -26,19 +26,27 @@ def test_shares_pick_the_roof_that_binds() -> None:
 
 def test_kernels_report_roofs_shares_and_lscpu(tmp_path: Path) -> None:
     from bench.kernels import LAYERS, SHAPES, Options, main
+    from services.worker.engine.layers import kernels
 
     out = tmp_path / "kernels.json"
-    main(Options(rows=(1, 4), copies=1, repeat=1, kernels=("fp32-linear", "tokenmill-q8_0"), out=out, quick=True))
+    ops = kernels.load()  # without tokenmill's C++ kernels: no integer unit, no -a8 kernel
+    names = ("fp32-linear", "tokenmill-q8_0", *(("tokenmill-q8_0-a8",) if ops is not None else ()))
+    main(Options(rows=(1, 4), copies=1, repeat=1, kernels=names, out=out, quick=True))
     report = json.loads(out.read_text())
     roofs = report["roofs"]
     assert roofs["read_bytes_per_s"] > 0 and roofs["read_buffer_MiB"] == 256
     assert {"float32", "bfloat16"} <= set(roofs["matmul_flops"]) and all(v > 0 for v in roofs["matmul_flops"].values())
     assert "int8" in roofs["matmul_flops"] or "int8" in roofs["notes"]  # measured, or why not
     assert roofs["best_matrix_flops"] == max(roofs["matmul_flops"].values())
+    units = [u for u in ops.q8_units().split(",") if u != "amx"] if ops is not None else []
+    assert {f"int8-{u}" for u in units} <= set(roofs["matmul_flops"])
 
     weights = LAYERS * sum(math.prod(s) for k, s in SHAPES.items() if k != "lm_head") + math.prod(SHAPES["lm_head"])
     by = {(r["kernel"], r["rows"]): r for r in report["results"]}
-    assert set(by) == {(k, m) for k in ("fp32-linear", "tokenmill-q8_0") for m in (1, 4)}
+    assert set(by) == {(k, m) for k in names for m in (1, 4)}
+    if ops is not None:  # int8 activations read the same codes
+        assert by[("tokenmill-q8_0-a8", 1)]["weight_bytes"] == by[("tokenmill-q8_0", 1)]["weight_bytes"]
+    assert report["environment"]["int8_unit"] == kernels.matrix_unit()
     assert by[("fp32-linear", 1)]["weight_bytes"] == 4 * weights
     assert weights < by[("tokenmill-q8_0", 1)]["weight_bytes"] < 1.2 * weights  # int8 codes + fp16 scales
     for r in report["results"]:

@@ -14,6 +14,7 @@ static std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "y = x @ dequant(W)^T, panel-packed 4/8-bit weights, fp32 activations");
   m.def("q8_linear", &q8_linear, "y = q8(x) @ dequant(W)^T on AMX, VNNI or AVX2, quad-layout 4/8-bit weights");
+  m.def("q8_peak", &q8_peak, "multiply-adds of an issue-rate loop on the AVX2 (-1) or VNNI (0) unit, all threads");
   m.def("amx_enable", &amx_enable, "ask the OS for the AMX tile state; true when granted");
   m.def("q8_units", &q8_units, "the integer units of this build, best first: amx,vnni,avx2 / vnni,avx2 / avx2");
   m.def("paged_attention", &paged_attention, "attention of each token over its sequence's paged K/V, in place");

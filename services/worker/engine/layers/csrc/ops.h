@@ -9,6 +9,7 @@ at::Tensor quant_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::
                         c10::optional<at::Tensor> table, c10::optional<at::Tensor> bias, int64_t bits, int64_t group);
 at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
                      c10::optional<at::Tensor> bias, int64_t bits, int64_t group, int64_t unit);
+int64_t q8_peak(int64_t unit, int64_t iters);
 bool amx_enable();
 std::string q8_units();
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,

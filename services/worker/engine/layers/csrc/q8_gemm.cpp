@@ -301,6 +301,42 @@ std::string q8_units() {
 #endif
 }
 
+// The integer unit's issue rate, for bench kernels' roofs: on every torch thread, `iters` rounds of 8 independent
+// dot-product instructions on register data (-1, AVX2: VPMADDUBSW + VPADDW, as q8_avx2.cpp accumulates a block;
+// 0, VNNI: VPDPBUSD). Returns the multiply-adds done over all threads.
+int64_t q8_peak(int64_t unit, int64_t iters) {
+  TORCH_CHECK(unit == -1 || unit == 0, "q8_peak: unit -1 (AVX2) or 0 (VNNI)");
+#ifndef TOKENMILL_Q8
+  TORCH_CHECK(unit == -1, "this build has no AVX512-VNNI");
+#endif
+  static volatile int32_t sink;  // the sums go somewhere, so the loop is not optimised away
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (unit == -1) {
+        __m256i acc[8], w[8], x = _mm256_set1_epi8(static_cast<char>(t + 1));
+        for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_si256(), w[k] = _mm256_set1_epi8(static_cast<char>(k));
+        for (int64_t i = 0; i < iters; ++i) {
+          for (int k = 0; k < 8; ++k) acc[k] = _mm256_add_epi16(acc[k], _mm256_maddubs_epi16(w[k], x));
+          __asm__ volatile("" : "+x"(x));  // x may have changed: nothing is hoisted out of the loop
+        }
+        for (int k = 0; k < 8; ++k) sink = _mm256_extract_epi32(acc[k], 0);
+      } else {
+#ifdef TOKENMILL_Q8
+        __m512i acc[8], w[8], x = _mm512_set1_epi8(static_cast<char>(t + 1));
+        for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_si512(), w[k] = _mm512_set1_epi8(static_cast<char>(k));
+        for (int64_t i = 0; i < iters; ++i) {
+          for (int k = 0; k < 8; ++k) acc[k] = _mm512_dpbusd_epi32(acc[k], w[k], x);
+          __asm__ volatile("" : "+v"(x));
+        }
+        for (int k = 0; k < 8; ++k) sink = _mm_cvtsi128_si32(_mm512_castsi512_si128(acc[k]));
+#endif
+      }
+    }
+  });
+  return threads * iters * 8 * (unit == -1 ? 32 : 64);
+}
+
 // x [M, K] float32; codes uint8 [P, ...] in quad layout; scales / mins float16 [P, K / G, 16]; returns
 // [M, P * 16]. unit: > 0 AMX tiles from that many rows (VNNI below), 0 VNNI, -1 AVX2. All give the same bits.
 at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
