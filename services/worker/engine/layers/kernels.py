@@ -202,5 +202,5 @@ def cpu_ops(device: torch.device, dtype: torch.dtype) -> Any | None:
 
 
 def attention_fits(head_dim: int, num_heads: int, num_kv_heads: int) -> bool:
-    """Shapes the C++ paged attention takes: head_dim in whole AVX-512 vectors, at most 8 query heads per KV head."""
-    return head_dim % 16 == 0 and num_heads // num_kv_heads <= 8
+    """Shapes the C++ paged attention takes: head_dim in whole AVX-512 vectors, whole query groups per KV head."""
+    return head_dim % 16 == 0 and num_heads % num_kv_heads == 0

@@ -4,7 +4,13 @@
 // scores of W keys are one vector: sum_d q[d] * K[d, keys]) and V as [kv_heads, blocks, block_size,
 // head_dim]. Every query token attends keys [lo, pos] of its own sequence, lo = pos - window + 1 for a
 // sliding window, else 0: decodes and prefill chunks (over their cached prefix) are the same loop.
-// Online softmax per block (flash-attention style); the query heads sharing a KV head share its loads.
+//
+// A row is one query head of one token. The rows of up to kTileRows (a tile: consecutive tokens of one
+// sequence, the query heads of one KV head) share each group of kGroup keys while it is in L1: scores of
+// the tile's rows, one online-softmax update per row (flash-attention style), then P @ V. Each row's
+// arithmetic is fixed: it visits the groups that meet its [lo, pos] in order, with the same accumulation
+// order whatever else is in its tile or register block, so a token's output does not depend on the
+// batch, on how its prompt was chunked, or on the tile it lands in (a decode is a tile of one token).
 
 #include "simd.h"
 
@@ -19,7 +25,165 @@ namespace {
 
 using S = Simd;
 constexpr int W = S::W;
+constexpr int kGroup = 16;           // keys per softmax update (within one block)
+constexpr int kNK = kGroup / W;      // vectors per group: 2 on AVX2, 1 on AVX-512
+constexpr int kChains = 2 / kNK;     // QK accumulators per row: 2 vectors or 2 chains over d
+constexpr int kRB = 6;               // rows per register block
+constexpr int kTileRows = 48;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Row {
+  const float* q;
+  float* o;       // the output row, the P @ V accumulator until the end
+  int64_t lo, hi;  // keys [lo, hi)
+  float m, l;
+  int first, last;  // this group's valid lanes
+  float corr;
+  alignas(64) float s[kGroup];
+};
+
+struct Group {  // kGroup keys [pos, pos + n) of one block, at kt (transposed K) and vb (V)
+  const float* kt;
+  const float* vb;
+  int64_t stride;  // the K block's row stride: block_size
+  int n;
+};
+
+S::F load_keys(const Group& g, int64_t d, int v) {
+  const float* p = g.kt + d * g.stride + v * W;
+  const int n = std::min(W, g.n - v * W);
+  return n >= W ? S::load(p) : S::loadn(p, std::max(n, 0), 0.0f);
+}
+
+// Raw scores q . K of RB rows into row.s (scaled).
+template <int RB>
+void scores(Row* const* rows, const Group& g, int64_t D, float scale) {
+  constexpr int A = kChains * kNK;  // accumulators per row: always 2
+  const float* q[RB];
+  S::F acc[RB][A];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    q[r] = rows[r]->q;
+    acc[r][0] = acc[r][1] = S::zero();
+  }
+  for (int64_t d = 0; d < D; d += kChains) {
+    S::F k[A];
+#pragma GCC unroll 2
+    for (int a = 0; a < A; ++a) k[a] = load_keys(g, d + a / kNK, a % kNK);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const S::F q0 = S::bcast(q[r] + d);
+      const S::F q1 = kChains == 2 ? S::bcast(q[r] + d + 1) : q0;
+      acc[r][0] = S::fma(q0, k[0], acc[r][0]);
+      acc[r][1] = S::fma(q1, k[1], acc[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    if constexpr (kChains == 2) {
+      S::store(rows[r]->s, S::mul(S::add(acc[r][0], acc[r][1]), S::set1(scale)));
+    } else {
+      S::store(rows[r]->s, S::mul(acc[r][0], S::set1(scale)));
+      S::store(rows[r]->s + W, S::mul(acc[r][1], S::set1(scale)));
+    }
+  }
+}
+
+// One online-softmax update: s becomes p = exp(s - m) on the valid lanes, exactly 0 elsewhere.
+void softmax(Row& r) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  alignas(64) float lim[kGroup], valid[kGroup];
+  const bool full = r.first == 0 && r.last == kGroup;
+  if (!full)
+    for (int i = 0; i < kGroup; ++i) {
+      const bool ok = i >= r.first && i < r.last;
+      lim[i] = ok ? kInf : kNegInf;
+      valid[i] = ok ? 1.0f : 0.0f;
+    }
+  S::F sv[kNK];
+  float mnew = r.m;
+  for (int v = 0; v < kNK; ++v) {
+    sv[v] = S::load(r.s + v * W);
+    if (!full) sv[v] = S::min(sv[v], S::load(lim + v * W));  // masked lanes -inf, even where a key is NaN
+    mnew = std::max(mnew, S::hmax(sv[v]));
+  }
+  r.corr = std::exp(r.m - mnew);
+  S::F sum = S::zero();
+  for (int v = 0; v < kNK; ++v) {
+    S::F p = S::exp(S::sub(sv[v], S::set1(mnew)));
+    if (!full) p = S::mul(p, S::load(valid + v * W));
+    S::store(r.s + v * W, p);
+    sum = S::add(sum, p);
+  }
+  r.l = r.l * r.corr + S::hsum(sum);
+  r.m = mnew;
+}
+
+// o[d0, d0 + NV W) = o * corr + sum over keys [first, last) of p[i] * V[i], for RB rows.
+template <int RB, int NV>
+void accumulate_slice(float* const* o, const float* const* p, const float* corr, const Group& g, int64_t D,
+                      int64_t d0, int first, int last) {
+  S::F a[RB][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) a[r][v] = S::mul(S::load(o[r] + d0 + v * W), S::set1(corr[r]));
+  for (int i = first; i < last; ++i) {
+    const float* vrow = g.vb + i * D + d0;
+    S::F vv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) vv[v] = S::load(vrow + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const S::F pi = S::bcast(p[r] + i);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) a[r][v] = S::fma(pi, vv[v], a[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) S::store(o[r] + d0 + v * W, a[r][v]);
+}
+
+// P @ V for RB rows with the same valid lanes, in slices of two head_dim vectors (and one odd one).
+template <int RB>
+void accumulate(Row* const* rows, const Group& g, int64_t D) {
+  const float* p[RB];
+  float* o[RB];
+  float corr[RB];
+#pragma GCC unroll 8
+  for (int r = 0; r < RB; ++r) {
+    p[r] = rows[r]->s;
+    o[r] = rows[r]->o;
+    corr[r] = rows[r]->corr;
+  }
+  const int first = rows[0]->first, last = rows[0]->last;
+  int64_t d0 = 0;
+  for (; d0 + 2 * W <= D; d0 += 2 * W) accumulate_slice<RB, 2>(o, p, corr, g, D, d0, first, last);
+  if (d0 < D) accumulate_slice<RB, 1>(o, p, corr, g, D, d0, first, last);
+}
+
+template <template <int> class Op, typename... A>
+void in_blocks(Row* const* rows, int n, A&&... args) {  // Op over rows in register blocks of up to kRB
+  for (; n >= kRB; rows += kRB, n -= kRB) Op<kRB>::run(rows, args...);
+  switch (n) {
+    case 5: Op<5>::run(rows, args...); break;
+    case 4: Op<4>::run(rows, args...); break;
+    case 3: Op<3>::run(rows, args...); break;
+    case 2: Op<2>::run(rows, args...); break;
+    case 1: Op<1>::run(rows, args...); break;
+    default: break;
+  }
+}
+template <int RB>
+struct Scores {
+  static void run(Row* const* rows, const Group& g, int64_t D, float scale) { scores<RB>(rows, g, D, scale); }
+};
+template <int RB>
+struct Accumulate {
+  static void run(Row* const* rows, const Group& g, int64_t D) { accumulate<RB>(rows, g, D); }
+};
 
 struct Cache {
   const float* k;
@@ -27,99 +191,45 @@ struct Cache {
   int64_t blocks, block_size, head_dim;
 };
 
-// Query heads g < G of one KV head (q rows [G, D]) over keys [lo, hi) of the sequence with `table`.
-// Per chunk of W keys: G score vectors (no horizontal sums: K is stored transposed), one online-softmax
-// update per head, then P @ V with the accumulators of G heads x kDV vectors held in registers.
-constexpr int kDV = 4;  // head_dim vectors per P @ V pass
-
-template <int G>
-void attend(const float* q, float* out, const Cache& c, int64_t kvh, const int32_t* table, int64_t lo, int64_t hi,
-            float scale, float* acc) {
+// All rows of one tile (same sequence, same KV head) over the groups of keys any of them attends.
+void attend_tile(std::vector<Row>& tile, const Cache& c, int64_t kvh, const int32_t* table, float scale) {
   const int64_t D = c.head_dim, BS = c.block_size;
-  const float* kbase = c.k + kvh * c.blocks * D * BS;
-  const float* vbase = c.v + kvh * c.blocks * BS * D;
-  float m[G], l[G], corr[G];
-  alignas(64) float p[G][W];
-  alignas(64) float lim[W], valid[W];
-  for (int g = 0; g < G; ++g) {
-    m[g] = kNegInf;
-    l[g] = 0.0f;
+  int64_t lo = tile[0].lo, hi = tile[0].hi;
+  for (Row& r : tile) {
+    lo = std::min(lo, r.lo);
+    hi = std::max(hi, r.hi);
+    r.m = kNegInf;
+    r.l = 0.0f;
+    std::fill(r.o, r.o + D, 0.0f);
   }
-  std::fill(acc, acc + G * D, 0.0f);
-  for (int64_t j = lo; j < hi;) {
-    const int64_t blk = j / BS, start = blk * BS;
-    const float* kt = kbase + static_cast<int64_t>(table[blk]) * D * BS;
-    const float* vb = vbase + static_cast<int64_t>(table[blk]) * BS * D;
-    for (int64_t cs = (j - start) / W * W; cs < BS && start + cs < hi; cs += W) {
-      const int n = static_cast<int>(std::min<int64_t>(W, BS - cs));
-      const int first = static_cast<int>(std::max<int64_t>(0, j - start - cs));
-      const int last = static_cast<int>(std::min<int64_t>(n, hi - start - cs));
-      S::F s0[G], s1[G];
-      for (int g = 0; g < G; ++g) s0[g] = s1[g] = S::zero();
-      for (int64_t d = 0; d < D; d += 2) {  // two chains per head: the FMA latency, not throughput, binds here
-        const float* k0 = kt + d * BS + cs;
-        const S::F ka = n == W ? S::load(k0) : S::loadn(k0, n, 0.0f);
-        const S::F kb = n == W ? S::load(k0 + BS) : S::loadn(k0 + BS, n, 0.0f);
-        for (int g = 0; g < G; ++g) {
-          s0[g] = S::fma(S::bcast(q + g * D + d), ka, s0[g]);
-          s1[g] = S::fma(S::bcast(q + g * D + d + 1), kb, s1[g]);
-        }
+  std::vector<Row*> active, full, part;
+  active.reserve(tile.size());
+  for (int64_t start = lo / BS * BS; start < hi; start += BS) {
+    const int64_t blk = start / BS;
+    for (int64_t off = (std::max(lo, start) - start) / kGroup * kGroup; off < BS && start + off < hi; off += kGroup) {
+      const int64_t g0 = start + off;
+      const Group g{c.k + ((kvh * c.blocks + table[blk]) * D) * BS + off,
+                    c.v + ((kvh * c.blocks + table[blk]) * BS + off) * D, BS,
+                    static_cast<int>(std::min<int64_t>(kGroup, BS - off))};
+      active.clear();
+      full.clear();
+      part.clear();
+      for (Row& r : tile) {
+        if (r.hi <= g0 || r.lo >= g0 + g.n) continue;
+        r.first = static_cast<int>(std::max<int64_t>(0, r.lo - g0));
+        r.last = static_cast<int>(std::min<int64_t>(g.n, r.hi - g0));
+        active.push_back(&r);
+        (r.first == 0 && r.last == g.n ? full : part).push_back(&r);  // P @ V in blocks of equal lanes
       }
-      for (int i = 0; i < W; ++i) {
-        const bool ok = i >= first && i < last;
-        lim[i] = ok ? std::numeric_limits<float>::infinity() : kNegInf;
-        valid[i] = ok ? 1.0f : 0.0f;
-      }
-      const S::F limv = S::load(lim), validv = S::load(valid);
-      for (int g = 0; g < G; ++g) {
-        const S::F sv = S::min(S::mul(S::add(s0[g], s1[g]), S::set1(scale)), limv);  // masked lanes: -inf
-        const float mnew = std::max(m[g], S::hmax(sv));
-        corr[g] = std::exp(m[g] - mnew);
-        const S::F pv = S::mul(S::exp(S::sub(sv, S::set1(mnew))), validv);
-        l[g] = l[g] * corr[g] + S::hsum(pv);
-        m[g] = mnew;
-        S::store(p[g], pv);
-      }
-      for (int64_t d0 = 0; d0 < D; d0 += kDV * W) {
-        const int nv = static_cast<int>(std::min<int64_t>(kDV, (D - d0) / W));
-        S::F a[G][kDV];
-        for (int g = 0; g < G; ++g)
-          for (int v = 0; v < kDV; ++v)
-            if (v < nv) a[g][v] = S::mul(S::load(acc + g * D + d0 + v * W), S::set1(corr[g]));
-        for (int i = first; i < last; ++i) {
-          const float* vrow = vb + (cs + i) * D + d0;
-          for (int v = 0; v < kDV; ++v) {
-            if (v >= nv) break;
-            const S::F vv = S::load(vrow + v * W);
-            for (int g = 0; g < G; ++g) a[g][v] = S::fma(S::set1(p[g][i]), vv, a[g][v]);
-          }
-        }
-        for (int g = 0; g < G; ++g)
-          for (int v = 0; v < kDV; ++v)
-            if (v < nv) S::store(acc + g * D + d0 + v * W, a[g][v]);
-      }
+      in_blocks<Scores>(active.data(), static_cast<int>(active.size()), g, D, scale);
+      for (Row* r : active) softmax(*r);
+      in_blocks<Accumulate>(full.data(), static_cast<int>(full.size()), g, D);
+      for (Row* r : part) accumulate<1>(&r, g, D);
     }
-    j = start + BS;
   }
-  for (int g = 0; g < G; ++g) {
-    const S::F inv = S::set1(1.0f / l[g]);
-    for (int64_t d = 0; d < D; d += W) S::store(out + g * D + d, S::mul(S::load(acc + g * D + d), inv));
-  }
-}
-
-using AttendFn = void (*)(const float*, float*, const Cache&, int64_t, const int32_t*, int64_t, int64_t, float, float*);
-
-AttendFn attend_for(int G) {
-  switch (G) {
-    case 1: return attend<1>;
-    case 2: return attend<2>;
-    case 3: return attend<3>;
-    case 4: return attend<4>;
-    case 5: return attend<5>;
-    case 6: return attend<6>;
-    case 7: return attend<7>;
-    case 8: return attend<8>;
-    default: TORCH_CHECK(false, "at most 8 query heads per KV head, got ", G);
+  for (Row& r : tile) {
+    const S::F inv = S::set1(1.0f / r.l);
+    for (int64_t d = 0; d < D; d += W) S::store(r.o + d, S::mul(S::load(r.o + d), inv));
   }
 }
 
@@ -128,8 +238,8 @@ AttendFn attend_for(int G) {
 // q [T, H * D] (row stride any), caches as above; block_tables [B, max_blocks] int32; token_seq / token_pos [T]
 // int32: each token's row in block_tables and its position. Returns [T, H * D].
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
-                              at::Tensor token_seq, at::Tensor token_pos, int64_t num_heads, int64_t window,
-                              double scale) {
+                           at::Tensor token_seq, at::Tensor token_pos, int64_t num_heads, int64_t window,
+                           double scale) {
   TORCH_CHECK(q.dim() == 2 && q.stride(1) == 1 && q.scalar_type() == at::kFloat, "q: float32 [T, H * D], rows dense");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "caches: contiguous [kv_heads, blocks, ...]");
@@ -138,8 +248,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   const int64_t T = q.size(0), KVH = k_cache.size(0), D = k_cache.size(2), BS = k_cache.size(3);
   TORCH_CHECK(q.size(1) == num_heads * D && num_heads % KVH == 0, "q does not match the cache's heads");
   TORCH_CHECK(D % W == 0, "head_dim must be a multiple of ", W);
-  const int G = static_cast<int>(num_heads / KVH);
-  const AttendFn fn = attend_for(G);
+  const int64_t G = num_heads / KVH;
   const Cache c{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), BS, D};
   auto out = at::empty({T, num_heads * D}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -148,13 +257,32 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   const int32_t* seq = token_seq.data_ptr<int32_t>();
   const int32_t* pos = token_pos.data_ptr<int32_t>();
   const int64_t qstride = q.stride(0), tstride = block_tables.size(1);
-  at::parallel_for(0, T * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(G * D);
+  // Tiles: runs of consecutive tokens of one sequence, at most max(1, kTileRows / G) tokens each.
+  const int64_t per_tile = std::max<int64_t>(1, kTileRows / G);
+  std::vector<int64_t> tiles{0};
+  for (int64_t t = 1; t < T; ++t)
+    if (seq[t] != seq[t - 1] || t - tiles.back() == per_tile) tiles.push_back(t);
+  tiles.push_back(T);
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size()) - 1;
+  at::parallel_for(0, n_tiles * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Row> tile;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / KVH, h = item % KVH;
-      const int64_t hi = pos[t] + 1, lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
-      fn(qp + t * qstride + h * G * D, op + t * num_heads * D + h * G * D, c, h, tables + seq[t] * tstride, lo, hi,
-         static_cast<float>(scale), acc.data());
+      // tiles zigzag (first, last, second, ...): a causal prompt's late tiles cost the most, and each
+      // thread takes a contiguous range of items
+      const int64_t z = item / KVH, h = item % KVH, ti = z % 2 == 0 ? z / 2 : n_tiles - 1 - z / 2;
+      tile.clear();
+      for (int64_t t = tiles[ti]; t < tiles[ti + 1]; ++t) {
+        const int64_t hi = pos[t] + 1, lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
+        for (int64_t g = 0; g < G; ++g) {
+          Row r;
+          r.q = qp + t * qstride + (h * G + g) * D;
+          r.o = op + t * num_heads * D + (h * G + g) * D;
+          r.lo = lo;
+          r.hi = hi;
+          tile.push_back(r);
+        }
+      }
+      attend_tile(tile, c, h, tables + seq[tiles[ti]] * tstride, static_cast<float>(scale));
     }
   });
   return out;

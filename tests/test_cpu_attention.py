@@ -1,0 +1,71 @@
+"""The C++ paged attention (layers/csrc/attention.cpp) against plain softmax attention, and each token's
+output bit for bit the same whatever tile, chunk or batch it is computed in."""
+
+import pytest
+import torch
+
+from services.worker.engine.layers import kernels
+
+OPS = kernels.load()
+pytestmark = pytest.mark.skipif(OPS is None, reason="no C++ kernels on this machine")
+
+
+def paged_cache(contexts: list[torch.Tensor], kv_heads: int, head_dim: int, block_size: int):
+    """K [kv_heads, blocks, D, BS] and V [kv_heads, blocks, BS, D] holding each sequence's K/V
+    (contexts[s]: [2, L, kv_heads, D]) in shuffled blocks; every unused slot holds NaN."""
+    need = [-(-c.shape[1] // block_size) for c in contexts]
+    total = sum(need) + 3
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(1)).to(torch.int32)
+    k = torch.full((kv_heads, total, head_dim, block_size), float("nan"))
+    v = torch.full((kv_heads, total, block_size, head_dim), float("nan"))
+    tables = torch.zeros((len(contexts), max(need)), dtype=torch.int32)
+    used = 0
+    for s, c in enumerate(contexts):
+        tables[s, : need[s]] = order[used : used + need[s]]
+        used += need[s]
+        for p in range(c.shape[1]):
+            b, off = int(tables[s, p // block_size]), p % block_size
+            k[:, b, :, off] = c[0, p]
+            v[:, b, off, :] = c[1, p]
+    return k, v, tables
+
+
+def reference(q, contexts, seq, pos, heads, window, scale):
+    out = torch.empty_like(q)
+    for t in range(q.shape[0]):
+        c = contexts[int(seq[t])].double()
+        hi = int(pos[t]) + 1
+        lo = max(0, hi - window) if window else 0
+        kv_heads, d = c.shape[2], c.shape[3]
+        qh = q[t].double().view(heads, d)
+        k = c[0, lo:hi].repeat_interleave(heads // kv_heads, dim=1)  # [L, heads, D]
+        v = c[1, lo:hi].repeat_interleave(heads // kv_heads, dim=1)
+        p = torch.softmax(torch.einsum("hd,lhd->hl", qh, k) * scale, -1)
+        out[t] = torch.einsum("hl,lhd->hd", p, v).reshape(-1).float()
+    return out
+
+
+@pytest.mark.parametrize("block_size,heads,kv_heads,head_dim,window", [
+    (16, 9, 3, 64, 0), (8, 8, 1, 48, 0), (4, 4, 4, 32, 5), (16, 14, 2, 64, 37)])
+def test_matches_softmax_attention_and_is_tile_invariant(block_size, heads, kv_heads, head_dim, window):
+    torch.manual_seed(0)
+    lengths = [150, 23, 64]  # a prefill chunk of 100 tokens over a cached prefix of 50, two decodes
+    contexts = [torch.randn(2, n, kv_heads, head_dim) for n in lengths]
+    k, v, tables = paged_cache(contexts, kv_heads, head_dim, block_size)
+    seq = torch.tensor([0] * 100 + [1, 2], dtype=torch.int32)
+    pos = torch.tensor([*range(50, 150), 22, 63], dtype=torch.int32)
+    q = torch.randn(len(seq), heads * head_dim)
+    scale = head_dim ** -0.5
+
+    def attend(rows: slice) -> torch.Tensor:
+        return OPS.paged_attention(q[rows], k, v, tables, seq[rows].contiguous(), pos[rows].contiguous(), heads,
+                                   window, scale)
+
+    together = attend(slice(None))
+    assert not together.isnan().any()  # the NaN in unused slots never reaches a result
+    torch.testing.assert_close(together, reference(q, contexts, seq, pos, heads, window, scale), rtol=2e-5, atol=2e-5)
+    # the same tokens in other tiles: chunks of 7, one at a time, the decodes alone
+    chunked = torch.cat([attend(slice(i, min(i + 7, 100))) for i in range(0, 100, 7)])
+    assert torch.equal(chunked, together[:100])
+    for t in (0, 1, 57, 99, 100, 101):
+        assert torch.equal(attend(slice(t, t + 1)), together[t : t + 1]), t
