@@ -61,7 +61,7 @@ def measure(fmt: str, activations: str, opts: Options) -> dict[str, Any]:
 
 
 def main(opts: Options) -> dict[str, Any]:
-    from bench.kernels import roofs
+    from bench.kernels import lscpu, roofs
     from bench.phases.common import kernel_isa
     from bench.report import environment, options_record
     from services.worker.engine.layers import kernels
@@ -99,6 +99,7 @@ def main(opts: Options) -> dict[str, Any]:
         for k in ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b32"):
             b[f"{k}_x_fp32"] = b[k] / base[k]
     env = environment()
+    env["lscpu"] = lscpu()  # the full flag list; environment() keeps the vector ones
     report = {"benchmark": "activations", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "command": " ".join(["tokenmill bench activations", *sys.argv[sys.argv.index("activations") + 1:]])
               if "activations" in sys.argv else " ".join(sys.argv),

@@ -170,3 +170,21 @@ def check_logprobs_close(name: str, got: dict[str, list[int]], got_top: dict[str
             f"{name}/{rid}: step {k}: engine chose {out[k]} (its top-5 {top[k]}), reference {ref.tokens[k]} "
             f"(its top-5 {ref.top[k]})")
     return identical
+
+
+def reference_attention(q, k_cache, v_cache, table, positions, num_heads, window, scale):
+    """Query row i (position positions[i]) over its sequence's keys 0..pos (the window's last keys), in float64
+    from the cache tensors ([blocks, kv_heads, block_size, D])."""
+    _, kv_heads, bs, d = k_cache.shape
+    group = num_heads // kv_heads
+    out = []
+    for i, pos in enumerate(positions):
+        keys = torch.arange(pos + 1)
+        if window:
+            keys = keys[keys > pos - window]
+        blocks = torch.tensor(table)[keys // bs]
+        k = k_cache[blocks, :, keys % bs].double().repeat_interleave(group, dim=1)  # [n, heads, D]
+        v = v_cache[blocks, :, keys % bs].double().repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[i].view(num_heads, d).double(), k) * scale
+        out.append(torch.einsum("hn,nhd->hd", s.softmax(-1), v).reshape(-1))
+    return torch.stack(out)

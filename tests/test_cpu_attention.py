@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from services.worker.engine.layers import kernels
+from tests.engine_support import reference_attention
 
 OPS = kernels.load()
 pytestmark = pytest.mark.skipif(OPS is None, reason="no C++ kernels on this machine")
@@ -30,21 +31,6 @@ def paged_cache(contexts: list[torch.Tensor], kv_heads: int, head_dim: int, bloc
     return k, v, tables
 
 
-def reference(q, contexts, seq, pos, heads, window, scale):
-    out = torch.empty_like(q)
-    for t in range(q.shape[0]):
-        c = contexts[int(seq[t])].double()
-        hi = int(pos[t]) + 1
-        lo = max(0, hi - window) if window else 0
-        kv_heads, d = c.shape[2], c.shape[3]
-        qh = q[t].double().view(heads, d)
-        k = c[0, lo:hi].repeat_interleave(heads // kv_heads, dim=1)  # [L, heads, D]
-        v = c[1, lo:hi].repeat_interleave(heads // kv_heads, dim=1)
-        p = torch.softmax(torch.einsum("hd,lhd->hl", qh, k) * scale, -1)
-        out[t] = torch.einsum("hl,lhd->hd", p, v).reshape(-1).float()
-    return out
-
-
 @pytest.mark.parametrize("block_size,heads,kv_heads,head_dim,window", [
     (16, 9, 3, 64, 0), (8, 8, 1, 48, 0), (4, 4, 4, 32, 5), (16, 14, 2, 64, 37)])
 def test_matches_softmax_attention_and_is_tile_invariant(block_size, heads, kv_heads, head_dim, window):
@@ -63,7 +49,11 @@ def test_matches_softmax_attention_and_is_tile_invariant(block_size, heads, kv_h
 
     together = attend(slice(None))
     assert not together.isnan().any()  # the NaN in unused slots never reaches a result
-    torch.testing.assert_close(together, reference(q, contexts, seq, pos, heads, window, scale), rtol=2e-5, atol=2e-5)
+    # the reference reads the same cache through the Triton layout [blocks, kv_heads, block_size, D]
+    kt, vt = k.permute(1, 0, 3, 2), v.permute(1, 0, 2, 3)
+    ref = torch.cat([reference_attention(q[t : t + 1], kt, vt, tables[int(seq[t])].tolist(), [int(pos[t])], heads,
+                                         window, scale) for t in range(len(seq))])
+    torch.testing.assert_close(together, ref.float(), rtol=2e-5, atol=2e-5)
     # the same tokens in other tiles: chunks of 7, one at a time, the decodes alone
     chunked = torch.cat([attend(slice(i, min(i + 7, 100))) for i in range(0, 100, 7)])
     assert torch.equal(chunked, together[:100])

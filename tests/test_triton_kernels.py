@@ -10,6 +10,7 @@ import torch
 
 from services.worker.engine.layers import gpu, ops
 from services.worker.engine.layers.quant import quantize
+from tests.engine_support import reference_attention
 
 gpu.interpret()  # before the kernel modules are imported: triton.jit reads the switch when it wraps them
 
@@ -19,24 +20,6 @@ from services.worker.engine.layers.gpu import quant as Q  # noqa: E402
 
 FP32_TOL = 1e-5
 BF16_TOL = 3e-2  # relative to the output's scale: a few bf16 roundings of the inputs and the result
-
-
-def reference_attention(q, k_cache, v_cache, table, positions, num_heads, window, scale):
-    """Query row i (position positions[i]) over its sequence's keys 0..pos (the window's last keys), in float64
-    from the cache tensors ([blocks, kv_heads, block_size, D])."""
-    _, kv_heads, bs, d = k_cache.shape
-    group = num_heads // kv_heads
-    out = []
-    for i, pos in enumerate(positions):
-        keys = torch.arange(pos + 1)
-        if window:
-            keys = keys[keys > pos - window]
-        blocks = torch.tensor(table)[keys // bs]
-        k = k_cache[blocks, :, keys % bs].double().repeat_interleave(group, dim=1)  # [n, heads, D]
-        v = v_cache[blocks, :, keys % bs].double().repeat_interleave(group, dim=1)
-        s = torch.einsum("hd,nhd->hn", q[i].view(num_heads, d).double(), k) * scale
-        out.append(torch.einsum("hn,nhd->hd", s.softmax(-1), v).reshape(-1))
-    return torch.stack(out)
 
 
 def close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
