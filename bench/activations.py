@@ -68,7 +68,6 @@ def main(opts: Options) -> dict[str, Any]:
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    kernels.load()
     unit = kernels.matrix_unit() if kernels.load() is not None else "none"
     acts = ("fp32", "int8") if unit not in ("fp32", "none") else ("fp32",)
     t0 = time.perf_counter()

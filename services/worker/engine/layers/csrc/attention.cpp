@@ -191,8 +191,18 @@ struct Cache {
   int64_t blocks, block_size, head_dim;
 };
 
+// A thread's buffers, reused by every tile it takes (no allocation per tile, layer and step).
+struct Scratch {
+  std::vector<Row> tile;
+  std::vector<Row*> active, full, part;  // the rows that meet a group; those with all or some of its keys
+};
+
 // All rows of one tile (same sequence, same KV head) over the groups of keys any of them attends.
-void attend_tile(std::vector<Row>& tile, const Cache& c, int64_t kvh, const int32_t* table, float scale) {
+void attend_tile(Scratch& sc, const Cache& c, int64_t kvh, const int32_t* table, float scale) {
+  std::vector<Row>& tile = sc.tile;
+  std::vector<Row*>& active = sc.active;
+  std::vector<Row*>& full = sc.full;
+  std::vector<Row*>& part = sc.part;
   const int64_t D = c.head_dim, BS = c.block_size;
   int64_t lo = tile[0].lo, hi = tile[0].hi;
   for (Row& r : tile) {
@@ -202,8 +212,6 @@ void attend_tile(std::vector<Row>& tile, const Cache& c, int64_t kvh, const int3
     r.l = 0.0f;
     std::fill(r.o, r.o + D, 0.0f);
   }
-  std::vector<Row*> active, full, part;
-  active.reserve(tile.size());
   for (int64_t start = lo / BS * BS; start < hi; start += BS) {
     const int64_t blk = start / BS;
     for (int64_t off = (std::max(lo, start) - start) / kGroup * kGroup; off < BS && start + off < hi; off += kGroup) {
@@ -265,7 +273,8 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   tiles.push_back(T);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) - 1;
   at::parallel_for(0, n_tiles * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<Row> tile;
+    Scratch sc;
+    std::vector<Row>& tile = sc.tile;
     for (int64_t item = begin; item < end; ++item) {
       // tiles zigzag (first, last, second, ...): a causal prompt's late tiles cost the most, and each
       // thread takes a contiguous range of items
@@ -282,7 +291,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
           tile.push_back(r);
         }
       }
-      attend_tile(tile, c, h, tables + seq[tiles[ti]] * tstride, static_cast<float>(scale));
+      attend_tile(sc, c, h, tables + seq[tiles[ti]] * tstride, static_cast<float>(scale));
     }
   });
   return out;
