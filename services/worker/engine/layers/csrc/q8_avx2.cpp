@@ -23,8 +23,8 @@ using q8::kPanel;
 inline __m256i bcast4(const int8_t* x) { return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(x)); }
 
 // The first row tile of a panel streams its codes from memory (in a decode, the only one): ask for them
-// kAhead blocks early, past the panel's end into the next one. The hardware prefetcher alone leaves a
-// 1-row pass at ~6 GB/s on Zen 1; with this, ~8 (q4_1) and ~10 (q8_0) of the ~11-13 the core can read.
+// kAhead blocks early, past the panel's end into the next one: the hardware prefetcher alone leaves a 1-row
+// pass well short of the core's read rate (bench/measured/q8-avx2-cpu-2026-12-06.json).
 constexpr int kAhead = 16;
 template <int BITS>
 inline void prefetch_block(const uint8_t* codes, int64_t b) {
@@ -140,7 +140,7 @@ void gemm(const q8::Weights& w, const q8::Acts& a, int64_t M, float* y, const fl
           case 1: tile<BITS, MIN, ONE, 1>(w, a, p, m0, y, ldy, bias); break;
           case 2: tile<BITS, MIN, ONE, 2>(w, a, p, m0, y, ldy, bias); break;
           case 3: tile<BITS, MIN, ONE, 3>(w, a, p, m0, y, ldy, bias); break;
-          default: tile<BITS, MIN, ONE, 4>(w, a, p, m0, y, ldy, bias);
+          default: tile<BITS, MIN, ONE, MT>(w, a, p, m0, y, ldy, bias);  // no 4-row tile where MT is 3
         }
       }
     }
