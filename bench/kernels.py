@@ -119,9 +119,7 @@ def roofs(quick: bool = False, repeat: int = 5) -> dict:
     the caches) and the matrix rates of square GEMMs per element type (int8: torch._int_mm, where torch offers it
     on this CPU); the best of `repeat` runs each. Rates in FLOP/s (int8: multiply-adds x 2 as well)."""
     numel = (64 if quick else 256) * 2**20  # float32: 256 MiB / 1 GiB
-    buf = torch.ones(numel, dtype=torch.float32)
-    read = buf.nbytes / best_seconds(buf.sum, repeat)
-    del buf
+    read = read_rate(numel, repeat)
     n = 1024 if quick else 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     rates: dict[str, float] = {"float32": 2 * n**3 / best_seconds(lambda: a @ b, repeat)}
@@ -137,6 +135,12 @@ def roofs(quick: bool = False, repeat: int = 5) -> dict:
     best = max(rates, key=rates.__getitem__)
     return {"read_bytes_per_s": read, "read_buffer_MiB": numel * 4 / 2**20, "matmul_n": sizes, "matmul_flops": rates,
             "best_matrix": best, "best_matrix_flops": rates[best], "notes": notes, "threads": torch.get_num_threads()}
+
+
+def read_rate(numel: int = 256 * 2**20, repeat: int = 5) -> float:
+    """Bytes/s of torch.sum over `numel` float32 (1 GiB: far larger than the caches), the best of `repeat`."""
+    buf = torch.ones(numel, dtype=torch.float32)
+    return buf.nbytes / best_seconds(buf.sum, repeat)
 
 
 def gemm_rate(mm: Callable, a: torch.Tensor, b: torch.Tensor, repeat: int) -> tuple[float, int]:

@@ -22,33 +22,16 @@ using q8::kPanel;
 
 inline __m256i bcast4(const int8_t* x) { return _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(x)); }
 
-// The first row tile of a panel streams its codes from memory (in a decode, the only one): ask for them
-// kAhead blocks early, past the panel's end into the next one: the hardware prefetcher alone leaves a 1-row
-// pass well short of the core's read rate (bench/measured/q8-avx2-cpu-2026-12-06.json).
-constexpr int kAhead = 16;
-template <int BITS>
-inline void prefetch_block(const uint8_t* codes, int64_t b) {
-  const char* p = reinterpret_cast<const char*>(codes + (b + kAhead) * BITS * 64);
-  for (int i = 0; i < BITS * 64; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
-}
-
 // q8_gemm.cpp's Epilogue, on the two 8-column halves of a panel. ONE: every block is a whole group (no
 // division per block, no running sum across blocks).
 template <bool ONE>
-struct Epilogue {
-  bool first, last;
-  int64_t b, g, nb, ng;
+struct Epilogue : q8::BlockPos<ONE> {
+  using Pos = q8::BlockPos<ONE>;
+  using Pos::first, Pos::last, Pos::b, Pos::g, Pos::nb, Pos::ng, Pos::off;
   __m256 d[2], mn[2];
   const q8::Acts& a;
-  Epilogue(const q8::Weights& w, const q8::Acts& acts, int64_t block, int64_t panel) : a(acts) {
-    const int64_t k0 = block * kBlock;
-    b = block, nb = w.K / kBlock;
-    if constexpr (ONE) {
-      ng = nb, g = block, first = last = true;
-    } else {
-      ng = w.K / w.G, g = k0 / w.G, first = k0 % w.G == 0, last = (k0 + kBlock) % w.G == 0;
-    }
-    const int64_t off = (panel * ng + g) * kPanel;
+  Epilogue(const q8::Weights& w, const q8::Acts& acts, int64_t block, int64_t panel)
+      : Pos(w, block, panel), a(acts) {
     for (int h = 0; h < 2; ++h) {
       d[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scales + off + 8 * h)));
       mn[h] = w.mins ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.mins + off + 8 * h)))
@@ -67,7 +50,7 @@ struct Epilogue {
 };
 
 // One panel (16 columns, two halves) x MT rows, one block of 32 input columns at a time.
-template <int BITS, bool MIN, bool ONE, int MT>
+template <int BITS, bool MIN, bool ONE, bool PREFETCH, int MT>
 void tile(const q8::Weights& w, const q8::Acts& a, int64_t p, int64_t m0, float* y, int64_t ldy, const float* bias) {
   __m256 acc[MT][2], out[MT][2];
   for (int m = 0; m < MT; ++m)
@@ -75,7 +58,7 @@ void tile(const q8::Weights& w, const q8::Acts& a, int64_t p, int64_t m0, float*
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   const uint8_t* codes = w.codes + p * w.pstride();
   for (int64_t b = 0; b < w.K / kBlock; ++b) {
-    if (m0 == 0) prefetch_block<BITS>(codes, b);
+    if constexpr (PREFETCH) q8::prefetch_block<BITS>(codes, b);
     __m256i isum[MT][2];
     const int8_t* xb = a.q + m0 * a.K + b * kBlock;
     if constexpr (BITS == 4) {
@@ -127,6 +110,16 @@ void tile(const q8::Weights& w, const q8::Acts& a, int64_t p, int64_t m0, float*
   }
 }
 
+// The tile for the mt (<= MT) rows left; only a panel's first row tile prefetches (q8_gemm.cpp's vnni_rows).
+template <int BITS, bool MIN, bool ONE, int MT>
+void rows(const q8::Weights& w, const q8::Acts& a, int64_t p, int64_t m0, int64_t mt, float* y, int64_t ldy,
+          const float* bias) {
+  if constexpr (MT > 1)
+    if (mt < MT) return rows<BITS, MIN, ONE, MT - 1>(w, a, p, m0, mt, y, ldy, bias);
+  if (m0 == 0) tile<BITS, MIN, ONE, true, MT>(w, a, p, m0, y, ldy, bias);
+  else tile<BITS, MIN, ONE, false, MT>(w, a, p, m0, y, ldy, bias);
+}
+
 template <int BITS, bool MIN, bool ONE>
 void gemm(const q8::Weights& w, const q8::Acts& a, int64_t M, float* y, const float* bias) {
   // 4-bit: 8 int16 accumulators of the 16 registers. 8-bit holds 2 int32 accumulators and a broadcast of x a row,
@@ -134,16 +127,9 @@ void gemm(const q8::Weights& w, const q8::Acts& a, int64_t M, float* y, const fl
   constexpr int MT = BITS == 4 ? 4 : 3;
   const int64_t ldy = w.P * kPanel;
   at::parallel_for(0, w.P, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        switch (std::min<int64_t>(MT, M - m0)) {
-          case 1: tile<BITS, MIN, ONE, 1>(w, a, p, m0, y, ldy, bias); break;
-          case 2: tile<BITS, MIN, ONE, 2>(w, a, p, m0, y, ldy, bias); break;
-          case 3: tile<BITS, MIN, ONE, 3>(w, a, p, m0, y, ldy, bias); break;
-          default: tile<BITS, MIN, ONE, MT>(w, a, p, m0, y, ldy, bias);  // no 4-row tile where MT is 3
-        }
-      }
-    }
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t m0 = 0; m0 < M; m0 += MT)
+        rows<BITS, MIN, ONE, MT>(w, a, p, m0, std::min<int64_t>(MT, M - m0), y, ldy, bias);
   });
 }
 

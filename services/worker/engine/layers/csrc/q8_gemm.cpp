@@ -44,16 +44,13 @@ using Q8Acts = q8::Acts;
 
 // The shared epilogue of one block (see the top of the file): set up once per block and panel, applied per
 // row to that row's 16 int32 sums.
-struct Epilogue {
-  bool first, last;  // the block opens / closes its weight group
-  int64_t b, g, nb, ng;
+template <bool ONE>
+struct Epilogue : q8::BlockPos<ONE> {
+  using Pos = q8::BlockPos<ONE>;
+  using Pos::first, Pos::last, Pos::b, Pos::g, Pos::nb, Pos::ng, Pos::off;
   __m512 d, mn;
   const Q8Acts& a;
-  Epilogue(const Q8Weights& w, const Q8Acts& acts, int64_t block, int64_t panel) : a(acts) {
-    const int64_t k0 = block * kBlock;
-    b = block, nb = w.K / kBlock, ng = w.K / w.G, g = k0 / w.G;
-    first = k0 % w.G == 0, last = (k0 + kBlock) % w.G == 0;
-    const int64_t off = (panel * ng + g) * kPanel;
+  Epilogue(const Q8Weights& w, const Q8Acts& acts, int64_t block, int64_t panel) : Pos(w, block, panel), a(acts) {
     d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scales + off)));
     mn = w.mins ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.mins + off)))
                 : _mm512_setzero_ps();
@@ -73,82 +70,67 @@ inline void store_row(float* y, const __m512& out, const float* bias) {
   _mm512_storeu_ps(y, bias ? _mm512_add_ps(out, _mm512_loadu_ps(bias)) : out);
 }
 
-// VPDPBUSD: PN panels x MT rows per tile, one block of 32 columns at a time.
-template <int BITS, bool MIN, int PN, int MT>
-void vnni_tile(const Q8Weights& w, const Q8Acts& a, int64_t p0, int64_t m0, float* y, int64_t ldy,
-               const float* bias) {
-  __m512 acc[PN][MT], out[PN][MT];
-  for (int p = 0; p < PN; ++p)
-    for (int m = 0; m < MT; ++m) acc[p][m] = out[p][m] = _mm512_setzero_ps();
+// VPDPBUSD: one panel x MT rows, one block of 32 columns at a time.
+template <int BITS, bool MIN, bool ONE, bool PREFETCH, int MT>
+void vnni_tile(const Q8Weights& w, const Q8Acts& a, int64_t p, int64_t m0, float* y, int64_t ldy, const float* bias) {
+  __m512 acc[MT], out[MT];
+  for (int m = 0; m < MT; ++m) acc[m] = out[m] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
+  const uint8_t* codes = w.codes + p * w.pstride();
   for (int64_t b = 0; b < w.K / kBlock; ++b) {
-    __m512i isum[PN][MT];
-    for (int p = 0; p < PN; ++p)
-      for (int m = 0; m < MT; ++m) isum[p][m] = _mm512_setzero_si512();
+    if constexpr (PREFETCH) q8::prefetch_block<BITS>(codes, b);
+    __m512i isum[MT];
+    for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
     const int8_t* xb = a.q + m0 * a.K + b * kBlock;
     if constexpr (BITS == 4) {
       for (int j = 0; j < 4; ++j) {  // 8 columns per 64-byte vector
-        for (int p = 0; p < PN; ++p) {
-          const __m512i raw = _mm512_loadu_si512(w.codes + (p0 + p) * w.pstride() + (b * 4 + j) * 64);
-          const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
-          for (int m = 0; m < MT; ++m) {
-            const int8_t* x = xb + m * a.K + j * 8;
-            isum[p][m] = _mm512_dpbusd_epi32(isum[p][m], lo, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x)));
-            isum[p][m] = _mm512_dpbusd_epi32(isum[p][m], hi, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + 4)));
-          }
+        const __m512i raw = _mm512_loadu_si512(codes + (b * 4 + j) * 64);
+        const __m512i lo = _mm512_and_si512(raw, low), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+        for (int m = 0; m < MT; ++m) {
+          const int8_t* x = xb + m * a.K + j * 8;
+          isum[m] = _mm512_dpbusd_epi32(isum[m], lo, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x)));
+          isum[m] = _mm512_dpbusd_epi32(isum[m], hi, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + 4)));
         }
       }
     } else {  // signed codes: |w| as the unsigned operand, the sign moved onto x
       for (int j = 0; j < 8; ++j) {
-        for (int p = 0; p < PN; ++p) {
-          const __m512i raw = _mm512_loadu_si512(w.codes + (p0 + p) * w.pstride() + (b * 8 + j) * 64);
-          const __m512i mag = _mm512_abs_epi8(raw);
-          const __mmask64 neg = _mm512_movepi8_mask(raw);
-          for (int m = 0; m < MT; ++m) {
-            const __m512i x = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xb + m * a.K + j * 4));
-            isum[p][m] = _mm512_dpbusd_epi32(isum[p][m], mag, _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
-          }
+        const __m512i raw = _mm512_loadu_si512(codes + (b * 8 + j) * 64);
+        const __m512i mag = _mm512_abs_epi8(raw);
+        const __mmask64 neg = _mm512_movepi8_mask(raw);
+        for (int m = 0; m < MT; ++m) {
+          const __m512i x = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xb + m * a.K + j * 4));
+          isum[m] = _mm512_dpbusd_epi32(isum[m], mag, _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
         }
       }
     }
-    for (int p = 0; p < PN; ++p) {
-      const Epilogue ep(w, a, b, p0 + p);
-      for (int m = 0; m < MT; ++m) ep.template apply<MIN>(isum[p][m], m0 + m, acc[p][m], out[p][m]);
-    }
+    const Epilogue<ONE> ep(w, a, b, p);
+    for (int m = 0; m < MT; ++m) ep.template apply<MIN>(isum[m], m0 + m, acc[m], out[m]);
   }
-  for (int p = 0; p < PN; ++p)
-    for (int m = 0; m < MT; ++m)
-      store_row(y + (m0 + m) * ldy + (p0 + p) * kPanel, out[p][m], bias ? bias + (p0 + p) * kPanel : nullptr);
+  for (int m = 0; m < MT; ++m)
+    store_row(y + (m0 + m) * ldy + p * kPanel, out[m], bias ? bias + p * kPanel : nullptr);
 }
 
-template <int BITS, bool MIN, int PN>
-void vnni_rows(const Q8Weights& w, const Q8Acts& a, int64_t p0, int64_t m0, int64_t mt, float* y, int64_t ldy,
+// The tile for the mt (<= MT) rows left. Only a panel's first row tile prefetches (in a decode the only one):
+// a branch in every tile's block loop cost the many-row case ~2 %.
+template <int BITS, bool MIN, bool ONE, int MT>
+void vnni_rows(const Q8Weights& w, const Q8Acts& a, int64_t p, int64_t m0, int64_t mt, float* y, int64_t ldy,
                const float* bias) {
-  switch (mt) {
-    case 1: vnni_tile<BITS, MIN, PN, 1>(w, a, p0, m0, y, ldy, bias); break;
-    case 2: vnni_tile<BITS, MIN, PN, 2>(w, a, p0, m0, y, ldy, bias); break;
-    case 3: vnni_tile<BITS, MIN, PN, 3>(w, a, p0, m0, y, ldy, bias); break;
-    case 4: vnni_tile<BITS, MIN, PN, 4>(w, a, p0, m0, y, ldy, bias); break;
-    default: TORCH_CHECK(false, "bad row tile ", mt);
-  }
+  if constexpr (MT > 1)
+    if (mt < MT) return vnni_rows<BITS, MIN, ONE, MT - 1>(w, a, p, m0, mt, y, ldy, bias);
+  if (m0 == 0) vnni_tile<BITS, MIN, ONE, true, MT>(w, a, p, m0, y, ldy, bias);
+  else vnni_tile<BITS, MIN, ONE, false, MT>(w, a, p, m0, y, ldy, bias);
 }
 
-template <int BITS, bool MIN>
+// One panel at a time, even at 1 or 2 rows: with the prefetch, 4 panels side by side (4 streams) read a 2-row
+// decode's weights 1.3x (q4_1 layers) to 1.5x (q8_0 LM head) slower on Zen 4 (a variant, 2026-12-06).
+template <int BITS, bool MIN, bool ONE>
 void vnni_gemm(const Q8Weights& w, const Q8Acts& a, int64_t M, float* y, const float* bias) {
-  constexpr int PN = 4, MT = 4;  // 16 int32 + 32 float accumulators at most: within the 32 registers
-  const int64_t ldy = w.P * kPanel, tiles = (w.P + PN - 1) / PN;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t p0 = t * PN, np = std::min<int64_t>(PN, w.P - p0);
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        const int64_t mt = std::min<int64_t>(MT, M - m0);
-        if (np == PN && mt <= 2) {
-          vnni_rows<BITS, MIN, PN>(w, a, p0, m0, mt, y, ldy, bias);
-        } else {
-          for (int64_t p = p0; p < p0 + np; ++p) vnni_rows<BITS, MIN, 1>(w, a, p, m0, mt, y, ldy, bias);
-        }
-      }
-    }
+  constexpr int MT = 4;  // 6 or 8 rows (registers allow 8) measured the same
+  const int64_t ldy = w.P * kPanel;
+  at::parallel_for(0, w.P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t m0 = 0; m0 < M; m0 += MT)
+        vnni_rows<BITS, MIN, ONE, MT>(w, a, p, m0, std::min<int64_t>(MT, M - m0), y, ldy, bias);
   });
 }
 
@@ -170,7 +152,7 @@ void load_tile_config() {
 }
 
 // Two panels x 32 rows per step; 4-bit panels are unpacked to bytes once per call, then reused by every row tile.
-template <int BITS, bool MIN>
+template <int BITS, bool MIN, bool ONE>
 void amx_gemm(const Q8Weights& w, const Q8Acts& a, int64_t M, float* y, const float* bias) {
   const int64_t ldy = w.P * kPanel, nb = w.K / kBlock, pairs = (w.P + 1) / 2;
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
@@ -226,7 +208,7 @@ void amx_gemm(const Q8Weights& w, const Q8Acts& a, int64_t M, float* y, const fl
           if (rt == 2 && np == 2) _tile_stored(3, c[3], 64);
           const int64_t rows = std::min<int64_t>(32, M - m0);
           for (int q = 0; q < np; ++q) {
-            const Epilogue ep(w, a, b, p0 + q);
+            const Epilogue<ONE> ep(w, a, b, p0 + q);
             for (int64_t i = 0; i < rows; ++i)
               ep.template apply<MIN>(_mm512_load_si512(c[2 * (i / 16) + q][i % 16]), m0 + i, acc[i][q], out[i][q]);
           }
@@ -397,16 +379,17 @@ at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::opt
     q8::avx2_gemm(w, a, M, yp, b);
     return y;
   }
+  const bool one = group == kBlock;  // q4_1, q8_0: a block is a whole group
 #ifdef TOKENMILL_AMX
   if (amx) {
-    if (bits == 8) amx_gemm<8, false>(w, a, M, yp, b);
-    else amx_gemm<4, true>(w, a, M, yp, b);
+    if (bits == 8) one ? amx_gemm<8, false, true>(w, a, M, yp, b) : amx_gemm<8, false, false>(w, a, M, yp, b);
+    else one ? amx_gemm<4, true, true>(w, a, M, yp, b) : amx_gemm<4, true, false>(w, a, M, yp, b);
     return y;
   }
 #endif
 #ifdef TOKENMILL_Q8
-  if (bits == 8) vnni_gemm<8, false>(w, a, M, yp, b);
-  else vnni_gemm<4, true>(w, a, M, yp, b);
+  if (bits == 8) one ? vnni_gemm<8, false, true>(w, a, M, yp, b) : vnni_gemm<8, false, false>(w, a, M, yp, b);
+  else one ? vnni_gemm<4, true, true>(w, a, M, yp, b) : vnni_gemm<4, true, false>(w, a, M, yp, b);
 #endif
   return y;
 }
