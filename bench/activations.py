@@ -115,8 +115,9 @@ def main(opts: Options) -> dict[str, Any]:
     opts.out.write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Activation precision ({report['date']}, {env['cpu']}, {torch.get_num_threads()} threads, "
              f"integer unit {unit})", "", f"Command: `{report['command']}`", "",
-             f"Roofs measured in the run: read {roof['read_bytes_per_s'] / 1e9:.1f} GB/s (best of {len(reads)}, before "
-             f"and after each round; the lowest {min(reads) / 1e9:.1f}); "
+             f"Roofs measured in the run: read {roof['read_bytes_per_s'] / 1e9:.1f} GB/s (2 MiB pages, THP "
+             f"{roof['transparent_huge_pages']}; best of {len(reads)}, before and after each round; the lowest "
+             f"{min(reads) / 1e9:.1f}); "
              + ", ".join(f"{k} {v / 1e9:,.1f}" for k, v in roof["matmul_flops"].items())
              + f" GFLOP/s (the matrix roof: {roof['best_matrix']}). Best of the rounds.", "",
              "| format | activations | TTFT (1 prompt) s | prefill tok/s | x fp32 | % matrix roof | decode b1 tok/s | "

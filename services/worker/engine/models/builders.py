@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from services.common.model_loader import EMBEDDED, embedded_gguf
+from services.worker.engine.layers.hugepages import move_weights
 from services.worker.engine.layers.linear import Embedding, Linear, lm_head
 from services.worker.engine.models.decoder import DecoderModel
 from services.worker.engine.models.spec import DecoderSpec, Unsupported
@@ -79,6 +80,8 @@ def native_model(config: Any, generation: Any, get: Callable[[str], Weight | Non
             return w.to(device) if isinstance(w, torch.Tensor) else w
 
     model = DecoderModel(config, assemble(spec, get, fmt, dtype), generation).to(device)
+    if device == "cpu":
+        move_weights(model)
     return model.eval()
 
 

@@ -1,0 +1,53 @@
+"""Weights in huge pages (layers/hugepages.py): same values, tied weights stay tied, and the
+memory is advised for transparent huge pages where the kernel offers them."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from services.worker.engine.layers import hugepages
+from services.worker.engine.layers.linear import Embedding, Linear
+from services.worker.engine.layers.quant import quantize
+
+
+def thp_eligible(ptr: int) -> bool:
+    """Whether the mapping holding address `ptr` may get transparent huge pages (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= ptr < hi
+        elif inside and line.startswith("THPeligible:"):
+            return line.split()[1] == "1"
+    return False
+
+
+def test_move_weights_keeps_values_and_ties_and_asks_for_huge_pages():
+    torch.manual_seed(0)
+    table = quantize(torch.randn(96, 64), "q8_0")
+    model = nn.Module()
+    model.embed, model.head = Embedding(table), Linear(table, weight_stationary=True)  # tied, as SmolLM2's
+    model.proj = Linear(quantize(torch.randn(48, 64), "q4_1"), bias=torch.randn(48))
+    model.norm = nn.Parameter(torch.randn(64), requires_grad=False)
+    x, ids = torch.randn(3, 64), torch.tensor([0, 5, 95])
+    before = (model.proj(x), model.head(x), model.embed(ids), model.norm.clone())
+    old = model.proj.packed.codes.data_ptr()
+
+    moved = hugepages.move_weights(model)
+
+    assert moved >= table.nbytes + model.proj.packed.nbytes
+    assert model.proj.packed.codes.data_ptr() != old
+    assert model.embed.packed.codes.data_ptr() == model.head.packed.codes.data_ptr()  # still one table
+    ptrs = [model.norm.data_ptr(), model.proj.kernel_bias.data_ptr(), model.proj.packed.scales.data_ptr()]
+    assert all(p % hugepages.ALIGN == 0 for p in ptrs)
+    after = (model.proj(x), model.head(x), model.embed(ids), model.norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_arena_is_aligned_and_advised_for_huge_pages():
+    big, small = hugepages.split([((3 << 20,), torch.uint8), ((5,), torch.float32)])
+    assert big.data_ptr() % hugepages.HUGE_PAGE == 0 and small.data_ptr() == big.data_ptr() + (3 << 20)
+    if hugepages.thp_mode() in ("always", "madvise"):  # elsewhere the kernel gives no huge pages to anyone
+        assert thp_eligible(big.data_ptr())
