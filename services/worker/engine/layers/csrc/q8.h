@@ -19,7 +19,7 @@ struct Weights {
 };
 
 struct Acts {
-  const int8_t* q;     // [rows (padded to 32), K], each in [-127, 127]
+  const int8_t* q;     // [M (AMX: padded to 32), K], each in [-127, 127]
   const float* d;      // [M, K / 32]
   const float* xsum;   // [M, K / G] or null
   int64_t K;
