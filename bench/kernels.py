@@ -2,7 +2,8 @@
 
 Shapes are the embedded model's (SmolLM2-135M, fused as tokenmill's forward runs them); each layer
 shape gets `--copies` distinct weight matrices called in turn, so weights stream from memory as they do
-in a real forward instead of sitting in cache. "model" = 30 x (qkv + o + gate_up + down) + lm_head.
+in a real forward instead of sitting in cache; in 2 MiB pages, as the worker's (layers/hugepages.py).
+"model" = 30 x (qkv + o + gate_up + down) + lm_head.
 
 Kernels: tokenmill's own (C++, per format, fp32 activations; "-a8": int8 activations on the CPU's integer
 unit, AMX, VNNI or AVX2, as the worker's --activations int8) against PyTorch's: fp32 F.linear and
@@ -56,15 +57,18 @@ def nbytes(*tensors: torch.Tensor) -> int:
 def make_kernel(name: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
     """A callable x -> y for weight w [N, K] under kernel `name` (packing done here, outside the timing), and the
     bytes of the weight it reads (codes and scales as stored)."""
-    from services.worker.engine.layers import quant
+    from services.worker.engine.layers import hugepages, quant
     from services.worker.engine.layers.linear import Linear, set_activations, weight_bytes
 
+    # every kernel's weights in 2 MiB pages, as the worker's are and as the read roof is measured
     if name.startswith("tokenmill-"):
         fmt = name.removeprefix("tokenmill-").removesuffix("-a8")
         layer = Linear(quant.quantize(w, fmt))
+        hugepages.move_weights(layer)
         if name.endswith("-a8"):  # int8 activations on the CPU's integer unit (the worker's --activations int8)
             set_activations(layer, "int8")
         return layer.forward, weight_bytes(layer)
+    w = hugepages.split([(tuple(w.shape), w.dtype)])[0].copy_(w)
     if name == "fp32-linear":
         return (lambda x: F.linear(x, w)), nbytes(w)
     if name == "fp32-mm-wxT":
