@@ -31,9 +31,10 @@ class Models:
         quant, dtype = spec.quantization or "auto", spec.dtype or "auto"
         if spec.name == "hf-static":
             return self.hf(quant, dtype)
-        key = ("paged", spec.quantization, spec.model_impl, spec.dtype)
+        key = ("paged", spec.quantization, spec.model_impl, spec.dtype, spec.activations)
         if key not in self.cache:
-            self.cache[key] = load_engine_model(self.model, quant, dtype=dtype, model_impl=spec.model_impl or "auto")
+            self.cache[key] = load_engine_model(self.model, quant, dtype=dtype, model_impl=spec.model_impl or "auto",
+                                                activations=spec.activations or "fp32")
         return self.cache[key]
 
 

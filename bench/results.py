@@ -50,9 +50,11 @@ class SystemSpec:
     dtype: str = ""
     quantization: str = ""
     model_impl: str = ""
+    activations: str = ""  # "activations=int8": the worker's --activations
 
     @classmethod
     def parse(cls, spec: str) -> SystemSpec:
+        from services.worker.engine.layers.linear import ACTIVATIONS
         from services.worker.engine.models.engine_model import MODEL_IMPLS
         from services.worker.engine.models.weights import QUANTIZATIONS
 
@@ -60,7 +62,10 @@ class SystemSpec:
         name, _, speculative = head.partition("+")
         out = cls(name, speculative or "off")
         for opt in options:
-            if opt in DTYPES:
+            key, eq, value = opt.partition("=")
+            if eq and key == "activations" and value in ACTIVATIONS:
+                out.activations = value
+            elif opt in DTYPES:
                 out.dtype = opt
             elif opt in QUANTIZATIONS:
                 out.quantization = opt
@@ -68,14 +73,14 @@ class SystemSpec:
                 out.model_impl = opt
             else:
                 raise ValueError(f"{spec!r}: option {opt!r} is none of dtype {DTYPES}, quantization "
-                                 f"{QUANTIZATIONS} or model impl {MODEL_IMPLS}")
+                                 f"{QUANTIZATIONS}, model impl {MODEL_IMPLS} or activations=" + "|".join(ACTIVATIONS))
         return out
 
     def worker_args(self) -> list[str]:
         """The worker flags this spec sets (the rest stay at the worker's defaults)."""
         args = ["--speculative", self.speculative]
         for flag, value in (("--dtype", self.dtype), ("--quantization", self.quantization),
-                            ("--model-impl", self.model_impl)):
+                            ("--model-impl", self.model_impl), ("--activations", self.activations)):
             if value:
                 args += [flag, value]
         return args

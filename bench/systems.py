@@ -360,14 +360,16 @@ class VLLM(OpenAIHTTP):
 
 
 def make_system(spec: str, opts: Options, log_dir: Path, page_tokens: int) -> System:
-    """A system spec (bench/results.py), e.g. tokenmill, tokenmill:bfloat16, tokenmill:transformers, hf-static:gguf:
-    a dtype overrides --dtype for that one system; a weight format / model impl sets the worker's flag."""
+    """A system spec (bench/results.py), e.g. tokenmill, tokenmill:bfloat16, tokenmill:transformers, hf-static:gguf,
+    tokenmill:activations=int8: a dtype overrides --dtype for that one system; a weight format / model impl /
+    activation precision sets the worker's flag."""
     if spec.partition(":")[0] not in SYSTEMS:
         raise ValueError(f"unknown system {spec!r}; choose from {', '.join(SYSTEMS)} (optionally name:option)")
     parsed = SystemSpec.parse(spec)
     name = parsed.name
     if spec != name and name in ("llama.cpp", "vllm", "transformers-cb") and (parsed.quantization or
-                                                                              parsed.model_impl or name == "llama.cpp"):
+                                                                              parsed.model_impl or parsed.activations
+                                                                              or name == "llama.cpp"):
         raise ValueError(f"{name} runs its own weights and code: it takes no dtype, format or model impl")
     if parsed.dtype:
         opts = replace(opts, dtype=parsed.dtype)
