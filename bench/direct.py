@@ -59,6 +59,7 @@ def make_engine(kind: str, models: Models, kv_cache_memory: str = "", spec_max_b
     from services.worker.engine.paged_engine import PagedEngine
 
     cfg.speculative = spec.speculative
+    cfg.kv_cache_dtype = spec.kv_cache_dtype or cfg.kv_cache_dtype
     cfg.kv_cache_memory = kv_cache_memory or cfg.kv_cache_memory
     if spec_max_batch >= 0:
         cfg.speculative_max_batch = spec_max_batch

@@ -51,6 +51,7 @@ class SystemSpec:
     quantization: str = ""
     model_impl: str = ""
     activations: str = ""  # "activations=int8": the worker's --activations
+    kv_cache_dtype: str = ""  # "kv-cache-dtype=float16": the worker's --kv-cache-dtype
 
     @classmethod
     def parse(cls, spec: str) -> SystemSpec:
@@ -65,6 +66,8 @@ class SystemSpec:
             key, eq, value = opt.partition("=")
             if eq and key == "activations" and value in ACTIVATIONS:
                 out.activations = value
+            elif eq and key == "kv-cache-dtype" and value in ("auto", "float16"):
+                out.kv_cache_dtype = value
             elif opt in DTYPES:
                 out.dtype = opt
             elif opt in QUANTIZATIONS:
@@ -73,14 +76,16 @@ class SystemSpec:
                 out.model_impl = opt
             else:
                 raise ValueError(f"{spec!r}: option {opt!r} is none of dtype {DTYPES}, quantization "
-                                 f"{QUANTIZATIONS}, model impl {MODEL_IMPLS} or activations=" + "|".join(ACTIVATIONS))
+                                 f"{QUANTIZATIONS}, model impl {MODEL_IMPLS}, activations=" + "|".join(ACTIVATIONS)
+                                 + " or kv-cache-dtype=auto|float16")
         return out
 
     def worker_args(self) -> list[str]:
         """The worker flags this spec sets (the rest stay at the worker's defaults)."""
         args = ["--speculative", self.speculative]
         for flag, value in (("--dtype", self.dtype), ("--quantization", self.quantization),
-                            ("--model-impl", self.model_impl), ("--activations", self.activations)):
+                            ("--model-impl", self.model_impl), ("--activations", self.activations),
+                            ("--kv-cache-dtype", self.kv_cache_dtype)):
             if value:
                 args += [flag, value]
         return args

@@ -369,6 +369,7 @@ def make_system(spec: str, opts: Options, log_dir: Path, page_tokens: int) -> Sy
     name = parsed.name
     if spec != name and name in ("llama.cpp", "vllm", "transformers-cb") and (parsed.quantization or
                                                                               parsed.model_impl or parsed.activations
+                                                                              or parsed.kv_cache_dtype
                                                                               or name == "llama.cpp"):
         raise ValueError(f"{name} runs its own weights and code: it takes no dtype, format or model impl")
     if parsed.dtype:

@@ -59,3 +59,26 @@ def test_matches_softmax_attention_and_is_tile_invariant(block_size, heads, kv_h
     assert torch.equal(chunked, together[:100])
     for t in (0, 1, 57, 99, 100, 101):
         assert torch.equal(attend(slice(t, t + 1)), together[t : t + 1]), t
+
+
+@pytest.mark.parametrize("block_size,head_dim", [(16, 64), (8, 48)])
+def test_float16_cache_reads_as_its_float32_values(block_size, head_dim):
+    """--kv-cache-dtype float16: write_kv rounds each K/V value once (to nearest even) and the attention
+    converts as it loads, so a float16 cache gives bitwise the result of a float32 cache holding the rounded
+    values (a block shorter than a vector included)."""
+    torch.manual_seed(0)
+    heads, kv_heads, n = 6, 2, 37
+    k32 = torch.zeros(kv_heads, 6, head_dim, block_size)
+    v32 = torch.zeros(kv_heads, 6, block_size, head_dim)
+    k16, v16 = k32.half(), v32.half()
+    kn, vn = torch.randn(n, kv_heads * head_dim) * 3, torch.randn(n, kv_heads * head_dim) * 3
+    slots = torch.arange(n, dtype=torch.long) + block_size  # from block 1 on
+    OPS.write_kv(kn.half().float(), vn.half().float(), k32, v32, slots)
+    OPS.write_kv(kn, vn, k16, v16, slots)
+    assert torch.equal(k16.float(), k32) and torch.equal(v16.float(), v32)
+    tables = torch.arange(1, 6, dtype=torch.int32).reshape(1, 5)
+    seq, pos = torch.zeros(n, dtype=torch.int32), torch.arange(n, dtype=torch.int32)
+    q = torch.randn(n, heads * head_dim)
+    a16 = OPS.paged_attention(q, k16, v16, tables, seq, pos, heads, 0, head_dim ** -0.5)
+    a32 = OPS.paged_attention(q, k32, v32, tables, seq, pos, heads, 0, head_dim ** -0.5)
+    assert torch.equal(a16, a32)

@@ -44,9 +44,9 @@ def test_system_specs():
                                                                               "none", "bfloat16")
     assert s.worker_args() == ["--speculative", "ngram", "--dtype", "bfloat16", "--quantization", "none",
                                "--model-impl", "transformers"]
-    a8 = SystemSpec.parse("tokenmill:gguf:activations=int8")
-    assert (a8.quantization, a8.activations) == ("gguf", "int8")
-    assert a8.worker_args()[-2:] == ["--activations", "int8"]
+    a8 = SystemSpec.parse("tokenmill:gguf:activations=int8:kv-cache-dtype=float16")
+    assert (a8.quantization, a8.activations, a8.kv_cache_dtype) == ("gguf", "int8", "float16")
+    assert a8.worker_args()[-4:] == ["--activations", "int8", "--kv-cache-dtype", "float16"]
     with pytest.raises(ValueError, match="option 'activations=int4'"):
         SystemSpec.parse("tokenmill:activations=int4")
     with pytest.raises(ValueError, match="option 'fp8'"):

@@ -132,7 +132,7 @@ def gguf_native():
     return lm.model
 
 
-def run_scenario(model, tokenizer, prompts, scenario, logprobs=False, block_size=None):
+def run_scenario(model, tokenizer, prompts, scenario, logprobs=False, block_size=None, kv_cache_dtype="auto"):
     from services.worker.engine.paged_engine import PagedEngine
 
     small = scenario == "preemption"
@@ -141,7 +141,8 @@ def run_scenario(model, tokenizer, prompts, scenario, logprobs=False, block_size
     eng = PagedEngine(model, tokenizer, block_size=block_size,
                       num_blocks=-(-longest // block_size) + 4 if small else 512,
                       enable_prefix_caching=scenario in ("prefix-hits", "preemption"),
-                      max_num_batched_tokens={"staggered": 48, "preemption": 256}.get(scenario, 4096))
+                      max_num_batched_tokens={"staggered": 48, "preemption": 256}.get(scenario, 4096),
+                      kv_cache_dtype=kv_cache_dtype)
     seen = record_logprobs(eng) if logprobs else None
     reqs = [Request(str(i), p, params(MAX_NEW)) for i, p in enumerate(prompts)]
     if scenario == "alone":
@@ -255,6 +256,37 @@ def test_int8_activations_close_to_same_module_reference(int8_activations, capsy
                                                               for r, k, ok, d in stats))
     broken = [r for r, _, ok, _ in stats if not ok]
     assert len(broken) <= 0.1 * len(stats), f"vLLM's rule broken for prompts {broken} of {len(stats)}"
+
+
+def test_float16_kv_cache_is_batch_invariant_and_close_to_fp32(loaded, gguf_native, prompts, capsys):
+    """--kv-cache-dtype float16: K/V rounded once as they are stored, so a request's tokens and logprobs are
+    bitwise those it gets alone, whatever else is in the batch; against the fp32 model (fp32 cache, same
+    weights: exact parity with the fp32 cache) vLLM's check_logprobs_close rule holds for every prompt."""
+    if kernels.cpu_ops(torch.device("cpu"), torch.float32) is None:
+        pytest.skip(f"the float16 KV cache is read by tokenmill's C++ attention ({kernels.cpu_capability()} here)")
+    alone, alone_top = run_scenario(gguf_native, loaded.tokenizer, prompts, "alone", logprobs=True,
+                                    block_size=16, kv_cache_dtype="float16")
+    together, together_top = run_scenario(gguf_native, loaded.tokenizer, prompts, "together", logprobs=True,
+                                          block_size=16, kv_cache_dtype="float16")
+    assert together == alone
+    for rid, steps in together_top.items():
+        assert steps[-len(alone_top[rid]):] == alone_top[rid], f"{rid}: logprobs differ from the request alone"
+    same = check_logprobs_close("kv-float16", alone, alone_top, fp32_refs(loaded, prompts))
+    with capsys.disabled():
+        print(f"\n[logprobs-close] float16 KV cache vs fp32: {same} of {len(prompts)} prompts identical")
+
+
+def test_float16_kv_cache_refused_where_no_kernel_reads_it(gguf_native, loaded):
+    """Only tokenmill's C++ attention reads a float16 cache (float32 models on a CPU): elsewhere the engine
+    refuses at start, with the flag to use instead."""
+    from services.worker.engine.models.engine_model import load_engine_model
+    from services.worker.engine.paged_engine import PagedEngine
+
+    with pytest.raises(ValueError, match="--kv-cache-dtype 'int8': use auto or float16"):
+        PagedEngine(gguf_native, loaded.tokenizer, num_blocks=8, kv_cache_dtype="int8")
+    bf16 = load_engine_model("smollm2-135m", "gguf", model_impl="native", dtype="bfloat16").model
+    with pytest.raises(ValueError, match=r"needs tokenmill's C\+\+ attention.*use --kv-cache-dtype auto"):
+        PagedEngine(bf16, loaded.tokenizer, num_blocks=8, kv_cache_dtype="float16")
 
 
 def test_worker_refuses_unknown_quantization_at_start():

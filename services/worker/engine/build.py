@@ -13,6 +13,7 @@ ENGINES = ("paged", "hf-static")
 def engine_options(config: Any) -> dict[str, Any]:
     """PagedEngine keyword arguments from a WorkerConfig (the worker and the benchmarks both build from it)."""
     return dict(block_size=config.block_size, kv_cache_memory=config.kv_cache_memory,
+                kv_cache_dtype=config.kv_cache_dtype,
                 max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=config.max_model_len, enable_prefix_caching=config.prefix_cache,
                 enforce_eager=config.enforce_eager, max_waiting_steps=config.max_waiting_steps,

@@ -13,7 +13,7 @@ import torch
 
 from services.worker.engine import attention
 from services.worker.engine.kv_cache import KVCache, parse_kv_memory
-from services.worker.engine.layers import gpu
+from services.worker.engine.layers import gpu, kernels
 from services.worker.engine.layers.linear import lm_head
 from services.worker.engine.models import DecoderModel
 from services.worker.engine.models.spec import ModelShape
@@ -25,7 +25,8 @@ log = logging.getLogger("tokenmill.engine")
 
 
 class ModelRunner:
-    def __init__(self, model: Any, block_size: int, kv_cache_memory: str | int, num_blocks: int = 0) -> None:
+    def __init__(self, model: Any, block_size: int, kv_cache_memory: str | int, num_blocks: int = 0,
+                 kv_cache_dtype: str = "auto") -> None:
         self.model = model
         self.native = isinstance(model, DecoderModel)
         self.device = model.device if self.native else next(model.parameters()).device
@@ -34,22 +35,23 @@ class ModelRunner:
         self.shape = shape = ModelShape.from_config(model.config)
         self.prompt_rows: list[tuple[Sequence, int, int, int]] = []  # (seq, first row, rows, first position)
         self.prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = []
+        self.triton = gpu.applies(self.device)  # Triton kernels and their KV layout (CUDA)
+        self.kv_dtype = self._kv_dtype(kv_cache_dtype)
         per_block = KVCache.bytes_per_block(shape.num_layers, shape.num_kv_heads, shape.head_dim, block_size,
-                                            self.dtype)
+                                            self.kv_dtype)
         if not num_blocks:
             budget = kv_cache_memory if isinstance(kv_cache_memory, int) else parse_kv_memory(kv_cache_memory,
                                                                                                  self.device)
             num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(f"--kv-cache-memory {kv_cache_memory!r} holds no {per_block}-byte KV block")
-        self.triton = gpu.applies(self.device)  # Triton kernels and their KV layout (CUDA)
         self.graphs: Any = None  # DecodeGraphs, once enable_graphs ran
         self.graph_capture_s = 0.0
-        self.kv = KVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, num_blocks, block_size, self.dtype,
-                          self.device, self.triton)
+        self.kv = KVCache(shape.num_layers, shape.num_kv_heads, shape.head_dim, num_blocks, block_size,
+                          self.kv_dtype, self.device, self.triton)
         self.kv_bytes = num_blocks * per_block
         log.info("KV pool: %d blocks of %d tokens (%.1f MiB, %s); forward: %s", num_blocks, block_size,
-                 self.kv_bytes / 2**20, self.dtype, "native" if self.native else "transformers")
+                 self.kv_bytes / 2**20, self.kv_dtype, "native" if self.native else "transformers")
         if not self.native:
             attention.register()
             self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -57,6 +59,21 @@ class ModelRunner:
             # CPU: W @ h^T runs the vocabulary projection 1.3x (32 rows) to 3x (2-4 rows) faster than h @ W^T
             stationary = type(head) is torch.nn.Linear and head.bias is None and self.device.type == "cpu"
             self._head = lm_head(head.weight) if stationary else head
+
+    def _kv_dtype(self, spec: str) -> torch.dtype:
+        """--kv-cache-dtype: auto = the model's dtype; float16 only where tokenmill's C++ attention reads the
+        cache (it converts as it loads; the PyTorch and Triton paths read the model's dtype)."""
+        if spec == "auto":
+            return self.dtype
+        if spec != "float16":
+            raise ValueError(f"--kv-cache-dtype {spec!r}: use auto or float16")
+        shape = self.shape
+        if self.triton or kernels.cpu_ops(self.device, self.dtype) is None or \
+                not kernels.attention_fits(shape.head_dim, shape.num_heads, shape.num_kv_heads):
+            raise ValueError("--kv-cache-dtype float16 needs tokenmill's C++ attention (a CPU with its kernels, "
+                             f"--dtype float32, head_dim a multiple of 16; here {self.device.type}, {self.dtype}, "
+                             f"head_dim {shape.head_dim}): use --kv-cache-dtype auto")
+        return torch.float16
 
     @property
     def num_blocks(self) -> int:

@@ -30,13 +30,13 @@ class PagedEngine:
                  num_blocks: int = 0, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
                  max_model_len: int = 0, enable_prefix_caching: bool = True, seed: int | None = None,
                  speculative: SpecConfig | None = None, enforce_eager: bool = False,
-                 max_waiting_steps: int = 0) -> None:
+                 max_waiting_steps: int = 0, kv_cache_dtype: str = "auto") -> None:
         if block_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         self.tokenizer = tokenizer
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs = min(max_num_seqs, max_num_batched_tokens)  # every decode fits a step
-        self.runner = ModelRunner(model, block_size, kv_cache_memory, num_blocks)
+        self.runner = ModelRunner(model, block_size, kv_cache_memory, num_blocks, kv_cache_dtype)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, max_waiting_steps)
         self.sampler = Sampler(seed)

@@ -1,6 +1,7 @@
 // Paged attention over the KV cache in place: no gathered copy of any sequence's context.
 //
-// Cache layout, per layer: K as [kv_heads, blocks, head_dim, block_size] (each block transposed, so the
+// Cache layout, per layer (float32, or float16 with --kv-cache-dtype float16: converted to float32 as it is
+// loaded, so only the stored values round): K as [kv_heads, blocks, head_dim, block_size] (each block transposed, so the
 // scores of W keys are one vector: sum_d q[d] * K[d, keys]) and V as [kv_heads, blocks, block_size,
 // head_dim]. Every query token attends keys [lo, pos] of its own sequence, lo = pos - window + 1 for a
 // sliding window, else 0: decodes and prefill chunks (over their cached prefix) are the same loop.
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -42,22 +44,31 @@ struct Row {
   alignas(64) float s[kGroup];
 };
 
+inline S::F load(const float* p) { return S::load(p); }
+inline S::F load(const at::Half* p) { return S::half(p); }
+
+template <typename T>
 struct Group {  // kGroup keys [pos, pos + n) of one block, at kt (transposed K) and vb (V)
-  const float* kt;
-  const float* vb;
+  const T* kt;
+  const T* vb;
   int64_t stride;  // the K block's row stride: block_size
   int n;
 };
 
-S::F load_keys(const Group& g, int64_t d, int v) {
-  const float* p = g.kt + d * g.stride + v * W;
+template <typename T>
+S::F load_keys(const Group<T>& g, int64_t d, int v) {
+  const T* p = g.kt + d * g.stride + v * W;
   const int n = std::min(W, g.n - v * W);
-  return n >= W ? S::load(p) : S::loadn(p, std::max(n, 0), 0.0f);
+  if (n >= W) return load(p);
+  if constexpr (std::is_same_v<T, float>) return S::loadn(p, std::max(n, 0), 0.0f);
+  alignas(64) float tmp[W] = {};  // a block shorter than a vector: float16 keys one by one
+  for (int i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+  return S::load(tmp);
 }
 
 // Raw scores q . K of RB rows into row.s (scaled).
-template <int RB>
-void scores(Row* const* rows, const Group& g, int64_t D, float scale) {
+template <int RB, typename T>
+void scores(Row* const* rows, const Group<T>& g, int64_t D, float scale) {
   constexpr int A = kChains * kNK;  // accumulators per row: always 2
   const float* q[RB];
   S::F acc[RB][A];
@@ -120,8 +131,8 @@ void softmax(Row& r) {
 }
 
 // o[d0, d0 + NV W) = o * corr + sum over keys [first, last) of p[i] * V[i], for RB rows.
-template <int RB, int NV>
-void accumulate_slice(float* const* o, const float* const* p, const float* corr, const Group& g, int64_t D,
+template <int RB, int NV, typename T>
+void accumulate_slice(float* const* o, const float* const* p, const float* corr, const Group<T>& g, int64_t D,
                       int64_t d0, int first, int last) {
   S::F a[RB][NV];
 #pragma GCC unroll 8
@@ -129,10 +140,10 @@ void accumulate_slice(float* const* o, const float* const* p, const float* corr,
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) a[r][v] = S::mul(S::load(o[r] + d0 + v * W), S::set1(corr[r]));
   for (int i = first; i < last; ++i) {
-    const float* vrow = g.vb + i * D + d0;
+    const T* vrow = g.vb + i * D + d0;
     S::F vv[NV];
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) vv[v] = S::load(vrow + v * W);
+    for (int v = 0; v < NV; ++v) vv[v] = load(vrow + v * W);
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
       const S::F pi = S::bcast(p[r] + i);
@@ -147,8 +158,8 @@ void accumulate_slice(float* const* o, const float* const* p, const float* corr,
 }
 
 // P @ V for RB rows with the same valid lanes, in slices of two head_dim vectors (and one odd one).
-template <int RB>
-void accumulate(Row* const* rows, const Group& g, int64_t D) {
+template <int RB, typename T>
+void accumulate(Row* const* rows, const Group<T>& g, int64_t D) {
   const float* p[RB];
   float* o[RB];
   float corr[RB];
@@ -160,8 +171,8 @@ void accumulate(Row* const* rows, const Group& g, int64_t D) {
   }
   const int first = rows[0]->first, last = rows[0]->last;
   int64_t d0 = 0;
-  for (; d0 + 2 * W <= D; d0 += 2 * W) accumulate_slice<RB, 2>(o, p, corr, g, D, d0, first, last);
-  if (d0 < D) accumulate_slice<RB, 1>(o, p, corr, g, D, d0, first, last);
+  for (; d0 + 2 * W <= D; d0 += 2 * W) accumulate_slice<RB, 2, T>(o, p, corr, g, D, d0, first, last);
+  if (d0 < D) accumulate_slice<RB, 1, T>(o, p, corr, g, D, d0, first, last);
 }
 
 template <template <int> class Op, typename... A>
@@ -178,16 +189,19 @@ void in_blocks(Row* const* rows, int n, A&&... args) {  // Op over rows in regis
 }
 template <int RB>
 struct Scores {
-  static void run(Row* const* rows, const Group& g, int64_t D, float scale) { scores<RB>(rows, g, D, scale); }
+  template <typename T>
+  static void run(Row* const* rows, const Group<T>& g, int64_t D, float scale) { scores<RB>(rows, g, D, scale); }
 };
 template <int RB>
 struct Accumulate {
-  static void run(Row* const* rows, const Group& g, int64_t D) { accumulate<RB>(rows, g, D); }
+  template <typename T>
+  static void run(Row* const* rows, const Group<T>& g, int64_t D) { accumulate<RB>(rows, g, D); }
 };
 
+template <typename T>
 struct Cache {
-  const float* k;
-  const float* v;
+  const T* k;
+  const T* v;
   int64_t blocks, block_size, head_dim;
 };
 
@@ -198,7 +212,8 @@ struct Scratch {
 };
 
 // All rows of one tile (same sequence, same KV head) over the groups of keys any of them attends.
-void attend_tile(Scratch& sc, const Cache& c, int64_t kvh, const int32_t* table, float scale) {
+template <typename T>
+void attend_tile(Scratch& sc, const Cache<T>& c, int64_t kvh, const int32_t* table, float scale) {
   std::vector<Row>& tile = sc.tile;
   std::vector<Row*>& active = sc.active;
   std::vector<Row*>& full = sc.full;
@@ -216,7 +231,7 @@ void attend_tile(Scratch& sc, const Cache& c, int64_t kvh, const int32_t* table,
     const int64_t blk = start / BS;
     for (int64_t off = (std::max(lo, start) - start) / kGroup * kGroup; off < BS && start + off < hi; off += kGroup) {
       const int64_t g0 = start + off;
-      const Group g{c.k + ((kvh * c.blocks + table[blk]) * D) * BS + off,
+      const Group<T> g{c.k + ((kvh * c.blocks + table[blk]) * D) * BS + off,
                     c.v + ((kvh * c.blocks + table[blk]) * BS + off) * D, BS,
                     static_cast<int>(std::min<int64_t>(kGroup, BS - off))};
       active.clear();
@@ -256,8 +271,14 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   const int64_t T = q.size(0), KVH = k_cache.size(0), D = k_cache.size(2), BS = k_cache.size(3);
   TORCH_CHECK(q.size(1) == num_heads * D && num_heads % KVH == 0, "q does not match the cache's heads");
   TORCH_CHECK(D % W == 0, "head_dim must be a multiple of ", W);
+  const bool half = k_cache.scalar_type() == at::kHalf;
+  TORCH_CHECK((half || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type(),
+              "caches: float32 or float16, both the same");
   const int64_t G = num_heads / KVH;
-  const Cache c{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), BS, D};
+  const Cache<float> c32{half ? nullptr : k_cache.data_ptr<float>(), half ? nullptr : v_cache.data_ptr<float>(),
+                         k_cache.size(1), BS, D};
+  const Cache<at::Half> c16{half ? k_cache.data_ptr<at::Half>() : nullptr,
+                            half ? v_cache.data_ptr<at::Half>() : nullptr, k_cache.size(1), BS, D};
   auto out = at::empty({T, num_heads * D}, q.options());
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -291,31 +312,46 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
           tile.push_back(r);
         }
       }
-      attend_tile(sc, c, h, tables + seq[tiles[ti]] * tstride, static_cast<float>(scale));
+      const int32_t* table = tables + seq[tiles[ti]] * tstride;
+      if (half) attend_tile(sc, c16, h, table, static_cast<float>(scale));
+      else attend_tile(sc, c32, h, table, static_cast<float>(scale));
     }
   });
   return out;
 }
 
-// Write each token's K and V ([T, kv_heads * D], row stride any) into its slot (block * block_size + offset).
-void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
-  TORCH_CHECK(k.stride(1) == 1 && v.stride(1) == 1 && k.scalar_type() == at::kFloat, "k, v: float32, rows dense");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots: int64");
-  const int64_t T = k.size(0), KVH = k_cache.size(0), NB = k_cache.size(1), D = k_cache.size(2), BS = k_cache.size(3);
-  TORCH_CHECK(k.size(1) == KVH * D && v.size(1) == KVH * D, "k / v do not match the cache");
+// Write each token's K and V ([T, kv_heads * D] float32, row stride any) into its slot (block * block_size +
+// offset) of a float32 or float16 cache (rounded to nearest even).
+template <typename T>
+static void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slots) {
+  const int64_t T_ = k.size(0), KVH = k_cache.size(0), NB = k_cache.size(1), D = k_cache.size(2), BS = k_cache.size(3);
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
   const int64_t* sl = slots.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < T_; ++t) {
     const int64_t blk = sl[t] / BS, off = sl[t] % BS;
     TORCH_CHECK(blk >= 0 && blk < NB, "slot out of range");
     for (int64_t h = 0; h < KVH; ++h) {
       const float* ks = kp + t * k.stride(0) + h * D;
-      float* kd = kc + ((h * NB + blk) * D) * BS + off;
-      for (int64_t d = 0; d < D; ++d) kd[d * BS] = ks[d];
-      std::copy(vp + t * v.stride(0) + h * D, vp + t * v.stride(0) + (h + 1) * D, vc + ((h * NB + blk) * BS + off) * D);
+      const float* vs = vp + t * v.stride(0) + h * D;
+      T* kd = kc + ((h * NB + blk) * D) * BS + off;
+      T* vd = vc + ((h * NB + blk) * BS + off) * D;
+      for (int64_t d = 0; d < D; ++d) kd[d * BS] = static_cast<T>(ks[d]);
+      for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<T>(vs[d]);
     }
   }
+}
+
+void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
+  TORCH_CHECK(k.stride(1) == 1 && v.stride(1) == 1 && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "k, v: float32, rows dense");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots: int64");
+  TORCH_CHECK(k.size(1) == k_cache.size(0) * k_cache.size(2) && v.size(1) == k.size(1), "k / v do not match the cache");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "caches: both float32 or both float16");
+  if (k_cache.scalar_type() == at::kHalf) store_kv<at::Half>(k, v, k_cache, v_cache, slots);
+  else if (k_cache.scalar_type() == at::kFloat) store_kv<float>(k, v, k_cache, v_cache, slots);
+  else TORCH_CHECK(false, "caches: float32 or float16");
 }
