@@ -128,6 +128,8 @@ def quality(
     out: Path = typer.Option(Path("results/quality.json"), help="JSON result file (the .md goes next to it)."),
     activations: str = typer.Option("fp32", help="fp32 and/or int8: rows of the integer-coded formats with the "
                                     "worker's --activations int8 too."),
+    kv_cache_dtype: str = typer.Option("auto", help="auto and/or float16: rows of every format with the worker's "
+                                       "--kv-cache-dtype float16 too (K/V rounded to float16 before attention)."),
 ) -> None:
     """Perplexity, KL divergence from fp32 and top-1 agreement per weight format."""
     from bench.quality import Options, main
@@ -136,7 +138,7 @@ def quality(
     if "none" not in names:
         names = ("none", *names)  # the reference every other format is compared with
     opts = Options(models=_names(models), formats=names, tokens=tokens, chunk=chunk, threads=threads, quick=quick,
-                   out=out, activations=_names(activations))
+                   out=out, activations=_names(activations), kv_cache_dtypes=_names(kv_cache_dtype))
     if quick:
         opts.tokens, opts.chunk = 1024, 256
     main(opts)

@@ -7,7 +7,10 @@ Per model and format (`none` = the fp32 reference, `gguf` = the embedded GGUF's 
   positions (as llama.cpp's `perplexity --kl-divergence` reports them);
 - top-1 agreement: the fraction of positions whose argmax equals the fp32 model's.
 With `--activations fp32,int8`, each integer-coded format also gets a row with the worker's `--activations int8`
-(activations quantized per row in blocks of 32 before the integer kernel).
+(activations quantized per row in blocks of 32 before the integer kernel). With `--kv-cache-dtype auto,float16`,
+each format also gets a row with the worker's `--kv-cache-dtype float16`: every layer's keys (after RoPE) and
+values rounded to float16 before attention, which is what the engine's float16 cache holds and its attention
+reads (converted back to float32, exactly).
 Every format runs transformers' model over tokenmill's Linear/Embedding modules (the same modules the engine
 uses), one forward per non-overlapping chunk of `--chunk` tokens, no cache, no sampling. In a chunk, positions
 1..chunk-1 are scored (each predicts the next token of the chunk from the chunk's own prefix only).
@@ -23,6 +26,7 @@ formats with each other, not with the trained model's numbers.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -45,6 +49,8 @@ TINY_QWEN2 = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_h
                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 TINY_SEED = 0
 INT8_ACT = " +int8 activations"  # a format's row with --activations int8 (the worker's flag)
+KV16 = " +float16 KV"  # a format's row with --kv-cache-dtype float16
+KV16_ATTN = "tokenmill_kv16"  # transformers' sdpa over K/V rounded to float16
 SOURCE = "CPython's pydoc_data/topics.py (Python Language Reference topics), prose paragraphs"
 
 
@@ -58,6 +64,7 @@ class Options:
     quick: bool = False
     out: Path = Path("results/quality.json")
     activations: tuple[str, ...] = ("fp32",)  # int8: also each integer-coded format with int8 activations
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)  # float16: also each format with a float16 KV cache
 
 
 @dataclass(slots=True)
@@ -76,6 +83,7 @@ class Row:
     entropy: float
     forward_s: float
     activations: str = "fp32"
+    kv_cache_dtype: str = "auto"
 
 
 @dataclass(slots=True)
@@ -112,6 +120,13 @@ def tiny_qwen2() -> Any:
     return Qwen2ForCausalLM(Qwen2Config(**TINY_QWEN2)).eval()
 
 
+def kv16_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa over keys and values rounded to float16: what a float16 KV cache stores."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key.half().float(), value.half().float(), attention_mask, **kwargs)
+
+
 def format_model(name: str, ref: Any, fmt: str) -> Any:
     from services.worker.engine.models.builders import hf_from_hf
     from services.worker.engine.models.engine_model import load_model
@@ -141,6 +156,18 @@ def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str
         if "int8" in opts.activations and fmt not in ("none", "nf4"):
             models[fmt + INT8_ACT] = format_model(name, ref, fmt)
             set_activations(models[fmt + INT8_ACT], "int8")
+        if "float16" in opts.kv_cache_dtypes:
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(KV16_ATTN, kv16_attention)
+            kv16 = format_model(name, ref, fmt) if fmt != "none" else (  # its own copy: the attention changes
+                load_model(name, "none", "cpu", "float32").model if name in EMBEDDED else tiny_qwen2())
+            shared, own = kv16.config, copy.copy(kv16.config)  # hf_from_hf shares the reference's config
+            for module in kv16.modules():
+                if getattr(module, "config", None) is shared:
+                    module.config = own
+            kv16.set_attn_implementation(KV16_ATTN)
+            models[fmt + KV16] = kv16
     tallies = {fmt: Tally() for fmt in models}
     chunks = ids[: len(ids) // opts.chunk * opts.chunk].view(-1, opts.chunk)
     with torch.inference_mode():
@@ -168,11 +195,12 @@ def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str
     for fmt, tally in tallies.items():
         kl = torch.cat(tally.kl)
         ppl = math.exp(torch.cat(tally.nll).mean().item())
-        rows.append(Row(name, fmt.removesuffix(INT8_ACT), weight_bytes(models[fmt]) / 2**20, len(kl), ppl,
+        base = fmt.removesuffix(INT8_ACT).removesuffix(KV16)
+        rows.append(Row(name, base, weight_bytes(models[fmt]) / 2**20, len(kl), ppl,
                         ppl / ref_ppl, kl.mean().item(), kl.median().item(), torch.quantile(kl, 0.99).item(),
                         kl.max().item(), torch.cat(tally.same).double().mean().item(),
                         torch.cat(tally.entropy).mean().item(), tally.seconds,
-                        "int8" if fmt.endswith(INT8_ACT) else "fp32"))
+                        "int8" if fmt.endswith(INT8_ACT) else "fp32", "float16" if fmt.endswith(KV16) else "auto"))
         print(f"  {name} {fmt}: ppl {ppl:.3f}, KL mean {rows[-1].kl_mean:.5f}, top-1 {rows[-1].top1:.4f}")
     return rows
 
@@ -191,7 +219,8 @@ def markdown_table(rows: list[Row]) -> str:
              "| entropy |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        fmt = r.format + (", int8 activations" if r.activations == "int8" else "")
+        fmt = r.format + (", int8 activations" if r.activations == "int8" else "") + (
+            ", float16 KV" if r.kv_cache_dtype == "float16" else "")
         lines.append(f"| {r.model} | {fmt} | {r.weights_MiB:.1f} | {r.perplexity:.3f} | {r.ppl_ratio:.4f} | "
                      f"{r.kl_mean:.3g} | {r.kl_median:.3g} | {r.kl_p99:.3g} | {r.kl_max:.3g} | "
                      f"{100 * r.top1:.2f}% | {r.entropy:.2f} |")

@@ -9,7 +9,7 @@ import math
 from typer.testing import CliRunner
 
 ROW = {"model", "format", "weights_MiB", "positions", "perplexity", "ppl_ratio", "kl_mean", "kl_median", "kl_p99",
-       "kl_max", "top1", "entropy", "forward_s", "activations"}
+       "kl_max", "top1", "entropy", "forward_s", "activations", "kv_cache_dtype"}
 
 
 def test_quality_quick_on_tiny_qwen2(tmp_path):
@@ -21,7 +21,7 @@ def test_quality_quick_on_tiny_qwen2(tmp_path):
 
     out = tmp_path / "quality.json"
     result = CliRunner().invoke(app, ["quality", "--quick", "--models", "tiny-qwen2", "--formats", "int8,int4,nf4",
-                                      "--out", str(out), *activations])
+                                      "--out", str(out), "--kv-cache-dtype", "auto,float16", *activations])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert {"benchmark", "date", "command", "options", "environment", "text", "models", "rows", "total_s"} <= set(doc)
@@ -29,15 +29,21 @@ def test_quality_quick_on_tiny_qwen2(tmp_path):
     text = doc["text"]
     assert "pydoc_data/topics.py" in text["source"] and text["tokens_available"] >= 20000
     assert text["tokens_used"] == 1024 and text["positions_scored"] == 4 * 255
-    rows = {r["format"]: r for r in doc["rows"] if r["activations"] == "fp32"}
+    rows = {r["format"]: r for r in doc["rows"] if r["activations"] == "fp32" and r["kv_cache_dtype"] == "auto"}
     assert list(rows) == ["none", "int8", "int4", "nf4"]
     if int8:  # int8 activations: a row per integer-coded format, noisier than its fp32-activation row
         a8 = {r["format"]: r for r in doc["rows"] if r["activations"] == "int8"}
         assert list(a8) == ["int8", "int4"] and all(a8[f]["weights_MiB"] == rows[f]["weights_MiB"] for f in a8)
         assert all(a8[f]["kl_mean"] > rows[f]["kl_mean"] for f in a8)
+    # a float16 KV cache: a row per format (fp32 included), the same weights, logits moved by the rounding
+    kv16 = {r["format"]: r for r in doc["rows"] if r["kv_cache_dtype"] == "float16"}
+    assert list(kv16) == ["none", "int8", "int4", "nf4"] and all(r["activations"] == "fp32" for r in kv16.values())
+    assert all(kv16[f]["weights_MiB"] == rows[f]["weights_MiB"] for f in kv16)
+    assert kv16["none"]["perplexity"] != rows["none"]["perplexity"]  # K/V rounding reached the logits
+    assert "none, float16 KV |" in out.with_suffix(".md").read_text()
     for r in rows.values():
         assert set(r) == ROW and r["model"] == "tiny-qwen2" and r["positions"] == 1020
-        assert all(math.isfinite(r[k]) for k in ROW - {"model", "format", "activations"})
+        assert all(math.isfinite(r[k]) for k in ROW - {"model", "format", "activations", "kv_cache_dtype"})
         assert r["kl_mean"] >= -1e-6 and 0 <= r["top1"] <= 1
     ref = rows["none"]
     assert ref["kl_mean"] == ref["kl_max"] == 0 and ref["top1"] == 1 and ref["ppl_ratio"] == 1
