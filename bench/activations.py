@@ -8,6 +8,7 @@ slows whichever runs during a burst: the best round counts):
   the same run (`bench kernels`' probes: fp32, bf16 and int8 GEMMs; bf16 where the CPU has AMX or avx512_bf16);
 - decode at batch 1 and 32 (32-token prompts): tokens/s over the steps in which every sequence decodes, and at
   batch 1 the weight bytes read per second against the read-bandwidth roof.
+With `--kv-cache-dtype auto,float16` every configuration also runs with the worker's float16 KV cache.
 The JSON carries lscpu's model and flags, the kernels' ISA and the integer unit (AMX or VNNI).
 """
 
@@ -33,6 +34,7 @@ class Options:
     threads: int = 0
     quick: bool = False
     out: Path = Path("results/activations.json")
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)
 
 
 def linear_macs(model: torch.nn.Module) -> int:
@@ -42,16 +44,16 @@ def linear_macs(model: torch.nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear))
 
 
-def measure(fmt: str, activations: str, opts: Options) -> dict[str, Any]:
+def measure(fmt: str, activations: str, opts: Options, kv: str = "auto") -> dict[str, Any]:
     from bench.phases.quantization import speed
     from services.worker.engine.layers.linear import weight_bytes
     from services.worker.engine.models.engine_model import load_engine_model
 
     lm = load_engine_model("smollm2-135m", fmt, "cpu", "float32", "auto", activations)
-    prefill = speed(lm, 1, opts.prompt_len, 2, "cpu")
-    b1 = speed(lm, 1, 32, opts.new_tokens, "cpu")
-    b32 = speed(lm, 32, 32, opts.new_tokens, "cpu")
-    row = {"format": fmt, "activations": activations, "weight_bytes": weight_bytes(lm.model),
+    prefill = speed(lm, 1, opts.prompt_len, 2, "cpu", kv)
+    b1 = speed(lm, 1, 32, opts.new_tokens, "cpu", kv)
+    b32 = speed(lm, 32, 32, opts.new_tokens, "cpu", kv)
+    row = {"format": fmt, "activations": activations, "kv_cache_dtype": kv, "weight_bytes": weight_bytes(lm.model),
            "macs_per_token": linear_macs(lm.model), "ttft_s": prefill["ttft_s"],
            "prefill_tok_s": opts.prompt_len / prefill["ttft_s"], "decode_tok_s_b1": b1["decode_tok_s"],
            "decode_tok_s_b32": b32["decode_tok_s"]}
@@ -77,9 +79,9 @@ def main(opts: Options) -> dict[str, Any]:
     for i in range(opts.repeat):
         rows = []
         for fmt in opts.formats:
-            for act in acts:
-                rows.append(measure(fmt, act, opts))
-                print(f"round {i + 1}: {fmt} {act}: TTFT {rows[-1]['ttft_s']:.3f} s, prefill "
+            for act, kv in ((a, k) for a in acts for k in opts.kv_cache_dtypes):
+                rows.append(measure(fmt, act, opts, kv))
+                print(f"round {i + 1}: {fmt} {act} kv {kv}: TTFT {rows[-1]['ttft_s']:.3f} s, prefill "
                       f"{rows[-1]['prefill_tok_s']:.0f} tok/s, decode b1 {rows[-1]['decode_tok_s_b1']:.1f}, "
                       f"b32 {rows[-1]['decode_tok_s_b32']:.1f} tok/s", flush=True)
         rounds.append(rows)
@@ -100,7 +102,8 @@ def main(opts: Options) -> dict[str, Any]:
         b["decode_b1_share_of_read_roof"] = b["decode_b1_GB_s"] * 1e9 / roof["read_bytes_per_s"]
         best.append(b)
     for b in best:
-        base = next(r for r in best if r["format"] == b["format"] and r["activations"] == "fp32")
+        base = next(r for r in best if r["format"] == b["format"] and r["activations"] == "fp32"
+                    and r["kv_cache_dtype"] == opts.kv_cache_dtypes[0])
         for k in ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b32"):
             b[f"{k}_x_fp32"] = b[k] / base[k]
     env = environment()
@@ -120,10 +123,12 @@ def main(opts: Options) -> dict[str, Any]:
              f"{min(reads) / 1e9:.1f}); "
              + ", ".join(f"{k} {v / 1e9:,.1f}" for k, v in roof["matmul_flops"].items())
              + f" GFLOP/s (the matrix roof: {roof['best_matrix']}). Best of the rounds.", "",
-             "| format | activations | TTFT (1 prompt) s | prefill tok/s | x fp32 | % matrix roof | decode b1 tok/s | "
-             "x fp32 | % read roof | decode b32 tok/s | x fp32 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| format | activations | KV cache | TTFT (1 prompt) s | prefill tok/s | x fp32 | % matrix roof | "
+             "decode b1 tok/s | x fp32 | % read roof | decode b32 tok/s | x fp32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b in best:
-        lines.append(f"| {b['format']} | {b['activations']} | {b['ttft_s']:.3f} | {b['prefill_tok_s']:.0f} | "
+        lines.append(f"| {b['format']} | {b['activations']} | {b['kv_cache_dtype']} | {b['ttft_s']:.3f} | "
+                     f"{b['prefill_tok_s']:.0f} | "
                      f"{b['prefill_tok_s_x_fp32']:.2f} | {100 * b['prefill_share_of_matrix_roof']:.1f} | "
                      f"{b['decode_tok_s_b1']:.1f} | {b['decode_tok_s_b1_x_fp32']:.2f} | "
                      f"{100 * b['decode_b1_share_of_read_roof']:.0f} | {b['decode_tok_s_b32']:.1f} | "

@@ -191,12 +191,14 @@ def activations(
     repeat: int = typer.Option(3, help="Interleaved rounds; the best counts."),
     threads: int = typer.Option(0, help="torch threads; 0 = default."),
     out: Path = typer.Option(Path("results/activations.json"), help="JSON result file (the .md goes next to it)."),
+    kv_cache_dtype: str = typer.Option("auto", help="auto and/or float16: each configuration with the worker's "
+                                       "--kv-cache-dtype too."),
 ) -> None:
     """The worker's --activations fp32 vs int8: prefill and decode speed against the machine's roofs."""
     from bench.activations import Options, main
 
     opts = Options(formats=_names(formats), prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat,
-                   threads=threads, quick=quick, out=out)
+                   threads=threads, quick=quick, out=out, kv_cache_dtypes=_names(kv_cache_dtype))
     if quick:
         opts.repeat, opts.prompt_len, opts.new_tokens = 1, 128, 9
     main(opts)

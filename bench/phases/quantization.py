@@ -121,9 +121,10 @@ def shapes_model(opts: Options) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(load_config(resolve(opts.model))[0])
 
 
-def speed(lm, batch: int, prompt_len: int, new_tokens: int, device: str) -> dict:
+def speed(lm, batch: int, prompt_len: int, new_tokens: int, device: str, kv_cache_dtype: str = "auto") -> dict:
     per_seq = -(-(prompt_len + new_tokens) // 16)
-    engine = make_engine(lm, num_blocks=batch * per_seq + 4, block_size=16, enable_prefix_caching=False)
+    engine = make_engine(lm, num_blocks=batch * per_seq + 4, block_size=16, enable_prefix_caching=False,
+                         kv_cache_dtype=kv_cache_dtype)
     prompts = text_prompts(lm.tokenizer, batch, prompt_len, lm.model.config.vocab_size)
     r = run_requests(engine, prompts, new_tokens, device)
     del engine
