@@ -127,6 +127,14 @@ def kv16_attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key.half().float(), value.half().float(), attention_mask, **kwargs)
 
 
+def fp32_model(name: str) -> Any:
+    """The fp32 reference: the embedded model's float weights, or the tiny random Qwen2 (seeded)."""
+    from services.common.model_loader import EMBEDDED
+    from services.worker.engine.models.engine_model import load_model
+
+    return load_model(name, "none", "cpu", "float32").model if name in EMBEDDED else tiny_qwen2()
+
+
 def format_model(name: str, ref: Any, fmt: str) -> Any:
     from services.worker.engine.models.builders import hf_from_hf
     from services.worker.engine.models.engine_model import load_model
@@ -141,9 +149,8 @@ def format_model(name: str, ref: Any, fmt: str) -> Any:
 def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str]) -> list[Row]:
     """One model: every format over the same chunks, each chunk compared with the fp32 logits at once."""
     from services.common.model_loader import EMBEDDED
-    from services.worker.engine.models.engine_model import load_model
 
-    ref = load_model(name, "none", "cpu", "float32").model if name in EMBEDDED else tiny_qwen2()
+    ref = fp32_model(name)
     ids = ids % ref.config.vocab_size
     from services.worker.engine.layers.linear import set_activations
 
@@ -160,8 +167,7 @@ def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str
             from transformers import AttentionInterface
 
             AttentionInterface.register(KV16_ATTN, kv16_attention)
-            kv16 = format_model(name, ref, fmt) if fmt != "none" else (  # its own copy: the attention changes
-                load_model(name, "none", "cpu", "float32").model if name in EMBEDDED else tiny_qwen2())
+            kv16 = format_model(name, ref, fmt) if fmt != "none" else fp32_model(name)  # its own attention
             shared, own = kv16.config, copy.copy(kv16.config)  # hf_from_hf shares the reference's config
             for module in kv16.modules():
                 if getattr(module, "config", None) is shared:

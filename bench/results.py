@@ -55,6 +55,7 @@ class SystemSpec:
 
     @classmethod
     def parse(cls, spec: str) -> SystemSpec:
+        from services.worker.engine.kv_cache import KV_CACHE_DTYPES
         from services.worker.engine.layers.linear import ACTIVATIONS
         from services.worker.engine.models.engine_model import MODEL_IMPLS
         from services.worker.engine.models.weights import QUANTIZATIONS
@@ -66,7 +67,7 @@ class SystemSpec:
             key, eq, value = opt.partition("=")
             if eq and key == "activations" and value in ACTIVATIONS:
                 out.activations = value
-            elif eq and key == "kv-cache-dtype" and value in ("auto", "float16"):
+            elif eq and key == "kv-cache-dtype" and value in KV_CACHE_DTYPES:
                 out.kv_cache_dtype = value
             elif opt in DTYPES:
                 out.dtype = opt
@@ -77,7 +78,7 @@ class SystemSpec:
             else:
                 raise ValueError(f"{spec!r}: option {opt!r} is none of dtype {DTYPES}, quantization "
                                  f"{QUANTIZATIONS}, model impl {MODEL_IMPLS}, activations=" + "|".join(ACTIVATIONS)
-                                 + " or kv-cache-dtype=auto|float16")
+                                 + " or kv-cache-dtype=" + "|".join(KV_CACHE_DTYPES))
         return out
 
     def worker_args(self) -> list[str]:

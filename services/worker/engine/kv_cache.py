@@ -40,6 +40,9 @@ def parse_kv_memory(spec: str, device: torch.device) -> int:
     return int(value * _UNITS[m.group(2)])
 
 
+KV_CACHE_DTYPES = ("auto", "float16")  # --kv-cache-dtype: auto = the model's dtype (model_runner.py)
+
+
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, triton: bool = False) -> None:

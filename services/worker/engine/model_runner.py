@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from services.worker.engine import attention
-from services.worker.engine.kv_cache import KVCache, parse_kv_memory
+from services.worker.engine.kv_cache import KV_CACHE_DTYPES, KVCache, parse_kv_memory
 from services.worker.engine.layers import gpu, kernels
 from services.worker.engine.layers.linear import lm_head
 from services.worker.engine.models import DecoderModel
@@ -65,8 +65,8 @@ class ModelRunner:
         cache (it converts as it loads; the PyTorch and Triton paths read the model's dtype)."""
         if spec == "auto":
             return self.dtype
-        if spec != "float16":
-            raise ValueError(f"--kv-cache-dtype {spec!r}: use auto or float16")
+        if spec not in KV_CACHE_DTYPES:
+            raise ValueError(f"--kv-cache-dtype {spec!r}: use {' or '.join(KV_CACHE_DTYPES)}")
         shape = self.shape
         if self.triton or kernels.cpu_ops(self.device, self.dtype) is None or \
                 not kernels.attention_fits(shape.head_dim, shape.num_heads, shape.num_kv_heads):

@@ -275,10 +275,6 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   TORCH_CHECK((half || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type(),
               "caches: float32 or float16, both the same");
   const int64_t G = num_heads / KVH;
-  const Cache<float> c32{half ? nullptr : k_cache.data_ptr<float>(), half ? nullptr : v_cache.data_ptr<float>(),
-                         k_cache.size(1), BS, D};
-  const Cache<at::Half> c16{half ? k_cache.data_ptr<at::Half>() : nullptr,
-                            half ? v_cache.data_ptr<at::Half>() : nullptr, k_cache.size(1), BS, D};
   auto out = at::empty({T, num_heads * D}, q.options());
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -293,30 +289,34 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
     if (seq[t] != seq[t - 1] || t - tiles.back() == per_tile) tiles.push_back(t);
   tiles.push_back(T);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) - 1;
-  at::parallel_for(0, n_tiles * KVH, 1, [&](int64_t begin, int64_t end) {
-    Scratch sc;
-    std::vector<Row>& tile = sc.tile;
-    for (int64_t item = begin; item < end; ++item) {
-      // tiles zigzag (first, last, second, ...): a causal prompt's late tiles cost the most, and each
-      // thread takes a contiguous range of items
-      const int64_t z = item / KVH, h = item % KVH, ti = z % 2 == 0 ? z / 2 : n_tiles - 1 - z / 2;
-      tile.clear();
-      for (int64_t t = tiles[ti]; t < tiles[ti + 1]; ++t) {
-        const int64_t hi = pos[t] + 1, lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
-        for (int64_t g = 0; g < G; ++g) {
-          Row r;
-          r.q = qp + t * qstride + (h * G + g) * D;
-          r.o = op + t * num_heads * D + (h * G + g) * D;
-          r.lo = lo;
-          r.hi = hi;
-          tile.push_back(r);
+  auto attend_all = [&](const auto& c) {  // c: the cache as Cache<float> or Cache<at::Half>
+    at::parallel_for(0, n_tiles * KVH, 1, [&](int64_t begin, int64_t end) {
+      Scratch sc;
+      std::vector<Row>& tile = sc.tile;
+      for (int64_t item = begin; item < end; ++item) {
+        // tiles zigzag (first, last, second, ...): a causal prompt's late tiles cost the most, and each
+        // thread takes a contiguous range of items
+        const int64_t z = item / KVH, h = item % KVH, ti = z % 2 == 0 ? z / 2 : n_tiles - 1 - z / 2;
+        tile.clear();
+        for (int64_t t = tiles[ti]; t < tiles[ti + 1]; ++t) {
+          const int64_t hi = pos[t] + 1, lo = window > 0 ? std::max<int64_t>(0, hi - window) : 0;
+          for (int64_t g = 0; g < G; ++g) {
+            Row r;
+            r.q = qp + t * qstride + (h * G + g) * D;
+            r.o = op + t * num_heads * D + (h * G + g) * D;
+            r.lo = lo;
+            r.hi = hi;
+            tile.push_back(r);
+          }
         }
+        attend_tile(sc, c, h, tables + seq[tiles[ti]] * tstride, static_cast<float>(scale));
       }
-      const int32_t* table = tables + seq[tiles[ti]] * tstride;
-      if (half) attend_tile(sc, c16, h, table, static_cast<float>(scale));
-      else attend_tile(sc, c32, h, table, static_cast<float>(scale));
-    }
-  });
+    });
+  };
+  if (half)
+    attend_all(Cache<at::Half>{k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), k_cache.size(1), BS, D});
+  else
+    attend_all(Cache<float>{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), BS, D});
   return out;
 }
 
