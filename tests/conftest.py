@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import services as _services  # noqa: F401  (the OpenMP wait policy, set before torch loads libgomp)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

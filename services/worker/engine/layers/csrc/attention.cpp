@@ -15,7 +15,7 @@
 
 #include "simd.h"
 
-#include <ATen/Parallel.h>
+#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -290,12 +290,12 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   tiles.push_back(T);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) - 1;
   auto attend_all = [&](const auto& c) {  // c: the cache as Cache<float> or Cache<at::Half>
-    at::parallel_for(0, n_tiles * KVH, 1, [&](int64_t begin, int64_t end) {
+    tokenmill::parallel_for(0, n_tiles * KVH, 1, [&](int64_t begin, int64_t end) {
       Scratch sc;
       std::vector<Row>& tile = sc.tile;
       for (int64_t item = begin; item < end; ++item) {
-        // tiles zigzag (first, last, second, ...): a causal prompt's late tiles cost the most, and each
-        // thread takes a contiguous range of items
+        // tiles zigzag (first, last, second, ...): a causal prompt's late tiles cost the most, and the
+        // threads take contiguous chunks of items
         const int64_t z = item / KVH, h = item % KVH, ti = z % 2 == 0 ? z / 2 : n_tiles - 1 - z / 2;
         tile.clear();
         for (int64_t t = tiles[ti]; t < tiles[ti + 1]; ++t) {

@@ -23,6 +23,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary, "rotary embedding in place (rotate-half convention)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("isa", &isa, "the vector ISA of this build");
+  m.def("parallel_cover", &parallel_cover, "tests: visits per index of the kernels' parallel loop over [0, n)");
   py::class_<Linear>(m, "Linear")
       .def(py::init([](c10::optional<at::Tensor> weight, c10::optional<at::Tensor> codes,
                        c10::optional<at::Tensor> scales, c10::optional<at::Tensor> mins,

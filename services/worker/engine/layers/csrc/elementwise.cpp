@@ -4,7 +4,7 @@
 
 #include "simd.h"
 
-#include <ATen/Parallel.h>
+#include "parallel.h"
 
 #include <algorithm>
 #include <cmath>
@@ -23,7 +23,7 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<a
   if (add) TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(), "residual: contiguous, like x");
   auto out = at::empty({T, N}, x.options());
   const float* w = weight.data_ptr<float>();
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+  tokenmill::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* xr = x.data_ptr<float>() + t * x.stride(0);
       float* r = add ? residual->data_ptr<float>() + t * N : const_cast<float*>(xr);
@@ -49,7 +49,7 @@ void rotary(at::Tensor x, int64_t heads, at::Tensor positions, at::Tensor cos, a
   TORCH_CHECK(x.size(1) == heads * D && cos.is_contiguous() && sin.is_contiguous(), "x does not match heads * D");
   const int64_t* pos = positions.data_ptr<int64_t>();
   TORCH_CHECK(T == 0 || *std::max_element(pos, pos + T) < cos.size(0), "position beyond the rotary table");
-  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+  tokenmill::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* c = cos.data_ptr<float>() + pos[t] * half;
       const float* s = sin.data_ptr<float>() + pos[t] * half;
@@ -72,16 +72,18 @@ void rotary(at::Tensor x, int64_t heads, at::Tensor positions, at::Tensor cos, a
   });
 }
 
-// gate_up [T, 2 * I] -> silu(gate) * up, [T, I].
+// gate_up [T, 2 * I] -> silu(gate) * up, [T, I]. Work items are spans of a row whose length is a multiple of the
+// vector width, so only a row's last few elements take the scalar exp, however the items are chunked.
 at::Tensor silu_mul(at::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.scalar_type() == at::kFloat,
               "gate_up: contiguous float32 [T, 2 * I]");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
+  constexpr int64_t kSpan = 16 * W;
+  const int64_t spans = (I + kSpan - 1) / kSpan;
   auto out = at::empty({T, I}, gate_up.options());
-  at::parallel_for(0, T * I, 4096, [&](int64_t begin, int64_t end) {
-    int64_t idx = begin;
-    while (idx < end) {
-      const int64_t t = idx / I, i = idx % I, n = std::min(end - idx, I - i);
+  tokenmill::parallel_for(0, T * spans, 4096 / kSpan, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / spans, i = item % spans * kSpan, n = std::min(kSpan, I - i);
       const float* g = gate_up.data_ptr<float>() + t * 2 * I + i;
       const float* u = g + I;
       float* o = out.data_ptr<float>() + t * I + i;
@@ -92,7 +94,6 @@ at::Tensor silu_mul(at::Tensor gate_up) {
         S::store(o + j, S::mul(sig, S::load(u + j)));
       }
       for (; j < n; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
-      idx += n;
     }
   });
   return out;

@@ -18,3 +18,4 @@ void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> residual);
 void rotary(at::Tensor x, int64_t heads, at::Tensor positions, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor gate_up);
+at::Tensor parallel_cover(int64_t n, int64_t grain, int64_t fail_at);

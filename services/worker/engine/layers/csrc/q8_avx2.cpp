@@ -10,7 +10,7 @@
 
 #include "q8.h"
 
-#include <ATen/Parallel.h>
+#include "parallel.h"
 #include <immintrin.h>
 
 #include <algorithm>
@@ -126,7 +126,7 @@ void gemm(const q8::Weights& w, const q8::Acts& a, int64_t M, float* y, const fl
   // and the codes with their magnitudes: at 4 rows it spills (3 rows: 1.04x). Float sums live in L1.
   constexpr int MT = BITS == 4 ? 4 : 3;
   const int64_t ldy = w.P * kPanel;
-  at::parallel_for(0, w.P, 1, [&](int64_t begin, int64_t end) {
+  tokenmill::parallel_for(0, w.P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
       for (int64_t m0 = 0; m0 < M; m0 += MT)
         rows<BITS, MIN, ONE, MT>(w, a, p, m0, std::min<int64_t>(MT, M - m0), y, ldy, bias);

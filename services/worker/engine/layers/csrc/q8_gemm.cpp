@@ -15,6 +15,7 @@
 // k..k+3 in the low nibbles and k+4..k+7 in the high nibbles of one 64-byte vector.
 
 #include "ops.h"
+#include "parallel.h"
 #include "q8.h"
 
 #include <ATen/Parallel.h>
@@ -127,7 +128,7 @@ template <int BITS, bool MIN, bool ONE>
 void vnni_gemm(const Q8Weights& w, const Q8Acts& a, int64_t M, float* y, const float* bias) {
   constexpr int MT = 4;  // 6 or 8 rows (registers allow 8) measured the same
   const int64_t ldy = w.P * kPanel;
-  at::parallel_for(0, w.P, 1, [&](int64_t begin, int64_t end) {
+  tokenmill::parallel_for(0, w.P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p)
       for (int64_t m0 = 0; m0 < M; m0 += MT)
         vnni_rows<BITS, MIN, ONE, MT>(w, a, p, m0, std::min<int64_t>(MT, M - m0), y, ldy, bias);
@@ -155,7 +156,7 @@ void load_tile_config() {
 template <int BITS, bool MIN, bool ONE>
 void amx_gemm(const Q8Weights& w, const Q8Acts& a, int64_t M, float* y, const float* bias) {
   const int64_t ldy = w.P * kPanel, nb = w.K / kBlock, pairs = (w.P + 1) / 2;
-  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+  tokenmill::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
     load_tile_config();
     std::vector<uint8_t> unpacked(BITS == 4 ? 2 * nb * 512 : 0);
     alignas(64) int32_t c[4][16][16];
@@ -362,7 +363,7 @@ at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::opt
   const float* xp = x.data_ptr<float>();
   int8_t* qp = q.data();
   float *dp = d.data(), *sp = xsum.data();
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+  tokenmill::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       quantize_row(xp + m * K, K, qp + m * K, dp + m * nb);
       if (has_min) {  // summed in order, as the fp32 kernel does

@@ -14,7 +14,7 @@
 
 #include "simd.h"
 
-#include <ATen/Parallel.h>
+#include "parallel.h"
 
 #include <algorithm>
 
@@ -135,7 +135,7 @@ void gemm(const Weights& w, const float* x, int64_t M, const float* xsum, float*
   const int64_t pn = narrow ? kPanelsNarrow : kPanelsWide;
   const int64_t mt = narrow ? M : kRowsWide;
   const int64_t tiles = (w.P + pn - 1) / pn;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  tokenmill::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t p0 = t * pn, np = std::min(pn, w.P - p0);
       for (int64_t m0 = 0; m0 < M; m0 += mt) {
