@@ -29,7 +29,7 @@
 
 namespace {
 
-constexpr int kChunksPerThread = 8;  // what a stealer can take over from a descheduled thread's share
+constexpr int kChunksPerThread = 4;  // 2, 4 and 8 measured alike; finer leaves less stuck on a descheduled thread
 constexpr int kMaxThreads = 256;
 constexpr int kIndexBits = 20;  // chunks per job < 2^20
 constexpr uint64_t kIndexMask = (uint64_t{1} << kIndexBits) - 1;
