@@ -22,6 +22,7 @@ from bench.harness import Stack, chat_request, closed_loop, free_port, stream_ch
 from bench.peers.llama_probe import describe_exit, log_tail, read_build_info, signal_name
 from bench.results import Sample, SystemSpec
 from bench.workloads import Work
+from services import foreign_env
 
 if TYPE_CHECKING:
     from bench.compare import Options
@@ -213,7 +214,7 @@ class OpenAIHTTP(System):
         self.log, self.cmd = log, cmd
         with log.open("w") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, **(env or {})})
+                                         env={**foreign_env(), **(env or {})})
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

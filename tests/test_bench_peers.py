@@ -79,3 +79,19 @@ def test_compare_reports_a_crashed_peer_with_its_signal_log_and_build(tmp_path: 
     table = proc.stdout[proc.stdout.rindex("system "):]  # the final table and what follows it
     assert "CRASHED" in table and "SIGSEGV" in table and "ldtilecfg" in table, table
     assert "CRASHED" in (out / "compare.md").read_text()
+
+
+def test_a_peer_starts_without_tokenmills_openmp_wait_policy(tmp_path: Path) -> None:
+    """services/__init__.py makes tokenmill's own OpenMP threads sleep when idle (its kernels have their own pool);
+    a peer (llama.cpp, vLLM: OpenMP programs that spin) gets the environment as it was before: passive, llama.cpp
+    served 2.7x fewer tokens/s."""
+    import services
+    from bench.systems import OpenAIHTTP
+
+    peer = OpenAIHTTP()
+    peer._spawn(["sh", "-c", 'echo "policy=${OMP_WAIT_POLICY:-unset}"'], tmp_path / "peer.log")
+    assert peer.proc is not None and peer.proc.wait(10) == 0
+    if services.OMP_POLICY_SET_HERE:
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    want = "unset" if services.OMP_POLICY_SET_HERE else os.environ.get("OMP_WAIT_POLICY", "unset")
+    assert (tmp_path / "peer.log").read_text().strip() == f"policy={want}"

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import free_port
+from services import foreign_env
 
 # A prompt of a few hundred tokens: prefill runs a real matrix product (not a batch-1 vector one).
 PROBE_PROMPT = ("The quick brown fox jumps over the lazy dog. " * 40) + "Write one more sentence:"
@@ -84,7 +85,8 @@ def probe(binary: Path, gguf: Path, server_args: list[str], timeout_s: float = 1
     with tempfile.TemporaryDirectory(prefix="llama-probe-") as tmp:
         log = Path(tmp) / "server.log"
         with log.open("w") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=foreign_env())
         try:
             result.update(_exercise(proc, port, t0 + timeout_s))
         finally:
