@@ -205,7 +205,7 @@ struct Cache {
   int64_t blocks, block_size, head_dim;
 };
 
-// A thread's buffers, reused by every tile it takes (no allocation per tile, layer and step).
+// A thread's buffers, reused by every tile it takes (no allocation per tile, chunk, layer and step).
 struct Scratch {
   std::vector<Row> tile;
   std::vector<Row*> active, full, part;  // the rows that meet a group; those with all or some of its keys
@@ -291,7 +291,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) - 1;
   auto attend_all = [&](const auto& c) {  // c: the cache as Cache<float> or Cache<at::Half>
     tokenmill::parallel_for(0, n_tiles * KVH, 1, [&](int64_t begin, int64_t end) {
-      Scratch sc;
+      thread_local Scratch sc;  // the pool's threads live as long as the process
       std::vector<Row>& tile = sc.tile;
       for (int64_t item = begin; item < end; ++item) {
         // tiles zigzag (first, last, second, ...): a causal prompt's late tiles cost the most, and the

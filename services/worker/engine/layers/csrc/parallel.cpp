@@ -4,8 +4,8 @@
 // Each share is one atomic word packing the job's generation, the share's end and its next unclaimed chunk, so a
 // claim (a CAS) only succeeds on the job it was meant for: a helper that wakes late sees a newer generation and
 // claims nothing. A thread mostly claims from its own share, a cache line no one else writes until it steals, so
-// a claim costs an uncontended CAS (one counter shared by all bounced between the cores: a decode's layer pass 5-15 % slower), and it
-// reads its share in order, as OpenMP's static split does. The job's fields are written before its generation is
+// a claim costs an uncontended CAS (one counter shared by all bounced between the cores: a decode's layer pass ran
+// 5-15 % slower), and it reads its share in order, as OpenMP's static split does. The job's fields are written before its generation is
 // published and stay put until every chunk is done, which cannot happen while a thread holds one. Done chunks are
 // counted per thread (monotonic, on the thread's own line); the caller waits for the sum to reach the job's count.
 // Helpers spin a while after each job (a decode step calls ~150 loops back to back), then sleep on a
