@@ -128,8 +128,9 @@ def quality(
     out: Path = typer.Option(Path("results/quality.json"), help="JSON result file (the .md goes next to it)."),
     activations: str = typer.Option("fp32", help="fp32 and/or int8: rows of the integer-coded formats with the "
                                     "worker's --activations int8 too."),
-    kv_cache_dtype: str = typer.Option("auto", help="auto and/or float16: rows of every format with the worker's "
-                                       "--kv-cache-dtype float16 too (K/V rounded to float16 before attention)."),
+    kv_cache_dtype: str = typer.Option("auto", help="auto, float16 and/or bfloat16: rows of every format with "
+                                       "that worker --kv-cache-dtype too (K/V in such a cache, attended by the "
+                                       "engine's C++ kernel)."),
 ) -> None:
     """Perplexity, KL divergence from fp32 and top-1 agreement per weight format."""
     from bench.quality import Options, main
@@ -191,8 +192,8 @@ def activations(
     repeat: int = typer.Option(3, help="Interleaved rounds; the best counts."),
     threads: int = typer.Option(0, help="torch threads; 0 = default."),
     out: Path = typer.Option(Path("results/activations.json"), help="JSON result file (the .md goes next to it)."),
-    kv_cache_dtype: str = typer.Option("auto", help="auto and/or float16: each configuration with the worker's "
-                                       "--kv-cache-dtype too."),
+    kv_cache_dtype: str = typer.Option("auto", help="auto, float16 and/or bfloat16: each configuration with "
+                                       "that worker --kv-cache-dtype too."),
 ) -> None:
     """The worker's --activations fp32 vs int8: prefill and decode speed against the machine's roofs."""
     from bench.activations import Options, main

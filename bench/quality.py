@@ -7,10 +7,10 @@ Per model and format (`none` = the fp32 reference, `gguf` = the embedded GGUF's 
   positions (as llama.cpp's `perplexity --kl-divergence` reports them);
 - top-1 agreement: the fraction of positions whose argmax equals the fp32 model's.
 With `--activations fp32,int8`, each integer-coded format also gets a row with the worker's `--activations int8`
-(activations quantized per row in blocks of 32 before the integer kernel). With `--kv-cache-dtype auto,float16`,
-each format also gets a row with the worker's `--kv-cache-dtype float16`: every layer's keys (after RoPE) and
-values rounded to float16 before attention, which is what the engine's float16 cache holds and its attention
-reads (converted back to float32, exactly).
+(activations quantized per row in blocks of 32 before the integer kernel). With `--kv-cache-dtype
+auto,float16,bfloat16`, each format also gets a row per 16-bit cache: every layer's keys (after RoPE) and values
+are stored in such a cache and attended by the engine's own C++ paged attention (transformers' attention
+replaced), so the row has the cache's rounding and, for bfloat16 on an avx512_bf16 CPU, its bfloat16 products.
 Every format runs transformers' model over tokenmill's Linear/Embedding modules (the same modules the engine
 uses), one forward per non-overlapping chunk of `--chunk` tokens, no cache, no sampling. In a chunk, positions
 1..chunk-1 are scored (each predicts the next token of the chunk from the chunk's own prefix only).
@@ -49,8 +49,7 @@ TINY_QWEN2 = dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_h
                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
 TINY_SEED = 0
 INT8_ACT = " +int8 activations"  # a format's row with --activations int8 (the worker's flag)
-KV16 = " +float16 KV"  # a format's row with --kv-cache-dtype float16
-KV16_ATTN = "tokenmill_kv16"  # transformers' sdpa over K/V rounded to float16
+KV16 = {"float16": " +float16 KV", "bfloat16": " +bfloat16 KV"}  # a format's row with that --kv-cache-dtype
 SOURCE = "CPython's pydoc_data/topics.py (Python Language Reference topics), prose paragraphs"
 
 
@@ -64,7 +63,7 @@ class Options:
     quick: bool = False
     out: Path = Path("results/quality.json")
     activations: tuple[str, ...] = ("fp32",)  # int8: also each integer-coded format with int8 activations
-    kv_cache_dtypes: tuple[str, ...] = ("auto",)  # float16: also each format with a float16 KV cache
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)  # float16 / bfloat16: also each format with such a KV cache
 
 
 @dataclass(slots=True)
@@ -120,11 +119,29 @@ def tiny_qwen2() -> Any:
     return Qwen2ForCausalLM(Qwen2Config(**TINY_QWEN2)).eval()
 
 
-def kv16_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers' sdpa over keys and values rounded to float16: what a float16 KV cache stores."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def cache_attention(dtype: torch.dtype, block_size: int = 16):
+    """A transformers attention function: one causal sequence's K/V written to a paged `dtype` cache and
+    attended by the engine's C++ kernel, as the worker's --kv-cache-dtype runs it."""
+    from services.worker.engine.layers import kernels
 
-    return sdpa_attention_forward(module, query, key.half().float(), value.half().float(), attention_mask, **kwargs)
+    ops = kernels.load()
+
+    def attend(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        (b, heads, n, d), kv_heads = query.shape, key.shape[1]
+        if b != 1 or ops is None:
+            raise ValueError("a 16-bit KV cache row needs tokenmill's C++ kernels and one sequence per forward")
+        blocks = -(-n // block_size)
+        k_cache = torch.empty(kv_heads, blocks, d, block_size, dtype=dtype)
+        v_cache = torch.empty(kv_heads, blocks, block_size, d, dtype=dtype)
+        rows = lambda t: t[0].transpose(0, 1).reshape(n, -1).float().contiguous()  # noqa: E731  [n, heads * d]
+        ops.write_kv(rows(key), rows(value), k_cache, v_cache, torch.arange(n))
+        pos = torch.arange(n, dtype=torch.int32)
+        out = ops.paged_attention(rows(query), k_cache, v_cache, torch.arange(blocks, dtype=torch.int32)[None],
+                                  torch.zeros(n, dtype=torch.int32), pos, heads,
+                                  getattr(module, "sliding_window", None) or 0, scaling or d**-0.5)
+        return out.view(1, n, heads, d).to(query.dtype), None
+
+    return attend
 
 
 def fp32_model(name: str) -> Any:
@@ -163,17 +180,17 @@ def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str
         if "int8" in opts.activations and fmt not in ("none", "nf4"):
             models[fmt + INT8_ACT] = format_model(name, ref, fmt)
             set_activations(models[fmt + INT8_ACT], "int8")
-        if "float16" in opts.kv_cache_dtypes:
+        for kv in (k for k in opts.kv_cache_dtypes if k in KV16):
             from transformers import AttentionInterface
 
-            AttentionInterface.register(KV16_ATTN, kv16_attention)
+            AttentionInterface.register(f"tokenmill_kv_{kv}", cache_attention(getattr(torch, kv)))
             kv16 = format_model(name, ref, fmt) if fmt != "none" else fp32_model(name)  # its own attention
             shared, own = kv16.config, copy.copy(kv16.config)  # hf_from_hf shares the reference's config
             for module in kv16.modules():
                 if getattr(module, "config", None) is shared:
                     module.config = own
-            kv16.set_attn_implementation(KV16_ATTN)
-            models[fmt + KV16] = kv16
+            kv16.set_attn_implementation(f"tokenmill_kv_{kv}")
+            models[fmt + KV16[kv]] = kv16
     tallies = {fmt: Tally() for fmt in models}
     chunks = ids[: len(ids) // opts.chunk * opts.chunk].view(-1, opts.chunk)
     with torch.inference_mode():
@@ -201,12 +218,13 @@ def evaluate(name: str, ids: torch.Tensor, opts: Options, skipped: dict[str, str
     for fmt, tally in tallies.items():
         kl = torch.cat(tally.kl)
         ppl = math.exp(torch.cat(tally.nll).mean().item())
-        base = fmt.removesuffix(INT8_ACT).removesuffix(KV16)
+        kv = next((k for k, suffix in KV16.items() if fmt.endswith(suffix)), "auto")
+        base = fmt.removesuffix(INT8_ACT).removesuffix(KV16.get(kv, ""))
         rows.append(Row(name, base, weight_bytes(models[fmt]) / 2**20, len(kl), ppl,
                         ppl / ref_ppl, kl.mean().item(), kl.median().item(), torch.quantile(kl, 0.99).item(),
                         kl.max().item(), torch.cat(tally.same).double().mean().item(),
                         torch.cat(tally.entropy).mean().item(), tally.seconds,
-                        "int8" if fmt.endswith(INT8_ACT) else "fp32", "float16" if fmt.endswith(KV16) else "auto"))
+                        "int8" if fmt.endswith(INT8_ACT) else "fp32", kv))
         print(f"  {name} {fmt}: ppl {ppl:.3f}, KL mean {rows[-1].kl_mean:.5f}, top-1 {rows[-1].top1:.4f}")
     return rows
 
@@ -226,7 +244,7 @@ def markdown_table(rows: list[Row]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = r.format + (", int8 activations" if r.activations == "int8" else "") + (
-            ", float16 KV" if r.kv_cache_dtype == "float16" else "")
+            f", {r.kv_cache_dtype} KV" if r.kv_cache_dtype != "auto" else "")
         lines.append(f"| {r.model} | {fmt} | {r.weights_MiB:.1f} | {r.perplexity:.3f} | {r.ppl_ratio:.4f} | "
                      f"{r.kl_mean:.3g} | {r.kl_median:.3g} | {r.kl_p99:.3g} | {r.kl_max:.3g} | "
                      f"{100 * r.top1:.2f}% | {r.entropy:.2f} |")
@@ -241,6 +259,10 @@ def main(opts: Options) -> dict[str, Any]:
 
     for fmt in opts.formats:
         check_quantization(fmt)
+    from services.worker.engine.kv_cache import KV_CACHE_DTYPES
+
+    if set(opts.kv_cache_dtypes) - set(KV_CACHE_DTYPES):
+        raise ValueError(f"--kv-cache-dtype {','.join(opts.kv_cache_dtypes)}: use {', '.join(KV_CACHE_DTYPES)}")
     if set(opts.models) - set(MODELS):
         raise ValueError(f"unknown model {sorted(set(opts.models) - set(MODELS))}: use {', '.join(MODELS)}")
     if opts.threads:

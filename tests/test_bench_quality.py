@@ -18,10 +18,11 @@ def test_quality_quick_on_tiny_qwen2(tmp_path):
 
     int8 = kernels.load() is not None and kernels.matrix_unit() != "fp32"
     activations = ["--activations", "fp32,int8"] if int8 else []
+    kv = "auto,float16,bfloat16" if kernels.load() is not None else "auto"  # 16-bit caches: the C++ attention
 
     out = tmp_path / "quality.json"
     result = CliRunner().invoke(app, ["quality", "--quick", "--models", "tiny-qwen2", "--formats", "int8,int4,nf4",
-                                      "--out", str(out), "--kv-cache-dtype", "auto,float16", *activations])
+                                      "--out", str(out), "--kv-cache-dtype", kv, *activations])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert {"benchmark", "date", "command", "options", "environment", "text", "models", "rows", "total_s"} <= set(doc)
@@ -35,12 +36,17 @@ def test_quality_quick_on_tiny_qwen2(tmp_path):
         a8 = {r["format"]: r for r in doc["rows"] if r["activations"] == "int8"}
         assert list(a8) == ["int8", "int4"] and all(a8[f]["weights_MiB"] == rows[f]["weights_MiB"] for f in a8)
         assert all(a8[f]["kl_mean"] > rows[f]["kl_mean"] for f in a8)
-    # a float16 KV cache: a row per format (fp32 included), the same weights, logits moved by the rounding
-    kv16 = {r["format"]: r for r in doc["rows"] if r["kv_cache_dtype"] == "float16"}
-    assert list(kv16) == ["none", "int8", "int4", "nf4"] and all(r["activations"] == "fp32" for r in kv16.values())
-    assert all(kv16[f]["weights_MiB"] == rows[f]["weights_MiB"] for f in kv16)
-    assert kv16["none"]["perplexity"] != rows["none"]["perplexity"]  # K/V rounding reached the logits
-    assert "none, float16 KV |" in out.with_suffix(".md").read_text()
+    # a 16-bit KV cache: a row per format (fp32 included), the same weights, logits moved by the rounding;
+    # bfloat16 (8 significant bits to float16's 11) further from fp32
+    for dtype in ("float16", "bfloat16") if kv != "auto" else ():
+        kv16 = {r["format"]: r for r in doc["rows"] if r["kv_cache_dtype"] == dtype}
+        assert list(kv16) == ["none", "int8", "int4", "nf4"] and all(r["activations"] == "fp32" for r in kv16.values())
+        assert all(kv16[f]["weights_MiB"] == rows[f]["weights_MiB"] for f in kv16)
+        assert kv16["none"]["perplexity"] != rows["none"]["perplexity"]  # K/V rounding reached the logits
+        assert f"none, {dtype} KV |" in out.with_suffix(".md").read_text()
+    if kv != "auto":
+        by = {r["kv_cache_dtype"]: r for r in doc["rows"] if r["format"] == "none"}
+        assert 0 < by["float16"]["kl_p99"] < by["bfloat16"]["kl_p99"]
     for r in rows.values():
         assert set(r) == ROW and r["model"] == "tiny-qwen2" and r["positions"] == 1020
         assert all(math.isfinite(r[k]) for k in ROW - {"model", "format", "activations", "kv_cache_dtype"})

@@ -258,22 +258,24 @@ def test_int8_activations_close_to_same_module_reference(int8_activations, capsy
     assert len(broken) <= 0.1 * len(stats), f"vLLM's rule broken for prompts {broken} of {len(stats)}"
 
 
-def test_float16_kv_cache_is_batch_invariant_and_close_to_fp32(loaded, gguf_native, prompts, capsys):
-    """--kv-cache-dtype float16: K/V rounded once as they are stored, so a request's tokens and logprobs are
-    bitwise those it gets alone, whatever else is in the batch; against the fp32 model (fp32 cache, same
-    weights: exact parity with the fp32 cache) vLLM's check_logprobs_close rule holds for every prompt."""
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
+def test_16bit_kv_cache_is_batch_invariant_and_close_to_fp32(loaded, gguf_native, prompts, capsys, kv_dtype):
+    """--kv-cache-dtype float16 / bfloat16: K/V rounded once as they are stored (bfloat16 on an avx512_bf16 CPU:
+    q and the softmax weights rounded too, in fixed order), so a request's tokens and logprobs are bitwise those
+    it gets alone, whatever else is in the batch; against the fp32 model (fp32 cache, same weights: exact
+    parity with the fp32 cache) vLLM's check_logprobs_close rule holds for every prompt."""
     if kernels.cpu_ops(torch.device("cpu"), torch.float32) is None:
-        pytest.skip(f"the float16 KV cache is read by tokenmill's C++ attention ({kernels.cpu_capability()} here)")
+        pytest.skip(f"a 16-bit KV cache is read by tokenmill's C++ attention ({kernels.cpu_capability()} here)")
     alone, alone_top = run_scenario(gguf_native, loaded.tokenizer, prompts, "alone", logprobs=True,
-                                    block_size=16, kv_cache_dtype="float16")
+                                    block_size=16, kv_cache_dtype=kv_dtype)
     together, together_top = run_scenario(gguf_native, loaded.tokenizer, prompts, "together", logprobs=True,
-                                          block_size=16, kv_cache_dtype="float16")
+                                          block_size=16, kv_cache_dtype=kv_dtype)
     assert together == alone
     for rid, steps in together_top.items():
         assert steps[-len(alone_top[rid]):] == alone_top[rid], f"{rid}: logprobs differ from the request alone"
-    same = check_logprobs_close("kv-float16", alone, alone_top, fp32_refs(loaded, prompts))
+    same = check_logprobs_close(f"kv-{kv_dtype}", alone, alone_top, fp32_refs(loaded, prompts))
     with capsys.disabled():
-        print(f"\n[logprobs-close] float16 KV cache vs fp32: {same} of {len(prompts)} prompts identical")
+        print(f"\n[logprobs-close] {kv_dtype} KV cache vs fp32: {same} of {len(prompts)} prompts identical")
 
 
 def test_float16_kv_cache_refused_where_no_kernel_reads_it(gguf_native, loaded):
@@ -282,7 +284,7 @@ def test_float16_kv_cache_refused_where_no_kernel_reads_it(gguf_native, loaded):
     from services.worker.engine.models.engine_model import load_engine_model
     from services.worker.engine.paged_engine import PagedEngine
 
-    with pytest.raises(ValueError, match="--kv-cache-dtype 'int8': use auto or float16"):
+    with pytest.raises(ValueError, match="--kv-cache-dtype 'int8': use auto, float16 or bfloat16"):
         PagedEngine(gguf_native, loaded.tokenizer, num_blocks=8, kv_cache_dtype="int8")
     bf16 = load_engine_model("smollm2-135m", "gguf", model_impl="native", dtype="bfloat16").model
     with pytest.raises(ValueError, match=r"needs tokenmill's C\+\+ attention.*use --kv-cache-dtype auto"):

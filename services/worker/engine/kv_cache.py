@@ -40,7 +40,7 @@ def parse_kv_memory(spec: str, device: torch.device) -> int:
     return int(value * _UNITS[m.group(2)])
 
 
-KV_CACHE_DTYPES = ("auto", "float16")  # --kv-cache-dtype: auto = the model's dtype (model_runner.py)
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")  # --kv-cache-dtype: auto = the model's dtype (model_runner.py)
 
 
 class KVCache:

@@ -61,19 +61,21 @@ class ModelRunner:
             self._head = lm_head(head.weight) if stationary else head
 
     def _kv_dtype(self, spec: str) -> torch.dtype:
-        """--kv-cache-dtype: auto = the model's dtype; float16 only where tokenmill's C++ attention reads the
-        cache (it converts as it loads; the PyTorch and Triton paths read the model's dtype)."""
+        """--kv-cache-dtype: auto = the model's dtype; float16 / bfloat16 only where tokenmill's C++ attention
+        reads the cache (it converts as it loads, or multiplies bfloat16 in bfloat16 on a CPU with avx512_bf16;
+        the PyTorch and Triton paths read the model's dtype)."""
         if spec == "auto":
             return self.dtype
         if spec not in KV_CACHE_DTYPES:
-            raise ValueError(f"--kv-cache-dtype {spec!r}: use {' or '.join(KV_CACHE_DTYPES)}")
+            *names, last = KV_CACHE_DTYPES
+            raise ValueError(f"--kv-cache-dtype {spec!r}: use {', '.join(names)} or {last}")
         shape = self.shape
         if self.triton or kernels.cpu_ops(self.device, self.dtype) is None or \
                 not kernels.attention_fits(shape.head_dim, shape.num_heads, shape.num_kv_heads):
-            raise ValueError("--kv-cache-dtype float16 needs tokenmill's C++ attention (a CPU with its kernels, "
+            raise ValueError(f"--kv-cache-dtype {spec} needs tokenmill's C++ attention (a CPU with its kernels, "
                              f"--dtype float32, head_dim a multiple of 16; here {self.device.type}, {self.dtype}, "
                              f"head_dim {shape.head_dim}): use --kv-cache-dtype auto")
-        return torch.float16
+        return getattr(torch, spec)
 
     @property
     def num_blocks(self) -> int:

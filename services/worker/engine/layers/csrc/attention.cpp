@@ -1,7 +1,7 @@
 // Paged attention over the KV cache in place: no gathered copy of any sequence's context.
 //
-// Cache layout, per layer (float32, or float16 with --kv-cache-dtype float16: converted to float32 as it is
-// loaded, so only the stored values round): K as [kv_heads, blocks, head_dim, block_size] (each block transposed, so the
+// Cache layout, per layer (float32, or float16 / bfloat16 with --kv-cache-dtype: converted to float32 as it is
+// loaded, so only the stored values round; except bfloat16 on a CPU with avx512_bf16, below): K as [kv_heads, blocks, head_dim, block_size] (each block transposed, so the
 // scores of W keys are one vector: sum_d q[d] * K[d, keys]) and V as [kv_heads, blocks, block_size,
 // head_dim]. Every query token attends keys [lo, pos] of its own sequence, lo = pos - window + 1 for a
 // sliding window, else 0: decodes and prefill chunks (over their cached prefix) are the same loop.
@@ -12,6 +12,10 @@
 // arithmetic is fixed: it visits the groups that meet its [lo, pos] in order, with the same accumulation
 // order whatever else is in its tile or register block, so a token's output does not depend on the
 // batch, on how its prompt was chunked, or on the tile it lands in (a decode is a tile of one token).
+//
+// A bfloat16 cache on a CPU with avx512_bf16 multiplies in bfloat16 (vdpbf16ps: pairs of exact products summed
+// in float32, 4x the fp32 FMA rate on Zen 5), as llama.cpp's flash attention does in its cache's type: q is
+// rounded to bfloat16 for q . K, the softmax weights p for p @ V (l sums the rounded p). Rows stay fixed-order.
 
 #include "simd.h"
 
@@ -19,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -36,16 +41,22 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Row {
   const float* q;
+  const uint32_t* qb;  // q in bfloat16 pairs (the bfloat16 dot path only)
   float* o;       // the output row, the P @ V accumulator until the end
   int64_t lo, hi;  // keys [lo, hi)
-  float m, l;
+  float m;
   int first, last;  // this group's valid lanes
   float corr;
-  alignas(64) float s[kGroup];
+  union {  // the group's scores, then its softmax weights p (in bfloat16 on the bfloat16 dot path)
+    alignas(64) float s[kGroup];
+    uint16_t pb[kGroup];
+  };
+  alignas(64) float l[W];  // the softmax denominator, lane by lane (one horizontal sum at the end)
 };
 
 inline S::F load(const float* p) { return S::load(p); }
 inline S::F load(const at::Half* p) { return S::half(p); }
+inline S::F load(const at::BFloat16* p) { return S::bf16(p); }
 
 template <typename T>
 struct Group {  // kGroup keys [pos, pos + n) of one block, at kt (transposed K) and vb (V)
@@ -66,9 +77,106 @@ S::F load_keys(const Group<T>& g, int64_t d, int v) {
   return S::load(tmp);
 }
 
+// The bfloat16 dot path, for Cache<at::BFloat16> where the CPU has avx512_bf16 (kDot<T>): Dot<T> is defined
+// only then, and used only under `if constexpr (kDot<T>)`.
+template <typename T>
+struct Dot;
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+template <>
+struct Dot<at::BFloat16> {
+  using B = at::BFloat16;
+  // a[0..15], b[0..15] -> (a[0], b[0]), (a[1], b[1]), ...: the pair layout vdpbf16ps multiplies
+  static __m512i pairs(__m256i a, __m256i b) {
+    alignas(64) static constexpr int16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+  }
+  static __m256i load16(const B* p, int n) {  // n of 16 values, zeros after
+    return n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                   : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+  }
+  static __m512 dot(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+  static __m512i bcast(const uint16_t* pair) {
+    uint32_t w;
+    std::memcpy(&w, pair, sizeof w);
+    return _mm512_set1_epi32(static_cast<int>(w));
+  }
+  static __m512 rounded(__m512 x, uint16_t* out) {  // x to bfloat16 at out (nearest even); returns those values
+    const __m256i b = (__m256i)_mm512_cvtneps_pbh(x);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), b);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+  }
+  static void round_q(const float* q, int64_t D, uint32_t* out) {
+    for (int64_t d = 0; d < D; d += 16) rounded(_mm512_loadu_ps(q + d), reinterpret_cast<uint16_t*>(out) + d);
+  }
+  template <int RB>
+  static void scores(Row* const* rows, const Group<B>& g, int64_t D, float scale) {
+    const uint32_t* q[RB];
+    __m512 acc[RB][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      q[r] = rows[r]->qb;
+      acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    }
+    for (int64_t d = 0; d < D; d += 4) {  // two chains, each over every other pair of dimensions
+      __m512i k[2];
+#pragma GCC unroll 2
+      for (int a = 0; a < 2; ++a)
+        k[a] = pairs(load16(g.kt + (d + 2 * a) * g.stride, g.n), load16(g.kt + (d + 2 * a + 1) * g.stride, g.n));
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 2
+        for (int a = 0; a < 2; ++a) acc[r][a] = dot(acc[r][a], _mm512_set1_epi32(static_cast<int>(q[r][d / 2 + a])), k[a]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r)
+      _mm512_store_ps(rows[r]->s, _mm512_mul_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_set1_ps(scale)));
+  }
+  // o[d0, d0 + 16 NV) = o * corr + p @ V over keys [first, last) in pairs (i, i + 1), i even: a key outside the
+  // range has p = 0 and its V half zeroed (an unwritten slot may hold a NaN).
+  template <int RB, int NV>
+  static void accumulate(float* const* o, const uint16_t* const* p, const float* corr, const Group<B>& g,
+                         int64_t D, int64_t d0, int first, int last) {
+    __m512 a[RB][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) a[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + d0 + v * 16), _mm512_set1_ps(corr[r]));
+    for (int i = first & ~1; i < last; i += 2) {
+      const B* v0 = g.vb + i * D + d0;
+      const bool lo = i >= first, hi = i + 1 < last;
+      __m512i vv[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v)
+        vv[v] = pairs(lo ? load16(v0 + v * 16, 16) : _mm256_setzero_si256(),
+                      hi ? load16(v0 + D + v * 16, 16) : _mm256_setzero_si256());
+#pragma GCC unroll 8
+      for (int r = 0; r < RB; ++r) {
+        const __m512i pp = bcast(p[r] + i);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) a[r][v] = dot(a[r][v], pp, vv[v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(o[r] + d0 + v * 16, a[r][v]);
+  }
+};
+#else
+constexpr bool kBf16Dot = false;
+#endif
+template <typename T>
+constexpr bool kDot = kBf16Dot && std::is_same_v<T, at::BFloat16>;
+
 // Raw scores q . K of RB rows into row.s (scaled).
 template <int RB, typename T>
 void scores(Row* const* rows, const Group<T>& g, int64_t D, float scale) {
+  if constexpr (kDot<T>) {
+    Dot<T>::template scores<RB>(rows, g, D, scale);
+    return;
+  }
   constexpr int A = kChains * kNK;  // accumulators per row: always 2
   const float* q[RB];
   S::F acc[RB][A];
@@ -100,7 +208,9 @@ void scores(Row* const* rows, const Group<T>& g, int64_t D, float scale) {
   }
 }
 
-// One online-softmax update: s becomes p = exp(s - m) on the valid lanes, exactly 0 elsewhere.
+// One online-softmax update: s becomes p = exp(s - m) on the valid lanes, exactly 0 elsewhere (and pb p in
+// bfloat16, with l summing those values, on the bfloat16 dot path).
+template <typename T>
 void softmax(Row& r) {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   alignas(64) float lim[kGroup], valid[kGroup];
@@ -116,17 +226,18 @@ void softmax(Row& r) {
   for (int v = 0; v < kNK; ++v) {
     sv[v] = S::load(r.s + v * W);
     if (!full) sv[v] = S::min(sv[v], S::load(lim + v * W));  // masked lanes -inf, even where a key is NaN
-    mnew = std::max(mnew, S::hmax(sv[v]));
+    if (S::any_above(sv[v], r.m)) mnew = std::max(mnew, S::hmax(sv[v]));  // a compare, not a reduction, mostly
   }
-  r.corr = std::exp(r.m - mnew);
-  S::F sum = S::zero();
+  r.corr = mnew == r.m ? 1.0f : std::exp(r.m - mnew);  // the max rarely moves: skip the libm call (exp(0) = 1)
+  S::F sum = S::mul(S::load(r.l), S::set1(r.corr));
   for (int v = 0; v < kNK; ++v) {
     S::F p = S::exp(S::sub(sv[v], S::set1(mnew)));
     if (!full) p = S::mul(p, S::load(valid + v * W));
-    S::store(r.s + v * W, p);
+    if constexpr (kDot<T>) p = Dot<T>::rounded(p, r.pb + v * W);  // s is read: pb may take its place
+    else S::store(r.s + v * W, p);
     sum = S::add(sum, p);
   }
-  r.l = r.l * r.corr + S::hsum(sum);
+  S::store(r.l, sum);
   r.m = mnew;
 }
 
@@ -171,6 +282,14 @@ void accumulate(Row* const* rows, const Group<T>& g, int64_t D) {
   }
   const int first = rows[0]->first, last = rows[0]->last;
   int64_t d0 = 0;
+  if constexpr (kDot<T>) {
+    const uint16_t* pb[RB];
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) pb[r] = rows[r]->pb;
+    for (; d0 + 2 * W <= D; d0 += 2 * W) Dot<T>::template accumulate<RB, 2>(o, pb, corr, g, D, d0, first, last);
+    if (d0 < D) Dot<T>::template accumulate<RB, 1>(o, pb, corr, g, D, d0, first, last);
+    return;
+  }
   for (; d0 + 2 * W <= D; d0 += 2 * W) accumulate_slice<RB, 2, T>(o, p, corr, g, D, d0, first, last);
   if (d0 < D) accumulate_slice<RB, 1, T>(o, p, corr, g, D, d0, first, last);
 }
@@ -208,7 +327,8 @@ struct Cache {
 // A thread's buffers, reused by every tile it takes (no allocation per tile, chunk, layer and step).
 struct Scratch {
   std::vector<Row> tile;
-  std::vector<Row*> active, full, part;  // the rows that meet a group; those with all or some of its keys
+  std::vector<Row*> all, active, full, part;  // the tile; the rows that meet a group; with all or some of its keys
+  std::vector<uint32_t> qb;              // the rows' q in bfloat16 pairs (the bfloat16 dot path)
 };
 
 // All rows of one tile (same sequence, same KV head) over the groups of keys any of them attends.
@@ -224,9 +344,23 @@ void attend_tile(Scratch& sc, const Cache<T>& c, int64_t kvh, const int32_t* tab
     lo = std::min(lo, r.lo);
     hi = std::max(hi, r.hi);
     r.m = kNegInf;
-    r.l = 0.0f;
+    S::store(r.l, S::zero());
     std::fill(r.o, r.o + D, 0.0f);
   }
+  if constexpr (kDot<T>) {
+    sc.qb.resize(tile.size() * D / 2);
+    for (size_t i = 0; i < tile.size(); ++i) {
+      Dot<T>::round_q(tile[i].q, D, sc.qb.data() + i * D / 2);
+      tile[i].qb = sc.qb.data() + i * D / 2;
+    }
+  }
+  int64_t max_lo = tile[0].lo, min_hi = tile[0].hi;  // keys [max_lo, min_hi): every row's
+  for (Row& r : tile) {
+    max_lo = std::max(max_lo, r.lo);
+    min_hi = std::min(min_hi, r.hi);
+  }
+  sc.all.clear();
+  for (Row& r : tile) sc.all.push_back(&r);
   for (int64_t start = lo / BS * BS; start < hi; start += BS) {
     const int64_t blk = start / BS;
     for (int64_t off = (std::max(lo, start) - start) / kGroup * kGroup; off < BS && start + off < hi; off += kGroup) {
@@ -234,6 +368,13 @@ void attend_tile(Scratch& sc, const Cache<T>& c, int64_t kvh, const int32_t* tab
       const Group<T> g{c.k + ((kvh * c.blocks + table[blk]) * D) * BS + off,
                     c.v + ((kvh * c.blocks + table[blk]) * BS + off) * D, BS,
                     static_cast<int>(std::min<int64_t>(kGroup, BS - off))};
+      if (g0 >= max_lo && g0 + g.n <= min_hi) {  // every row attends every key of the group (most groups)
+        for (Row& r : tile) r.first = 0, r.last = g.n;
+        in_blocks<Scores>(sc.all.data(), static_cast<int>(sc.all.size()), g, D, scale);
+        for (Row& r : tile) softmax<T>(r);
+        in_blocks<Accumulate>(sc.all.data(), static_cast<int>(sc.all.size()), g, D);
+        continue;
+      }
       active.clear();
       full.clear();
       part.clear();
@@ -245,13 +386,13 @@ void attend_tile(Scratch& sc, const Cache<T>& c, int64_t kvh, const int32_t* tab
         (r.first == 0 && r.last == g.n ? full : part).push_back(&r);  // P @ V in blocks of equal lanes
       }
       in_blocks<Scores>(active.data(), static_cast<int>(active.size()), g, D, scale);
-      for (Row* r : active) softmax(*r);
+      for (Row* r : active) softmax<T>(*r);
       in_blocks<Accumulate>(full.data(), static_cast<int>(full.size()), g, D);
       for (Row* r : part) accumulate<1>(&r, g, D);
     }
   }
   for (Row& r : tile) {
-    const S::F inv = S::set1(1.0f / r.l);
+    const S::F inv = S::set1(1.0f / S::hsum(S::load(r.l)));
     for (int64_t d = 0; d < D; d += W) S::store(r.o + d, S::mul(S::load(r.o + d), inv));
   }
 }
@@ -271,9 +412,9 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   const int64_t T = q.size(0), KVH = k_cache.size(0), D = k_cache.size(2), BS = k_cache.size(3);
   TORCH_CHECK(q.size(1) == num_heads * D && num_heads % KVH == 0, "q does not match the cache's heads");
   TORCH_CHECK(D % W == 0, "head_dim must be a multiple of ", W);
-  const bool half = k_cache.scalar_type() == at::kHalf;
-  TORCH_CHECK((half || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type(),
-              "caches: float32 or float16, both the same");
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && v_cache.scalar_type() == dtype,
+              "caches: float32, float16 or bfloat16, both the same");
   const int64_t G = num_heads / KVH;
   auto out = at::empty({T, num_heads * D}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -289,7 +430,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
     if (seq[t] != seq[t - 1] || t - tiles.back() == per_tile) tiles.push_back(t);
   tiles.push_back(T);
   const int64_t n_tiles = static_cast<int64_t>(tiles.size()) - 1;
-  auto attend_all = [&](const auto& c) {  // c: the cache as Cache<float> or Cache<at::Half>
+  auto attend_all = [&](const auto& c) {  // c: the cache as Cache<float>, Cache<at::Half> or Cache<at::BFloat16>
     tokenmill::parallel_for(0, n_tiles * KVH, 1, [&](int64_t begin, int64_t end) {
       thread_local Scratch sc;  // the pool's threads live as long as the process
       std::vector<Row>& tile = sc.tile;
@@ -313,15 +454,18 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
       }
     });
   };
-  if (half)
+  if (dtype == at::kHalf)
     attend_all(Cache<at::Half>{k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), k_cache.size(1), BS, D});
+  else if (dtype == at::kBFloat16)
+    attend_all(Cache<at::BFloat16>{k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), k_cache.size(1),
+                                   BS, D});
   else
     attend_all(Cache<float>{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), BS, D});
   return out;
 }
 
 // Write each token's K and V ([T, kv_heads * D] float32, row stride any) into its slot (block * block_size +
-// offset) of a float32 or float16 cache (rounded to nearest even).
+// offset) of a float32, float16 or bfloat16 cache (rounded to nearest even).
 template <typename T>
 static void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slots) {
@@ -350,8 +494,9 @@ void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache
               "k, v: float32, rows dense");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots: int64");
   TORCH_CHECK(k.size(1) == k_cache.size(0) * k_cache.size(2) && v.size(1) == k.size(1), "k / v do not match the cache");
-  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "caches: both float32 or both float16");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "caches: both of one dtype");
   if (k_cache.scalar_type() == at::kHalf) store_kv<at::Half>(k, v, k_cache, v_cache, slots);
+  else if (k_cache.scalar_type() == at::kBFloat16) store_kv<at::BFloat16>(k, v, k_cache, v_cache, slots);
   else if (k_cache.scalar_type() == at::kFloat) store_kv<float>(k, v, k_cache, v_cache, slots);
-  else TORCH_CHECK(false, "caches: float32 or float16");
+  else TORCH_CHECK(false, "caches: float32, float16 or bfloat16");
 }

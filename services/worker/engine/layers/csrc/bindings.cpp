@@ -4,7 +4,9 @@
 #include "decoder.h"
 
 static std::string isa() {
-#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
+  return "avx512_bf16";  // attention.cpp multiplies a bfloat16 cache in bfloat16
+#elif defined(__AVX512F__)
   return "avx512";
 #else
   return "avx2";

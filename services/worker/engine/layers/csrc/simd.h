@@ -28,12 +28,17 @@ struct Simd {
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
   static float hmax(F v) { return _mm512_reduce_max_ps(v); }
+  static bool any_above(F v, float m) { return _mm512_cmp_ps_mask(v, _mm512_set1_ps(m), _CMP_GT_OQ) != 0; }
   static I u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static I s8(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static I low4(I v) { return _mm512_and_si512(v, _mm512_set1_epi32(0xF)); }
   static I high4(I v) { return _mm512_srli_epi32(v, 4); }
   static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
   static F half(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static F bf16(const at::BFloat16* p) {  // bfloat16 is float32's upper half
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+  }
   struct Table {  // 16-entry code book, one permute
     F t;
     explicit Table(const float* p) : t(p ? _mm512_loadu_ps(p) : _mm512_setzero_ps()) {}
@@ -83,6 +88,7 @@ struct Simd {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
+  static bool any_above(F v, float m) { return _mm256_movemask_ps(_mm256_cmp_ps(v, set1(m), _CMP_GT_OQ)) != 0; }
   static float hmax(F v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));
@@ -94,6 +100,10 @@ struct Simd {
   static I high4(I v) { return _mm256_srli_epi32(v, 4); }
   static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
   static F half(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static F bf16(const at::BFloat16* p) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+  }
   struct Table {  // 16 entries: two 8-entry permutes, picked by bit 3 of the index
     F lo, hi;
     explicit Table(const float* p)
