@@ -8,7 +8,7 @@ slows whichever runs during a burst: the best round counts):
   the same run (`bench kernels`' probes: fp32, bf16 and int8 GEMMs; bf16 where the CPU has AMX or avx512_bf16);
 - decode at batch 1 and 32 (32-token prompts): tokens/s over the steps in which every sequence decodes, and at
   batch 1 the weight bytes read per second against the read-bandwidth roof.
-With `--kv-cache-dtype auto,float16` every configuration also runs with the worker's float16 KV cache.
+With `--kv-cache-dtype auto,float16,bfloat16` every configuration also runs with the worker's 16-bit KV caches.
 The JSON carries lscpu's model and flags, the kernels' ISA and the integer unit (AMX or VNNI).
 """
 
