@@ -51,3 +51,17 @@ def test_arena_is_aligned_and_advised_for_huge_pages():
     assert big.data_ptr() % hugepages.HUGE_PAGE == 0 and small.data_ptr() == big.data_ptr() + (3 << 20)
     if hugepages.thp_mode() in ("always", "madvise"):  # elsewhere the kernel gives no huge pages to anyone
         assert thp_eligible(big.data_ptr())
+
+
+def test_cpu_kv_cache_is_advised_for_huge_pages():
+    """A decode reads blocks scattered over the pool: in 4 KiB pages each block cost a TLB miss."""
+    from services.worker.engine.kv_cache import KVCache
+
+    kv = KVCache(2, 2, 64, 511, 16, torch.bfloat16, torch.device("cpu"))  # 8 MiB, untouched but 2 blocks
+    assert all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (*kv.k, *kv.v))
+    assert kv.k[0].shape == (2, 512, 64, 16) and kv.v[1].shape == (2, 512, 16, 64)
+    assert len({t.data_ptr() for t in (*kv.k, *kv.v)}) == 4  # one arena, no two tensors overlapping
+    assert kv.k[0].data_ptr() % hugepages.HUGE_PAGE == 0
+    assert not kv.k[1][:, 0].any() and not kv.v[0][:, kv.scratch_block].any()  # zeroed blocks
+    if hugepages.thp_mode() in ("always", "madvise"):
+        assert thp_eligible(kv.v[1].data_ptr())
