@@ -122,6 +122,7 @@ def tiny_qwen2() -> Any:
 def cache_attention(dtype: torch.dtype, block_size: int = 16):
     """A transformers attention function: one causal sequence's K/V written to a paged `dtype` cache and
     attended by the engine's C++ kernel, as the worker's --kv-cache-dtype runs it."""
+    from services.worker.engine.kv_cache import cpu_shapes
     from services.worker.engine.layers import kernels
 
     ops = kernels.load()
@@ -131,8 +132,8 @@ def cache_attention(dtype: torch.dtype, block_size: int = 16):
         if b != 1 or ops is None:
             raise ValueError("a 16-bit KV cache row needs tokenmill's C++ kernels and one sequence per forward")
         blocks = -(-n // block_size)
-        k_cache = torch.empty(kv_heads, blocks, d, block_size, dtype=dtype)
-        v_cache = torch.empty(kv_heads, blocks, block_size, d, dtype=dtype)
+        shape_k, shape_v = cpu_shapes(kv_heads, blocks, d, block_size, dtype)
+        k_cache, v_cache = torch.empty(shape_k, dtype=dtype), torch.empty(shape_v, dtype=dtype)
         rows = lambda t: t[0].transpose(0, 1).reshape(n, -1).float().contiguous()  # noqa: E731  [n, heads * d]
         ops.write_kv(rows(key), rows(value), k_cache, v_cache, torch.arange(n))
         pos = torch.arange(n, dtype=torch.int32)

@@ -4,6 +4,7 @@ output bit for bit the same whatever tile, chunk or batch it is computed in."""
 import pytest
 import torch
 
+from services.worker.engine.kv_cache import to_cpu_layout
 from services.worker.engine.layers import kernels
 from tests.engine_support import reference_attention
 
@@ -43,8 +44,8 @@ def test_matches_softmax_attention_and_is_tile_invariant(block_size, heads, kv_h
     torch.manual_seed(0)
     lengths = [150, 23, 64]  # a prefill chunk of 100 tokens over a cached prefix of 50, two decodes
     contexts = [torch.randn(2, n, kv_heads, head_dim) for n in lengths]
-    k, v, tables = paged_cache(contexts, kv_heads, head_dim, block_size)
-    k, v = k.to(dtype), v.to(dtype)
+    k32, v32, tables = paged_cache(contexts, kv_heads, head_dim, block_size)
+    k, v = to_cpu_layout(k32, v32, dtype)
     seq = torch.tensor([0] * 100 + [1, 2], dtype=torch.int32)
     pos = torch.tensor([*range(50, 150), 22, 63], dtype=torch.int32)
     q = torch.randn(len(seq), heads * head_dim)
@@ -57,7 +58,7 @@ def test_matches_softmax_attention_and_is_tile_invariant(block_size, heads, kv_h
     together = attend(slice(None))
     assert not together.isnan().any()  # the NaN in unused slots never reaches a result
     # the reference reads the same cache through the Triton layout [blocks, kv_heads, block_size, D]
-    kt, vt = k.permute(1, 0, 3, 2).float(), v.permute(1, 0, 2, 3).float()
+    kt, vt = k32.to(dtype).permute(1, 0, 3, 2).float(), v32.to(dtype).permute(1, 0, 2, 3).float()
     qr = q.bfloat16().float() if dtype == torch.bfloat16 and BF16_DOT else q
     ref = torch.cat([reference_attention(qr[t : t + 1], kt, vt, tables[int(seq[t])].tolist(), [int(pos[t])], heads,
                                          window, scale) for t in range(len(seq))])
@@ -81,12 +82,13 @@ def test_half_cache_reads_as_its_float32_values(block_size, head_dim, dtype):
     heads, kv_heads, n = 6, 2, 37
     k32 = torch.zeros(kv_heads, 6, head_dim, block_size)
     v32 = torch.zeros(kv_heads, 6, block_size, head_dim)
-    k16, v16 = k32.to(dtype), v32.to(dtype)
+    k16, v16 = to_cpu_layout(k32, v32, dtype)
     kn, vn = torch.randn(n, kv_heads * head_dim) * 3, torch.randn(n, kv_heads * head_dim) * 3
     slots = torch.arange(n, dtype=torch.long) + block_size  # from block 1 on
     OPS.write_kv(kn.to(dtype).float(), vn.to(dtype).float(), k32, v32, slots)
     OPS.write_kv(kn, vn, k16, v16, slots)
-    assert torch.equal(k16.float(), k32) and torch.equal(v16.float(), v32)
+    k_laid, v_laid = to_cpu_layout(k32, v32, dtype)  # exact: k32, v32 hold dtype's values
+    assert torch.equal(k16, k_laid) and torch.equal(v16, v_laid)
     tables = torch.arange(1, 6, dtype=torch.int32).reshape(1, 5)
     seq, pos = torch.zeros(n, dtype=torch.int32), torch.arange(n, dtype=torch.int32)
     q = torch.randn(n, heads * head_dim)

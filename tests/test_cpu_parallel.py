@@ -6,6 +6,7 @@ at 1 and 3 threads, whichever thread ran which chunk."""
 import pytest
 import torch
 
+from services.worker.engine.kv_cache import to_cpu_layout
 from services.worker.engine.layers import kernels, quant
 from services.worker.engine.layers.linear import Linear, set_activations
 from tests.test_cpu_attention import paged_cache
@@ -57,8 +58,8 @@ def test_kernels_give_the_same_bits_at_any_thread_count(set_threads):
     def run() -> dict:
         out = {key: layer(x) for key, layer in layers.items()}
         out["attention"] = OPS.paged_attention(q, k, v, tables, seq, pos, heads, 0, d ** -0.5)
-        out["attention bfloat16"] = OPS.paged_attention(q, k.bfloat16(), v.bfloat16(), tables, seq, pos, heads, 0,
-                                                        d ** -0.5)
+        out["attention bfloat16"] = OPS.paged_attention(q, *to_cpu_layout(k, v, torch.bfloat16), tables, seq, pos,
+                                                        heads, 0, d ** -0.5)
         out["silu_mul"] = OPS.silu_mul(gate_up)
         out["rms_norm"] = OPS.rms_norm(x, norm, 1e-6, None)
         return out

@@ -59,7 +59,7 @@ def test_cpu_kv_cache_is_advised_for_huge_pages():
 
     kv = KVCache(2, 2, 64, 511, 16, torch.bfloat16, torch.device("cpu"))  # 8 MiB, untouched but 2 blocks
     assert all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (*kv.k, *kv.v))
-    assert kv.k[0].shape == (2, 512, 64, 16) and kv.v[1].shape == (2, 512, 16, 64)
+    assert kv.k[0].shape == (2, 512, 32, 32) and kv.v[1].shape == (2, 512, 8, 128)  # bfloat16: in pairs
     assert len({t.data_ptr() for t in (*kv.k, *kv.v)}) == 4  # one arena, no two tensors overlapping
     assert kv.k[0].data_ptr() % hugepages.HUGE_PAGE == 0
     assert not kv.k[1][:, 0].any() and not kv.v[0][:, kv.scratch_block].any()  # zeroed blocks

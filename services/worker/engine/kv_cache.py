@@ -2,7 +2,8 @@
 
 - CPU (C++ kernels): K as [kv_heads, blocks, head_dim, block_size] (each block stored transposed, so one
   vector load gives one dimension of W consecutive keys: the attention kernel's scores need no horizontal
-  sums) and V as [kv_heads, blocks, block_size, head_dim];
+  sums) and V as [kv_heads, blocks, block_size, head_dim]; a bfloat16 cache in pairs, the operand of the
+  bfloat16 dot product (`cpu_shapes`, `to_cpu_layout`);
 - Triton (CUDA): K and V as [blocks, kv_heads, block_size, head_dim] (gpu/attention.py says why).
 
 One block past the pool (`scratch_block`) is never handed out: padded rows of a captured decode step
@@ -43,6 +44,29 @@ def parse_kv_memory(spec: str, device: torch.device) -> int:
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")  # --kv-cache-dtype: auto = the model's dtype (model_runner.py)
 
 
+def cpu_shapes(kv_heads: int, blocks: int, head_dim: int, block_size: int,
+               dtype: torch.dtype) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """One layer's K and V shapes for the C++ attention. bfloat16: K [.., head_dim / 2, block_size, 2] and V
+    [.., block_size / 2, head_dim, 2] (dimension pairs of a key, key pairs of a dimension), the last two
+    dimensions merged."""
+    if dtype == torch.bfloat16:
+        if block_size % 2:
+            raise ValueError(f"a bfloat16 KV cache stores keys in pairs: --block-size {block_size} must be even")
+        return (kv_heads, blocks, head_dim // 2, 2 * block_size), (kv_heads, blocks, block_size // 2, 2 * head_dim)
+    return (kv_heads, blocks, head_dim, block_size), (kv_heads, blocks, block_size, head_dim)
+
+
+def to_cpu_layout(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """K [kv_heads, blocks, D, BS] and V [kv_heads, blocks, BS, D] as a `dtype` cache in cpu_shapes' layout."""
+    k, v = k.to(dtype), v.to(dtype)
+    if dtype != torch.bfloat16:
+        return k.contiguous(), v.contiguous()
+    h, n, d, bs = k.shape
+    cpu_shapes(h, n, d, bs, dtype)  # an odd block size: refused there
+    return (k.view(h, n, d // 2, 2, bs).transpose(3, 4).reshape(h, n, d // 2, 2 * bs),
+            v.view(h, n, bs // 2, 2, d).transpose(3, 4).reshape(h, n, bs // 2, 2 * d))
+
+
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, triton: bool = False) -> None:
@@ -55,8 +79,7 @@ class KVCache:
         if triton:
             shape_k = shape_v = (blocks, num_kv_heads, block_size, head_dim)
         else:
-            shape_k = (num_kv_heads, blocks, head_dim, block_size)
-            shape_v = (num_kv_heads, blocks, block_size, head_dim)
+            shape_k, shape_v = cpu_shapes(num_kv_heads, blocks, head_dim, block_size, dtype)
         # uninitialised: pages are only touched (and counted in RSS) once a block is written. On a CPU in 2 MiB
         # pages (hugepages.py): a decode reads each sequence's blocks scattered over the pool, and in 4 KiB pages
         # every block (4 KiB of K, 4 KiB of V in fp32) cost a TLB miss: attention over 32 sequences' caches

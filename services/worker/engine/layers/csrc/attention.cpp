@@ -1,9 +1,12 @@
 // Paged attention over the KV cache in place: no gathered copy of any sequence's context.
 //
 // Cache layout, per layer (float32, or float16 / bfloat16 with --kv-cache-dtype: converted to float32 as it is
-// loaded, so only the stored values round; except bfloat16 on a CPU with avx512_bf16, below): K as [kv_heads, blocks, head_dim, block_size] (each block transposed, so the
-// scores of W keys are one vector: sum_d q[d] * K[d, keys]) and V as [kv_heads, blocks, block_size,
-// head_dim]. Every query token attends keys [lo, pos] of its own sequence, lo = pos - window + 1 for a
+// loaded, so only the stored values round; except bfloat16 on a CPU with avx512_bf16, below): K as [kv_heads,
+// blocks, head_dim, block_size] (each block transposed, so the scores of W keys are one vector: sum_d q[d] *
+// K[d, keys]) and V as [kv_heads, blocks, block_size, head_dim]. bfloat16 stores pairs, the operand layout of
+// vdpbf16ps: K as [kv_heads, blocks, head_dim / 2, block_size, 2] (dimensions 2p, 2p + 1 of a key side by side)
+// and V as [kv_heads, blocks, block_size / 2, head_dim, 2] (keys 2i, 2i + 1 of a dimension side by side), each
+// held as a 4-dim tensor (the last two dimensions merged); block_size even. Every query token attends keys [lo, pos] of its own sequence, lo = pos - window + 1 for a
 // sliding window, else 0: decodes and prefill chunks (over their cached prefix) are the same loop.
 //
 // A row is one query head of one token. The rows of up to kTileRows (a tile: consecutive tokens of one
@@ -56,7 +59,6 @@ struct Row {
 
 inline S::F load(const float* p) { return S::load(p); }
 inline S::F load(const at::Half* p) { return S::half(p); }
-inline S::F load(const at::BFloat16* p) { return S::bf16(p); }
 
 template <typename T>
 struct Group {  // kGroup keys [pos, pos + n) of one block, at kt (transposed K) and vb (V)
@@ -67,13 +69,20 @@ struct Group {  // kGroup keys [pos, pos + n) of one block, at kt (transposed K)
 };
 
 template <typename T>
+constexpr bool kPaired = std::is_same_v<T, at::BFloat16>;  // the pair layout above
+
+template <typename T>
 S::F load_keys(const Group<T>& g, int64_t d, int v) {
-  const T* p = g.kt + d * g.stride + v * W;
   const int n = std::min(W, g.n - v * W);
-  if (n >= W) return load(p);
+  const int64_t pair = kPaired<T> ? 2 : 1;  // bfloat16: key i of dimension d at 2 i + d % 2 of its pair row
+  const T* p = kPaired<T> ? g.kt + (d / 2) * 2 * g.stride + 2 * v * W + d % 2 : g.kt + d * g.stride + v * W;
+  if (n >= W) {
+    if constexpr (kPaired<T>) return S::bf16_half(p - d % 2, d % 2);
+    else return load(p);
+  }
   if constexpr (std::is_same_v<T, float>) return S::loadn(p, std::max(n, 0), 0.0f);
-  alignas(64) float tmp[W] = {};  // a block shorter than a vector: float16 keys one by one
-  for (int i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+  alignas(64) float tmp[W] = {};  // a block shorter than a vector: 16-bit keys one by one
+  for (int i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i * pair]);
   return S::load(tmp);
 }
 
@@ -86,16 +95,7 @@ constexpr bool kBf16Dot = true;
 template <>
 struct Dot<at::BFloat16> {
   using B = at::BFloat16;
-  // a[0..15], b[0..15] -> (a[0], b[0]), (a[1], b[1]), ...: the pair layout vdpbf16ps multiplies
-  static __m512i pairs(__m256i a, __m256i b) {
-    alignas(64) static constexpr int16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    return _mm512_permutexvar_epi16(_mm512_load_si512(kIdx), _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
-  }
-  static __m256i load16(const B* p, int n) {  // n of 16 values, zeros after
-    return n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                   : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
-  }
+  static __m512i load_pairs(const B* p, __mmask32 m) { return _mm512_maskz_loadu_epi16(m, p); }  // 16 pairs
   static __m512 dot(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
   static __m512i bcast(const uint16_t* pair) {
     uint32_t w;
@@ -119,11 +119,11 @@ struct Dot<at::BFloat16> {
       q[r] = rows[r]->qb;
       acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     }
+    const __mmask32 m = g.n >= 16 ? ~0u : (1u << (2 * g.n)) - 1;  // the group's keys
     for (int64_t d = 0; d < D; d += 4) {  // two chains, each over every other pair of dimensions
       __m512i k[2];
 #pragma GCC unroll 2
-      for (int a = 0; a < 2; ++a)
-        k[a] = pairs(load16(g.kt + (d + 2 * a) * g.stride, g.n), load16(g.kt + (d + 2 * a + 1) * g.stride, g.n));
+      for (int a = 0; a < 2; ++a) k[a] = load_pairs(g.kt + (d / 2 + a) * 2 * g.stride, m);
 #pragma GCC unroll 8
       for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 2
@@ -144,13 +144,11 @@ struct Dot<at::BFloat16> {
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) a[r][v] = _mm512_mul_ps(_mm512_loadu_ps(o[r] + d0 + v * 16), _mm512_set1_ps(corr[r]));
     for (int i = first & ~1; i < last; i += 2) {
-      const B* v0 = g.vb + i * D + d0;
-      const bool lo = i >= first, hi = i + 1 < last;
+      const B* v0 = g.vb + i * D + 2 * d0;  // keys i, i + 1 (i even: their pair row starts at i * D)
+      const __mmask32 m = (i >= first ? 0x55555555u : 0u) | (i + 1 < last ? 0xAAAAAAAAu : 0u);
       __m512i vv[NV];
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v)
-        vv[v] = pairs(lo ? load16(v0 + v * 16, 16) : _mm256_setzero_si256(),
-                      hi ? load16(v0 + D + v * 16, 16) : _mm256_setzero_si256());
+      for (int v = 0; v < NV; ++v) vv[v] = load_pairs(v0 + v * 32, m);
 #pragma GCC unroll 8
       for (int r = 0; r < RB; ++r) {
         const __m512i pp = bcast(p[r] + i);
@@ -251,10 +249,12 @@ void accumulate_slice(float* const* o, const float* const* p, const float* corr,
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) a[r][v] = S::mul(S::load(o[r] + d0 + v * W), S::set1(corr[r]));
   for (int i = first; i < last; ++i) {
-    const T* vrow = g.vb + i * D + d0;
     S::F vv[NV];
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) vv[v] = load(vrow + v * W);
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (kPaired<T>) vv[v] = S::bf16_half(g.vb + (i & ~1) * D + 2 * (d0 + v * W), i % 2);
+      else vv[v] = load(g.vb + i * D + d0 + v * W);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
       const S::F pi = S::bcast(p[r] + i);
@@ -365,7 +365,7 @@ void attend_tile(Scratch& sc, const Cache<T>& c, int64_t kvh, const int32_t* tab
     const int64_t blk = start / BS;
     for (int64_t off = (std::max(lo, start) - start) / kGroup * kGroup; off < BS && start + off < hi; off += kGroup) {
       const int64_t g0 = start + off;
-      const Group<T> g{c.k + ((kvh * c.blocks + table[blk]) * D) * BS + off,
+      const Group<T> g{c.k + ((kvh * c.blocks + table[blk]) * D) * BS + (kPaired<T> ? 2 * off : off),
                     c.v + ((kvh * c.blocks + table[blk]) * BS + off) * D, BS,
                     static_cast<int>(std::min<int64_t>(kGroup, BS - off))};
       if (g0 >= max_lo && g0 + g.n <= min_hi) {  // every row attends every key of the group (most groups)
@@ -399,22 +399,34 @@ void attend_tile(Scratch& sc, const Cache<T>& c, int64_t kvh, const int32_t* tab
 
 }  // namespace
 
+// head_dim and block_size of a K / V cache pair (dtypes checked by the caller; bfloat16 in pairs, above).
+static std::pair<int64_t, int64_t> cache_geometry(const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.is_contiguous() && v.is_contiguous(),
+              "caches: contiguous [kv_heads, blocks, ...]");
+  const bool paired = k.scalar_type() == at::kBFloat16;
+  const int64_t D = paired ? 2 * k.size(2) : k.size(2), BS = paired ? k.size(3) / 2 : k.size(3);
+  const bool ok = paired ? k.size(3) % 2 == 0 && v.size(2) * 2 == BS && v.size(3) == 2 * D
+                         : v.size(2) == BS && v.size(3) == D;
+  TORCH_CHECK(ok && v.size(0) == k.size(0) && v.size(1) == k.size(1),
+              "K and V caches do not match each other (bfloat16: in pairs, an even block size)");
+  return {D, BS};
+}
+
 // q [T, H * D] (row stride any), caches as above; block_tables [B, max_blocks] int32; token_seq / token_pos [T]
 // int32: each token's row in block_tables and its position. Returns [T, H * D].
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                            at::Tensor token_seq, at::Tensor token_pos, int64_t num_heads, int64_t window,
                            double scale) {
   TORCH_CHECK(q.dim() == 2 && q.stride(1) == 1 && q.scalar_type() == at::kFloat, "q: float32 [T, H * D], rows dense");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "caches: contiguous [kv_heads, blocks, ...]");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(), "block_tables: int32");
   TORCH_CHECK(token_seq.scalar_type() == at::kInt && token_pos.scalar_type() == at::kInt, "token_*: int32");
-  const int64_t T = q.size(0), KVH = k_cache.size(0), D = k_cache.size(2), BS = k_cache.size(3);
-  TORCH_CHECK(q.size(1) == num_heads * D && num_heads % KVH == 0, "q does not match the cache's heads");
-  TORCH_CHECK(D % W == 0, "head_dim must be a multiple of ", W);
   const auto dtype = k_cache.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && v_cache.scalar_type() == dtype,
               "caches: float32, float16 or bfloat16, both the same");
+  const auto [D, BS] = cache_geometry(k_cache, v_cache);
+  const int64_t T = q.size(0), KVH = k_cache.size(0);
+  TORCH_CHECK(q.size(1) == num_heads * D && num_heads % KVH == 0, "q does not match the cache's heads");
+  TORCH_CHECK(D % W == 0, "head_dim must be a multiple of ", W);
   const int64_t G = num_heads / KVH;
   auto out = at::empty({T, num_heads * D}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -465,11 +477,11 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
 }
 
 // Write each token's K and V ([T, kv_heads * D] float32, row stride any) into its slot (block * block_size +
-// offset) of a float32, float16 or bfloat16 cache (rounded to nearest even).
+// offset) of a float32, float16 or bfloat16 cache (rounded to nearest even; bfloat16 in pairs).
 template <typename T>
 static void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-              const at::Tensor& slots) {
-  const int64_t T_ = k.size(0), KVH = k_cache.size(0), NB = k_cache.size(1), D = k_cache.size(2), BS = k_cache.size(3);
+                     const at::Tensor& slots, int64_t D, int64_t BS) {
+  const int64_t T_ = k.size(0), KVH = k_cache.size(0), NB = k_cache.size(1);
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   T* kc = k_cache.data_ptr<T>();
@@ -481,10 +493,15 @@ static void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cac
     for (int64_t h = 0; h < KVH; ++h) {
       const float* ks = kp + t * k.stride(0) + h * D;
       const float* vs = vp + t * v.stride(0) + h * D;
-      T* kd = kc + ((h * NB + blk) * D) * BS + off;
-      T* vd = vc + ((h * NB + blk) * BS + off) * D;
-      for (int64_t d = 0; d < D; ++d) kd[d * BS] = static_cast<T>(ks[d]);
-      for (int64_t d = 0; d < D; ++d) vd[d] = static_cast<T>(vs[d]);
+      T* kd = kc + ((h * NB + blk) * D) * BS;  // the block
+      T* vd = vc + ((h * NB + blk) * BS) * D;
+      if constexpr (kPaired<T>) {
+        for (int64_t d = 0; d < D; ++d) kd[(d / 2) * 2 * BS + 2 * off + d % 2] = static_cast<T>(ks[d]);
+        for (int64_t d = 0; d < D; ++d) vd[(off / 2) * 2 * D + 2 * d + off % 2] = static_cast<T>(vs[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) kd[d * BS + off] = static_cast<T>(ks[d]);
+        for (int64_t d = 0; d < D; ++d) vd[off * D + d] = static_cast<T>(vs[d]);
+      }
     }
   }
 }
@@ -493,10 +510,11 @@ void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache
   TORCH_CHECK(k.stride(1) == 1 && v.stride(1) == 1 && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "k, v: float32, rows dense");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots: int64");
-  TORCH_CHECK(k.size(1) == k_cache.size(0) * k_cache.size(2) && v.size(1) == k.size(1), "k / v do not match the cache");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "caches: both of one dtype");
-  if (k_cache.scalar_type() == at::kHalf) store_kv<at::Half>(k, v, k_cache, v_cache, slots);
-  else if (k_cache.scalar_type() == at::kBFloat16) store_kv<at::BFloat16>(k, v, k_cache, v_cache, slots);
-  else if (k_cache.scalar_type() == at::kFloat) store_kv<float>(k, v, k_cache, v_cache, slots);
+  const auto [D, BS] = cache_geometry(k_cache, v_cache);
+  TORCH_CHECK(k.size(1) == k_cache.size(0) * D && v.size(1) == k.size(1), "k / v do not match the cache");
+  if (k_cache.scalar_type() == at::kHalf) store_kv<at::Half>(k, v, k_cache, v_cache, slots, D, BS);
+  else if (k_cache.scalar_type() == at::kBFloat16) store_kv<at::BFloat16>(k, v, k_cache, v_cache, slots, D, BS);
+  else if (k_cache.scalar_type() == at::kFloat) store_kv<float>(k, v, k_cache, v_cache, slots, D, BS);
   else TORCH_CHECK(false, "caches: float32, float16 or bfloat16");
 }

@@ -35,9 +35,12 @@ struct Simd {
   static I high4(I v) { return _mm512_srli_epi32(v, 4); }
   static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
   static F half(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static F bf16(const at::BFloat16* p) {  // bfloat16 is float32's upper half
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+  // 16 bfloat16 pairs at p -> float32 of each pair's first (half 0) or second (half 1) value: bfloat16 is
+  // float32's upper half
+  static F bf16_half(const at::BFloat16* p, int half) {
+    const __m512i x = _mm512_loadu_si512(p);
+    return _mm512_castsi512_ps(half ? _mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))
+                                    : _mm512_slli_epi32(x, 16));
   }
   struct Table {  // 16-entry code book, one permute
     F t;
@@ -100,9 +103,10 @@ struct Simd {
   static I high4(I v) { return _mm256_srli_epi32(v, 4); }
   static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
   static F half(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static F bf16(const at::BFloat16* p) {
-    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+  static F bf16_half(const at::BFloat16* p, int half) {  // 8 pairs, as the AVX-512 one
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm256_castsi256_ps(half ? _mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)))
+                                    : _mm256_slli_epi32(x, 16));
   }
   struct Table {  // 16 entries: two 8-entry permutes, picked by bit 3 of the index
     F lo, hi;
