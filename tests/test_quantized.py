@@ -279,13 +279,15 @@ def test_16bit_kv_cache_is_batch_invariant_and_close_to_fp32(loaded, gguf_native
 
 
 def test_float16_kv_cache_refused_where_no_kernel_reads_it(gguf_native, loaded):
-    """Only tokenmill's C++ attention reads a float16 cache (float32 models on a CPU): elsewhere the engine
-    refuses at start, with the flag to use instead."""
+    """Only tokenmill's C++ attention reads a 16-bit cache (float32 models on a CPU): elsewhere the engine
+    refuses at start, with the flag to use instead; a bfloat16 cache (stored in key pairs) an odd block size."""
     from services.worker.engine.models.engine_model import load_engine_model
     from services.worker.engine.paged_engine import PagedEngine
 
     with pytest.raises(ValueError, match="--kv-cache-dtype 'int8': use auto, float16 or bfloat16"):
         PagedEngine(gguf_native, loaded.tokenizer, num_blocks=8, kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="stores keys in pairs: --block-size 15 must be even"):
+        PagedEngine(gguf_native, loaded.tokenizer, num_blocks=8, block_size=15, kv_cache_dtype="bfloat16")
     bf16 = load_engine_model("smollm2-135m", "gguf", model_impl="native", dtype="bfloat16").model
     with pytest.raises(ValueError, match=r"needs tokenmill's C\+\+ attention.*use --kv-cache-dtype auto"):
         PagedEngine(bf16, loaded.tokenizer, num_blocks=8, kv_cache_dtype="float16")
