@@ -95,7 +95,11 @@ constexpr bool kBf16Dot = true;
 template <>
 struct Dot<at::BFloat16> {
   using B = at::BFloat16;
-  static __m512i load_pairs(const B* p, __mmask32 m) { return _mm512_maskz_loadu_epi16(m, p); }  // 16 pairs
+  // 16 pairs. A plain load wherever the mask is full: with masked loads only, a decode over blocks that lie in
+  // order ran 1.8x slower on Zen 5 (the hardware prefetcher seemingly does not follow them)
+  static __m512i load_pairs(const B* p, __mmask32 m) {
+    return m == ~0u ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi16(m, p);
+  }
   static __m512 dot(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
   static __m512i bcast(const uint16_t* pair) {
     uint32_t w;
