@@ -369,6 +369,15 @@ void attend_tile(Scratch& sc, const Cache<T>& c, int64_t kvh, const int32_t* tab
     const int64_t blk = start / BS;
     for (int64_t off = (std::max(lo, start) - start) / kGroup * kGroup; off < BS && start + off < hi; off += kGroup) {
       const int64_t g0 = start + off;
+      if (off == 0 && start + BS < hi) {  // the next block's K and V into L1 while this one computes: a decode
+        const int64_t next = (kvh * c.blocks + table[blk + 1]) * D * BS;  // reads each block once, cold, and
+        const char* kn = reinterpret_cast<const char*>(c.k + next);    // the hardware prefetchers stop at
+        const char* vn = reinterpret_cast<const char*>(c.v + next);    // its end (4 KiB fp32)
+        for (int64_t b = 0; b < D * BS * static_cast<int64_t>(sizeof(T)); b += 64) {
+          _mm_prefetch(kn + b, _MM_HINT_T0);
+          _mm_prefetch(vn + b, _MM_HINT_T0);
+        }
+      }
       const Group<T> g{c.k + ((kvh * c.blocks + table[blk]) * D) * BS + (kPaired<T> ? 2 * off : off),
                     c.v + ((kvh * c.blocks + table[blk]) * BS + off) * D, BS,
                     static_cast<int>(std::min<int64_t>(kGroup, BS - off))};
