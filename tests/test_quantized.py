@@ -27,7 +27,7 @@ from engine_support import (
 )
 
 from services.worker.engine.layers import kernels, quant
-from services.worker.engine.layers.linear import Linear, set_activations
+from services.worker.engine.layers.linear import Embedding, Linear, set_activations
 from services.worker.engine.types import Request
 
 MAX_NEW = 10
@@ -39,6 +39,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def int8_unit() -> bool:
     return kernels.load() is not None and kernels.matrix_unit() != "fp32"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_embedding_rows_equal_dequantised(fmt):
+    """The C++ embedding lookup gives the reference dequantiser's rows bitwise, in either code layout."""
+    if kernels.load() is None:
+        pytest.skip(f"no C++ kernels here ({kernels.cpu_capability()})")
+    torch.manual_seed(0)
+    packed = quant.quantize(torch.randn(200, 256) * 0.05, fmt)  # 200 rows: a partial panel of 16
+    emb, ids = Embedding(packed), torch.tensor([[0, 199, 17], [16, 15, 3]])
+    for quads in (False, True) if packed.table is None else (False,):
+        packed.use_quads() if quads else packed.use_panels()
+        want = packed.dequantize(ids.reshape(-1)).reshape(2, 3, 256)
+        assert torch.equal(emb(ids), want), f"{fmt}, {packed.layout} layout"
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        emb(torch.tensor([200]))
 
 
 @pytest.mark.parametrize("activations", ["fp32", "int8"])

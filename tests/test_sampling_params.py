@@ -22,7 +22,8 @@ from engine_support import (
 )
 
 from services.common.sampling import InvalidRequest, SamplingParams
-from services.worker.engine.sampler import PenaltyState, Sampler, process_logits
+from services.worker.engine.layers import kernels
+from services.worker.engine.sampler import PenaltyState, Sampler, greedy, process_logits
 from services.worker.engine.sequence import Sequence
 from services.worker.engine.types import FINISH_CANCELLED, Request
 
@@ -56,6 +57,20 @@ def seq_of(tokens: list[int], prompt_len: int, **kw) -> Sequence:
 
 
 # ---- logit processors against transformers' and OpenAI's definitions ----------------------------------
+def test_greedy_argmax_kernel_equals_torch_argmax():
+    """Greedy rows' C++ argmax: torch.argmax's index on ties (the first), NaN, infinities, any row length."""
+    if kernels.load() is None:
+        pytest.skip(f"no C++ kernels here ({kernels.cpu_capability()})")
+    torch.manual_seed(0)
+    for n in (49152, 49157, 7, 40):
+        x = torch.randn(5, n)
+        x[0, n // 3] = x[0, n // 2] = 100.0
+        x[1, n - 1], x[2, 5], x[3] = float("inf"), float("nan"), float("-inf")
+        x[4, n // 2] = x[4, 1] = float("nan")
+        assert torch.equal(kernels.load().argmax_rows(x), x.argmax(dim=-1)), n
+        assert torch.equal(greedy(x), x.argmax(dim=-1)), n
+
+
 def test_processors_equal_transformers_and_openai_formulas():
     from transformers import (
         MinNewTokensLengthLogitsProcessor,

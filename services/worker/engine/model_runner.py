@@ -181,8 +181,12 @@ class ModelRunner:
         self.prompt_logits = []
         if not rows and not extra:
             return samplers, None
-        index = torch.tensor(rows + extra, dtype=torch.long, device=self.device)
-        logits = self.logits(hidden.index_select(0, index)).float()
+        picked = rows + extra
+        if len(picked) == hidden.shape[0] and picked == list(range(len(picked))):  # every row (pure decodes)
+            logits = self.logits(hidden).float()
+        else:
+            logits = self.logits(hidden.index_select(0, torch.tensor(picked, dtype=torch.long, device=self.device))
+                                 ).float()
         at = len(rows)
         for seq, _, count, first in self.prompt_rows:
             self.prompt_logits.append((seq, first, logits[at : at + count]))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.worker.engine.layers import kernels
 from services.worker.engine.sequence import Sequence
 
 NEG_INF = float("-inf")
@@ -124,6 +125,12 @@ class _Rows:
         return torch.repeat_interleave(torch.tensor(self.rows), lens).to(dev), _int64(self.ids).to(dev), per_id
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the first of ties), as torch.argmax; the C++ kernel's ~4x faster pass on a CPU."""
+    ops = kernels.cpu_ops(logits.device, logits.dtype)
+    return ops.argmax_rows(logits.contiguous()) if ops is not None and logits.dim() == 2 else logits.argmax(dim=-1)
+
+
 def _int64(values: list[int]) -> torch.Tensor:
     return torch.frombuffer(array("q", values), dtype=torch.int64)
 
@@ -141,7 +148,7 @@ class Sampler:
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if len(rows) == len(seqs):  # no greedy row: no argmax over the whole batch's logits
             return self._sample(logits, seqs).tolist()
-        choice = logits.argmax(dim=-1)
+        choice = greedy(logits)
         if rows:
             picked = self._sample(logits[rows], [seqs[i] for i in rows])
             choice[torch.tensor(rows, device=logits.device)] = picked

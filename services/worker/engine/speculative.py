@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from services.worker.engine.sampler import Sampler
+from services.worker.engine.sampler import Sampler, greedy
 from services.worker.engine.sequence import Sequence
 
 METHODS = ("off", "ngram", "draft")
@@ -127,7 +127,7 @@ class Speculator:
 
     def accept(self, logits: torch.Tensor, seqs: list[Sequence], sampler: Sampler) -> list[list[int]]:
         """logits has 1 + len(spec_token_ids) rows per sequence; returns the tokens each one keeps."""
-        argmax = logits.argmax(dim=-1).tolist()
+        argmax = greedy(logits).tolist()
         out: list[list[int]] = []
         plain: list[tuple[int, int]] = []  # (index, row) of sampled sequences without drafts: one batched draw
         row = 0

@@ -32,7 +32,7 @@ import torch
 log = logging.getLogger("tokenmill.kernels")
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = ("bindings.cpp", "quant_gemm.cpp", "q8_gemm.cpp", "q8_avx2.cpp", "attention.cpp", "elementwise.cpp",
-           "decoder.cpp", "parallel.cpp")
+           "decoder.cpp", "parallel.cpp", "embedding.cpp")
 HEADERS = ("simd.h", "ops.h", "decoder.h", "q8.h", "parallel.h")
 NEEDED_FLAGS = {"avx2", "fma", "f16c"}
 

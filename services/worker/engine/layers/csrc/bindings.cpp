@@ -16,6 +16,7 @@ static std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "y = x @ dequant(W)^T, panel-packed 4/8-bit weights, fp32 activations");
   m.def("q8_linear", &q8_linear, "y = q8(x) @ dequant(W)^T on AMX, VNNI or AVX2, quad-layout 4/8-bit weights");
+  m.def("packed_rows", &packed_rows, "rows of a packed weight as float32 (an embedding lookup)");
   m.def("q8_peak", &q8_peak, "multiply-adds of an issue-rate loop on the AVX2 (-1) or VNNI (0) unit, all threads");
   m.def("amx_enable", &amx_enable, "ask the OS for the AMX tile state; true when granted");
   m.def("q8_units", &q8_units, "the integer units of this build, best first: amx,vnni,avx2 / vnni,avx2 / avx2");
@@ -24,6 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x (written back)");
   m.def("rotary", &rotary, "rotary embedding in place (rotate-half convention)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
+  m.def("argmax_rows", &argmax_rows, "per row, the first index of its largest value (NaN largest), as torch.argmax");
   m.def("isa", &isa, "the vector ISA of this build");
   m.def("parallel_cover", &parallel_cover, "tests: visits per index of the kernels' parallel loop over [0, n)");
   py::class_<Linear>(m, "Linear")

@@ -9,6 +9,8 @@ at::Tensor quant_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::
                         c10::optional<at::Tensor> table, c10::optional<at::Tensor> bias, int64_t bits, int64_t group);
 at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
                      c10::optional<at::Tensor> bias, int64_t bits, int64_t group, int64_t unit);
+at::Tensor packed_rows(at::Tensor ids, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
+                       c10::optional<at::Tensor> table, int64_t bits, int64_t group, int64_t rows, bool quad);
 int64_t q8_peak(int64_t unit, int64_t iters);
 bool amx_enable();
 std::string q8_units();
@@ -18,4 +20,5 @@ void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> residual);
 void rotary(at::Tensor x, int64_t heads, at::Tensor positions, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor gate_up);
+at::Tensor argmax_rows(at::Tensor x);
 at::Tensor parallel_cover(int64_t n, int64_t grain, int64_t fail_at);
