@@ -29,14 +29,24 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<a
       const float* xr = x.data_ptr<float>() + t * x.stride(0);
       float* r = add ? residual->data_ptr<float>() + t * N : const_cast<float*>(xr);
       float* o = out.data_ptr<float>() + t * N;
-      float ss = 0.0f;
-      for (int64_t i = 0; i < N; ++i) {
+      // the sum of squares lane by lane (one serial chain over a 576-wide row was ~0.5 us, 61 calls a step)
+      S::F acc = S::zero();
+      int64_t i = 0;
+      for (; i + W <= N; i += W) {
+        const S::F v = add ? S::add(S::load(r + i), S::load(xr + i)) : S::load(xr + i);
+        if (add) S::store(r + i, v);
+        acc = S::add(acc, S::mul(v, v));
+      }
+      float ss = S::hsum(acc);
+      for (; i < N; ++i) {
         const float v = add ? r[i] + xr[i] : xr[i];
         if (add) r[i] = v;
         ss += v * v;
       }
       const float inv = 1.0f / std::sqrt(ss / static_cast<float>(N) + static_cast<float>(eps));
-      for (int64_t i = 0; i < N; ++i) o[i] = w[i] * (r[i] * inv);
+      const S::F iv = S::set1(inv);
+      for (i = 0; i + W <= N; i += W) S::store(o + i, S::mul(S::load(w + i), S::mul(S::load(r + i), iv)));
+      for (; i < N; ++i) o[i] = w[i] * (r[i] * inv);
     }
   });
   return out;
