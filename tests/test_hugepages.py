@@ -63,5 +63,7 @@ def test_cpu_kv_cache_is_advised_for_huge_pages():
     assert len({t.data_ptr() for t in (*kv.k, *kv.v)}) == 4  # one arena, no two tensors overlapping
     assert kv.k[0].data_ptr() % hugepages.HUGE_PAGE == 0
     assert not kv.k[1][:, 0].any() and not kv.v[0][:, kv.scratch_block].any()  # zeroed blocks
+    # every block reads zero before its first write (fresh anonymous memory): zero_blocks skips the CPU pool
+    assert kv.born_zero and not any(t.any() for t in (*kv.k, *kv.v))
     if hugepages.thp_mode() in ("always", "madvise"):
         assert thp_eligible(kv.v[1].data_ptr())
