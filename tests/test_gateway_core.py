@@ -86,3 +86,29 @@ def test_fronts_depend_on_the_core_never_the_reverse():
     assert "http" not in _gateway_imports("server") and "openai_schema" not in _gateway_imports("server")
     assert "server" not in _gateway_imports("http")
     assert {"core"} <= _gateway_imports("server") and {"core"} <= _gateway_imports("http")
+
+
+def test_token_chunks_waiting_in_the_queue_go_out_as_one():
+    """A caller that fell behind gets the tokens queued meanwhile in one chunk (one write), never past a finish,
+    an error or another choice's tokens, and nothing is lost or reordered."""
+    from services.gateway.pending import Chunk, coalesce
+
+    async def run() -> None:
+        q: asyncio.Queue = asyncio.Queue()
+        for c in (Chunk(" b", [2], logprobs=["lb"]), Chunk(" c", [3], logprobs=["lc"]), Chunk(" x", [9], index=1),
+                  Chunk(" d", [4]), Chunk(finish_reason="stop")):
+            q.put_nowait(c)
+        merged, held = coalesce(Chunk("a", [1], logprobs=["la"]), q)
+        assert (merged.text, merged.token_ids, merged.index) == ("a b c", [1, 2, 3], 0)
+        assert merged.logprobs == ["la", "lb", "lc"]
+        assert held.index == 1 and held.token_ids == [9]  # another choice: held for the next chunk
+        merged, held = coalesce(Chunk(" d0", [5]), q)  # " d" joins; the finish is held back
+        assert merged.token_ids == [5, 4] and held.finish_reason == "stop" and q.empty()
+        final, held = coalesce(Chunk(finish_reason="length"), q)  # a finish takes nothing with it
+        assert final.finish_reason == "length" and held is None
+        error = Chunk(error=(grpc.StatusCode.INTERNAL, "boom"))
+        q.put_nowait(Chunk("e", [6]))
+        assert coalesce(error, q) == (error, None) and q.qsize() == 1
+        assert coalesce(Chunk("f", [7]), asyncio.Queue()) == (Chunk("f", [7]), None)  # nothing waits for more
+
+    asyncio.run(run())

@@ -24,7 +24,7 @@ from services.common.sampling import InvalidRequest, SamplingParams
 from services.common.tls import channel_credentials
 from services.gateway import metrics
 from services.gateway.batcher import Batcher
-from services.gateway.pending import Chunk, Pending, QueueFull
+from services.gateway.pending import Chunk, Pending, QueueFull, coalesce
 from services.gateway.pool import WorkerPool
 from services.gateway.prefix_index import PrefixIndex
 from services.gateway.quality import QualitySampler, user_prompt
@@ -135,10 +135,10 @@ class Gateway:
 
     async def chunks(self, p: Pending) -> AsyncIterator[Chunk]:
         """The request's chunks up to and including its final one; cancels it if the caller leaves early."""
-        error, ending = "", 0.0
+        error, ending, held = "", 0.0, None
         try:
             while True:
-                chunk = await p.out.get()
+                chunk, held = coalesce(held or await p.out.get(), p.out)
                 if chunk.error is not None:
                     error = f"{chunk.error[0].name}: {chunk.error[1]}"
                     raise GatewayError(*chunk.error)

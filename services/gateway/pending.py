@@ -43,6 +43,19 @@ class Chunk:
         return (self.finish_reason is not None and self.last) or self.error is not None
 
 
+def coalesce(chunk: Chunk, queue: asyncio.Queue) -> tuple[Chunk, Chunk | None]:
+    """`chunk` with the token chunks of its choice already waiting behind it in `queue`, as one chunk (one write
+    instead of several when the caller fell behind; vLLM's output collector merges the same way; nothing waits for
+    more), and the first queued chunk that cannot join (a finish, an error, another choice), or None."""
+    while chunk.finish_reason is None and chunk.error is None and not queue.empty():
+        nxt = queue.get_nowait()
+        if nxt.finish_reason is not None or nxt.error is not None or nxt.index != chunk.index:
+            return chunk, nxt
+        chunk = Chunk(chunk.text + nxt.text, chunk.token_ids + nxt.token_ids, logprobs=chunk.logprobs + nxt.logprobs,
+                      index=chunk.index)
+    return chunk, None
+
+
 @dataclass(eq=False)
 class Pending:
     request_id: str
