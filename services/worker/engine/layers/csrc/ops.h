@@ -5,6 +5,8 @@
 
 #include <string>
 
+constexpr int kPanelRows = 16;  // rows per panel of a packed weight (quant.py's PANEL)
+
 at::Tensor quant_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
                         c10::optional<at::Tensor> table, c10::optional<at::Tensor> bias, int64_t bits, int64_t group);
 at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,

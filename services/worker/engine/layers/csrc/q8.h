@@ -2,13 +2,15 @@
 // the entry point) and q8_avx2.cpp (the same integer sums on AVX2 alone). See the top of q8_gemm.cpp.
 #pragma once
 
+#include "ops.h"
+
 #include <ATen/ATen.h>
 
 #include <cstdint>
 
 namespace q8 {
 
-constexpr int kPanel = 16, kBlock = 32;
+constexpr int kPanel = kPanelRows, kBlock = 32;
 
 struct Weights {
   const uint8_t* codes;    // [P, K * bits / 8 * 16], quad layout

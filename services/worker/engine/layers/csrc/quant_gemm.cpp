@@ -12,6 +12,7 @@
 //
 // Compiled with -march=native for the machine it runs on: AVX-512 or AVX2 (+F16C, FMA).
 
+#include "ops.h"
 #include "simd.h"
 
 #include "parallel.h"
@@ -20,7 +21,7 @@
 
 namespace {
 
-constexpr int kPanel = 16;
+constexpr int kPanel = kPanelRows;
 
 constexpr int RV = kPanel / Simd::W;  // vectors per panel
 
