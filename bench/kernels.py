@@ -64,9 +64,9 @@ def make_kernel(name: str, w: torch.Tensor) -> tuple[Callable[[torch.Tensor], to
     if name.startswith("tokenmill-"):
         fmt = name.removeprefix("tokenmill-").removesuffix("-a8")
         layer = Linear(quant.quantize(w, fmt))
-        hugepages.move_weights(layer)
         if name.endswith("-a8"):  # int8 activations on the CPU's integer unit (the worker's --activations int8)
-            set_activations(layer, "int8")
+            set_activations(layer, "int8")  # before the move: the quad layout's codes are new tensors
+        hugepages.move_weights(layer)
         return layer.forward, weight_bytes(layer)
     w = hugepages.split([(tuple(w.shape), w.dtype)])[0].copy_(w)
     if name == "fp32-linear":

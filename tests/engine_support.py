@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,16 @@ def reference_attention(q, k_cache, v_cache, table, positions, num_heads, window
         s = torch.einsum("hd,nhd->hn", q[i].view(num_heads, d).double(), k) * scale
         out.append(torch.einsum("hn,nhd->hd", s.softmax(-1), v).reshape(-1))
     return torch.stack(out)
+
+
+def thp_eligible(ptr: int) -> bool:
+    """Whether the mapping holding address `ptr` may get transparent huge pages (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= ptr < hi
+        elif inside and line.startswith("THPeligible:"):
+            return line.split()[1] == "1"
+    return False

@@ -1,27 +1,13 @@
 """Weights in huge pages (layers/hugepages.py): same values, tied weights stay tied, and the
 memory is advised for transparent huge pages where the kernel offers them."""
 
-from pathlib import Path
-
 import torch
+from engine_support import thp_eligible
 from torch import nn
 
 from services.worker.engine.layers import hugepages
 from services.worker.engine.layers.linear import Embedding, Linear
 from services.worker.engine.layers.quant import quantize
-
-
-def thp_eligible(ptr: int) -> bool:
-    """Whether the mapping holding address `ptr` may get transparent huge pages (/proc/self/smaps)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            lo, hi = (int(x, 16) for x in head.split("-"))
-            inside = lo <= ptr < hi
-        elif inside and line.startswith("THPeligible:"):
-            return line.split()[1] == "1"
-    return False
 
 
 def test_move_weights_keeps_values_and_ties_and_asks_for_huge_pages():

@@ -88,13 +88,14 @@ def load_engine_model(spec: str, quantization: str = "auto", device: str = "auto
     """The paged engine's model: tokenmill's own forward (`native`) where it covers the architecture and
     device (`auto` falls back to transformers' modules, and says why), else transformers'. `activations`:
     the quantized layers' activation precision (layers/linear.py set_activations)."""
-    loaded = _engine_model(spec, quantization, device, dtype, model_impl)
-    set_activations(loaded.model, activations)
+    loaded = _engine_model(spec, quantization, device, dtype, model_impl, activations)
+    set_activations(loaded.model, activations)  # the transformers path's; the native builder's already chose
     loaded.activations = activations
     return loaded
 
 
-def _engine_model(spec: str, quantization: str, device: str, dtype: str, model_impl: str) -> LoadedModel:
+def _engine_model(spec: str, quantization: str, device: str, dtype: str, model_impl: str,
+                  activations: str) -> LoadedModel:
     if model_impl not in MODEL_IMPLS:
         raise ValueError(f"unknown --model-impl {model_impl!r}: use one of {', '.join(MODEL_IMPLS)}")
     if model_impl == "transformers":
@@ -106,7 +107,7 @@ def _engine_model(spec: str, quantization: str, device: str, dtype: str, model_i
     config, generation = load_config(path)
     try:
         model = native_model(config, generation, weight_source(spec, path, config, quantization), quantization, dev,
-                             torch_dtype)
+                             torch_dtype, activations)
     except Unsupported as exc:
         if model_impl == "native":
             raise ValueError(f"--model-impl native: {exc}") from exc
