@@ -425,7 +425,7 @@ static std::pair<int64_t, int64_t> cache_geometry(const at::Tensor& k, const at:
   return {D, BS};
 }
 
-// q [T, H * D] (row stride any), caches as above; block_tables [B, max_blocks] int32; token_seq / token_pos [T]
+// q [T, H * D] (row stride any; wider rows: their first H * D columns, as in a fused qkv row), caches as above; block_tables [B, max_blocks] int32; token_seq / token_pos [T]
 // int32: each token's row in block_tables and its position. Returns [T, H * D].
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                            at::Tensor token_seq, at::Tensor token_pos, int64_t num_heads, int64_t window,
@@ -438,7 +438,7 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
               "caches: float32, float16 or bfloat16, both the same");
   const auto [D, BS] = cache_geometry(k_cache, v_cache);
   const int64_t T = q.size(0), KVH = k_cache.size(0);
-  TORCH_CHECK(q.size(1) == num_heads * D && num_heads % KVH == 0, "q does not match the cache's heads");
+  TORCH_CHECK(q.size(1) >= num_heads * D && num_heads % KVH == 0, "q does not match the cache's heads");
   TORCH_CHECK(D % W == 0, "head_dim must be a multiple of ", W);
   const int64_t G = num_heads / KVH;
   auto out = at::empty({T, num_heads * D}, q.options());
@@ -489,45 +489,62 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   return out;
 }
 
-// Write each token's K and V ([T, kv_heads * D] float32, row stride any) into its slot (block * block_size +
+// Write each token's K and V (float32 rows: K at kp, V at vp, ks / vs apart) into its slot (block * block_size +
 // offset) of a float32, float16 or bfloat16 cache (rounded to nearest even; bfloat16 in pairs).
 template <typename T>
-static void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-                     const at::Tensor& slots, int64_t D, int64_t BS) {
-  const int64_t T_ = k.size(0), KVH = k_cache.size(0), NB = k_cache.size(1);
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+static void store_kv(const float* kp, int64_t ks, const float* vp, int64_t vs, int64_t rows, at::Tensor& k_cache,
+                     at::Tensor& v_cache, const int64_t* sl, int64_t D, int64_t BS) {
+  const int64_t KVH = k_cache.size(0), NB = k_cache.size(1);
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
-  const int64_t* sl = slots.data_ptr<int64_t>();
-  for (int64_t t = 0; t < T_; ++t) {
+  for (int64_t t = 0; t < rows; ++t) {
     const int64_t blk = sl[t] / BS, off = sl[t] % BS;
     TORCH_CHECK(blk >= 0 && blk < NB, "slot out of range");
     for (int64_t h = 0; h < KVH; ++h) {
-      const float* ks = kp + t * k.stride(0) + h * D;
-      const float* vs = vp + t * v.stride(0) + h * D;
+      const float* kr = kp + t * ks + h * D;
+      const float* vr = vp + t * vs + h * D;
       T* kd = kc + ((h * NB + blk) * D) * BS;  // the block
       T* vd = vc + ((h * NB + blk) * BS) * D;
       if constexpr (kPaired<T>) {
-        for (int64_t d = 0; d < D; ++d) kd[(d / 2) * 2 * BS + 2 * off + d % 2] = static_cast<T>(ks[d]);
-        for (int64_t d = 0; d < D; ++d) vd[(off / 2) * 2 * D + 2 * d + off % 2] = static_cast<T>(vs[d]);
+        for (int64_t d = 0; d < D; ++d) kd[(d / 2) * 2 * BS + 2 * off + d % 2] = static_cast<T>(kr[d]);
+        for (int64_t d = 0; d < D; ++d) vd[(off / 2) * 2 * D + 2 * d + off % 2] = static_cast<T>(vr[d]);
       } else {
-        for (int64_t d = 0; d < D; ++d) kd[d * BS + off] = static_cast<T>(ks[d]);
-        for (int64_t d = 0; d < D; ++d) vd[off * D + d] = static_cast<T>(vs[d]);
+        for (int64_t d = 0; d < D; ++d) kd[d * BS + off] = static_cast<T>(kr[d]);
+        for (int64_t d = 0; d < D; ++d) vd[off * D + d] = static_cast<T>(vr[d]);
       }
     }
   }
 }
 
+// The checks both entry points share; returns kv_heads * D, the width of a row's K (and V).
+static int64_t store_kv_to(const float* kp, int64_t ks, const float* vp, int64_t vs, int64_t rows,
+                           at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() >= rows, "slots: int64");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "caches: both of one dtype");
+  const auto [D, BS] = cache_geometry(k_cache, v_cache);
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  const auto dtype = k_cache.scalar_type();
+  if (dtype == at::kHalf) store_kv<at::Half>(kp, ks, vp, vs, rows, k_cache, v_cache, sl, D, BS);
+  else if (dtype == at::kBFloat16) store_kv<at::BFloat16>(kp, ks, vp, vs, rows, k_cache, v_cache, sl, D, BS);
+  else if (dtype == at::kFloat) store_kv<float>(kp, ks, vp, vs, rows, k_cache, v_cache, sl, D, BS);
+  else TORCH_CHECK(false, "caches: float32, float16 or bfloat16");
+  return k_cache.size(0) * D;
+}
+
 void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
   TORCH_CHECK(k.stride(1) == 1 && v.stride(1) == 1 && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "k, v: float32, rows dense");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous(), "slots: int64");
-  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "caches: both of one dtype");
   const auto [D, BS] = cache_geometry(k_cache, v_cache);
-  TORCH_CHECK(k.size(1) == k_cache.size(0) * D && v.size(1) == k.size(1), "k / v do not match the cache");
-  if (k_cache.scalar_type() == at::kHalf) store_kv<at::Half>(k, v, k_cache, v_cache, slots, D, BS);
-  else if (k_cache.scalar_type() == at::kBFloat16) store_kv<at::BFloat16>(k, v, k_cache, v_cache, slots, D, BS);
-  else if (k_cache.scalar_type() == at::kFloat) store_kv<float>(k, v, k_cache, v_cache, slots, D, BS);
-  else TORCH_CHECK(false, "caches: float32, float16 or bfloat16");
+  TORCH_CHECK(k.size(1) == k_cache.size(0) * D && v.sizes() == k.sizes(), "k / v do not match the cache");
+  store_kv_to(k.data_ptr<float>(), k.stride(0), v.data_ptr<float>(), v.stride(0), k.size(0), k_cache, v_cache, slots);
+}
+
+void write_kv_columns(const at::Tensor& x, int64_t k_col, int64_t v_col, at::Tensor k_cache, at::Tensor v_cache,
+                      at::Tensor slots) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "x: float32 [T, N], rows dense");
+  const auto [D, BS] = cache_geometry(k_cache, v_cache);
+  const int64_t n = k_cache.size(0) * D;
+  TORCH_CHECK(k_col >= 0 && v_col >= 0 && std::max(k_col, v_col) + n <= x.size(1), "K / V columns outside x");
+  const float* p = x.data_ptr<float>();
+  store_kv_to(p + k_col, x.stride(0), p + v_col, x.stride(0), x.size(0), k_cache, v_cache, slots);
 }

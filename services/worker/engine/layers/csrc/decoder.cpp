@@ -40,15 +40,17 @@ at::Tensor Decoder::forward(at::Tensor h, const Step& s, const std::vector<at::T
     } else {
       x = rms_norm(h, l.in_norm, eps_, residual);
     }
-    at::Tensor qkv = l.qkv(x);
-    at::Tensor q = qkv.narrow(1, 0, qs), k = qkv.narrow(1, qs, kvs), v = qkv.narrow(1, qs + kvs, kvs);
-    if (l.q_norm.has_value()) {
-      q = head_norm(q, heads_, *l.q_norm, eps_);
-      k = head_norm(k, kv_heads_, *l.k_norm, eps_);
+    at::Tensor qkv = l.qkv(x), q = qkv;
+    if (l.q_norm.has_value()) {  // normed copies of q and k, then as below
+      q = head_norm(qkv.narrow(1, 0, qs), heads_, *l.q_norm, eps_);
+      at::Tensor k = head_norm(qkv.narrow(1, qs, kvs), kv_heads_, *l.k_norm, eps_);
+      rotary(q, heads_, s.positions, s.cos, s.sin);
+      rotary(k, kv_heads_, s.positions, s.cos, s.sin);
+      write_kv(k, qkv.narrow(1, qs + kvs, kvs), k_caches[i], v_caches[i], s.slots);
+    } else {  // q and k side by side in qkv's rows: one rotary over both heads, K and V read where they lie
+      rotary(qkv, heads_ + kv_heads_, s.positions, s.cos, s.sin);
+      write_kv_columns(qkv, qs, qs + kvs, k_caches[i], v_caches[i], s.slots);
     }
-    rotary(q, heads_, s.positions, s.cos, s.sin);
-    rotary(k, kv_heads_, s.positions, s.cos, s.sin);
-    write_kv(k, v, k_caches[i], v_caches[i], s.slots);
     at::Tensor a = paged_attention(q, k_caches[i], v_caches[i], s.block_tables, s.token_seq, s.token_pos, heads_,
                                    l.window, scale_);
     h = l.o(a);

@@ -52,12 +52,12 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<a
   return out;
 }
 
-// x [T, heads * D] (row stride any), in place: neox-style halves, cos / sin [positions, D / 2].
+// x [T, heads * D] (row stride any; wider rows: their first heads * D columns), in place: neox-style halves, cos / sin [positions, D / 2].
 void rotary(at::Tensor x, int64_t heads, at::Tensor positions, at::Tensor cos, at::Tensor sin) {
   TORCH_CHECK(x.stride(1) == 1 && x.scalar_type() == at::kFloat, "x: float32, rows dense");
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(), "positions: int64");
   const int64_t T = x.size(0), half = cos.size(1), D = 2 * half;
-  TORCH_CHECK(x.size(1) == heads * D && cos.is_contiguous() && sin.is_contiguous(), "x does not match heads * D");
+  TORCH_CHECK(x.size(1) >= heads * D && cos.is_contiguous() && sin.is_contiguous(), "x is narrower than heads * D");
   const int64_t* pos = positions.data_ptr<int64_t>();
   TORCH_CHECK(T == 0 || *std::max_element(pos, pos + T) < cos.size(0), "position beyond the rotary table");
   tokenmill::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {

@@ -19,6 +19,9 @@ std::string q8_units();
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                            at::Tensor token_seq, at::Tensor token_pos, int64_t num_heads, int64_t window, double scale);
 void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots);
+// write_kv of K and V read from columns [k_col, ...) and [v_col, ...) of x's rows (the decoder's fused qkv output)
+void write_kv_columns(const at::Tensor& x, int64_t k_col, int64_t v_col, at::Tensor k_cache, at::Tensor v_cache,
+                      at::Tensor slots);
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> residual);
 void rotary(at::Tensor x, int64_t heads, at::Tensor positions, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor gate_up);
