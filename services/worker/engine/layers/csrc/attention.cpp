@@ -20,6 +20,7 @@
 // in float32, 4x the fp32 FMA rate on Zen 5), as llama.cpp's flash attention does in its cache's type: q is
 // rounded to bfloat16 for q . K, the softmax weights p for p @ V (l sums the rounded p). Rows stay fixed-order.
 
+#include "ops.h"
 #include "simd.h"
 
 #include "parallel.h"
@@ -430,6 +431,16 @@ static std::pair<int64_t, int64_t> cache_geometry(const at::Tensor& k, const at:
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                            at::Tensor token_seq, at::Tensor token_pos, int64_t num_heads, int64_t window,
                            double scale) {
+  TORCH_CHECK(q.dim() == 2 && k_cache.dim() == 4, "q: float32 [T, H * D]; caches: 4-dim");
+  const int64_t D = k_cache.scalar_type() == at::kBFloat16 ? 2 * k_cache.size(2) : k_cache.size(2);
+  at::Tensor out = at::empty({q.size(0), num_heads * D}, q.options());
+  paged_attention_into(q, k_cache, v_cache, block_tables, token_seq, token_pos, num_heads, window, scale, out);
+  return out;
+}
+
+void paged_attention_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_tables, const at::Tensor& token_seq, const at::Tensor& token_pos,
+                          int64_t num_heads, int64_t window, double scale, const at::Tensor& out) {
   TORCH_CHECK(q.dim() == 2 && q.stride(1) == 1 && q.scalar_type() == at::kFloat, "q: float32 [T, H * D], rows dense");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(), "block_tables: int32");
   TORCH_CHECK(token_seq.scalar_type() == at::kInt && token_pos.scalar_type() == at::kInt, "token_*: int32");
@@ -441,7 +452,8 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
   TORCH_CHECK(q.size(1) >= num_heads * D && num_heads % KVH == 0, "q does not match the cache's heads");
   TORCH_CHECK(D % W == 0, "head_dim must be a multiple of ", W);
   const int64_t G = num_heads / KVH;
-  auto out = at::empty({T, num_heads * D}, q.options());
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == T &&
+              out.size(1) == num_heads * D, "out: contiguous float32 [T, H * D]");
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
@@ -486,7 +498,6 @@ at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
                                    BS, D});
   else
     attend_all(Cache<float>{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), BS, D});
-  return out;
 }
 
 // Write each token's K and V (float32 rows: K at kp, V at vp, ks / vs apart) into its slot (block * block_size +

@@ -15,8 +15,20 @@ at::Tensor Linear::operator()(const at::Tensor& x) const {
   return at::linear(x, weight, bias);
 }
 
+at::Tensor Linear::into(const at::Tensor& x, const at::Tensor& y) const {
+  if (!bits) return at::linear_out(const_cast<at::Tensor&>(y), x, weight, bias);
+  if (q8) q8_linear_into(x.contiguous(), codes, scales, mins, bias, bits, group, q8_unit, y);
+  else quant_linear_into(x.contiguous(), codes, scales, mins, table, bias, bits, group, y);
+  return y.size(1) == out ? y : y.narrow(1, 0, out);
+}
+
 void Decoder::add_layer(at::Tensor in_norm, at::Tensor post_norm, Linear qkv, Linear o, Linear gate_up, Linear down,
                         c10::optional<at::Tensor> q_norm, c10::optional<at::Tensor> k_norm, int64_t window) {
+  if (!layers_.empty()) {  // forward's buffers are sized by the first layer
+    const Layer& f = layers_.front();
+    TORCH_CHECK(qkv.width() == f.qkv.width() && o.width() == f.o.width() && gate_up.width() == f.gate_up.width() &&
+                gate_up.out == f.gate_up.out, "every layer must have the first layer's shapes");
+  }
   layers_.push_back({in_norm, post_norm, std::move(qkv), std::move(o), std::move(gate_up), std::move(down), q_norm,
                      k_norm, window});
 }
@@ -29,18 +41,21 @@ static at::Tensor head_norm(const at::Tensor& x, int64_t heads, const at::Tensor
 at::Tensor Decoder::forward(at::Tensor h, const Step& s, const std::vector<at::Tensor>& k_caches,
                             const std::vector<at::Tensor>& v_caches, at::Tensor final_norm, int64_t num_layers) const {
   const int64_t n = num_layers > 0 ? std::min<int64_t>(num_layers, layers_.size()) : layers_.size();
-  const int64_t qs = heads_ * head_dim_, kvs = kv_heads_ * head_dim_;
-  at::Tensor residual;
+  const int64_t qs = heads_ * head_dim_, kvs = kv_heads_ * head_dim_, T = h.size(0);
+  std::unique_lock<std::mutex> own(buffers_mu_, std::try_to_lock);  // a concurrent forward allocates its own
+  Buffers spare;
+  Buffers& b = own.owns_lock() ? buffers_ : spare;
+  if (b.rows != T && n > 0) {
+    const Layer& l = layers_[0];
+    const auto o = h.options();
+    b = {T, at::empty({T, h.size(1)}, o), at::empty({T, l.qkv.width()}, o), at::empty({T, qs}, o),
+         at::empty({T, l.o.width()}, o), at::empty({T, l.gate_up.width()}, o), at::empty({T, l.gate_up.out / 2}, o)};
+  }
+  at::Tensor residual = h;
   for (int64_t i = 0; i < n; ++i) {
     const Layer& l = layers_[i];
-    at::Tensor x;
-    if (i == 0) {
-      residual = h;
-      x = rms_norm(h, l.in_norm, eps_, c10::nullopt);
-    } else {
-      x = rms_norm(h, l.in_norm, eps_, residual);
-    }
-    at::Tensor qkv = l.qkv(x), q = qkv;
+    rms_norm_into(h, l.in_norm, eps_, i == 0 ? c10::nullopt : c10::optional<at::Tensor>(residual), b.x);
+    at::Tensor qkv = l.qkv.into(b.x, b.qkv), q = qkv;
     if (l.q_norm.has_value()) {  // normed copies of q and k, then as below
       q = head_norm(qkv.narrow(1, 0, qs), heads_, *l.q_norm, eps_);
       at::Tensor k = head_norm(qkv.narrow(1, qs, kvs), kv_heads_, *l.k_norm, eps_);
@@ -51,11 +66,12 @@ at::Tensor Decoder::forward(at::Tensor h, const Step& s, const std::vector<at::T
       rotary(qkv, heads_ + kv_heads_, s.positions, s.cos, s.sin);
       write_kv_columns(qkv, qs, qs + kvs, k_caches[i], v_caches[i], s.slots);
     }
-    at::Tensor a = paged_attention(q, k_caches[i], v_caches[i], s.block_tables, s.token_seq, s.token_pos, heads_,
-                                   l.window, scale_);
-    h = l.o(a);
-    x = rms_norm(h, l.post_norm, eps_, residual);
-    h = l.down(silu_mul(l.gate_up(x)));
+    paged_attention_into(q, k_caches[i], v_caches[i], s.block_tables, s.token_seq, s.token_pos, heads_, l.window,
+                         scale_, b.attn);
+    h = l.o.into(b.attn, b.h);
+    rms_norm_into(h, l.post_norm, eps_, residual, b.x);
+    silu_mul_into(l.gate_up.into(b.x, b.gate_up), b.act);
+    h = l.down.into(b.act, b.h);
   }
-  return rms_norm(h, final_norm, eps_, residual);
+  return n > 0 ? rms_norm(h, final_norm, eps_, residual) : rms_norm(h, final_norm, eps_, c10::nullopt);
 }

@@ -3,6 +3,7 @@
 
 #include "ops.h"
 
+#include <mutex>
 #include <vector>
 
 struct Linear {  // packed (bits > 0: codes, scales, mins / table, padded bias) or float (weight, bias)
@@ -12,6 +13,9 @@ struct Linear {  // packed (bits > 0: codes, scales, mins / table, padded bias) 
   bool q8 = false;       // codes in quad layout, int8 activations (q8_gemm.cpp)
   int64_t q8_unit = 0;   // q8: q8_linear's unit (> 0: AMX from this many rows, 0: VNNI, -1: AVX2)
   at::Tensor operator()(const at::Tensor& x) const;
+  int64_t width() const { return bits ? codes.size(0) * kPanelRows : out; }  // the columns a kernel writes
+  // y = this(x) into y [M, width()] (a packed weight's padding columns included); returns the first `out` columns
+  at::Tensor into(const at::Tensor& x, const at::Tensor& y) const;
 };
 
 struct Step {  // engine/step.py's StepContext, the tensors only
@@ -23,6 +27,12 @@ struct Layer {
   Linear qkv, o, gate_up, down;
   c10::optional<at::Tensor> q_norm, k_norm;
   int64_t window;
+};
+
+// A forward's activations, reused step to step while the row count stays (8 allocations a layer were ~3 us of it).
+struct Buffers {
+  int64_t rows = -1;
+  at::Tensor x, qkv, attn, h, gate_up, act;  // normed input, projections, attention, o / down output, SiLU * up
 };
 
 class Decoder {
@@ -39,4 +49,6 @@ class Decoder {
   int64_t heads_, kv_heads_, head_dim_;
   double eps_, scale_;
   std::vector<Layer> layers_;
+  mutable Buffers buffers_;  // forward's, when no other forward holds them (mutex below)
+  mutable std::mutex buffers_mu_;
 };

@@ -2,6 +2,7 @@
 // rotary embedding in place, SiLU(gate) * up; and greedy sampling's argmax. Rounding follows transformers' modules op for op
 // (x1*cos - x2*sin, not an FMA), so the fp32 path stays within an ulp of the reference model.
 
+#include "ops.h"
 #include "simd.h"
 
 #include "parallel.h"
@@ -17,12 +18,21 @@ constexpr int W = S::W;
 
 // out = weight * (r / sqrt(mean(r^2) + eps)) per row, r = x (+ residual, written back to `residual`).
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> residual) {
+  TORCH_CHECK(x.dim() == 2, "x: float32 [T, N], rows dense");
+  at::Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
+  rms_norm_into(x, weight, eps, residual, out);
+  return out;
+}
+
+void rms_norm_into(const at::Tensor& x, const at::Tensor& weight, double eps, const c10::optional<at::Tensor>& residual,
+                   const at::Tensor& out) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "x: float32 [T, N], rows dense");
   const int64_t T = x.size(0), N = x.size(1);
   TORCH_CHECK(weight.numel() == N && weight.is_contiguous() && weight.scalar_type() == at::kFloat, "weight: [N]");
   const bool add = residual.has_value() && residual->defined();
   if (add) TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(), "residual: contiguous, like x");
-  auto out = at::empty({T, N}, x.options());
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == x.sizes(),
+              "out: contiguous float32, like x");
   const float* w = weight.data_ptr<float>();
   tokenmill::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -49,7 +59,6 @@ at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<a
       for (; i < N; ++i) o[i] = w[i] * (r[i] * inv);
     }
   });
-  return out;
 }
 
 // x [T, heads * D] (row stride any; wider rows: their first heads * D columns), in place: neox-style halves, cos / sin [positions, D / 2].
@@ -86,12 +95,20 @@ void rotary(at::Tensor x, int64_t heads, at::Tensor positions, at::Tensor cos, a
 // gate_up [T, 2 * I] -> silu(gate) * up, [T, I]. Work items are spans of a row whose length is a multiple of the
 // vector width, so only a row's last few elements take the scalar exp, however the items are chunked.
 at::Tensor silu_mul(at::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2, "gate_up: contiguous float32 [T, 2 * I]");
+  at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
+  silu_mul_into(gate_up, out);
+  return out;
+}
+
+void silu_mul_into(const at::Tensor& gate_up, const at::Tensor& out) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.scalar_type() == at::kFloat,
               "gate_up: contiguous float32 [T, 2 * I]");
   const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2;
   constexpr int64_t kSpan = 16 * W;
   const int64_t spans = (I + kSpan - 1) / kSpan;
-  auto out = at::empty({T, I}, gate_up.options());
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == T &&
+              out.size(1) == I, "out: contiguous float32 [T, I]");
   tokenmill::parallel_for(0, T * spans, 4096 / kSpan, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / spans, i = item % spans * kSpan, n = std::min(kSpan, I - i);
@@ -107,7 +124,6 @@ at::Tensor silu_mul(at::Tensor gate_up) {
       for (; j < n; ++j) o[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
     }
   });
-  return out;
 }
 
 // Per row of x [T, N]: the index of its largest value, the first one where several tie; a NaN counts as the

@@ -324,6 +324,15 @@ int64_t q8_peak(int64_t unit, int64_t iters) {
 // [M, P * 16]. unit: > 0 AMX tiles from that many rows (VNNI below), 0 VNNI, -1 AVX2. All give the same bits.
 at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
                      c10::optional<at::Tensor> bias, int64_t bits, int64_t group, int64_t unit) {
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2, "x: [M, K]; codes: [P, *]");
+  at::Tensor y = at::empty({x.size(0), codes.size(0) * kPanel}, x.options());
+  q8_linear_into(x, codes, scales, mins, bias, bits, group, unit, y);
+  return y;
+}
+
+void q8_linear_into(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                    const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& bias, int64_t bits,
+                    int64_t group, int64_t unit, const at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2, "codes: uint8 [P, *]");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales: contiguous float16");
@@ -350,8 +359,9 @@ at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::opt
   TORCH_CHECK(unit == -1, "this build has no AVX512-VNNI: use unit -1 (AVX2)");
 #endif
 
-  auto y = at::empty({M, P * kPanel}, x.options());
-  if (M == 0) return y;
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == M &&
+              y.size(1) == P * kPanel, "out: contiguous float32 [M, P * 16]");
+  if (M == 0) return;
   // The quantized activations live in this thread's scratch, reused call to call (a decode step makes ~200
   // calls: 3 allocations and a 32-row memset each were ~4 % of it). AMX reads whole 16-row tiles: its
   // padding rows are zeroed (their sums are never stored).
@@ -382,19 +392,18 @@ at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::opt
   float* yp = y.data_ptr<float>();
   if (unit == -1) {
     q8::avx2_gemm(w, a, M, yp, b);
-    return y;
+    return;
   }
   const bool one = group == kBlock;  // q4_1, q8_0: a block is a whole group
 #ifdef TOKENMILL_AMX
   if (amx) {
     if (bits == 8) one ? amx_gemm<8, false, true>(w, a, M, yp, b) : amx_gemm<8, false, false>(w, a, M, yp, b);
     else one ? amx_gemm<4, true, true>(w, a, M, yp, b) : amx_gemm<4, true, false>(w, a, M, yp, b);
-    return y;
+    return;
   }
 #endif
 #ifdef TOKENMILL_Q8
   if (bits == 8) one ? vnni_gemm<8, false, true>(w, a, M, yp, b) : vnni_gemm<8, false, false>(w, a, M, yp, b);
   else one ? vnni_gemm<4, true, true>(w, a, M, yp, b) : vnni_gemm<4, true, false>(w, a, M, yp, b);
 #endif
-  return y;
 }

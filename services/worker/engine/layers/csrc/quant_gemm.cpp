@@ -167,6 +167,15 @@ void gemm(const Weights& w, const float* x, int64_t M, const float* xsum, float*
 at::Tensor quant_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
                            c10::optional<at::Tensor> table, c10::optional<at::Tensor> bias, int64_t bits,
                            int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2, "x: [M, K]; codes: [P, *]");
+  at::Tensor y = at::empty({x.size(0), codes.size(0) * kPanel}, x.options());
+  quant_linear_into(x, codes, scales, mins, table, bias, bits, group, y);
+  return y;
+}
+
+void quant_linear_into(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& mins, const c10::optional<at::Tensor>& table,
+                       const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group, const at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2, "codes: uint8 [P, *]");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous(), "scales: contiguous float16");
@@ -186,8 +195,9 @@ at::Tensor quant_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == P * kPanel,
                 "bias: float32 [P * 16]");
 
-  auto y = at::empty({M, P * kPanel}, x.options());
-  if (M == 0) return y;
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == M &&
+              y.size(1) == P * kPanel, "out: contiguous float32 [M, P * 16]");
+  if (M == 0) return;
   at::Tensor xsum;  // per row and group: summed in order here, so a row's result never depends on M
   if (has_min) {
     xsum = at::empty({M, K / group}, x.options());
@@ -216,6 +226,4 @@ at::Tensor quant_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::
   } else {
     gemm<4, false, false>(w, xp, M, nullptr, yp, b);
   }
-  return y;
 }
-
