@@ -70,3 +70,41 @@ def test_kernels_give_the_same_bits_at_any_thread_count(set_threads):
     for _ in range(3):
         for key, y in run().items():
             assert torch.equal(y, one[key]), key
+
+
+def test_two_engines_over_one_model_decode_at_once_as_each_alone():
+    """The C++ decoder reuses its activation buffers step to step; a forward that starts while another holds them
+    (two engines over one model, stepping in two threads: the forward releases the GIL) takes buffers of its own,
+    so each engine's tokens are those it makes alone."""
+    import threading
+
+    from engine_support import WordTokenizer, drive, native, tokens_of
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from services.common.sampling import SamplingParams
+    from services.worker.engine.paged_engine import PagedEngine
+    from services.worker.engine.types import Request
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3,
+                      tie_word_embeddings=False, eos_token_id=None, bos_token_id=None)
+    model = native(LlamaForCausalLM(cfg).eval())
+    assert model._fused_decoder() is not None  # the C++ layer loop runs this model
+    prompts = {"one": [[1, 2, 3]], "three": [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15]]}  # 1 and 3 rows a step
+
+    def run(name: str) -> list[list[int]]:
+        engine = PagedEngine(model, WordTokenizer(), block_size=16, num_blocks=64, enable_prefix_caching=False)
+        reqs = [Request(f"{name}{i}", p, SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True))
+                for i, p in enumerate(prompts[name])]
+        events = drive(engine, {0: reqs})
+        return [tokens_of(events[r.request_id]) for r in reqs]
+
+    alone = {name: run(name) for name in prompts}
+    together: dict[str, list[list[int]]] = {}
+    threads = [threading.Thread(target=lambda n=name: together.__setitem__(n, run(n))) for name in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
