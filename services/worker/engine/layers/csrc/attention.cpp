@@ -431,8 +431,8 @@ static std::pair<int64_t, int64_t> cache_geometry(const at::Tensor& k, const at:
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                            at::Tensor token_seq, at::Tensor token_pos, int64_t num_heads, int64_t window,
                            double scale) {
-  TORCH_CHECK(q.dim() == 2 && k_cache.dim() == 4, "q: float32 [T, H * D]; caches: 4-dim");
-  const int64_t D = k_cache.scalar_type() == at::kBFloat16 ? 2 * k_cache.size(2) : k_cache.size(2);
+  TORCH_CHECK(q.dim() == 2, "q: float32 [T, H * D], rows dense");
+  const int64_t D = cache_geometry(k_cache, v_cache).first;
   at::Tensor out = at::empty({q.size(0), num_heads * D}, q.options());
   paged_attention_into(q, k_cache, v_cache, block_tables, token_seq, token_pos, num_heads, window, scale, out);
   return out;
@@ -527,19 +527,17 @@ static void store_kv(const float* kp, int64_t ks, const float* vp, int64_t vs, i
   }
 }
 
-// The checks both entry points share; returns kv_heads * D, the width of a row's K (and V).
-static int64_t store_kv_to(const float* kp, int64_t ks, const float* vp, int64_t vs, int64_t rows,
-                           at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots) {
+// What both entry points share: the slots' and caches' checks and the dtype dispatch (D, BS: cache_geometry's).
+static void store_kv_to(const float* kp, int64_t ks, const float* vp, int64_t vs, int64_t rows, at::Tensor& k_cache,
+                        at::Tensor& v_cache, const at::Tensor& slots, int64_t D, int64_t BS) {
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() >= rows, "slots: int64");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "caches: both of one dtype");
-  const auto [D, BS] = cache_geometry(k_cache, v_cache);
   const int64_t* sl = slots.data_ptr<int64_t>();
   const auto dtype = k_cache.scalar_type();
   if (dtype == at::kHalf) store_kv<at::Half>(kp, ks, vp, vs, rows, k_cache, v_cache, sl, D, BS);
   else if (dtype == at::kBFloat16) store_kv<at::BFloat16>(kp, ks, vp, vs, rows, k_cache, v_cache, sl, D, BS);
   else if (dtype == at::kFloat) store_kv<float>(kp, ks, vp, vs, rows, k_cache, v_cache, sl, D, BS);
   else TORCH_CHECK(false, "caches: float32, float16 or bfloat16");
-  return k_cache.size(0) * D;
 }
 
 void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
@@ -547,7 +545,8 @@ void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache
               "k, v: float32, rows dense");
   const auto [D, BS] = cache_geometry(k_cache, v_cache);
   TORCH_CHECK(k.size(1) == k_cache.size(0) * D && v.sizes() == k.sizes(), "k / v do not match the cache");
-  store_kv_to(k.data_ptr<float>(), k.stride(0), v.data_ptr<float>(), v.stride(0), k.size(0), k_cache, v_cache, slots);
+  store_kv_to(k.data_ptr<float>(), k.stride(0), v.data_ptr<float>(), v.stride(0), k.size(0), k_cache, v_cache, slots,
+              D, BS);
 }
 
 void write_kv_columns(const at::Tensor& x, int64_t k_col, int64_t v_col, at::Tensor k_cache, at::Tensor v_cache,
@@ -557,5 +556,5 @@ void write_kv_columns(const at::Tensor& x, int64_t k_col, int64_t v_col, at::Ten
   const int64_t n = k_cache.size(0) * D;
   TORCH_CHECK(k_col >= 0 && v_col >= 0 && std::max(k_col, v_col) + n <= x.size(1), "K / V columns outside x");
   const float* p = x.data_ptr<float>();
-  store_kv_to(p + k_col, x.stride(0), p + v_col, x.stride(0), x.size(0), k_cache, v_cache, slots);
+  store_kv_to(p + k_col, x.stride(0), p + v_col, x.stride(0), x.size(0), k_cache, v_cache, slots, D, BS);
 }

@@ -6,15 +6,6 @@
 
 #include <algorithm>
 
-at::Tensor Linear::operator()(const at::Tensor& x) const {
-  if (bits) {
-    at::Tensor y = q8 ? q8_linear(x.contiguous(), codes, scales, mins, bias, bits, group, q8_unit)
-                      : quant_linear(x.contiguous(), codes, scales, mins, table, bias, bits, group);
-    return y.size(1) == out ? y : y.narrow(1, 0, out);
-  }
-  return at::linear(x, weight, bias);
-}
-
 at::Tensor Linear::into(const at::Tensor& x, const at::Tensor& y) const {
   if (!bits) return at::linear_out(const_cast<at::Tensor&>(y), x, weight, bias);
   if (q8) q8_linear_into(x.contiguous(), codes, scales, mins, bias, bits, group, q8_unit, y);
@@ -51,10 +42,11 @@ at::Tensor Decoder::forward(at::Tensor h, const Step& s, const std::vector<at::T
     b = {T, at::empty({T, h.size(1)}, o), at::empty({T, l.qkv.width()}, o), at::empty({T, qs}, o),
          at::empty({T, l.o.width()}, o), at::empty({T, l.gate_up.width()}, o), at::empty({T, l.gate_up.out / 2}, o)};
   }
-  at::Tensor residual = h;
+  at::Tensor residual;  // undefined before the first layer: nothing to add
   for (int64_t i = 0; i < n; ++i) {
     const Layer& l = layers_[i];
-    rms_norm_into(h, l.in_norm, eps_, i == 0 ? c10::nullopt : c10::optional<at::Tensor>(residual), b.x);
+    rms_norm_into(h, l.in_norm, eps_, residual, b.x);
+    if (i == 0) residual = h;
     at::Tensor qkv = l.qkv.into(b.x, b.qkv), q = qkv;
     if (l.q_norm.has_value()) {  // normed copies of q and k, then as below
       q = head_norm(qkv.narrow(1, 0, qs), heads_, *l.q_norm, eps_);
@@ -73,5 +65,5 @@ at::Tensor Decoder::forward(at::Tensor h, const Step& s, const std::vector<at::T
     silu_mul_into(l.gate_up.into(b.x, b.gate_up), b.act);
     h = l.down.into(b.act, b.h);
   }
-  return n > 0 ? rms_norm(h, final_norm, eps_, residual) : rms_norm(h, final_norm, eps_, c10::nullopt);
+  return rms_norm(h, final_norm, eps_, residual);
 }

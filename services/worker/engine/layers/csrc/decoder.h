@@ -12,7 +12,6 @@ struct Linear {  // packed (bits > 0: codes, scales, mins / table, padded bias) 
   int64_t bits = 0, group = 0, out = 0;
   bool q8 = false;       // codes in quad layout, int8 activations (q8_gemm.cpp)
   int64_t q8_unit = 0;   // q8: q8_linear's unit (> 0: AMX from this many rows, 0: VNNI, -1: AVX2)
-  at::Tensor operator()(const at::Tensor& x) const;
   int64_t width() const { return bits ? codes.size(0) * kPanelRows : out; }  // the columns a kernel writes
   // y = this(x) into y [M, width()] (a packed weight's padding columns included); returns the first `out` columns
   at::Tensor into(const at::Tensor& x, const at::Tensor& y) const;

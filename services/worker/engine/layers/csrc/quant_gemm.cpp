@@ -149,7 +149,7 @@ void gemm(const Weights& w, const float* x, int64_t M, const float* xsum, float*
         const float* sm = xsum ? xsum + m0 * ng : nullptr;
         float* ym = y + m0 * ldy;
         for (int64_t p = p0; p < p0 + np;) {  // full tiles of pn panels, the rest one panel at a time
-          if (p + pn <= p0 + np && pn == kPanelsOne && M == 1) {
+          if (p + pn <= p0 + np && pn == kPanelsOne) {
             rows<BITS, MIN, TABLE, kPanelsOne>(w, p, xm, ldx, sm, ym, ldy, bias, rm);
             p += pn;
           } else if (p + pn <= p0 + np && pn == kPanelsNarrow) {
