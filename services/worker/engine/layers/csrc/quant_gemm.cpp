@@ -108,12 +108,8 @@ void tile(const Weights& w, int64_t p0, const float* x, int64_t ldx, const float
 constexpr int kPanelsNarrow = 4;  // M <= 2: memory-bound, spread over panels
 #if defined(__AVX512F__)
 constexpr int kPanelsWide = 2, kRowsWide = 6;
-// M = 1: each panel's accumulator is one FMA chain, so more panels side by side (decode b1 on Zen 5: 8 panels
-// 1.024x 4, 2 panels 0.82x; the bits are the same whatever the panels: each panel's arithmetic is its own)
-constexpr int kPanelsOne = 8;
 #else
 constexpr int kPanelsWide = 1, kRowsWide = 3;
-constexpr int kPanelsOne = kPanelsNarrow;  // 16 registers: 8 panels would spill
 #endif
 
 template <int BITS, bool MIN, bool TABLE, int PN>
@@ -137,7 +133,7 @@ template <int BITS, bool MIN, bool TABLE>
 void gemm(const Weights& w, const float* x, int64_t M, const float* xsum, float* y, const float* bias) {
   const int64_t ldx = w.K, ldy = w.P * kPanel, ng = w.K / w.G;
   const bool narrow = M <= 2;
-  const int64_t pn = M == 1 ? kPanelsOne : narrow ? kPanelsNarrow : kPanelsWide;
+  const int64_t pn = narrow ? kPanelsNarrow : kPanelsWide;
   const int64_t mt = narrow ? M : kRowsWide;
   const int64_t tiles = (w.P + pn - 1) / pn;
   tokenmill::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
@@ -149,10 +145,7 @@ void gemm(const Weights& w, const float* x, int64_t M, const float* xsum, float*
         const float* sm = xsum ? xsum + m0 * ng : nullptr;
         float* ym = y + m0 * ldy;
         for (int64_t p = p0; p < p0 + np;) {  // full tiles of pn panels, the rest one panel at a time
-          if (p + pn <= p0 + np && pn == kPanelsOne) {
-            rows<BITS, MIN, TABLE, kPanelsOne>(w, p, xm, ldx, sm, ym, ldy, bias, rm);
-            p += pn;
-          } else if (p + pn <= p0 + np && pn == kPanelsNarrow) {
+          if (p + pn <= p0 + np && pn == kPanelsNarrow) {
             rows<BITS, MIN, TABLE, kPanelsNarrow>(w, p, xm, ldx, sm, ym, ldy, bias, rm);
             p += pn;
           } else if (p + pn <= p0 + np && pn == kPanelsWide) {
