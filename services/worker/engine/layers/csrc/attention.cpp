@@ -426,6 +426,14 @@ static std::pair<int64_t, int64_t> cache_geometry(const at::Tensor& k, const at:
   return {D, BS};
 }
 
+CacheView cache_view(const at::Tensor& k, const at::Tensor& v) {
+  const auto dtype = k.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && v.scalar_type() == dtype,
+              "caches: float32, float16 or bfloat16, both the same");
+  const auto [D, BS] = cache_geometry(k, v);
+  return {k.data_ptr(), v.data_ptr(), dtype, k.size(0), k.size(1), D, BS};
+}
+
 // q [T, H * D] (row stride any; wider rows: their first H * D columns, as in a fused qkv row), caches as above; block_tables [B, max_blocks] int32; token_seq / token_pos [T]
 // int32: each token's row in block_tables and its position. Returns [T, H * D].
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
@@ -444,22 +452,26 @@ void paged_attention_into(const at::Tensor& q, const at::Tensor& k_cache, const 
   TORCH_CHECK(q.dim() == 2 && q.stride(1) == 1 && q.scalar_type() == at::kFloat, "q: float32 [T, H * D], rows dense");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(), "block_tables: int32");
   TORCH_CHECK(token_seq.scalar_type() == at::kInt && token_pos.scalar_type() == at::kInt, "token_*: int32");
-  const auto dtype = k_cache.scalar_type();
-  TORCH_CHECK((dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16) && v_cache.scalar_type() == dtype,
-              "caches: float32, float16 or bfloat16, both the same");
-  const auto [D, BS] = cache_geometry(k_cache, v_cache);
-  const int64_t T = q.size(0), KVH = k_cache.size(0);
-  TORCH_CHECK(q.size(1) >= num_heads * D && num_heads % KVH == 0, "q does not match the cache's heads");
-  TORCH_CHECK(D % W == 0, "head_dim must be a multiple of ", W);
-  const int64_t G = num_heads / KVH;
+  const CacheView c = cache_view(k_cache, v_cache);
+  check_attention(c, num_heads);
+  const int64_t T = q.size(0), D = c.head_dim;
+  TORCH_CHECK(q.size(1) >= num_heads * D, "q does not match the cache's heads");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.dim() == 2 && out.size(0) == T &&
               out.size(1) == num_heads * D, "out: contiguous float32 [T, H * D]");
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int32_t* seq = token_seq.data_ptr<int32_t>();
-  const int32_t* pos = token_pos.data_ptr<int32_t>();
-  const int64_t qstride = q.stride(0), tstride = block_tables.size(1);
+  paged_attention_raw(q.data_ptr<float>(), q.stride(0), T, num_heads, c, block_tables.data_ptr<int32_t>(),
+                      block_tables.size(1), token_seq.data_ptr<int32_t>(), token_pos.data_ptr<int32_t>(), window, scale,
+                      out.data_ptr<float>());
+}
+
+void check_attention(const CacheView& c, int64_t num_heads) {
+  TORCH_CHECK(num_heads % c.kv_heads == 0, "q does not match the cache's heads");
+  TORCH_CHECK(c.head_dim % W == 0, "head_dim must be a multiple of ", W);
+}
+
+void paged_attention_raw(const float* qp, int64_t qstride, int64_t T, int64_t num_heads, const CacheView& cv,
+                         const int32_t* tables, int64_t tstride, const int32_t* seq, const int32_t* pos, int64_t window,
+                         double scale, float* op) {
+  const int64_t KVH = cv.kv_heads, D = cv.head_dim, BS = cv.block_size, G = num_heads / KVH;
   // Tiles: runs of consecutive tokens of one sequence, at most max(1, kTileRows / G) tokens each.
   const int64_t per_tile = std::max<int64_t>(1, kTileRows / G);
   std::vector<int64_t> tiles{0};
@@ -491,23 +503,23 @@ void paged_attention_into(const at::Tensor& q, const at::Tensor& k_cache, const 
       }
     });
   };
-  if (dtype == at::kHalf)
-    attend_all(Cache<at::Half>{k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), k_cache.size(1), BS, D});
-  else if (dtype == at::kBFloat16)
-    attend_all(Cache<at::BFloat16>{k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(), k_cache.size(1),
-                                   BS, D});
+  if (cv.dtype == at::kHalf)
+    attend_all(Cache<at::Half>{static_cast<const at::Half*>(cv.k), static_cast<const at::Half*>(cv.v), cv.blocks, BS, D});
+  else if (cv.dtype == at::kBFloat16)
+    attend_all(Cache<at::BFloat16>{static_cast<const at::BFloat16*>(cv.k), static_cast<const at::BFloat16*>(cv.v),
+                                   cv.blocks, BS, D});
   else
-    attend_all(Cache<float>{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), k_cache.size(1), BS, D});
+    attend_all(Cache<float>{static_cast<const float*>(cv.k), static_cast<const float*>(cv.v), cv.blocks, BS, D});
 }
 
 // Write each token's K and V (float32 rows: K at kp, V at vp, ks / vs apart) into its slot (block * block_size +
 // offset) of a float32, float16 or bfloat16 cache (rounded to nearest even; bfloat16 in pairs).
 template <typename T>
-static void store_kv(const float* kp, int64_t ks, const float* vp, int64_t vs, int64_t rows, at::Tensor& k_cache,
-                     at::Tensor& v_cache, const int64_t* sl, int64_t D, int64_t BS) {
-  const int64_t KVH = k_cache.size(0), NB = k_cache.size(1);
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
+static void store_kv(const float* kp, int64_t ks, const float* vp, int64_t vs, int64_t rows, const CacheView& c,
+                     const int64_t* sl) {
+  const int64_t KVH = c.kv_heads, NB = c.blocks, D = c.head_dim, BS = c.block_size;
+  T* kc = static_cast<T*>(c.k);
+  T* vc = static_cast<T*>(c.v);
   for (int64_t t = 0; t < rows; ++t) {
     const int64_t blk = sl[t] / BS, off = sl[t] % BS;
     TORCH_CHECK(blk >= 0 && blk < NB, "slot out of range");
@@ -527,17 +539,18 @@ static void store_kv(const float* kp, int64_t ks, const float* vp, int64_t vs, i
   }
 }
 
-// What both entry points share: the slots' and caches' checks and the dtype dispatch (D, BS: cache_geometry's).
+void write_kv_raw(const float* kp, int64_t ks, const float* vp, int64_t vs, int64_t rows, const CacheView& c,
+                  const int64_t* slots) {
+  if (c.dtype == at::kHalf) store_kv<at::Half>(kp, ks, vp, vs, rows, c, slots);
+  else if (c.dtype == at::kBFloat16) store_kv<at::BFloat16>(kp, ks, vp, vs, rows, c, slots);
+  else store_kv<float>(kp, ks, vp, vs, rows, c, slots);
+}
+
+// What both entry points share: the slots' and caches' checks, then write_kv_raw.
 static void store_kv_to(const float* kp, int64_t ks, const float* vp, int64_t vs, int64_t rows, at::Tensor& k_cache,
-                        at::Tensor& v_cache, const at::Tensor& slots, int64_t D, int64_t BS) {
+                        at::Tensor& v_cache, const at::Tensor& slots) {
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() >= rows, "slots: int64");
-  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "caches: both of one dtype");
-  const int64_t* sl = slots.data_ptr<int64_t>();
-  const auto dtype = k_cache.scalar_type();
-  if (dtype == at::kHalf) store_kv<at::Half>(kp, ks, vp, vs, rows, k_cache, v_cache, sl, D, BS);
-  else if (dtype == at::kBFloat16) store_kv<at::BFloat16>(kp, ks, vp, vs, rows, k_cache, v_cache, sl, D, BS);
-  else if (dtype == at::kFloat) store_kv<float>(kp, ks, vp, vs, rows, k_cache, v_cache, sl, D, BS);
-  else TORCH_CHECK(false, "caches: float32, float16 or bfloat16");
+  write_kv_raw(kp, ks, vp, vs, rows, cache_view(k_cache, v_cache), slots.data_ptr<int64_t>());
 }
 
 void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
@@ -545,16 +558,5 @@ void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache
               "k, v: float32, rows dense");
   const auto [D, BS] = cache_geometry(k_cache, v_cache);
   TORCH_CHECK(k.size(1) == k_cache.size(0) * D && v.sizes() == k.sizes(), "k / v do not match the cache");
-  store_kv_to(k.data_ptr<float>(), k.stride(0), v.data_ptr<float>(), v.stride(0), k.size(0), k_cache, v_cache, slots,
-              D, BS);
-}
-
-void write_kv_columns(const at::Tensor& x, int64_t k_col, int64_t v_col, at::Tensor k_cache, at::Tensor v_cache,
-                      at::Tensor slots) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.scalar_type() == at::kFloat, "x: float32 [T, N], rows dense");
-  const auto [D, BS] = cache_geometry(k_cache, v_cache);
-  const int64_t n = k_cache.size(0) * D;
-  TORCH_CHECK(k_col >= 0 && v_col >= 0 && std::max(k_col, v_col) + n <= x.size(1), "K / V columns outside x");
-  const float* p = x.data_ptr<float>();
-  store_kv_to(p + k_col, x.stride(0), p + v_col, x.stride(0), x.size(0), k_cache, v_cache, slots, D, BS);
+  store_kv_to(k.data_ptr<float>(), k.stride(0), v.data_ptr<float>(), v.stride(0), k.size(0), k_cache, v_cache, slots);
 }

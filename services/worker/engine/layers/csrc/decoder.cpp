@@ -8,9 +8,23 @@
 
 at::Tensor Linear::into(const at::Tensor& x, const at::Tensor& y) const {
   if (!bits) return at::linear_out(const_cast<at::Tensor&>(y), x, weight, bias);
-  if (q8) q8_linear_into(x.contiguous(), codes, scales, mins, bias, bits, group, q8_unit, y);
+  if (q8) {
+    TORCH_CHECK(x.is_contiguous() && x.size(1) == w8.K && y.is_contiguous() && y.size(0) == x.size(0) &&
+                y.size(1) == width(), "q8 linear: x [M, K] and y [M, width] contiguous");
+    q8_linear_raw(w8, x.data_ptr<float>(), x.size(0), bias_ptr, q8_unit, y.data_ptr<float>());
+  }
   else quant_linear_into(x.contiguous(), codes, scales, mins, table, bias, bits, group, y);
   return y.size(1) == out ? y : y.narrow(1, 0, out);
+}
+
+void Linear::prepare() {
+  if (!bits || !q8) return;
+  const int64_t K = codes.size(1) * 8 / (bits * kPanelRows);
+  q8_linear_into(at::zeros({1, K}, scales.options().dtype(at::kFloat)), codes, scales, mins, bias, bits, group, q8_unit,
+                 at::empty({1, width()}, scales.options().dtype(at::kFloat)));
+  w8 = {codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+        mins.has_value() && mins->defined() ? mins->data_ptr<at::Half>() : nullptr, K, group, codes.size(0), bits};
+  bias_ptr = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
 }
 
 void Decoder::add_layer(at::Tensor in_norm, at::Tensor post_norm, Linear qkv, Linear o, Linear gate_up, Linear down,
@@ -20,8 +34,13 @@ void Decoder::add_layer(at::Tensor in_norm, at::Tensor post_norm, Linear qkv, Li
     TORCH_CHECK(qkv.width() == f.qkv.width() && o.width() == f.o.width() && gate_up.width() == f.gate_up.width() &&
                 gate_up.out == f.gate_up.out, "every layer must have the first layer's shapes");
   }
-  layers_.push_back({in_norm, post_norm, std::move(qkv), std::move(o), std::move(gate_up), std::move(down), q_norm,
-                     k_norm, window});
+  for (Linear* l : {&qkv, &o, &gate_up, &down}) l->prepare();
+  TORCH_CHECK(in_norm.dim() == 1 && in_norm.is_contiguous() && in_norm.scalar_type() == at::kFloat &&
+              post_norm.sizes() == in_norm.sizes() && post_norm.is_contiguous() &&
+              post_norm.scalar_type() == at::kFloat, "norm weights: contiguous float32 [hidden]");
+  TORCH_CHECK(layers_.empty() || in_norm.numel() == layers_.front().in_norm.numel(), "every layer's hidden size");
+  layers_.push_back({in_norm, post_norm, in_norm.data_ptr<float>(), post_norm.data_ptr<float>(), std::move(qkv),
+                     std::move(o), std::move(gate_up), std::move(down), q_norm, k_norm, window});
 }
 
 static at::Tensor head_norm(const at::Tensor& x, int64_t heads, const at::Tensor& w, double eps) {
@@ -43,9 +62,40 @@ at::Tensor Decoder::forward(at::Tensor h, const Step& s, const std::vector<at::T
          at::empty({T, l.o.width()}, o), at::empty({T, l.gate_up.width()}, o), at::empty({T, l.gate_up.out / 2}, o)};
   }
   at::Tensor residual;  // undefined before the first layer: nothing to add
+  if (n > 0)
+    TORCH_CHECK(h.dim() == 2 && h.is_contiguous() && h.scalar_type() == at::kFloat &&
+                h.size(1) == layers_[0].in_norm.numel(), "h: contiguous float32 [T, hidden]");
+  const int64_t hidden = h.size(1);
+  // the step's metadata and each layer's caches, checked once here: their tensors' metadata sits in lines the
+  // weight stream evicts, and each kernel call re-read it (a DRAM miss or more a layer and cache)
+  TORCH_CHECK(k_caches.size() >= static_cast<size_t>(n) && v_caches.size() >= static_cast<size_t>(n),
+              "a K and a V cache per layer");
+  std::vector<CacheView> caches;
+  caches.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    caches.push_back(cache_view(k_caches[i], v_caches[i]));
+    check_attention(caches.back(), heads_);
+    TORCH_CHECK(caches.back().kv_heads == kv_heads_ && caches.back().head_dim == head_dim_,
+                "a cache does not match the model's KV heads");
+  }
+  TORCH_CHECK(s.slots.scalar_type() == at::kLong && s.slots.is_contiguous() && s.slots.numel() >= T, "slots: int64 [T]");
+  TORCH_CHECK(s.block_tables.scalar_type() == at::kInt && s.block_tables.is_contiguous() && s.block_tables.dim() == 2,
+              "block_tables: int32 [B, max blocks]");
+  TORCH_CHECK(s.token_seq.scalar_type() == at::kInt && s.token_pos.scalar_type() == at::kInt &&
+              s.token_seq.is_contiguous() && s.token_pos.is_contiguous() && s.token_seq.numel() >= T &&
+              s.token_pos.numel() >= T, "token_seq / token_pos: int32 [T]");
+  const int64_t* slots = s.slots.data_ptr<int64_t>();
+  const int32_t *tables = s.block_tables.data_ptr<int32_t>(), *seq = s.token_seq.data_ptr<int32_t>(),
+                *pos = s.token_pos.data_ptr<int32_t>();
+  const int64_t table_stride = s.block_tables.size(1);
+  auto norm = [&](const at::Tensor& x, const float* w) {  // into b.x; x's rows dense, any row stride
+    TORCH_CHECK(x.stride(1) == 1 && x.size(1) == hidden && x.size(0) == T, "norm input: [T, hidden]");
+    rms_norm_raw(x.data_ptr<float>(), x.stride(0), w, eps_, residual.defined() ? residual.data_ptr<float>() : nullptr,
+                 b.x.data_ptr<float>(), T, hidden);
+  };
   for (int64_t i = 0; i < n; ++i) {
     const Layer& l = layers_[i];
-    rms_norm_into(h, l.in_norm, eps_, residual, b.x);
+    norm(h, l.in_w);
     if (i == 0) residual = h;
     at::Tensor qkv = l.qkv.into(b.x, b.qkv), q = qkv;
     if (l.q_norm.has_value()) {  // normed copies of q and k, then as below
@@ -53,15 +103,16 @@ at::Tensor Decoder::forward(at::Tensor h, const Step& s, const std::vector<at::T
       at::Tensor k = head_norm(qkv.narrow(1, qs, kvs), kv_heads_, *l.k_norm, eps_);
       rotary(q, heads_, s.positions, s.cos, s.sin);
       rotary(k, kv_heads_, s.positions, s.cos, s.sin);
-      write_kv(k, qkv.narrow(1, qs + kvs, kvs), k_caches[i], v_caches[i], s.slots);
+      write_kv_raw(k.data_ptr<float>(), k.stride(0), qkv.data_ptr<float>() + qs + kvs, qkv.stride(0), T, caches[i], slots);
     } else {  // q and k side by side in qkv's rows: one rotary over both heads, K and V read where they lie
       rotary(qkv, heads_ + kv_heads_, s.positions, s.cos, s.sin);
-      write_kv_columns(qkv, qs, qs + kvs, k_caches[i], v_caches[i], s.slots);
+      const float* row = qkv.data_ptr<float>();
+      write_kv_raw(row + qs, qkv.stride(0), row + qs + kvs, qkv.stride(0), T, caches[i], slots);
     }
-    paged_attention_into(q, k_caches[i], v_caches[i], s.block_tables, s.token_seq, s.token_pos, heads_, l.window,
-                         scale_, b.attn);
+    paged_attention_raw(q.data_ptr<float>(), q.stride(0), T, heads_, caches[i], tables, table_stride, seq, pos, l.window,
+                        scale_, b.attn.data_ptr<float>());
     h = l.o.into(b.attn, b.h);
-    rms_norm_into(h, l.post_norm, eps_, residual, b.x);
+    norm(h, l.post_w);
     silu_mul_into(l.gate_up.into(b.x, b.gate_up), b.act);
     h = l.down.into(b.act, b.h);
   }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "ops.h"
+#include "q8.h"
 
 #include <mutex>
 #include <vector>
@@ -12,7 +13,12 @@ struct Linear {  // packed (bits > 0: codes, scales, mins / table, padded bias) 
   int64_t bits = 0, group = 0, out = 0;
   bool q8 = false;       // codes in quad layout, int8 activations (q8_gemm.cpp)
   int64_t q8_unit = 0;   // q8: q8_linear's unit (> 0: AMX from this many rows, 0: VNNI, -1: AVX2)
+  q8::Weights w8{};               // q8: the checked weights' pointers and shape (prepare)
+  const float* bias_ptr = nullptr;
   int64_t width() const { return bits ? codes.size(0) * kPanelRows : out; }  // the columns a kernel writes
+  // Checks a q8 weight once (one call of the checked kernel) and keeps its pointers: a call through the tensors
+  // read their metadata, cache lines the weight stream evicts between one step and the next
+  void prepare();
   // y = this(x) into y [M, width()] (a packed weight's padding columns included); returns the first `out` columns
   at::Tensor into(const at::Tensor& x, const at::Tensor& y) const;
 };
@@ -23,6 +29,7 @@ struct Step {  // engine/step.py's StepContext, the tensors only
 
 struct Layer {
   at::Tensor in_norm, post_norm;
+  const float *in_w = nullptr, *post_w = nullptr;  // the norms' weights, checked at add_layer
   Linear qkv, o, gate_up, down;
   c10::optional<at::Tensor> q_norm, k_norm;
   int64_t window;

@@ -33,12 +33,18 @@ void rms_norm_into(const at::Tensor& x, const at::Tensor& weight, double eps, co
   if (add) TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes(), "residual: contiguous, like x");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == x.sizes(),
               "out: contiguous float32, like x");
-  const float* w = weight.data_ptr<float>();
+  rms_norm_raw(x.data_ptr<float>(), x.stride(0), weight.data_ptr<float>(), eps, add ? residual->data_ptr<float>() : nullptr,
+               out.data_ptr<float>(), T, N);
+}
+
+void rms_norm_raw(const float* x, int64_t x_stride, const float* w, double eps, float* residual, float* out, int64_t T,
+                  int64_t N) {
+  const bool add = residual != nullptr;
   tokenmill::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const float* xr = x.data_ptr<float>() + t * x.stride(0);
-      float* r = add ? residual->data_ptr<float>() + t * N : const_cast<float*>(xr);
-      float* o = out.data_ptr<float>() + t * N;
+      const float* xr = x + t * x_stride;
+      float* r = add ? residual + t * N : const_cast<float*>(xr);
+      float* o = out + t * N;
       // the sum of squares lane by lane (one serial chain over a 576-wide row was ~0.5 us, 61 calls a step)
       S::F acc = S::zero();
       int64_t i = 0;

@@ -23,18 +23,32 @@ at::Tensor packed_rows(at::Tensor ids, at::Tensor codes, at::Tensor scales, c10:
 int64_t q8_peak(int64_t unit, int64_t iters);
 bool amx_enable();
 std::string q8_units();
+// A K / V cache pair as the kernels read it (cache_view checks the pair: dtypes, layout, geometry).
+struct CacheView {
+  void *k, *v;
+  at::ScalarType dtype;
+  int64_t kv_heads, blocks, head_dim, block_size;
+};
+CacheView cache_view(const at::Tensor& k, const at::Tensor& v);
+void check_attention(const CacheView& c, int64_t num_heads);  // what attention adds to cache_view's checks
+// paged_attention_into / write_kv on checked pointers (the C++ decoder checks each layer's caches once a step)
+void paged_attention_raw(const float* q, int64_t q_stride, int64_t T, int64_t num_heads, const CacheView& c,
+                         const int32_t* block_tables, int64_t tables_stride, const int32_t* token_seq,
+                         const int32_t* token_pos, int64_t window, double scale, float* out);
+void write_kv_raw(const float* k, int64_t k_stride, const float* v, int64_t v_stride, int64_t rows, const CacheView& c,
+                  const int64_t* slots);
 at::Tensor paged_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_tables,
                            at::Tensor token_seq, at::Tensor token_pos, int64_t num_heads, int64_t window, double scale);
 void paged_attention_into(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const at::Tensor& token_seq, const at::Tensor& token_pos,
                           int64_t num_heads, int64_t window, double scale, const at::Tensor& out);
 void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots);
-// write_kv of K and V read from columns [k_col, ...) and [v_col, ...) of x's rows (the decoder's fused qkv output)
-void write_kv_columns(const at::Tensor& x, int64_t k_col, int64_t v_col, at::Tensor k_cache, at::Tensor v_cache,
-                      at::Tensor slots);
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps, c10::optional<at::Tensor> residual);
 void rms_norm_into(const at::Tensor& x, const at::Tensor& weight, double eps, const c10::optional<at::Tensor>& residual,
                    const at::Tensor& out);
+// rms_norm_into on checked pointers: rows of x (x_stride apart), residual (null: none) and out dense [T, N]
+void rms_norm_raw(const float* x, int64_t x_stride, const float* w, double eps, float* residual, float* out, int64_t T,
+                  int64_t N);
 void rotary(at::Tensor x, int64_t heads, at::Tensor positions, at::Tensor cos, at::Tensor sin);
 at::Tensor silu_mul(at::Tensor gate_up);
 void silu_mul_into(const at::Tensor& gate_up, const at::Tensor& out);

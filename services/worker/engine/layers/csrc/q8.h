@@ -59,3 +59,6 @@ inline void prefetch_block(const uint8_t* panel_codes, int64_t b) {
 void avx2_gemm(const Weights& w, const Acts& a, int64_t M, float* y, const float* bias);
 
 }  // namespace q8
+
+// q8_linear_into (ops.h) without its checks, for weights already checked: y [M, P * 16] = q8(x [M, K]) @ w.
+void q8_linear_raw(const q8::Weights& w, const float* x, int64_t M, const float* bias, int64_t unit, float* y);

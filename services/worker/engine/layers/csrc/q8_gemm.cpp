@@ -361,7 +361,17 @@ void q8_linear_into(const at::Tensor& x, const at::Tensor& codes, const at::Tens
 
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == M &&
               y.size(1) == P * kPanel, "out: contiguous float32 [M, P * 16]");
+  const q8::Weights w{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+                      has_min ? mins->data_ptr<at::Half>() : nullptr, K, group, P, bits};
+  q8_linear_raw(w, x.data_ptr<float>(), M, has_bias ? bias->data_ptr<float>() : nullptr, unit, y.data_ptr<float>());
+}
+
+// q8_linear_into's work once its operands are checked (the C++ decoder checks a layer's weights once, at
+// add_layer: reading each weight tensor's metadata a call cost cache misses, the weight stream having evicted it).
+void q8_linear_raw(const q8::Weights& w, const float* xp, int64_t M, const float* b, int64_t unit, float* yp) {
   if (M == 0) return;
+  const int64_t K = w.K, group = w.G, bits = w.bits;
+  const bool has_min = w.mins != nullptr, amx = unit > 0 && M >= unit;
   // The quantized activations live in this thread's scratch, reused call to call (a decode step makes ~200
   // calls: 3 allocations and a 32-row memset each were ~4 % of it). AMX reads whole 16-row tiles: its
   // padding rows are zeroed (their sums are never stored).
@@ -370,7 +380,6 @@ void q8_linear_into(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   thread_local std::vector<float> d, xsum;
   q.resize(rows * K), d.resize(M * nb), xsum.resize(has_min ? M * ng : 0);
   std::fill(q.begin() + M * K, q.end(), 0);
-  const float* xp = x.data_ptr<float>();
   int8_t* qp = q.data();
   float *dp = d.data(), *sp = xsum.data();
   tokenmill::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
@@ -385,11 +394,7 @@ void q8_linear_into(const at::Tensor& x, const at::Tensor& codes, const at::Tens
       }
     }
   });
-  const q8::Weights w{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
-                      has_min ? mins->data_ptr<at::Half>() : nullptr, K, group, P, bits};
   const q8::Acts a{qp, dp, has_min ? sp : nullptr, K};
-  const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
   if (unit == -1) {
     q8::avx2_gemm(w, a, M, yp, b);
     return;
