@@ -8,22 +8,29 @@
 
 at::Tensor Linear::into(const at::Tensor& x, const at::Tensor& y) const {
   if (!bits) return at::linear_out(const_cast<at::Tensor&>(y), x, weight, bias);
-  if (q8) {
-    TORCH_CHECK(x.is_contiguous() && x.size(1) == w8.K && y.is_contiguous() && y.size(0) == x.size(0) &&
-                y.size(1) == width(), "q8 linear: x [M, K] and y [M, width] contiguous");
-    q8_linear_raw(w8, x.data_ptr<float>(), x.size(0), bias_ptr, q8_unit, y.data_ptr<float>());
-  }
-  else quant_linear_into(x.contiguous(), codes, scales, mins, table, bias, bits, group, y);
+  const int64_t K = q8 ? w8.K : wp.K;
+  TORCH_CHECK(x.is_contiguous() && x.size(1) == K && y.is_contiguous() && y.size(0) == x.size(0) &&
+              y.size(1) == width(), "packed linear: x [M, K] and y [M, width] contiguous");
+  if (q8) q8_linear_raw(w8, x.data_ptr<float>(), x.size(0), bias_ptr, q8_unit, y.data_ptr<float>());
+  else quant_linear_raw(wp, x.data_ptr<float>(), x.size(0), bias_ptr, y.data_ptr<float>());
   return y.size(1) == out ? y : y.narrow(1, 0, out);
 }
 
 void Linear::prepare() {
-  if (!bits || !q8) return;
+  if (!bits) return;
   const int64_t K = codes.size(1) * 8 / (bits * kPanelRows);
-  q8_linear_into(at::zeros({1, K}, scales.options().dtype(at::kFloat)), codes, scales, mins, bias, bits, group, q8_unit,
-                 at::empty({1, width()}, scales.options().dtype(at::kFloat)));
-  w8 = {codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
-        mins.has_value() && mins->defined() ? mins->data_ptr<at::Half>() : nullptr, K, group, codes.size(0), bits};
+  const auto f32 = scales.options().dtype(at::kFloat);
+  const at::Tensor x = at::zeros({1, K}, f32), y = at::empty({1, width()}, f32);
+  const bool has_min = mins.has_value() && mins->defined(), has_table = table.has_value() && table->defined();
+  if (q8) {
+    q8_linear_into(x, codes, scales, mins, bias, bits, group, q8_unit, y);
+    w8 = {codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), has_min ? mins->data_ptr<at::Half>() : nullptr, K,
+          group, codes.size(0), bits};
+  } else {
+    quant_linear_into(x, codes, scales, mins, table, bias, bits, group, y);
+    wp = {codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), has_min ? mins->data_ptr<at::Half>() : nullptr,
+          has_table ? table->data_ptr<float>() : nullptr, K, group, codes.size(0), bits};
+  }
   bias_ptr = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
 }
 

@@ -8,6 +8,16 @@
 
 constexpr int kPanelRows = 16;  // rows per panel of a packed weight (quant.py's PANEL)
 
+// A panel-packed weight as the fp32-activation kernel reads it (quant_linear_into checks one, then calls
+// quant_linear_raw; the C++ decoder checks each of its weights once and keeps this).
+struct PackedWeights {
+  const uint8_t* codes;    // [P, K * bits / 8 * 16]
+  const at::Half* scales;  // [P, K / G, 16]
+  const at::Half* mins;    // [P, K / G, 16] or null
+  const float* table;      // [16] (NF4) or null
+  int64_t K, G, P, bits;
+};
+void quant_linear_raw(const PackedWeights& w, const float* x, int64_t M, const float* bias, float* y);
 at::Tensor quant_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
                         c10::optional<at::Tensor> table, c10::optional<at::Tensor> bias, int64_t bits, int64_t group);
 void quant_linear_into(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,

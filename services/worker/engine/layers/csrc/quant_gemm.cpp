@@ -18,6 +18,7 @@
 #include "parallel.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -25,13 +26,7 @@ constexpr int kPanel = kPanelRows;
 
 constexpr int RV = kPanel / Simd::W;  // vectors per panel
 
-struct Weights {
-  const uint8_t* codes;   // [P, K * bits / 8 * 16]
-  const at::Half* scales; // [P, K / G, 16]
-  const at::Half* mins;   // [P, K / G, 16] or null
-  const float* table;     // [16] (NF4) or null
-  int64_t K, G, P, bits;
-};
+using Weights = PackedWeights;
 
 // One tile: PN panels x MT activation rows, y[m, p*16 + r] for the tile's panels.
 template <int BITS, bool MIN, bool TABLE, int PN, int MT>
@@ -197,33 +192,29 @@ void quant_linear_into(const at::Tensor& x, const at::Tensor& codes, const at::T
 
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == M &&
               y.size(1) == P * kPanel, "out: contiguous float32 [M, P * 16]");
+  TORCH_CHECK(bits == 4 || (!has_min && !has_table), "8-bit codes are symmetric: no mins, no table");
+  quant_linear_raw(PackedWeights{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+                                 has_min ? mins->data_ptr<at::Half>() : nullptr,
+                                 has_table ? table->data_ptr<float>() : nullptr, K, group, P, bits},
+                   x.data_ptr<float>(), M, has_bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+}
+
+void quant_linear_raw(const PackedWeights& w, const float* xp, int64_t M, const float* b, float* yp) {
   if (M == 0) return;
-  at::Tensor xsum;  // per row and group: summed in order here, so a row's result never depends on M
-  if (has_min) {
-    xsum = at::empty({M, K / group}, x.options());
-    const float* xp = x.data_ptr<float>();
-    float* sp = xsum.data_ptr<float>();
+  const int64_t K = w.K, group = w.G;
+  // per row and group: summed in order here, so a row's result never depends on M (this thread's scratch,
+  // reused call to call)
+  thread_local std::vector<float> xsum;
+  if (w.mins != nullptr) {
+    xsum.resize(M * (K / group));
     for (int64_t i = 0; i < M * (K / group); ++i) {
       float acc = 0.0f;
       for (int64_t k = 0; k < group; ++k) acc += xp[i * group + k];
-      sp[i] = acc;
+      xsum[i] = acc;
     }
   }
-  Weights w{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
-            has_min ? mins->data_ptr<at::Half>() : nullptr, has_table ? table->data_ptr<float>() : nullptr,
-            K, group, P, bits};
-  const float* xs = has_min ? xsum.data_ptr<float>() : nullptr;
-  const float* b = has_bias ? bias->data_ptr<float>() : nullptr;
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  if (bits == 8) {
-    TORCH_CHECK(!has_min && !has_table, "8-bit codes are symmetric: no mins, no table");
-    gemm<8, false, false>(w, xp, M, nullptr, yp, b);
-  } else if (has_table) {
-    gemm<4, false, true>(w, xp, M, nullptr, yp, b);
-  } else if (has_min) {
-    gemm<4, true, false>(w, xp, M, xs, yp, b);
-  } else {
-    gemm<4, false, false>(w, xp, M, nullptr, yp, b);
-  }
+  if (w.bits == 8) gemm<8, false, false>(w, xp, M, nullptr, yp, b);
+  else if (w.table != nullptr) gemm<4, false, true>(w, xp, M, nullptr, yp, b);
+  else if (w.mins != nullptr) gemm<4, true, false>(w, xp, M, xsum.data(), yp, b);
+  else gemm<4, false, false>(w, xp, M, nullptr, yp, b);
 }
