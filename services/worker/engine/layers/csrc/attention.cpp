@@ -546,17 +546,12 @@ void write_kv_raw(const float* kp, int64_t ks, const float* vp, int64_t vs, int6
   else store_kv<float>(kp, ks, vp, vs, rows, c, slots);
 }
 
-// What both entry points share: the slots' and caches' checks, then write_kv_raw.
-static void store_kv_to(const float* kp, int64_t ks, const float* vp, int64_t vs, int64_t rows, at::Tensor& k_cache,
-                        at::Tensor& v_cache, const at::Tensor& slots) {
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() >= rows, "slots: int64");
-  write_kv_raw(kp, ks, vp, vs, rows, cache_view(k_cache, v_cache), slots.data_ptr<int64_t>());
-}
-
 void write_kv(at::Tensor k, at::Tensor v, at::Tensor k_cache, at::Tensor v_cache, at::Tensor slots) {
   TORCH_CHECK(k.stride(1) == 1 && v.stride(1) == 1 && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "k, v: float32, rows dense");
-  const auto [D, BS] = cache_geometry(k_cache, v_cache);
-  TORCH_CHECK(k.size(1) == k_cache.size(0) * D && v.sizes() == k.sizes(), "k / v do not match the cache");
-  store_kv_to(k.data_ptr<float>(), k.stride(0), v.data_ptr<float>(), v.stride(0), k.size(0), k_cache, v_cache, slots);
+  const CacheView c = cache_view(k_cache, v_cache);
+  TORCH_CHECK(k.size(1) == c.kv_heads * c.head_dim && v.sizes() == k.sizes(), "k / v do not match the cache");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() >= k.size(0), "slots: int64");
+  write_kv_raw(k.data_ptr<float>(), k.stride(0), v.data_ptr<float>(), v.stride(0), k.size(0), c,
+               slots.data_ptr<int64_t>());
 }
