@@ -12,11 +12,10 @@ from typing import Any
 PROMPT_CONTEXT_TOKENS = 5  # prompt tail decoded with the output so leading spaces come out right
 
 
-def decode_stream(tokenizer: Any, context: list[int]) -> Any:
-    """A tokenizers DecodeStream primed with `context` (skipping special tokens), or None where the tokenizer
-    has no Rust backend, the library no stream, or the context ends inside a character (a prompt of raw ids:
-    the stream would emit its broken bytes with the first token)."""
-    backend = getattr(tokenizer, "_tokenizer", None)
+def decode_stream(backend: Any, context: list[int]) -> Any:
+    """A tokenizers DecodeStream over the tokenizer's Rust `backend` primed with `context` (skipping special
+    tokens), or None where there is no backend, the library has no stream, or the context ends inside a
+    character (a prompt of raw ids: the stream would emit its broken bytes with the first token)."""
     if backend is None or "\ufffd" in backend.decode(context, skip_special_tokens=True):
         return None
     try:
@@ -38,8 +37,8 @@ class IncrementalDetokenizer:
         self.text = ""
         self.emitted = 0
         self.stopped = False
-        self.stream = decode_stream(tokenizer, self.ids)
-        self.backend = getattr(tokenizer, "_tokenizer", None)
+        self.backend = getattr(tokenizer, "_tokenizer", None)  # a fast tokenizer's Rust side
+        self.stream = decode_stream(self.backend, self.ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

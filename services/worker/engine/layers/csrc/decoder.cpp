@@ -21,15 +21,12 @@ void Linear::prepare() {
   const int64_t K = codes.size(1) * 8 / (bits * kPanelRows);
   const auto f32 = scales.options().dtype(at::kFloat);
   const at::Tensor x = at::zeros({1, K}, f32), y = at::empty({1, width()}, f32);
-  const bool has_min = mins.has_value() && mins->defined(), has_table = table.has_value() && table->defined();
   if (q8) {
-    q8_linear_into(x, codes, scales, mins, bias, bits, group, q8_unit, y);
-    w8 = {codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), has_min ? mins->data_ptr<at::Half>() : nullptr, K,
-          group, codes.size(0), bits};
+    q8_linear_into(x, codes, scales, mins, bias, bits, group, q8_unit, y);  // its checks, once
+    w8 = q8_weights(codes, scales, mins, bits, group);
   } else {
     quant_linear_into(x, codes, scales, mins, table, bias, bits, group, y);
-    wp = {codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), has_min ? mins->data_ptr<at::Half>() : nullptr,
-          has_table ? table->data_ptr<float>() : nullptr, K, group, codes.size(0), bits};
+    wp = packed_weights(codes, scales, mins, table, bits, group);
   }
   bias_ptr = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
 }

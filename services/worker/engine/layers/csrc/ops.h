@@ -17,6 +17,9 @@ struct PackedWeights {
   const float* table;      // [16] (NF4) or null
   int64_t K, G, P, bits;
 };
+// The view quant_linear_into builds of checked weight tensors (K from the codes' width).
+PackedWeights packed_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                             const c10::optional<at::Tensor>& table, int64_t bits, int64_t group);
 void quant_linear_raw(const PackedWeights& w, const float* x, int64_t M, const float* bias, float* y);
 at::Tensor quant_linear(at::Tensor x, at::Tensor codes, at::Tensor scales, c10::optional<at::Tensor> mins,
                         c10::optional<at::Tensor> table, c10::optional<at::Tensor> bias, int64_t bits, int64_t group);

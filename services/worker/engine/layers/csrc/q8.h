@@ -60,5 +60,8 @@ void avx2_gemm(const Weights& w, const Acts& a, int64_t M, float* y, const float
 
 }  // namespace q8
 
+// The view q8_linear_into builds of checked weight tensors (K from the codes' width).
+q8::Weights q8_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                       int64_t bits, int64_t group);
 // q8_linear_into (ops.h) without its checks, for weights already checked: y [M, P * 16] = q8(x [M, K]) @ w.
 void q8_linear_raw(const q8::Weights& w, const float* x, int64_t M, const float* bias, int64_t unit, float* y);

@@ -193,10 +193,16 @@ void quant_linear_into(const at::Tensor& x, const at::Tensor& codes, const at::T
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == M &&
               y.size(1) == P * kPanel, "out: contiguous float32 [M, P * 16]");
   TORCH_CHECK(bits == 4 || (!has_min && !has_table), "8-bit codes are symmetric: no mins, no table");
-  quant_linear_raw(PackedWeights{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
-                                 has_min ? mins->data_ptr<at::Half>() : nullptr,
-                                 has_table ? table->data_ptr<float>() : nullptr, K, group, P, bits},
-                   x.data_ptr<float>(), M, has_bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  quant_linear_raw(packed_weights(codes, scales, mins, table, bits, group), x.data_ptr<float>(), M,
+                   has_bias ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+}
+
+PackedWeights packed_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                             const c10::optional<at::Tensor>& table, int64_t bits, int64_t group) {
+  return {codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
+          mins.has_value() && mins->defined() ? mins->data_ptr<at::Half>() : nullptr,
+          table.has_value() && table->defined() ? table->data_ptr<float>() : nullptr,
+          codes.size(1) * 8 / (bits * kPanel), group, codes.size(0), bits};
 }
 
 void quant_linear_raw(const PackedWeights& w, const float* xp, int64_t M, const float* b, float* yp) {
