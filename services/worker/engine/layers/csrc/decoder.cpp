@@ -8,11 +8,10 @@
 
 at::Tensor Linear::into(const at::Tensor& x, const at::Tensor& y) const {
   if (!bits) return at::linear_out(const_cast<at::Tensor&>(y), x, weight, bias);
-  const int64_t K = q8 ? w8.K : wp.K;
-  TORCH_CHECK(x.is_contiguous() && x.size(1) == K && y.is_contiguous() && y.size(0) == x.size(0) &&
+  TORCH_CHECK(x.is_contiguous() && x.size(1) == w.K && y.is_contiguous() && y.size(0) == x.size(0) &&
               y.size(1) == width(), "packed linear: x [M, K] and y [M, width] contiguous");
-  if (q8) q8_linear_raw(w8, x.data_ptr<float>(), x.size(0), bias_ptr, q8_unit, y.data_ptr<float>());
-  else quant_linear_raw(wp, x.data_ptr<float>(), x.size(0), bias_ptr, y.data_ptr<float>());
+  if (q8) q8_linear_raw(w, x.data_ptr<float>(), x.size(0), bias_ptr, q8_unit, y.data_ptr<float>());
+  else quant_linear_raw(w, x.data_ptr<float>(), x.size(0), bias_ptr, y.data_ptr<float>());
   return y.size(1) == out ? y : y.narrow(1, 0, out);
 }
 
@@ -21,13 +20,9 @@ void Linear::prepare() {
   const int64_t K = codes.size(1) * 8 / (bits * kPanelRows);
   const auto f32 = scales.options().dtype(at::kFloat);
   const at::Tensor x = at::zeros({1, K}, f32), y = at::empty({1, width()}, f32);
-  if (q8) {
-    q8_linear_into(x, codes, scales, mins, bias, bits, group, q8_unit, y);  // its checks, once
-    w8 = q8_weights(codes, scales, mins, bits, group);
-  } else {
-    quant_linear_into(x, codes, scales, mins, table, bias, bits, group, y);
-    wp = packed_weights(codes, scales, mins, table, bits, group);
-  }
+  if (q8) q8_linear_into(x, codes, scales, mins, bias, bits, group, q8_unit, y);  // its checks, once
+  else quant_linear_into(x, codes, scales, mins, table, bias, bits, group, y);
+  w = packed_weights(codes, scales, mins, q8 ? c10::optional<at::Tensor>() : table, bits, group);
   bias_ptr = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
 }
 

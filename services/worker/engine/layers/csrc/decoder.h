@@ -13,8 +13,7 @@ struct Linear {  // packed (bits > 0: codes, scales, mins / table, padded bias) 
   int64_t bits = 0, group = 0, out = 0;
   bool q8 = false;       // codes in quad layout, int8 activations (q8_gemm.cpp)
   int64_t q8_unit = 0;   // q8: q8_linear's unit (> 0: AMX from this many rows, 0: VNNI, -1: AVX2)
-  q8::Weights w8{};      // q8: the checked weight's pointers and shape (prepare)
-  PackedWeights wp{};    // not q8: the same for the fp32-activation kernel
+  PackedWeights w{};     // packed: the checked weight's pointers and shape (prepare)
   const float* bias_ptr = nullptr;
   int64_t width() const { return bits ? codes.size(0) * kPanelRows : out; }  // the columns a kernel writes
   // Checks a packed weight once (one call of the checked kernel) and keeps its pointers: a call through the

@@ -8,16 +8,18 @@
 
 constexpr int kPanelRows = 16;  // rows per panel of a packed weight (quant.py's PANEL)
 
-// A panel-packed weight as the fp32-activation kernel reads it (quant_linear_into checks one, then calls
-// quant_linear_raw; the C++ decoder checks each of its weights once and keeps this).
+// A packed weight as the kernels read it: the fp32-activation kernel's panel layout, or the int8-activation
+// kernels' quad layout (q8.h; no table there). The checked entry points (quant_linear_into, q8_linear_into) check
+// one, then call the raw kernel; the C++ decoder checks each of its weights once and keeps this.
 struct PackedWeights {
   const uint8_t* codes;    // [P, K * bits / 8 * 16]
   const at::Half* scales;  // [P, K / G, 16]
   const at::Half* mins;    // [P, K / G, 16] or null
   const float* table;      // [16] (NF4) or null
   int64_t K, G, P, bits;
+  int64_t pstride() const { return K * bits / 8 * kPanelRows; }  // code bytes per panel
 };
-// The view quant_linear_into builds of checked weight tensors (K from the codes' width).
+// The view of checked weight tensors (K from the codes' width).
 PackedWeights packed_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
                              const c10::optional<at::Tensor>& table, int64_t bits, int64_t group);
 void quant_linear_raw(const PackedWeights& w, const float* x, int64_t M, const float* bias, float* y);

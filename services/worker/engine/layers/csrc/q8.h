@@ -12,13 +12,7 @@ namespace q8 {
 
 constexpr int kPanel = kPanelRows, kBlock = 32;
 
-struct Weights {
-  const uint8_t* codes;    // [P, K * bits / 8 * 16], quad layout
-  const at::Half* scales;  // [P, K / G, 16]
-  const at::Half* mins;    // [P, K / G, 16] or null
-  int64_t K, G, P, bits;
-  int64_t pstride() const { return K * bits / 8 * kPanel; }
-};
+using Weights = PackedWeights;  // codes in the quad layout, no table
 
 struct Acts {
   const int8_t* q;     // [M (AMX: padded to 32), K], each in [-127, 127]
@@ -60,8 +54,5 @@ void avx2_gemm(const Weights& w, const Acts& a, int64_t M, float* y, const float
 
 }  // namespace q8
 
-// The view q8_linear_into builds of checked weight tensors (K from the codes' width).
-q8::Weights q8_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
-                       int64_t bits, int64_t group);
 // q8_linear_into (ops.h) without its checks, for weights already checked: y [M, P * 16] = q8(x [M, K]) @ w.
 void q8_linear_raw(const q8::Weights& w, const float* x, int64_t M, const float* bias, int64_t unit, float* y);

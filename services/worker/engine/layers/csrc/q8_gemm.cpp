@@ -361,15 +361,8 @@ void q8_linear_into(const at::Tensor& x, const at::Tensor& codes, const at::Tens
 
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.dim() == 2 && y.size(0) == M &&
               y.size(1) == P * kPanel, "out: contiguous float32 [M, P * 16]");
-  q8_linear_raw(q8_weights(codes, scales, mins, bits, group), x.data_ptr<float>(), M,
+  q8_linear_raw(packed_weights(codes, scales, mins, c10::nullopt, bits, group), x.data_ptr<float>(), M,
                 has_bias ? bias->data_ptr<float>() : nullptr, unit, y.data_ptr<float>());
-}
-
-q8::Weights q8_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
-                       int64_t bits, int64_t group) {
-  return {codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(),
-          mins.has_value() && mins->defined() ? mins->data_ptr<at::Half>() : nullptr,
-          codes.size(1) * 8 / (bits * kPanel), group, codes.size(0), bits};
 }
 
 // q8_linear_into's work once its operands are checked (the C++ decoder checks a layer's weights once, at
