@@ -99,3 +99,27 @@ def test_half_cache_reads_as_its_float32_values(block_size, head_dim, dtype):
         assert not torch.equal(a16, a32)
     else:
         assert torch.equal(a16, a32)
+
+
+def test_step_tensors_are_build_contexts_tensors(monkeypatch):
+    """build_context's one C++ call (step_tensors) gives the tensors its Python path builds: same values, dtypes
+    and shapes, a mixed step of decodes and a prefill chunk; a position past its table is refused, not read."""
+    from services.worker.engine import step
+    from services.worker.engine.kv_cache import KVCache
+
+    kv = KVCache(1, 1, 16, 12, 4, torch.float32, torch.device("cpu"))
+    tables = [[3, 7, 1], [5], [2, 9, 4, 11]]
+    pos, seq = [9, 2, 8, 9, 10, 11], [0, 1, 2, 2, 2, 2]
+    ids = [101, 102, 103, 104, 105, 106]
+    prefills = [(2, 6, 8, tables[2])]
+    fields = ("input_ids", "positions", "slot_mapping", "token_seq", "token_pos", "block_tables")
+    native = step.build_context(kv, pos, seq, tables, 2, prefills, ids)
+    monkeypatch.setattr(step.kernels, "cpu_ops", lambda *_: None)
+    python = step.build_context(kv, pos, seq, tables, 2, prefills, ids)
+    for name in fields:
+        a, b = getattr(native, name), getattr(python, name)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+    assert native.slot_mapping.tolist() == [1 * 4 + 1, 5 * 4 + 2, 4 * 4, 4 * 4 + 1, 4 * 4 + 2, 4 * 4 + 3]
+    assert step.build_context(kv, pos, seq, tables, 2, prefills).input_ids is None
+    with pytest.raises(RuntimeError, match="has no block in its table"):
+        OPS.step_tensors([1], [12], [0], [tables[0]], 4)

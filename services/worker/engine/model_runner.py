@@ -135,8 +135,8 @@ class ModelRunner:
 
     def _inputs(self, ids: list[int], pos: list[int], token_seq: list[int], tables: list[list[int]],
                 num_decodes: int, prefills: list) -> tuple[torch.Tensor, StepContext]:
-        ctx = build_context(self.kv, pos, token_seq, tables, num_decodes, prefills)
-        return torch.tensor(ids, dtype=torch.long, device=self.device), ctx
+        ctx = build_context(self.kv, pos, token_seq, tables, num_decodes, prefills, ids)
+        return ctx.input_ids, ctx
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
         """[T] token ids -> [T, hidden] after the final norm (after the first num_layers layers: the draft)."""
@@ -183,10 +183,13 @@ class ModelRunner:
             return samplers, None
         picked = rows + extra
         if len(picked) == hidden.shape[0] and picked == list(range(len(picked))):  # every row (pure decodes)
-            logits = self.logits(hidden).float()
+            logits = self.logits(hidden)
         else:
-            logits = self.logits(hidden.index_select(0, torch.tensor(picked, dtype=torch.long, device=self.device))
-                                 ).float()
+            logits = self.logits(hidden.index_select(0, torch.tensor(picked, dtype=torch.long, device=self.device)))
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        if not extra:  # (no copy, no slice: each small torch call is 5-20 us of a decode step in cold caches)
+            return samplers, logits
         at = len(rows)
         for seq, _, count, first in self.prompt_rows:
             self.prompt_logits.append((seq, first, logits[at : at + count]))
@@ -200,9 +203,8 @@ class ModelRunner:
         norm and the LM head. Those layers' K/V are the target's own (same inputs, same weights), so the
         draft writes into the target's cache and the verifying pass rewrites the same values.
         Returns the greedy draft token of each sequence."""
-        ctx = build_context(self.kv, positions, list(range(len(tokens))), tables, len(tokens), [])
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        return self.logits(self.forward(ids, ctx, num_layers)).argmax(dim=-1)
+        ctx = build_context(self.kv, positions, list(range(len(tokens))), tables, len(tokens), [], tokens)
+        return self.logits(self.forward(ctx.input_ids, ctx, num_layers)).argmax(dim=-1)
 
 
 def _compute_dtype(model: Any) -> torch.dtype:

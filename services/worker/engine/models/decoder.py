@@ -100,7 +100,9 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
         """input_ids [T] -> final-normed hidden states [T, hidden] (after the first num_layers layers)."""
-        h = self.embed(input_ids).to(self.dtype)
+        h = self.embed(input_ids)
+        if h.dtype != self.norm.dtype:
+            h = h.to(self.norm.dtype)
         fused = self._fused_decoder() if self.use_fused and not ctx.kv.triton else None
         if fused is not None:
             ops_ = kernels.load()

@@ -26,6 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary, "rotary embedding in place (rotate-half convention)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("argmax_rows", &argmax_rows, "per row, the first index of its largest value (NaN largest), as torch.argmax");
+  m.def("step_tensors", &step_tensors, "a step's ids, positions, slots, token_seq, token_pos and block tables");
   m.def("isa", &isa, "the vector ISA of this build");
   m.def("parallel_cover", &parallel_cover, "tests: visits per index of the kernels' parallel loop over [0, n)");
   py::class_<Linear>(m, "Linear")

@@ -26,6 +26,11 @@ struct Linear {  // packed (bits > 0: codes, scales, mins / table, padded bias) 
 struct Step {  // engine/step.py's StepContext, the tensors only
   at::Tensor positions, slots, block_tables, token_seq, token_pos, cos, sin;
 };
+// engine/step.py's build_context on a CPU: a step's tensors from the scheduler's lists in one call, [input ids,
+// positions, slots (int64), token_seq, token_pos (int32), block_tables (int32 [B, widest table], zero padded)]
+std::vector<at::Tensor> step_tensors(const std::vector<int64_t>& ids, const std::vector<int64_t>& pos,
+                                     const std::vector<int64_t>& token_seq,
+                                     const std::vector<std::vector<int64_t>>& tables, int64_t block_size);
 
 struct Layer {
   at::Tensor in_norm, post_norm;
