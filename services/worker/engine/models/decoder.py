@@ -100,7 +100,7 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: StepContext, num_layers: int | None = None) -> torch.Tensor:
         """input_ids [T] -> final-normed hidden states [T, hidden] (after the first num_layers layers)."""
-        h = self.embed(input_ids)
+        h = self.embed.forward(input_ids)  # .forward: no module hooks on the hot path
         if h.dtype != self.norm.dtype:
             h = h.to(self.norm.dtype)
         fused = self._fused_decoder() if self.use_fused and not ctx.kv.triton else None
@@ -132,7 +132,7 @@ class DecoderModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> [rows, vocab]."""
-        return self.lm_head(hidden)
+        return self.lm_head.forward(hidden)
 
 
 def _kernel_linear(k: Any, layer: Linear) -> Any:
