@@ -13,10 +13,10 @@ import services as _services  # noqa: F401  (the OpenMP wait policy, set before 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# Triton wraps its own @jit helpers (tl.sum, ...) when it is first imported, and transformers may import it in any
-# test: the interpreter (the Triton tests' only backend here) must be on by then, else a Triton-path test after such
-# an import fails ("Cannot call @triton.jit'd outside of the scope of a kernel"; seen: test_engine_behaviour.py then
-# test_cuda_graphs.py). setdefault: TRITON_INTERPRET=0 keeps a GPU machine compiling.
+# Triton wraps its own @jit helpers (tl.sum, ...) when it is first imported, and importing torch._dynamo imports
+# it (some tests' code paths do): the interpreter (the Triton tests' only backend here) must be on by then, else a
+# Triton-path test after such an import fails ("Cannot call @triton.jit'd outside of the scope of a kernel"; seen:
+# test_engine_behaviour.py then test_cuda_graphs.py). setdefault: TRITON_INTERPRET=0 keeps a GPU machine compiling.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # Tests run several servers at once on 2 cores: one torch thread each beats two fighting over a core.

@@ -127,8 +127,7 @@ class Embedding(_Packed):
             rows = ops.packed_rows(ids, p.codes, p.scales, p.mins, p.table, p.bits, p.group, p.out_features,
                                    p.layout == "quad")  # float32 [ids.numel(), dim] on the CPU
             return rows if ids.dim() == 1 else rows.reshape(*ids.shape, self.embedding_dim)
-        else:
-            rows = p.dequantize(ids.reshape(-1).to(p.codes.device))
+        rows = p.dequantize(ids.reshape(-1).to(p.codes.device))
         return rows.to(device=ids.device, dtype=self.dtype).reshape(*ids.shape, self.embedding_dim)
 
 
