@@ -126,7 +126,7 @@ class Embedding(_Packed):
         if ops is not None and ids.device.type == "cpu":  # the same values, without ~10 small torch ops a step
             rows = ops.packed_rows(ids, p.codes, p.scales, p.mins, p.table, p.bits, p.group, p.out_features,
                                    p.layout == "quad")  # float32 [ids.numel(), dim] on the CPU
-            if self.dtype != torch.float32:  # builders.py: a transformers model in its dtype takes the rows as they come
+            if self.dtype != torch.float32:  # builders.py: a transformers model in its dtype takes rows as they come
                 rows = rows.to(self.dtype)
             return rows if ids.dim() == 1 else rows.reshape(*ids.shape, self.embedding_dim)
         rows = p.dequantize(ids.reshape(-1).to(p.codes.device))
