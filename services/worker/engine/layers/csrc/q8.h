@@ -15,7 +15,7 @@ constexpr int kPanel = kPanelRows, kBlock = 32;
 using Weights = PackedWeights;  // codes in the quad layout, no table
 
 struct Acts {
-  const int8_t* q;     // [M (AMX: padded to 32), K], each in [-127, 127]
+  const int8_t* q;     // [M (AMX: padded to 32), K], each in [-127, 127] (VNNI over 8-bit codes: x ^ 0x80, x + 128)
   const float* d;      // [M, K / 32]
   const float* xsum;   // [M, K / G] or null
   int64_t K;

@@ -93,16 +93,18 @@ void vnni_tile(const Q8Weights& w, const Q8Acts& a, int64_t p, int64_t m0, float
           isum[m] = _mm512_dpbusd_epi32(isum[m], hi, _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + 4)));
         }
       }
-    } else {  // signed codes: |w| as the unsigned operand, the sign moved onto x
+    } else {  // signed codes: x + 128 (q8_linear_raw's offset rows) as the unsigned operand, then per block
+      __m512i wsum = _mm512_setzero_si512();  // 128 * sum(w) taken back off: the same exact int32 sums as x . w
       for (int j = 0; j < 8; ++j) {
         const __m512i raw = _mm512_loadu_si512(codes + (b * 8 + j) * 64);
-        const __m512i mag = _mm512_abs_epi8(raw);
-        const __mmask64 neg = _mm512_movepi8_mask(raw);
+        wsum = _mm512_dpbusd_epi32(wsum, _mm512_set1_epi8(1), raw);
         for (int m = 0; m < MT; ++m) {
           const __m512i x = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(xb + m * a.K + j * 4));
-          isum[m] = _mm512_dpbusd_epi32(isum[m], mag, _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x));
+          isum[m] = _mm512_dpbusd_epi32(isum[m], x, raw);
         }
       }
+      const __m512i off = _mm512_slli_epi32(wsum, 7);
+      for (int m = 0; m < MT; ++m) isum[m] = _mm512_sub_epi32(isum[m], off);
     }
     const Epilogue<ONE> ep(w, a, b, p);
     for (int m = 0; m < MT; ++m) ep.template apply<MIN>(isum[m], m0 + m, acc[m], out[m]);
@@ -371,6 +373,9 @@ void q8_linear_raw(const q8::Weights& w, const float* xp, int64_t M, const float
   if (M == 0) return;
   const int64_t K = w.K, group = w.G, bits = w.bits;
   const bool has_min = w.mins != nullptr, amx = unit > 0 && M >= unit;
+  // VNNI over 8-bit codes takes x + 128 (x ^ 0x80: unsigned) times the signed codes, one VPDPBUSD a row and 4
+  // columns instead of negating x where w < 0 (vnni_tile); AMX and AVX2 take x as it is
+  const bool offset = bits == 8 && unit >= 0 && !amx;
   // The quantized activations live in this thread's scratch, reused call to call (a decode step makes ~200
   // calls: 3 allocations and a 32-row memset each were ~4 % of it). AMX reads whole 16-row tiles: its
   // padding rows are zeroed (their sums are never stored).
@@ -384,6 +389,8 @@ void q8_linear_raw(const q8::Weights& w, const float* xp, int64_t M, const float
   tokenmill::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       quantize_row(xp + m * K, K, qp + m * K, dp + m * nb);
+      if (offset)
+        for (int64_t k = 0; k < K; ++k) qp[m * K + k] = static_cast<int8_t>(static_cast<uint8_t>(qp[m * K + k]) ^ 0x80);
       if (has_min) {  // summed in order, as the fp32 kernel does
         for (int64_t g = 0; g < ng; ++g) {
           float s = 0.0f;
