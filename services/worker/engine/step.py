@@ -133,7 +133,7 @@ def build_context(kv: KVCache, pos: list[int], token_seq: list[int], tables: lis
     start, table); with `ids`, the packed token ids as ctx.input_ids too."""
     bs, dev = kv.block_size, kv.device
     ops = kernels.cpu_ops(dev, torch.float32)
-    if ops is not None:  # one C++ call: six small tensors from Python cost ~2x as much in a decode step
+    if ops is not None:  # one C++ call: the same tensors from Python cost ~2x as much in a decode step
         input_ids, positions, slots, seq, token_pos, block_tables = ops.step_tensors(
             pos if ids is None else ids, pos, token_seq, tables, bs)  # (positions stand in for absent ids)
     else:

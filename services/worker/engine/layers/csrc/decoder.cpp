@@ -26,8 +26,8 @@ void Linear::prepare() {
   bias_ptr = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
 }
 
-// Six torch.tensor calls from Python were ~85 us of a batch-1 decode step on Zen 4 (cold code: the weight stream
-// empties the caches every step); this one call ~40.
+// Five torch.tensor calls and a .to from Python were ~85 us of a batch-1 decode step on Zen 4 (cold code: the
+// weight stream empties the caches every step); this one call ~40.
 std::vector<at::Tensor> step_tensors(const std::vector<int64_t>& ids, const std::vector<int64_t>& pos,
                                      const std::vector<int64_t>& token_seq,
                                      const std::vector<std::vector<int64_t>>& tables, int64_t block_size) {

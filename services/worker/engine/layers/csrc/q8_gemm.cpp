@@ -231,7 +231,8 @@ void amx_gemm(const Q8Weights& w, const Q8Acts& a, int64_t M, float* y, const fl
 
 // One row's activations in blocks of 32: d = max|x| / 127 per block, q = round(x / d) (half to even, as
 // torch.round). max is exact and each lane rounds alone, so the AVX-512 and AVX2 versions give the same bytes.
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d) {
+// offset: stored as q + 128 (q ^ 0x80, unsigned), the operand VNNI takes against 8-bit codes (vnni_tile).
+void quantize_row(const float* x, int64_t K, int8_t* q, float* d, bool offset) {
   for (int64_t b = 0; b < K / kBlock; ++b, x += kBlock, q += kBlock) {
 #if defined(__AVX512F__)
     const __m512 v0 = _mm512_loadu_ps(x), v1 = _mm512_loadu_ps(x + 16);
@@ -248,9 +249,11 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d) {
     d[b] = amax / 127.0f;
 #if defined(__AVX512F__)
     const __m512 s = _mm512_set1_ps(inv);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, s))));
+    const __m128i flip = _mm_set1_epi8(offset ? static_cast<char>(0x80) : 0);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                     _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, s))), flip));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16),
-                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, s))));
+                     _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, s))), flip));
 #else
     const __m256 s = _mm256_set1_ps(inv);
     __m256i i32[4];
@@ -258,7 +261,8 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* d) {
     const __m256i i16 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
     // the packs interleave 128-bit lanes: put the 4-byte groups back in order
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
-                        _mm256_permutevar8x32_epi32(i16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+                        _mm256_xor_si256(_mm256_permutevar8x32_epi32(i16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)),
+                                         _mm256_set1_epi8(offset ? static_cast<char>(0x80) : 0)));
 #endif
   }
 }
@@ -388,9 +392,7 @@ void q8_linear_raw(const q8::Weights& w, const float* xp, int64_t M, const float
   float *dp = d.data(), *sp = xsum.data();
   tokenmill::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      quantize_row(xp + m * K, K, qp + m * K, dp + m * nb);
-      if (offset)
-        for (int64_t k = 0; k < K; ++k) qp[m * K + k] = static_cast<int8_t>(static_cast<uint8_t>(qp[m * K + k]) ^ 0x80);
+      quantize_row(xp + m * K, K, qp + m * K, dp + m * nb, offset);
       if (has_min) {  // summed in order, as the fp32 kernel does
         for (int64_t g = 0; g < ng; ++g) {
           float s = 0.0f;
